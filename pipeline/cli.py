@@ -1,0 +1,131 @@
+"""The `accresnet` command: one verb per stage of the pipeline.
+
+Each verb imports its module only when it runs, so `accresnet --help` and
+the flag checks answer without loading TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from pipeline import config as cfg
+
+DATASET_HELP = (
+    "synthetic[:N] (built in, offline; N training images, default 10000), cifar10, cifar100, "
+    "tfds:NAME (TensorFlow Datasets), folder:PATH (one subfolder per class, or PATH/train and "
+    "PATH/test of those), cifar-bin:PATH (the CIFAR-10/100 binary release, folder or .tar.gz)"
+)
+
+
+def _recipes_help() -> str:
+    return "; ".join(f"{r.name}: {r.description}" for r in cfg.RECIPES.values())
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", choices=cfg.ARCHES, default="accumulated",
+                        help="plain ResNet v1 or the accumulated ResNet (default: %(default)s)")
+    parser.add_argument("--depth", type=int, default=32,
+                        help="6n+2: 20, 32, 44, 56, 110, ... (default: %(default)s)")
+    parser.add_argument("--dataset", default="synthetic", metavar="SPEC", help=DATASET_HELP)
+    parser.add_argument("--data-dir", help="TensorFlow Datasets data directory for cifar10/cifar100/tfds:")
+    parser.add_argument("--val-split", type=float,
+                        help="fraction of the training split held out for validation "
+                             "(default: the source's validation split, else 0.1: 45k/5k on CIFAR)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="skip unreadable files of a folder: dataset (counted in the log) instead of failing")
+    parser.add_argument("--no-augment", dest="augment", action="store_false",
+                        help="turn off pad-crop-flip augmentation of the training images")
+    parser.add_argument("--recipe", choices=tuple(cfg.RECIPES), default="quick", help=_recipes_help())
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="train this many epochs (the schedule is stretched to fit)")
+    length.add_argument("--steps", type=int, help="train this many steps (the schedule is stretched to fit)")
+    parser.add_argument("--batch-size", type=int,
+                        help="images per replica per step (default: the recipe's). The global batch is "
+                             "this times the number of replicas, and the learning rate follows it "
+                             "linearly: recipe rate x global batch / recipe batch")
+    parser.add_argument("--model-dir", required=True,
+                        help="checkpoints, logs, history.csv and summary.json; a run started again "
+                             "with the same flags resumes from its last finished epoch")
+    parser.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation (default: 0)")
+    parser.add_argument("--devices", type=int,
+                        help="replicas on this machine: N GPUs, or the CPU split into N logical devices")
+    parser.add_argument("--mixed-precision", action="store_true",
+                        help="bfloat16 compute on CPU, float16 with loss scaling on GPU")
+    parser.add_argument("--jit", action="store_true", help="compile the forward and backward pass with XLA")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic kernels for bit-identical reruns (slower)")
+    progress = parser.add_mutually_exclusive_group()
+    progress.add_argument("--progress", dest="progress", action="store_true", default=None,
+                          help="a progress bar even when not on a terminal")
+    progress.add_argument("--no-progress", dest="progress", action="store_false",
+                          help="plain log lines even on a terminal")
+
+
+def train_config_from_args(args: argparse.Namespace) -> cfg.TrainConfig:
+    return cfg.TrainConfig(
+        model_dir=args.model_dir, arch=args.arch, depth=args.depth,
+        data=cfg.DataConfig(spec=args.dataset, data_dir=args.data_dir, val_split=args.val_split,
+                            augment=args.augment, skip_bad_images=args.skip_bad_images),
+        recipe=args.recipe, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+        seed=args.seed, devices=args.devices, mixed_precision=args.mixed_precision, jit=args.jit,
+        deterministic=args.deterministic, progress=args.progress,
+    )
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    config = train_config_from_args(args)
+    from pipeline import train
+
+    summary = train.train(config)
+    final = summary["final"]
+    shown = " ".join(f"{k} {v:.4f}" for k, v in final.items())
+    print(f"{summary['model_dir']}: {summary['epochs_completed']} epoch(s), {shown}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="accresnet",
+        description="Train the accumulated residual network (Saraiya 2018) and its plain ResNet baseline.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="TensorFlow's own logs too")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    train = verbs.add_parser(
+        "train", help="train a model with a distribution strategy",
+        description="Train the plain or accumulated CIFAR ResNet with MirroredStrategy (local "
+                    "devices) or MultiWorkerMirroredStrategy (when TF_CONFIG names several workers).",
+    )
+    _add_train_flags(train)
+    train.set_defaults(run=_run_train)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "tensorflow", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("accresnet: interrupted", file=sys.stderr)
+        return 130
+    except cfg.UserError as error:
+        print(f"accresnet {args.verb}: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ValueError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Configuration dataclasses and the training recipes.
+
+Nothing here imports TensorFlow, so the command line can parse and validate
+flags (and answer `--help`) without paying for the TensorFlow import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+ARCHES = ("resnet", "accumulated")
+
+
+class UserError(Exception):
+    """An error whose message tells the user what was wrong and how to fix it."""
+
+
+class ConfigError(UserError, ValueError):
+    """Flags or settings that do not make sense together."""
+
+
+def blocks_per_stage(depth: int) -> int:
+    """Number of residual blocks per stage, n, for a CIFAR ResNet of depth 6n+2."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ConfigError(
+            f"depth must be 6n+2 with n >= 1 (8, 20, 32, 44, 56, 110, ...); got {depth}"
+        )
+    return (depth - 2) // 6
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "accumulated"
+    depth: int = 32
+    num_classes: int = 10
+    weight_decay: float = 1e-4
+
+    def __post_init__(self):
+        if self.arch not in ARCHES:
+            raise ConfigError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHES)}")
+        blocks_per_stage(self.depth)
+        if self.num_classes < 2:
+            raise ConfigError(f"num_classes must be at least 2; got {self.num_classes}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are split and fed."""
+
+    spec: str = "synthetic"
+    data_dir: str | None = None
+    # Fraction of the training split held out for validation; None takes the
+    # source's own default (He et al.'s 5k of 50k for CIFAR, 10% otherwise).
+    val_split: float | None = None
+    augment: bool = True
+    skip_bad_images: bool = False
+
+    def __post_init__(self):
+        if self.val_split is not None and not 0.0 <= self.val_split < 1.0:
+            raise ConfigError(f"--val-split must be in [0, 1); got {self.val_split}")
+
+
+ScheduleKind = Literal["piecewise", "cosine"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """An optimizer with its learning-rate schedule and run length.
+
+    The learning rate is given for `batch_size` images per step and follows
+    the linear scaling rule: the trainer multiplies it by
+    global_batch / batch_size (Goyal et al. 2017).
+    """
+
+    name: str
+    optimizer: Literal["sgd", "adam"]
+    learning_rate: float
+    batch_size: int
+    momentum: float = 0.0
+    schedule: ScheduleKind = "piecewise"
+    # Piecewise schedule: boundaries as fractions of the whole run and the
+    # factor applied to the learning rate after each boundary.
+    boundaries: tuple[float, ...] = ()
+    factors: tuple[float, ...] = ()
+    # Cosine schedule: linear warm-up over this fraction of the run.
+    warmup: float = 0.0
+    # Default length: iterations (steps) or epochs, exactly one set.
+    steps: int | None = None
+    epochs: int | None = None
+    description: str = ""
+
+
+RECIPES: dict[str, Recipe] = {
+    "he2016": Recipe(
+        name="he2016",
+        optimizer="sgd",
+        learning_rate=0.1,
+        momentum=0.9,
+        batch_size=128,
+        boundaries=(32_000 / 64_000, 48_000 / 64_000),
+        factors=(0.1, 0.01),
+        steps=64_000,
+        description="He et al. 2016 Sec. 4.2: SGD momentum 0.9, batch 128, lr 0.1 "
+        "divided by 10 at 32k and 48k of 64k iterations",
+    ),
+    "keras": Recipe(
+        name="keras",
+        optimizer="adam",
+        learning_rate=1e-3,
+        batch_size=32,
+        boundaries=(80 / 200, 120 / 200, 160 / 200, 180 / 200),
+        factors=(1e-1, 1e-2, 1e-3, 0.5e-3),
+        epochs=200,
+        description="the Keras cifar10_resnet example: Adam 1e-3, batch 32, lr x0.1 at "
+        "epoch 80, x0.01 at 120, x0.001 at 160, x0.0005 at 180 of 200",
+    ),
+    "quick": Recipe(
+        name="quick",
+        optimizer="sgd",
+        learning_rate=0.1,
+        momentum=0.9,
+        batch_size=128,
+        schedule="cosine",
+        warmup=0.1,
+        epochs=3,
+        description="a short run for demos and tests: SGD momentum 0.9, lr 0.1 with "
+        "10% linear warm-up and cosine decay, 3 epochs",
+    ),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model_dir: str
+    arch: str = "accumulated"
+    depth: int = 32
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    recipe: str = "quick"
+    # Run length; at most one is set, else the recipe's default applies.
+    epochs: int | None = None
+    steps: int | None = None
+    # Images per replica per step; None takes the recipe's batch size.
+    batch_size: int | None = None
+    seed: int = 0
+    # Logical CPU devices (or GPUs) for MirroredStrategy; None uses all GPUs or one CPU.
+    devices: int | None = None
+    mixed_precision: bool = False
+    jit: bool = False
+    # Deterministic kernels (tf.config.experimental.enable_op_determinism):
+    # bit-identical reruns, at some cost in speed.
+    deterministic: bool = False
+    # Steps excluded from the throughput measurement (tracing, warm caches).
+    warmup_steps: int = 3
+    progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
+
+    def __post_init__(self):
+        if self.arch not in ARCHES:
+            raise ConfigError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHES)}")
+        blocks_per_stage(self.depth)
+        get_recipe(self.recipe)
+        if self.epochs is not None and self.steps is not None:
+            raise ConfigError("give --epochs or --steps, not both")
+        for flag, value in (("--epochs", self.epochs), ("--steps", self.steps),
+                            ("--batch-size", self.batch_size), ("--devices", self.devices)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be a positive integer; got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLength:
+    """How long a run is, in steps, and how the steps fall into epochs."""
+
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Steps of the 0-based `epoch`; the last one may be cut short by --steps."""
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+
+def run_length(recipe: Recipe, num_train: int, global_batch: int,
+               epochs: int | None = None, steps: int | None = None) -> RunLength:
+    """Resolve the run's length from the flags, falling back on the recipe's."""
+    steps_per_epoch = num_train // global_batch
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"the training split has {num_train} images, fewer than one global batch "
+            f"of {global_batch}; lower --batch-size or use more data"
+        )
+    if steps is None and epochs is None:
+        steps, epochs = recipe.steps, recipe.epochs
+    total = steps if steps is not None else epochs * steps_per_epoch
+    return RunLength(steps_per_epoch=steps_per_epoch, total_steps=total)
+
+
+def scaled_learning_rate(recipe: Recipe, global_batch: int) -> float:
+    """The linear scaling rule: the recipe's rate times global_batch / recipe batch."""
+    return recipe.learning_rate * global_batch / recipe.batch_size

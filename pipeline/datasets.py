@@ -1,0 +1,411 @@
+"""Dataset specs -> decoded images in memory, split into train/validation/test.
+
+A spec names a source:
+
+    synthetic[:N]      built in, offline; N training images (default 10000)
+    cifar10, cifar100  TensorFlow Datasets (downloaded when missing and online)
+    tfds:NAME          any TensorFlow Datasets image classification set
+    folder:PATH        one subfolder per class (or PATH/train, PATH/test of those)
+    cifar-bin:PATH     the CIFAR-10 (or CIFAR-100) binary release, directory or .tar.gz
+
+Every source is decoded once into uint8 [N, 32, 32, 3] arrays: a 32x32 image
+is 3 KiB, so even CIFAR's 60k images take 180 MiB, and training then reads
+them at memory speed through tf.data (see data.py).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import logging
+import os
+import pathlib
+import socket
+import tarfile
+import tempfile
+
+import numpy as np
+
+from pipeline import images as image_files
+from pipeline import synthetic
+from pipeline.config import DataConfig, UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SHAPE = (32, 32, 3)
+DEFAULT_SYNTHETIC_SIZE = 10_000
+# He et al.'s 45k/5k split of CIFAR's 50k training images; 10% elsewhere too.
+DEFAULT_VAL_SPLIT = 0.1
+# The validation split does not move with --seed, so runs with different
+# seeds are evaluated on the same images.
+SPLIT_SEED = 0
+SPECS_HELP = "synthetic[:N], cifar10, cifar100, tfds:NAME, folder:PATH, cifar-bin:PATH"
+
+
+class DatasetError(UserError, ValueError):
+    """A dataset that cannot be read; the message says why and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 [N, 32, 32, 3]
+    labels: np.ndarray  # int64 [N]
+
+    def __post_init__(self):
+        if self.images.dtype != np.uint8 or self.images.shape[1:] != IMAGE_SHAPE:
+            raise DatasetError(f"images must be uint8 [N, 32, 32, 3]; got {self.images.dtype} {self.images.shape}")
+        if self.labels.shape != (len(self.images),):
+            raise DatasetError(f"{len(self.images)} images but labels of shape {self.labels.shape}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, indices: np.ndarray) -> Split:
+        return Split(self.images[indices], self.labels[indices])
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageData:
+    spec: str
+    class_names: tuple[str, ...]
+    train: Split
+    validation: Split | None
+    test: Split | None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def pixel_mean(self) -> np.ndarray:
+        """Per-pixel mean of the training images, float32 [32, 32, 3] in [0, 1]."""
+        return (self.train.images.mean(axis=0, dtype=np.float64) / 255.0).astype(np.float32)
+
+    def describe(self) -> str:
+        sizes = ", ".join(
+            f"{name} {len(split)}"
+            for name, split in (("train", self.train), ("validation", self.validation), ("test", self.test))
+            if split is not None
+        )
+        return f"{self.spec}: {self.num_classes} classes; {sizes} images"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """What a reader returns before the validation split is carved out."""
+
+    class_names: tuple[str, ...]
+    train: Split
+    test: Split | None = None
+    validation: Split | None = None
+
+
+def load(config: DataConfig) -> ImageData:
+    """Read the dataset named by `config.spec` and split it."""
+    kind, _, argument = config.spec.partition(":")
+    readers = {
+        "synthetic": lambda: _read_synthetic(argument),
+        "cifar10": lambda: _read_tfds("cifar10", config.data_dir),
+        "cifar100": lambda: _read_tfds("cifar100", config.data_dir),
+        "tfds": lambda: _read_tfds(argument, config.data_dir),
+        "folder": lambda: _read_folder_tree(argument, config.skip_bad_images),
+        "cifar-bin": lambda: _read_cifar_binary(argument),
+    }
+    if kind not in readers or (kind in ("cifar10", "cifar100") and argument):
+        raise DatasetError(f"unknown dataset {config.spec!r}; expected one of {SPECS_HELP}")
+    if kind in ("tfds", "folder", "cifar-bin") and not argument:
+        raise DatasetError(f"dataset {kind}: needs a {'NAME' if kind == 'tfds' else 'PATH'}, e.g. {kind}:...")
+    source = readers[kind]()
+    train, validation = _split_validation(source, config.val_split)
+    if len(train) == 0:
+        raise DatasetError(f"{config.spec}: no training images")
+    data = ImageData(config.spec, source.class_names, train, validation, source.test)
+    log.info("dataset %s", data.describe())
+    return data
+
+
+def _split_validation(source: _Source, fraction: float | None) -> tuple[Split, Split | None]:
+    if fraction is None and source.validation is not None:
+        return source.train, source.validation
+    fraction = DEFAULT_VAL_SPLIT if fraction is None else fraction
+    count = int(round(len(source.train) * fraction))
+    if count == 0:
+        return source.train, None
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(source.train))
+    return source.train.take(np.sort(order[count:])), source.train.take(np.sort(order[:count]))
+
+
+# --- synthetic -------------------------------------------------------------
+
+
+def _read_synthetic(argument: str) -> _Source:
+    try:
+        count = int(argument) if argument else DEFAULT_SYNTHETIC_SIZE
+    except ValueError:
+        raise DatasetError(f"synthetic:N needs an integer N; got {argument!r}") from None
+    if count < 10:
+        raise DatasetError(f"synthetic:N needs at least 10 images; got {count}")
+    (train_x, train_y), (test_x, test_y) = synthetic.train_and_test(count)
+    return _Source(synthetic.CLASS_NAMES, Split(train_x, train_y), Split(test_x, test_y))
+
+
+# --- folder ------------------------------------------------------------------
+
+
+def _read_folder_tree(root: str, skip_bad_images: bool) -> _Source:
+    """`root` holds class folders, or train/ and test/ (and validation/) of them."""
+    path = pathlib.Path(root).expanduser()
+    if not path.is_dir():
+        raise DatasetError(f"folder:{root}: no such directory")
+    subdirs = {p.name for p in path.iterdir() if p.is_dir()}
+    if "train" in subdirs and subdirs <= {"train", "test", "val", "validation"}:
+        class_names, train = _read_class_folders(path / "train", skip_bad_images, None)
+        splits = {}
+        for name in ("test", "val", "validation"):
+            if name in subdirs:
+                splits[name] = _read_class_folders(path / name, skip_bad_images, class_names)[1]
+        return _Source(class_names, train, splits.get("test"), splits.get("val", splits.get("validation")))
+    class_names, train = _read_class_folders(path, skip_bad_images, None)
+    return _Source(class_names, train)
+
+
+def _read_class_folders(path: pathlib.Path, skip_bad_images: bool,
+                        class_names: tuple[str, ...] | None) -> tuple[tuple[str, ...], Split]:
+    found = tuple(sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    if class_names is None:
+        class_names = found
+        if len(class_names) < 2:
+            raise DatasetError(f"folder:{path}: needs one subfolder per class, at least two; found {list(found)}")
+    elif unknown := sorted(set(found) - set(class_names)):
+        raise DatasetError(f"folder:{path}: classes {unknown} are not among the training classes {list(class_names)}")
+    extensions = image_files.image_extensions()
+    files, labels, ignored = [], [], 0
+    for label, name in enumerate(class_names):
+        class_dir = path / name
+        if not class_dir.is_dir():
+            continue
+        for file in sorted(class_dir.rglob("*")):
+            if not file.is_file() or file.name.startswith("."):
+                continue
+            if file.suffix.lower() in extensions:
+                files.append(file)
+                labels.append(label)
+            else:
+                ignored += 1
+    if ignored:
+        log.info("folder:%s: ignored %d files that are not images by their extension", path, ignored)
+    if not files:
+        raise DatasetError(f"folder:{path}: no image files in the class folders {list(class_names)}")
+    _check_fits_in_memory(len(files), f"folder:{path}")
+
+    def read(file: pathlib.Path) -> np.ndarray | Exception:
+        try:
+            return image_files.read_pixels(str(file))
+        except Exception as error:  # Pillow raises many types for bad files.
+            return error
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
+        decoded = list(pool.map(read, files))
+    bad = [(file, result) for file, result in zip(files, decoded) if isinstance(result, Exception)]
+    if bad and not skip_bad_images:
+        shown = "; ".join(f"{file}: {error}" for file, error in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise DatasetError(
+            f"folder:{path}: cannot read {len(bad)} image file(s): {shown}{more}. "
+            "Fix or remove them, or pass --skip-bad-images to skip them."
+        )
+    if bad:
+        log.warning("folder:%s: skipped %d unreadable image file(s), e.g. %s", path, len(bad), bad[0][0])
+    good = [i for i, result in enumerate(decoded) if not isinstance(result, Exception)]
+    if not good:
+        raise DatasetError(f"folder:{path}: none of the {len(files)} image files could be read")
+    images = np.stack([decoded[i] for i in good])
+    return class_names, Split(images, np.asarray(labels, np.int64)[good])
+
+
+# --- CIFAR binary release -------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _BinaryLayout:
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_bytes: int  # CIFAR-100 records carry a coarse and a fine label
+    names_file: str
+
+
+_CIFAR10_BIN = _BinaryLayout(tuple(f"data_batch_{i}.bin" for i in range(1, 6)), ("test_batch.bin",), 1,
+                             "batches.meta.txt")
+_CIFAR100_BIN = _BinaryLayout(("train.bin",), ("test.bin",), 2, "fine_label_names.txt")
+_PIXEL_BYTES = 32 * 32 * 3
+
+
+def _read_cifar_binary(location: str) -> _Source:
+    path = pathlib.Path(location).expanduser()
+    if not path.exists():
+        raise DatasetError(f"cifar-bin:{location}: no such file or directory")
+    if path.is_file():
+        path = _extract_archive(path)
+    for layout in (_CIFAR10_BIN, _CIFAR100_BIN):
+        first = next(iter(sorted(path.rglob(layout.train_files[0]))), None)
+        if first is not None:
+            return _read_binary_layout(first.parent, layout)
+    raise DatasetError(
+        f"cifar-bin:{location}: no data_batch_1.bin (CIFAR-10) or train.bin (CIFAR-100) inside; "
+        "expected the binary release from https://www.cs.toronto.edu/~kriz/cifar.html"
+    )
+
+
+def _extract_archive(archive: pathlib.Path) -> pathlib.Path:
+    """Unpack a .tar.gz once into a cache folder keyed by the archive's identity."""
+    stat = archive.stat()
+    key = hashlib.sha256(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "accresnet"
+    target = cache / f"{archive.name}-{key}"
+    if target.is_dir():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(dir=cache, prefix=".extract-"))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(staging, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise DatasetError(f"cifar-bin:{archive}: not a readable tar archive ({error})") from None
+    staging.rename(target)  # atomic: a half-extracted cache is never used
+    return target
+
+
+def _read_binary_layout(folder: pathlib.Path, layout: _BinaryLayout) -> _Source:
+    import tensorflow as tf
+
+    record_bytes = layout.label_bytes + _PIXEL_BYTES
+
+    def read(names: tuple[str, ...]) -> Split:
+        files = [folder / name for name in names]
+        for file in files:
+            if not file.is_file():
+                raise DatasetError(f"cifar-bin:{folder}: {file.name} is missing")
+            if file.stat().st_size % record_bytes:
+                raise DatasetError(
+                    f"cifar-bin:{file}: size {file.stat().st_size} is not a multiple of the "
+                    f"{record_bytes}-byte record; the file is truncated or not a CIFAR batch"
+                )
+
+        def decode(record):
+            values = tf.io.decode_raw(record, tf.uint8)
+            label = tf.cast(values[layout.label_bytes - 1], tf.int64)  # the fine label is last
+            image = tf.transpose(tf.reshape(values[layout.label_bytes:], [3, 32, 32]), [1, 2, 0])
+            return image, label
+
+        records = tf.data.FixedLengthRecordDataset([str(f) for f in files], record_bytes)
+        return _materialize(records.map(decode, num_parallel_calls=tf.data.AUTOTUNE))
+
+    names_file = folder / layout.names_file
+    train = read(layout.train_files)
+    if names_file.is_file():
+        class_names = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
+    else:
+        class_names = tuple(str(i) for i in range(int(train.labels.max()) + 1))
+    test = read(layout.test_files) if all((folder / n).is_file() for n in layout.test_files) else None
+    return _Source(class_names, train, test)
+
+
+# --- TensorFlow Datasets --------------------------------------------------------
+
+
+def _read_tfds(name: str, data_dir: str | None) -> _Source:
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as error:  # tfds raises DatasetNotFoundError and friends
+        raise DatasetError(f"tfds:{name}: {error}") from None
+    if not builder.is_prepared():
+        where = builder.data_dir
+        if not _online():
+            raise DatasetError(
+                f"{name} is not prepared in {where} and this machine cannot reach the internet "
+                f"to download it. On a machine with internet run `tfds build {name} "
+                f"--data_dir DIR` and copy DIR here (then pass --data-dir DIR), or use "
+                f"cifar-bin:PATH with the binary release, or the built-in synthetic dataset."
+            )
+        log.info("downloading and preparing %s into %s", name, where)
+        try:
+            builder.download_and_prepare()
+        except Exception as error:
+            raise DatasetError(f"{name}: could not download and prepare it in {where}: {error}") from None
+    info = builder.info
+    if not info.supervised_keys:
+        raise DatasetError(f"tfds:{name} has no (image, label) supervised keys; it is not an image classification set")
+    image_key, label_key = info.supervised_keys[:2]
+    label_feature = info.features[label_key]
+    class_names = tuple(getattr(label_feature, "names", None) or
+                        (str(i) for i in range(label_feature.num_classes)))
+
+    def to_image(image, label):
+        image = tf.convert_to_tensor(image)
+        if image.shape.rank != 3:
+            raise DatasetError(f"tfds:{name}: '{image_key}' is not an [H, W, C] image")
+        channels = image.shape[-1]
+        if channels == 1:
+            image = tf.image.grayscale_to_rgb(image)
+        elif channels == 4:
+            image = image[..., :3]
+        if tuple(image.shape[:2]) != IMAGE_SHAPE[:2]:
+            image = tf.image.resize(image, IMAGE_SHAPE[:2], antialias=True)
+            image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+        return tf.cast(image, tf.uint8), tf.cast(label, tf.int64)
+
+    def read(split: str) -> Split:
+        if split in info.splits:
+            _check_fits_in_memory(info.splits[split].num_examples, f"tfds:{name}[{split}]")
+        dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+        return _materialize(dataset.map(to_image, num_parallel_calls=tf.data.AUTOTUNE))
+
+    # Split metadata can be missing (generated test data); try the usual two then.
+    splits = set(info.splits.keys()) or {"train", "test"}
+    if "train" not in splits:
+        raise DatasetError(f"tfds:{name} has no 'train' split (it has {sorted(splits)})")
+    return _Source(
+        class_names,
+        read("train"),
+        test=read("test") if "test" in splits else None,
+        validation=read("validation") if "validation" in splits else None,
+    )
+
+
+def _online(host: str = "storage.googleapis.com", timeout: float = 5.0) -> bool:
+    """Whether a download could work; tfds would otherwise retry for minutes."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+# --- shared ---------------------------------------------------------------------
+
+
+def _materialize(dataset) -> Split:
+    """Drain a tf.data dataset of (image, label) into numpy arrays."""
+    images, labels = [], []
+    for image_batch, label_batch in dataset.batch(4096).as_numpy_iterator():
+        images.append(image_batch)
+        labels.append(label_batch)
+    if not images:
+        return Split(np.zeros((0, *IMAGE_SHAPE), np.uint8), np.zeros((0,), np.int64))
+    return Split(np.concatenate(images), np.concatenate(labels).astype(np.int64))
+
+
+def _check_fits_in_memory(count: int, what: str) -> None:
+    needed = count * int(np.prod(IMAGE_SHAPE))
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if needed > 0.8 * available:
+        raise DatasetError(
+            f"{what}: {count} images need {needed / 2**30:.1f} GiB decoded in memory, "
+            f"but only {available / 2**30:.1f} GiB are free; use a subset of the data"
+        )

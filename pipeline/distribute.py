@@ -1,0 +1,112 @@
+"""Choosing the distribution strategy: the cluster from TF_CONFIG and the local devices.
+
+One worker: MirroredStrategy over all local GPUs, else over the CPU, which
+`--devices N` splits into N logical devices so that N replicas run on a
+GPU-less machine. Several workers named in TF_CONFIG:
+MultiWorkerMirroredStrategy, with the chief (task "chief", or worker 0 when
+there is none) the only one that writes summaries and exports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping
+
+from pipeline.config import UserError
+
+log = logging.getLogger(__name__)
+
+
+class ClusterConfigError(UserError, ValueError):
+    """TF_CONFIG that does not describe a usable cluster."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """This process's place in the training cluster."""
+
+    num_workers: int = 1
+    task_type: str = "worker"
+    task_id: int = 0
+    has_chief_task: bool = False
+
+    @property
+    def is_multi_worker(self) -> bool:
+        return self.num_workers > 1
+
+    @property
+    def is_chief(self) -> bool:
+        if self.has_chief_task:
+            return self.task_type == "chief"
+        return self.task_type == "worker" and self.task_id == 0
+
+    @classmethod
+    def from_tf_config(cls, tf_config: str | None) -> Cluster:
+        """Parse TF_CONFIG; no TF_CONFIG (or a one-worker cluster) is a single worker."""
+        if not tf_config:
+            return cls()
+        try:
+            config = json.loads(tf_config)
+            cluster = config.get("cluster", {})
+            task = config.get("task", {})
+        except (json.JSONDecodeError, AttributeError) as error:
+            raise ClusterConfigError(f"TF_CONFIG is not a JSON object with 'cluster' and 'task': {error}") from None
+        workers = list(cluster.get("worker", []))
+        chiefs = list(cluster.get("chief", []))
+        if len(chiefs) > 1:
+            raise ClusterConfigError(f"TF_CONFIG names {len(chiefs)} chiefs; at most one is allowed")
+        num_workers = len(workers) + len(chiefs)
+        if num_workers <= 1:
+            return cls(num_workers=1, has_chief_task=bool(chiefs), task_type="chief" if chiefs else "worker")
+        task_type, task_id = task.get("type"), task.get("index", 0)
+        members = {"worker": workers, "chief": chiefs}.get(task_type)
+        if members is None or not isinstance(task_id, int) or not 0 <= task_id < len(members):
+            raise ClusterConfigError(
+                f"TF_CONFIG task {task!r} is not one of the cluster's {len(workers)} workers"
+                + (" and 1 chief" if chiefs else "")
+            )
+        return cls(num_workers=num_workers, task_type=task_type, task_id=task_id, has_chief_task=bool(chiefs))
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> Cluster:
+        return cls.from_tf_config(environ.get("TF_CONFIG"))
+
+
+def configure_devices(count: int | None) -> list[str]:
+    """Device names for MirroredStrategy; splits the CPU into `count` logical devices
+    when there is no GPU. Must run before TensorFlow initializes its devices."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        if count is not None and count > len(gpus):
+            raise ClusterConfigError(f"--devices {count}: this machine has {len(gpus)} GPU(s)")
+        return [f"/gpu:{i}" for i in range(count or len(gpus))]
+    count = count or 1
+    if count > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+        except RuntimeError:
+            pass  # already initialized: enough if an earlier split made as many devices
+        available = len(tf.config.list_logical_devices("CPU"))
+        if available < count:
+            raise ClusterConfigError(
+                f"--devices {count}: TensorFlow already started with {available} CPU device(s); "
+                "the split must happen before any TensorFlow operation runs"
+            )
+    return [f"/cpu:{i}" for i in range(count)]
+
+
+def make_strategy(cluster: Cluster, devices: int | None):
+    """MultiWorkerMirroredStrategy for a multi-worker cluster, else MirroredStrategy."""
+    import tensorflow as tf
+
+    if cluster.is_multi_worker:
+        if devices is not None and not tf.config.list_physical_devices("GPU"):
+            log.warning("--devices is ignored with several workers: each worker trains on its CPU")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.MirroredStrategy(configure_devices(devices))

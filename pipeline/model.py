@@ -1,0 +1,191 @@
+"""The CIFAR ResNet v1 of He et al. (2016) and its accumulated variant.
+
+Block i computes the residual branch F_i(x) = BN(conv3x3(ReLU(BN(conv3x3(x))))).
+
+    plain:        y_i = ReLU(F_i(x_i) + s_i),  s_i = x_i or the projection P_i(x_i)
+    accumulated:  y_i = ReLU(F_i(x_i) + A_i),  A_i = N_i(P_i(x_i))       where the shape changes
+                                               A_i = A_{i-1} + N_i(x_i)  otherwise, A_0 = 0
+
+N_i is a BatchNormalization of the block's own, so the accumulated net has
+exactly one more BN per block than the plain one and the same convolutions.
+Both nets come from `build_model`, at any depth 6n+2 and any class count.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+from pipeline.config import ModelConfig, blocks_per_stage
+
+STAGE_FILTERS = (16, 32, 64)
+# BN settings of He et al.'s Torch/Caffe models; Keras' default momentum of
+# 0.99 leaves the moving statistics behind in runs of a few hundred steps.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def _batch_norm(name: str) -> layers.BatchNormalization:
+    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
+
+
+def _conv(filters: int, kernel_size: int, strides: int, weight_decay: float, name: str) -> layers.Conv2D:
+    return layers.Conv2D(
+        filters, kernel_size, strides=strides, padding="same", use_bias=False,
+        kernel_initializer="he_normal", kernel_regularizer=keras.regularizers.L2(weight_decay), name=name,
+    )
+
+
+@keras.saving.register_keras_serializable(package="accresnet")
+class PixelStandardization(layers.Layer):
+    """Raw uint8 pixels -> x / 255 minus the per-pixel mean of the training images.
+
+    The mean is a non-trainable weight, set once from the training split with
+    `set_mean`, so it travels inside checkpoints and SavedModels and a served
+    model takes raw pixels.
+    """
+
+    def __init__(self, **kwargs):
+        # Computed in float32 whatever the policy: bfloat16 keeps only about
+        # three significant digits of the subtraction.
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+
+    def build(self, input_shape):
+        self.mean = self.add_weight(name="mean", shape=tuple(input_shape[1:]), initializer="zeros", trainable=False)
+
+    def set_mean(self, mean) -> None:
+        self.mean.assign(ops.cast(mean, "float32"))
+
+    def call(self, images):
+        return ops.cast(images, "float32") / 255.0 - self.mean
+
+    def compute_output_spec(self, images):
+        return keras.KerasTensor(images.shape, dtype="float32")
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("dtype", None)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="accresnet")
+class ResidualBranch(layers.Layer):
+    """F(x) = BN(conv3x3(ReLU(BN(conv3x3(x, strides)))))."""
+
+    def __init__(self, filters: int, strides: int = 1, weight_decay: float = 1e-4, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.strides, self.weight_decay = filters, strides, weight_decay
+        self.conv1 = _conv(filters, 3, strides, weight_decay, "conv1")
+        self.bn1 = _batch_norm("bn1")
+        self.conv2 = _conv(filters, 3, 1, weight_decay, "conv2")
+        self.bn2 = _batch_norm("bn2")
+
+    def call(self, x, training=None):
+        x = ops.relu(self.bn1(self.conv1(x), training=training))
+        return self.bn2(self.conv2(x), training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "strides": self.strides,
+                "weight_decay": self.weight_decay}
+
+
+class _Block(layers.Layer):
+    """What both blocks share: the branch and, where the shape changes, a 1x1 projection."""
+
+    def __init__(self, filters: int, strides: int = 1, weight_decay: float = 1e-4, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.strides, self.weight_decay = filters, strides, weight_decay
+        self.branch = ResidualBranch(filters, strides, weight_decay, name="branch")
+        self.projection = None
+
+    def _build_projection(self, input_shape) -> None:
+        if self.strides != 1 or input_shape[-1] != self.filters:
+            self.projection = _conv(self.filters, 1, self.strides, self.weight_decay, "projection")
+
+    @property
+    def changes_shape(self) -> bool:
+        return self.projection is not None
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "strides": self.strides,
+                "weight_decay": self.weight_decay}
+
+
+@keras.saving.register_keras_serializable(package="accresnet")
+class ResidualBlock(_Block):
+    """y = ReLU(F(x) + s), s = x or P(x) (He et al.'s option B shortcut, no BN)."""
+
+    def build(self, input_shape):
+        self._build_projection(input_shape)
+
+    def call(self, x, training=None):
+        shortcut = self.projection(x) if self.projection is not None else x
+        return ops.relu(self.branch(x, training=training) + shortcut)
+
+
+@keras.saving.register_keras_serializable(package="accresnet")
+class AccumulatedBlock(_Block):
+    """(x, A_prev) -> (y, A) with y = ReLU(F(x) + A).
+
+    A = N(P(x)) where the block changes shape (the accumulator restarts),
+    else A = A_prev + N(x), where a missing A_prev (the first block) is zero.
+    """
+
+    def __init__(self, filters: int, strides: int = 1, weight_decay: float = 1e-4, **kwargs):
+        super().__init__(filters, strides, weight_decay, **kwargs)
+        self.accumulator_norm = _batch_norm("accumulator_bn")
+
+    def build(self, x_shape, accumulator_shape=None):
+        self._build_projection(x_shape)
+
+    def call(self, x, accumulator=None, training=None):
+        if self.projection is not None:
+            accumulator = self.accumulator_norm(self.projection(x), training=training)
+        elif accumulator is None:
+            accumulator = self.accumulator_norm(x, training=training)
+        else:
+            accumulator = accumulator + self.accumulator_norm(x, training=training)
+        return ops.relu(self.branch(x, training=training) + accumulator), accumulator
+
+
+def block_name(stage: int, block: int) -> str:
+    """Layer name of a block, 1-based: stage2_block1 is the first block of stage 2."""
+    return f"stage{stage}_block{block}"
+
+
+def build_model(config: ModelConfig) -> keras.Model:
+    """The plain or accumulated CIFAR ResNet; uint8 [B, 32, 32, 3] in, class probabilities out."""
+    n = blocks_per_stage(config.depth)
+    images = keras.Input(shape=(32, 32, 3), dtype="uint8", name="images")
+    x = PixelStandardization(name="standardize")(images)
+    x = _conv(STAGE_FILTERS[0], 3, 1, config.weight_decay, "stem_conv")(x)
+    x = layers.ReLU(name="stem_relu")(_batch_norm("stem_bn")(x))
+    accumulator = None
+    for stage, filters in enumerate(STAGE_FILTERS, start=1):
+        for block in range(1, n + 1):
+            strides = 2 if stage > 1 and block == 1 else 1
+            name = block_name(stage, block)
+            if config.arch == "accumulated":
+                # A stage's first block projects and restarts the accumulator
+                # (the block would ignore an A_prev; not passing one keeps the
+                # graph free of a dependency that does not exist).
+                previous = None if strides != 1 else accumulator
+                x, accumulator = AccumulatedBlock(filters, strides, config.weight_decay, name=name)(x, previous)
+            else:
+                x = ResidualBlock(filters, strides, config.weight_decay, name=name)(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    # Softmax in float32 under mixed precision, for a stable loss.
+    probabilities = layers.Dense(config.num_classes, activation="softmax", kernel_initializer="he_normal",
+                                 dtype="float32", name="probabilities")(x)
+    return keras.Model(images, probabilities, name=f"{config.arch}_resnet{config.depth}")
+
+
+def set_pixel_mean(model: keras.Model, mean) -> None:
+    """Store the training split's per-pixel mean in the model's first layer."""
+    model.get_layer("standardize").set_mean(mean)
+
+
+def count_batch_norms(model: keras.Model) -> int:
+    """BatchNormalization layers anywhere in the model, nested ones included."""
+    return sum(isinstance(layer, layers.BatchNormalization) for layer in model._flatten_layers())

@@ -1,0 +1,30 @@
+"""Shared test setup: quiet TensorFlow, two logical CPUs, tiny data."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+# Split the CPU before TensorFlow starts, so that MirroredStrategy tests can
+# run two replicas; tests that do not ask for a strategy use CPU:0 only.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
+
+from pipeline.datasets import Split  # noqa: E402
+
+
+def random_split(count: int, num_classes: int = 10, seed: int = 0) -> Split:
+    rng = np.random.default_rng(seed)
+    return Split(
+        rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8),
+        rng.integers(0, num_classes, count).astype(np.int64),
+    )
+
+
+@pytest.fixture
+def split_factory():
+    return random_split

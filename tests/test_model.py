@@ -1,0 +1,114 @@
+import keras
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError, ModelConfig
+from pipeline.model import build_model, count_batch_norms, set_pixel_mean
+
+
+def trainable_count(model):
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+def images(count=4, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("depth, millions", [(20, 0.27), (32, 0.46)])
+def test_plain_resnet_parameter_counts_match_he_et_al(depth, millions):
+    model = build_model(ModelConfig("resnet", depth))
+    assert trainable_count(model) / 1e6 == pytest.approx(millions, rel=0.02)
+
+
+@pytest.mark.parametrize("depth", [8, 20, 32])
+def test_accumulated_adds_exactly_one_batch_norm_per_block(depth):
+    plain = build_model(ModelConfig("resnet", depth))
+    accumulated = build_model(ModelConfig("accumulated", depth))
+    blocks = 3 * (depth - 2) // 6
+    assert count_batch_norms(accumulated) - count_batch_norms(plain) == blocks
+    conv_count = lambda m: sum(isinstance(l, keras.layers.Conv2D) for l in m._flatten_layers())
+    assert conv_count(plain) == conv_count(accumulated)
+
+
+@pytest.mark.parametrize("classes", [2, 10, 100])
+def test_any_class_count_outputs_probabilities(classes):
+    model = build_model(ModelConfig("accumulated", 8, num_classes=classes))
+    probabilities = np.asarray(model(images(), training=False))
+    assert probabilities.shape == (4, classes)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_wrong_depth_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"depth must be 6n\+2.*got 30"):
+        build_model(ModelConfig("accumulated", 30))
+
+
+def test_model_takes_raw_pixels_and_subtracts_the_stored_mean():
+    model = build_model(ModelConfig("resnet", 8))
+    mean = np.random.default_rng(1).uniform(0, 1, (32, 32, 3)).astype(np.float32)
+    set_pixel_mean(model, mean)
+    standardize = keras.Model(model.input, model.get_layer("standardize").output)
+    batch = images()
+    np.testing.assert_allclose(np.asarray(standardize(batch)), batch / 255.0 - mean, atol=1e-6)
+
+
+def _randomize_batch_norms(model, seed=0):
+    """Non-trivial BN statistics so that the accumulator terms are distinguishable."""
+    rng = np.random.default_rng(seed)
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.5, beta.shape),
+                               rng.normal(0, 0.5, mean.shape), rng.uniform(0.5, 2, variance.shape)])
+
+
+def test_accumulator_sums_normalized_inputs_and_restarts_at_stage_boundaries():
+    model = build_model(ModelConfig("accumulated", 14))  # n = 2 blocks per stage
+    _randomize_batch_norms(model)
+    names = [f"stage{s}_block{b}" for s in (1, 2, 3) for b in (1, 2)]
+    blocks = [model.get_layer(name) for name in names]
+    outputs = [model.get_layer("stem_relu").output]
+    for block in blocks:
+        outputs.extend(block.output)  # (y, accumulator)
+    probe = keras.Model(model.input, outputs)
+    values = [np.asarray(v) for v in probe(images(), training=False)]
+    inputs = [values[0]] + values[1::2][:-1]  # x_i: the stem, then each block's y
+    accumulators = values[2::2]
+
+    def norm(block, x):
+        return np.asarray(block.accumulator_norm(x, training=False))
+
+    for i, (block, x, accumulator) in enumerate(zip(blocks, inputs, accumulators)):
+        if block.changes_shape:  # stage 2 and 3, block 1: A = N(P(x)), nothing carried over
+            expected = norm(block, np.asarray(block.projection(x)))
+        elif i == 0:  # the network's first block: A_0 = 0
+            expected = norm(block, x)
+        else:  # A_i = A_{i-1} + N_i(x_i)
+            expected = accumulators[i - 1] + norm(block, x)
+        np.testing.assert_allclose(accumulator, expected, rtol=1e-4, atol=1e-4, err_msg=names[i])
+        # y = ReLU(F(x) + A)
+        branch = np.asarray(block.branch(x, training=False))
+        np.testing.assert_allclose(values[1 + 2 * i], np.maximum(branch + accumulator, 0), rtol=1e-4, atol=1e-4)
+    assert [b.changes_shape for b in blocks] == [False, False, True, False, True, False]
+
+
+def test_plain_block_adds_the_identity_or_the_projection():
+    model = build_model(ModelConfig("resnet", 8))
+    _randomize_batch_norms(model)
+    block = model.get_layer("stage2_block1")
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 16)).astype(np.float32)
+    y = np.asarray(block(x, training=False))
+    expected = np.maximum(np.asarray(block.branch(x, training=False)) + np.asarray(block.projection(x)), 0)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["resnet", "accumulated"])
+def test_saved_model_file_round_trips_through_get_config(arch, tmp_path):
+    model = build_model(ModelConfig(arch, 8))
+    _randomize_batch_norms(model)
+    set_pixel_mean(model, np.full((32, 32, 3), 0.5, np.float32))
+    model.save(tmp_path / "model.keras")
+    restored = keras.models.load_model(tmp_path / "model.keras")
+    batch = images()
+    np.testing.assert_allclose(np.asarray(restored(batch)), np.asarray(model(batch)), rtol=1e-5, atol=1e-6)
+    assert restored.get_layer("stage1_block1").get_config()["filters"] == 16
