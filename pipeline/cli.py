@@ -22,7 +22,8 @@ DATASET_HELP = (
 
 
 def _recipes_help() -> str:
-    return "; ".join(f"{r.name}: {r.description}" for r in cfg.RECIPES.values())
+    # argparse %-formats help strings; the descriptions mention percentages.
+    return "; ".join(f"{r.name}: {r.description}" for r in cfg.RECIPES.values()).replace("%", "%%")
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:

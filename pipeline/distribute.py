@@ -109,4 +109,10 @@ def make_strategy(cluster: Cluster, devices: int | None):
         if devices is not None and not tf.config.list_physical_devices("GPU"):
             log.warning("--devices is ignored with several workers: each worker trains on its CPU")
         return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.MirroredStrategy(configure_devices(devices))
+    names = configure_devices(devices)
+    if names[0].startswith("/cpu"):
+        # Logical CPUs share memory, so reducing on one device costs little,
+        # and unlike collective ops (the default) it keeps no per-process
+        # state that a second strategy in the same process could clash with.
+        return tf.distribute.MirroredStrategy(names, cross_device_ops=tf.distribute.ReductionToOneDevice())
+    return tf.distribute.MirroredStrategy(names)

@@ -106,6 +106,10 @@ class Trainer:
             # Slots made now, not inside the first traced step: variables
             # created in a tf.function under a strategy break its graph.
             optimizer.build(model.trainable_variables)
+        self._moving_statistics = [
+            variable for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)
+            for variable in (layer.moving_mean, layer.moving_variance)
+        ]
         self._gradients = tf.function(self._replica_gradients, jit_compile=True) if jit else self._replica_gradients
 
     def _replica_gradients(self, images, labels):
@@ -130,6 +134,26 @@ class Trainer:
         """One global step; returns the batch's mean cross-entropy."""
         per_replica = self.strategy.run(self._replica_train_step, args=next(iterator))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    @tf.function
+    def sync_batch_norm_statistics(self) -> None:
+        """Average the BN moving statistics over replicas and workers.
+
+        Each replica updates its own copy from its own batches (Keras creates
+        them with no aggregation), so the copies drift apart. A moving average
+        is linear in the batch statistics, so the mean of the copies equals
+        what a per-step mean would have produced: syncing once before they
+        are read (evaluation, checkpoints) is exact.
+        """
+        statistics = self._moving_statistics
+
+        def replica_means():
+            context = tf.distribute.get_replica_context()
+            return context.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v) for v in statistics])
+
+        means = self.strategy.run(replica_means)
+        for variable, mean in zip(statistics, means):
+            variable.assign(self.strategy.experimental_local_results(mean)[0])
 
     def _replica_eval_step(self, images, labels, weights):
         probabilities = self.model(images, training=False)
@@ -361,13 +385,15 @@ def _run_epochs(config: TrainConfig, trainer: Trainer, data: datasets.ImageData,
                 timed_steps += 1
             steps_run += 1
             if not math.isfinite(loss):
+                kept = (f"Checkpoints up to epoch {epoch} are kept in {files.checkpoints}." if epoch
+                        else "No epoch had finished, so there is no checkpoint.")
                 raise TrainingDiverged(
-                    f"the loss became {loss} at epoch {epoch + 1}, step {step}; training stopped. "
-                    f"Checkpoints up to epoch {epoch} are kept in {files.checkpoints}. "
+                    f"the loss became {loss} at epoch {epoch + 1}, step {step}; training stopped. {kept} "
                     "Lower the learning rate (a smaller --batch-size scales it down) or check the data."
                 )
             progress.step(step, trainer.train_metrics())
         metrics = trainer.train_metrics()
+        trainer.sync_batch_norm_statistics()
         if data.validation is not None:
             metrics.update({f"val_{k}": v for k, v in trainer.evaluate(data.validation).items()})
         metrics["lr"] = trainer.learning_rate()

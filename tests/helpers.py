@@ -1,0 +1,32 @@
+"""Helpers for tests that run the `accresnet` command in subprocesses."""
+
+import os
+import socket
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def accresnet(*args, env=None, **kwargs):
+    """Start `accresnet ARGS` as a subprocess (the module, so no install is needed)."""
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    environment["PYTHONPATH"] = REPO + os.pathsep + environment.get("PYTHONPATH", "")
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], env=environment,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def run_accresnet(*args, timeout=300, **kwargs):
+    process = accresnet(*args, **kwargs)
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output

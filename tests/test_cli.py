@@ -1,0 +1,57 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO, accresnet, run_accresnet
+
+
+def test_help_answers_without_loading_tensorflow():
+    code = ("import sys; from pipeline import cli\n"
+            "try:\n    cli.main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--arch", "--depth", "--dataset", "--recipe", "--devices", "--mixed-precision", "--jit",
+                 "--val-split", "--seed", "--epochs", "--steps", "--batch-size", "--model-dir"):
+        assert flag in result.stdout
+    assert "global batch" in result.stdout and "linearly" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--depth", "30"], r"depth must be 6n\+2"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--dataset", "folder:/no/such/place"], "no such directory"),
+])
+def test_bad_flags_give_one_clear_line(args, message, tmp_path):
+    code, output = run_accresnet("train", "--model-dir", tmp_path, *args)
+    assert code == 2
+    assert "Traceback" not in output
+    import re
+    assert re.search(r"accresnet train: error: .*" + message, output), output
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_last_epoch(tmp_path):
+    args = ["train", "--depth", "8", "--dataset", "synthetic:1000", "--batch-size", "32", "--epochs", "4",
+            "--model-dir", tmp_path, "--no-progress"]
+    process = accresnet(*args)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "checkpoints" / "ckpt-1.index").exists():
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert not (tmp_path / "summary.json").exists()
+    code, output = run_accresnet(*args)
+    assert code == 0, output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["initial_epoch"] >= 1 and summary["epochs_completed"] == 4
+    with open(tmp_path / "history.csv", newline="") as file:
+        assert [int(row["epoch"]) for row in csv.DictReader(file)] == [1, 2, 3, 4]

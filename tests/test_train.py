@@ -1,0 +1,162 @@
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline import train as training
+from pipeline.config import DataConfig, ModelConfig, TrainConfig
+from pipeline.distribute import Cluster, make_strategy
+from pipeline.model import build_model
+
+
+def tiny_config(model_dir, **overrides):
+    settings = dict(model_dir=str(model_dir), arch="accumulated", depth=8,
+                    data=DataConfig("synthetic:400"), recipe="quick", epochs=3, batch_size=32,
+                    devices=2, progress=False, warmup_steps=1)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def history_rows(model_dir):
+    with open(model_dir / "history.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("run")
+    return model_dir, training.train(tiny_config(model_dir))
+
+
+def test_two_replicas_train_and_write_their_records(finished_run):
+    model_dir, summary = finished_run
+    assert summary["replicas"] == 2 and summary["workers"] == 1
+    assert summary["global_batch"] == 64 and summary["learning_rate"] == pytest.approx(0.05)
+    assert summary["initial_epoch"] == 0 and summary["epochs_completed"] == 3
+    assert summary["steps_completed"] == 3 * (360 // 64)
+    assert np.isfinite(summary["final"]["loss"]) and 0 <= summary["final"]["val_accuracy"] <= 1
+    assert "test_accuracy" in summary["final"]
+    assert summary["train_images_per_sec"] > 0 and summary["timed_steps"] == summary["steps_completed"] - 1
+    assert json.loads((model_dir / "summary.json").read_text()) == summary
+    rows = history_rows(model_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert list(rows[0]) == list(training.HISTORY_FIELDS)
+    assert float(rows[-1]["lr"]) < float(rows[0]["lr"])  # cosine decay
+    assert tf.train.latest_checkpoint(model_dir / "checkpoints").endswith("ckpt-3")
+    assert list((model_dir / "logs" / "train").iterdir())
+
+
+def test_a_finished_run_started_again_trains_nothing(finished_run):
+    model_dir, summary = finished_run
+    again = training.train(tiny_config(model_dir))
+    assert again["initial_epoch"] == again["epochs_completed"] == 3
+    assert again["steps_completed"] == summary["steps_completed"]
+    assert len(history_rows(model_dir)) == 3
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch, steps):
+    original = training.Trainer.train_step
+    calls = {"n": 0}
+
+    def step(self, iterator):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise Interrupt()
+        return original(self, iterator)
+
+    monkeypatch.setattr(training.Trainer, "train_step", step)
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(finished_run, tmp_path, monkeypatch):
+    reference_dir, reference = finished_run
+    steps_per_epoch = reference["steps_per_epoch"]
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, steps_per_epoch + 2)  # dies inside epoch 2
+        with pytest.raises(Interrupt):
+            training.train(tiny_config(tmp_path))
+    assert [int(r["epoch"]) for r in history_rows(tmp_path)] == [1]
+    resumed = training.train(tiny_config(tmp_path))
+    assert resumed["initial_epoch"] == 1 and resumed["epochs_completed"] == 3
+    rows, expected = history_rows(tmp_path), history_rows(reference_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    # Same data order, same optimizer state: the resumed run retraces the uninterrupted one.
+    for row, reference_row in zip(rows, expected):
+        for key in ("loss", "accuracy", "lr"):
+            assert float(row[key]) == pytest.approx(float(reference_row[key]), rel=2e-3, abs=2e-3), key
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_checkpoints(tmp_path, monkeypatch):
+    original = training.Trainer.train_step
+    calls = {"n": 0}
+
+    def step(self, iterator):
+        calls["n"] += 1
+        loss = original(self, iterator)
+        return loss if calls["n"] <= 5 else loss * float("nan")  # 5 steps per epoch
+
+    monkeypatch.setattr(training.Trainer, "train_step", step)
+    with pytest.raises(training.TrainingDiverged, match=r"loss became nan at epoch 2, step 1.*up to epoch 1 are kept"):
+        training.train(tiny_config(tmp_path))
+    assert tf.train.latest_checkpoint(tmp_path / "checkpoints").endswith("ckpt-1")
+    assert len(history_rows(tmp_path)) == 1
+
+
+def test_resuming_with_other_settings_is_refused(finished_run):
+    model_dir, _ = finished_run
+    with pytest.raises(training.ResumeMismatch, match=r"arch 'accumulated' -> 'resnet'"):
+        training.train(tiny_config(model_dir, arch="resnet"))
+
+
+def test_distributed_evaluation_counts_every_image_once(split_factory):
+    strategy = make_strategy(Cluster(), devices=2)
+    with strategy.scope():
+        model = build_model(ModelConfig("resnet", 8))
+        optimizer = keras.optimizers.SGD(0.1)
+    trainer = training.Trainer(strategy, model, optimizer, global_batch=16)
+    split = split_factory(37)
+    metrics = trainer.evaluate(split)
+    probabilities = np.asarray(model.predict(split.images, verbose=0))
+    expected_accuracy = np.mean(probabilities.argmax(1) == split.labels)
+    expected_loss = -np.mean(np.log(np.clip(probabilities[np.arange(37), split.labels], 1e-7, 1)))
+    assert metrics["accuracy"] == pytest.approx(expected_accuracy)
+    assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-4)
+
+
+def test_schedules_follow_the_recipes():
+    from pipeline.config import get_recipe
+
+    he = training.learning_rate_schedule(get_recipe("he2016"), 0.1, total_steps=1000)
+    assert [round(float(he(s)), 6) for s in (0, 499, 501, 749, 751, 999)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    keras_recipe = training.learning_rate_schedule(get_recipe("keras"), 1e-3, total_steps=200)
+    assert [float(keras_recipe(s)) for s in (79, 81, 121, 161, 181)] == pytest.approx([1e-3, 1e-4, 1e-5, 1e-6, 5e-7])
+    quick = training.learning_rate_schedule(get_recipe("quick"), 0.1, total_steps=100)
+    assert float(quick(0)) == 0 and float(quick(10)) == pytest.approx(0.1) and float(quick(100)) < 1e-3
+
+
+def test_batch_norm_statistics_agree_across_replicas_after_a_sync(split_factory):
+    from pipeline import data as input_pipeline
+
+    strategy = make_strategy(Cluster(), devices=2)
+    with strategy.scope():
+        model = build_model(ModelConfig("accumulated", 8))
+        optimizer = keras.optimizers.SGD(0.1)
+    trainer = training.Trainer(strategy, model, optimizer, global_batch=32)
+    split = split_factory(128)
+    dataset = strategy.distribute_datasets_from_function(lambda context: input_pipeline.train_dataset(
+        split, batch_size=16, seed=0, start_epoch=0, steps_per_epoch=4, global_batch=32, input_context=context))
+    iterator = iter(dataset)
+    for _ in range(3):
+        trainer.train_step(iterator)
+    copies = [c.numpy() for c in model.get_layer("stem_bn").moving_mean.value.values]
+    assert not np.array_equal(*copies)  # each replica saw other images
+    trainer.sync_batch_norm_statistics()
+    synced = [c.numpy() for c in model.get_layer("stem_bn").moving_mean.value.values]
+    np.testing.assert_array_equal(synced[0], synced[1])
+    np.testing.assert_allclose(synced[0], (copies[0] + copies[1]) / 2, rtol=1e-6)
