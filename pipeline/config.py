@@ -36,6 +36,8 @@ class ModelConfig:
     depth: int = 32
     num_classes: int = 10
     weight_decay: float = 1e-4
+    # TensorFlow's fused BN kernel; False gives Keras' own layer (a baseline).
+    fused_batch_norm: bool = True
 
     def __post_init__(self):
         if self.arch not in ARCHES:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageSequence
+from PIL import Image, ImageOps, ImageSequence
 
 SIZE = 32
 
@@ -40,5 +40,9 @@ def to_pixels(image: Image.Image, size: int = SIZE) -> np.ndarray:
 def read_pixels(path: str, size: int = SIZE) -> np.ndarray:
     """Pixels of the image file at `path`; raises OSError (or ValueError) when unreadable."""
     with Image.open(path) as image:
+        # JPEG can decode at 1/2, 1/4 or 1/8 scale: a 12-megapixel photo
+        # shrinks to 32x32 ten times faster, and no worse.
+        image.draft("RGB", (4 * size, 4 * size))
         image.load()
-        return to_pixels(image, size)
+        # Photographs are often stored sideways with an EXIF rotation tag.
+        return to_pixels(ImageOps.exif_transpose(image), size)

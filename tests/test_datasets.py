@@ -217,3 +217,17 @@ def test_tfds_offline_and_not_prepared_says_how_to_get_the_data(monkeypatch, tmp
     monkeypatch.setattr(datasets, "_online", lambda: False)
     with pytest.raises(DatasetError, match=r"cifar10 is not prepared in .* cannot reach the internet.*tfds build"):
         load("cifar10", data_dir=str(tmp_path))
+
+
+def test_photographs_are_turned_upright_by_their_exif_orientation(tmp_path):
+    from pipeline.images import read_pixels
+
+    photo = Image.new("RGB", (400, 200), (10, 10, 240))
+    photo.paste((240, 10, 10), (0, 0, 200, 200))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    photo.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    pixels = read_pixels(str(tmp_path / "photo.jpg")).astype(int)
+    assert pixels.shape == (32, 32, 3)
+    assert pixels[4, 16, 0] > 200 and pixels[4, 16, 2] < 50  # the red half is now on top
+    assert pixels[28, 16, 2] > 200 and pixels[28, 16, 0] < 50

@@ -112,3 +112,27 @@ def test_saved_model_file_round_trips_through_get_config(arch, tmp_path):
     batch = images()
     np.testing.assert_allclose(np.asarray(restored(batch)), np.asarray(model(batch)), rtol=1e-5, atol=1e-6)
     assert restored.get_layer("stage1_block1").get_config()["filters"] == 16
+
+
+def test_fused_batch_norm_matches_keras_batch_norm():
+    from pipeline.model import FusedBatchNormalization
+
+    x = np.random.default_rng(0).normal(2.0, 3.0, (8, 6, 6, 5)).astype(np.float32)
+    fused = FusedBatchNormalization(momentum=0.9, epsilon=1e-5)
+    stock = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    fused.build(x.shape)
+    stock.build(x.shape)
+    rng = np.random.default_rng(1)
+    weights = [rng.uniform(0.5, 1.5, 5), rng.normal(0, 1, 5), rng.normal(0, 1, 5), rng.uniform(0.5, 2, 5)]
+    fused.set_weights(weights)
+    stock.set_weights(weights)
+    np.testing.assert_allclose(np.asarray(fused(x, training=False)), np.asarray(stock(x, training=False)),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fused(x, training=True)), np.asarray(stock(x, training=True)),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(fused.moving_mean), np.asarray(stock.moving_mean), rtol=1e-5, atol=1e-6)
+    # The fused kernel's moving variance takes the unbiased batch variance (n = 8*6*6).
+    n = 8 * 6 * 6
+    batch_variance = x.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(np.asarray(fused.moving_variance),
+                               0.9 * weights[3] + 0.1 * batch_variance * n / (n - 1), rtol=1e-4)
