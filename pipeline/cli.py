@@ -51,6 +51,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", required=True,
                         help="checkpoints, logs, history.csv and summary.json; a run started again "
                              "with the same flags resumes from its last finished epoch")
+    parser.add_argument("--export-base",
+                        help="after training, export the model as the next numbered SavedModel version here")
     parser.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation (default: 0)")
     parser.add_argument("--devices", type=int,
                         help="replicas on this machine: N GPUs, or the CPU split into N logical devices")
@@ -85,6 +87,17 @@ def _run_train(args: argparse.Namespace) -> int:
     final = summary["final"]
     shown = " ".join(f"{k} {v:.4f}" for k, v in final.items())
     print(f"{summary['model_dir']}: {summary['epochs_completed']} epoch(s), {shown}")
+    if args.export_base and summary["is_chief"]:
+        from pipeline import export
+
+        print(export.export_run(args.model_dir, args.export_base))
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from pipeline import export
+
+    print(export.export_run(args.model_dir, args.export_base))
     return 0
 
 
@@ -102,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train_flags(train)
     train.set_defaults(run=_run_train)
+
+    export = verbs.add_parser(
+        "export", help="export a training run as the next versioned SavedModel",
+        description="Write the latest checkpoint of --model-dir as <export-base>/<next version>/, a SavedModel "
+                    "with the signatures serving_default (uint8 images [batch, 32, 32, 3]) and serving_bytes "
+                    "(encoded images [batch]); prints the version's path. The version appears atomically.",
+    )
+    export.add_argument("--model-dir", required=True, help="the training run's --model-dir")
+    export.add_argument("--export-base", required=True, help="the model's base path, as TF Serving polls it")
+    export.set_defaults(run=_run_export)
     return parser
 
 

@@ -27,7 +27,7 @@ import tempfile
 
 import numpy as np
 
-from pipeline import images as image_files
+from serving import images as image_files
 from pipeline import synthetic
 from pipeline.config import DataConfig, UserError
 

@@ -424,6 +424,7 @@ def _run_epochs(config: TrainConfig, trainer: Trainer, data: datasets.ImageData,
         "timed_steps": timed_steps,
         "parameters": trainer.model.count_params(),
         "model_dir": str(files.model_dir),
+        "is_chief": cluster.is_chief,
     }
     if cluster.is_chief:
         write_json(files.summary, summary)

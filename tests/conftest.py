@@ -28,3 +28,24 @@ def random_split(count: int, num_classes: int = 10, seed: int = 0) -> Split:
 @pytest.fixture
 def split_factory():
     return random_split
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A finished tiny training run (accumulated ResNet-8, synthetic data): its model dir."""
+    from pipeline.config import DataConfig, TrainConfig
+    from pipeline.train import train
+
+    model_dir = tmp_path_factory.mktemp("trained")
+    train(TrainConfig(model_dir=str(model_dir), arch="accumulated", depth=8, data=DataConfig("synthetic:400"),
+                      recipe="quick", epochs=2, batch_size=32, progress=False))
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def exported_model(trained_run, tmp_path_factory):
+    """The tiny run exported as version 1 under a fresh base path."""
+    from pipeline.export import export_run
+
+    base = tmp_path_factory.mktemp("models") / "accresnet"
+    return export_run(trained_run, base)

@@ -220,7 +220,7 @@ def test_tfds_offline_and_not_prepared_says_how_to_get_the_data(monkeypatch, tmp
 
 
 def test_photographs_are_turned_upright_by_their_exif_orientation(tmp_path):
-    from pipeline.images import read_pixels
+    from serving.images import read_pixels
 
     photo = Image.new("RGB", (400, 200), (10, 10, 240))
     photo.paste((240, 10, 10), (0, 0, 200, 200))  # left half red

@@ -1,4 +1,9 @@
-"""Turning image files of any format, size and mode into 32x32 RGB pixels."""
+"""Turning image files of any format, size and mode into 32x32 RGB pixels.
+
+The one conversion both sides use: the trainer reads `folder:` datasets with
+it and the client prepares the images it sends, so a photo becomes the same
+pixels in training and in serving.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,86 @@
+import concurrent.futures
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from tensorflow_serving.apis import prediction_log_pb2
+
+from pipeline import export
+from pipeline.synthetic import CLASS_NAMES
+
+
+def images(count=5, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+
+
+def encode(pixels, fmt="PNG"):
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_layout_of_a_version(exported_model):
+    assert exported_model.name == "1"
+    assert (exported_model / "saved_model.pb").is_file()
+    assert (exported_model / "assets" / "labels.txt").read_text().splitlines() == list(CLASS_NAMES)
+    records = list(tf.data.TFRecordDataset(str(exported_model / "assets.extra" / "tf_serving_warmup_requests")))
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in records]
+    assert {log.predict_log.request.model_spec.signature_name for log in logs} == {"serving_default", "serving_bytes"}
+    assert not [p for p in exported_model.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_signatures_take_raw_pixels_or_encoded_images(exported_model):
+    loaded = tf.saved_model.load(str(exported_model))
+    assert set(loaded.signatures) == {"serving_default", "serving_bytes"}
+    default = loaded.signatures["serving_default"]
+    spec = default.structured_input_signature[1]["images"]
+    assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 32, 32, 3]
+    outputs = default.structured_outputs
+    assert outputs["probabilities"].dtype == tf.float32 and outputs["probabilities"].shape.as_list() == [None, 10]
+    assert outputs["class_ids"].dtype == tf.int64 and outputs["class_names"].dtype == tf.string
+    assert loaded.signatures["serving_bytes"].structured_input_signature[1]["image_bytes"].dtype == tf.string
+
+
+def test_no_training_serving_skew(trained_run, exported_model):
+    """The served graph gives the trained Keras model's outputs on the same raw pixels."""
+    model, class_names = export.restore_trained_model(trained_run)
+    loaded = tf.saved_model.load(str(exported_model))
+    batch = images()
+    served = loaded.signatures["serving_default"](images=tf.constant(batch))
+    expected = np.asarray(model(batch, training=False))
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(served["class_ids"].numpy(), expected.argmax(1))
+    assert [n.decode() for n in served["class_names"].numpy()] == [class_names[i] for i in expected.argmax(1)]
+    # Lossless 32x32 files decode to the same pixels, so to the same outputs.
+    encoded = tf.constant([encode(image) for image in batch])
+    from_bytes = loaded.signatures["serving_bytes"](image_bytes=encoded)
+    np.testing.assert_allclose(from_bytes["probabilities"].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bytes_signature_decodes_any_format_size_and_mode(exported_model):
+    loaded = tf.saved_model.load(str(exported_model))
+    photo = np.random.default_rng(1).integers(0, 256, (70, 50, 3), dtype=np.uint8)
+    files = [encode(photo, "JPEG"), encode(photo, "BMP"), encode(photo, "GIF"),
+             encode(photo[..., 0], "PNG"), encode(np.dstack([photo, photo[..., :1]]), "PNG")]
+    result = loaded.signatures["serving_bytes"](image_bytes=tf.constant(files))
+    assert result["probabilities"].shape == (5, 10)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        loaded.signatures["serving_bytes"](image_bytes=tf.constant([b"not an image"]))
+
+
+def test_versions_count_up_and_concurrent_exports_never_collide(trained_run, tmp_path):
+    model, class_names = export.restore_trained_model(trained_run)
+    first = export.export_saved_model(model, class_names, tmp_path)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda _: export.export_saved_model(model, class_names, tmp_path), range(3)))
+    assert first.name == "1" and sorted(p.name for p in paths) == ["2", "3", "4"]
+    assert export.existing_versions(tmp_path) == [1, 2, 3, 4]
+    assert all((p / "saved_model.pb").is_file() for p in paths)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_nothing_to_export(tmp_path):
+    with pytest.raises(export.ExportError, match="no finished epoch"):
+        export.export_run(tmp_path, tmp_path / "models")
