@@ -101,6 +101,12 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    from serving.server.main import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="accresnet",
@@ -125,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model-dir", required=True, help="the training run's --model-dir")
     export.add_argument("--export-base", required=True, help="the model's base path, as TF Serving polls it")
     export.set_defaults(run=_run_export)
+
+    from serving.server.options import add_flags
+
+    serve = verbs.add_parser(
+        "serve", help="serve SavedModels over TF Serving's gRPC and REST APIs",
+        description="A model server compatible with TF Serving (PredictionService, ModelService, health, REST, "
+                    "version polling, batching, Prometheus). It takes tensorflow_model_server's flags, so "
+                    "either can be started with the same arguments.")
+    add_flags(serve)
+    serve.set_defaults(run=_run_serve)
     return parser
 
 

@@ -1,0 +1,195 @@
+"""Server-side batching of Predict requests, with TF Serving's BatchingParameters.
+
+Concurrent requests for the same version, signature and outputs, whose inputs
+agree in every dimension but the first, wait in one queue. A batch thread
+takes a queue's requests once they fill `max_batch_size` rows or the oldest
+has waited `batch_timeout_micros`, runs them as one batch (padded up to the
+next of `allowed_batch_sizes`, when given) and hands each request its rows.
+A request larger than `max_batch_size` is refused, as is one arriving when
+`max_enqueued_batches` full batches are already waiting.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import threading
+import time
+
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+
+from serving.server.errors import ServingError, invalid
+
+if TYPE_CHECKING:
+    from serving.server.servable import Servable, Signature
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingOptions:
+    """TF Serving's defaults for parameters a BatchingParameters file leaves out."""
+
+    max_batch_size: int = 1000
+    batch_timeout_micros: int = 0
+    max_enqueued_batches: int = 10
+    num_batch_threads: int = os.cpu_count() or 1
+    allowed_batch_sizes: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_enqueued_batches", "num_batch_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"batching parameter {name} must be at least 1; got {getattr(self, name)}")
+        if self.batch_timeout_micros < 0:
+            raise ValueError("batching parameter batch_timeout_micros must not be negative")
+        sizes = self.allowed_batch_sizes
+        if sizes and (list(sizes) != sorted(set(sizes)) or sizes[-1] != self.max_batch_size or sizes[0] < 1):
+            raise ValueError(f"allowed_batch_sizes must increase and end with max_batch_size "
+                             f"({self.max_batch_size}); got {list(sizes)}")
+
+    @classmethod
+    def from_proto(cls, parameters) -> BatchingOptions:
+        if parameters.pad_variable_length_inputs:
+            raise ValueError("pad_variable_length_inputs is not supported by this server")
+        values = {}
+        for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads"):
+            if parameters.HasField(name):
+                values[name] = getattr(parameters, name).value
+        values["allowed_batch_sizes"] = tuple(parameters.allowed_batch_sizes)
+        return cls(**values)
+
+
+@dataclasses.dataclass
+class _Task:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    enqueued: float
+    future: concurrent.futures.Future
+
+
+@dataclasses.dataclass
+class _Queue:
+    servable: Servable
+    signature: Signature
+    outputs: list[str]
+    tasks: list[_Task] = dataclasses.field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(task.rows for task in self.tasks)
+
+
+class Batcher:
+    """A `Runner` for ModelServer that merges concurrent requests into batches."""
+
+    def __init__(self, options: BatchingOptions):
+        self.options = options
+        self._queues: dict[tuple, _Queue] = {}
+        self._condition = threading.Condition()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
+                         for i in range(options.num_batch_threads)]
+        for thread in self._threads:
+            thread.start()
+        self.batches_run = 0  # for tests and logs: how many batches ran
+        self.largest_batch = 0
+
+    def __call__(self, servable: Servable, signature: Signature, inputs: dict[str, np.ndarray],
+                 outputs: list[str]) -> dict[str, np.ndarray]:
+        rows = {array.shape[0] if array.ndim else None for array in inputs.values()}
+        if len(rows) != 1 or None in rows:
+            raise invalid("batching needs every input to have the same first (batch) dimension; "
+                          f"got {[list(a.shape) for a in inputs.values()]}")
+        (count,) = rows
+        if count > self.options.max_batch_size:
+            raise invalid(f"Task size {count} is larger than maximum input batch size "
+                          f"{self.options.max_batch_size}")
+        key = (id(servable), signature.key, tuple(outputs),
+               tuple((alias, array.shape[1:], array.dtype.str) for alias, array in sorted(inputs.items())))
+        task = _Task(inputs, count, time.monotonic(), concurrent.futures.Future())
+        with self._condition:
+            if self._closed:
+                raise ServingError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            waiting = sum(queue.rows for queue in self._queues.values())
+            if waiting + count > self.options.max_enqueued_batches * self.options.max_batch_size:
+                raise ServingError(grpc.StatusCode.UNAVAILABLE,
+                                   "The batch scheduling queue to which this task was submitted is full")
+            queue = self._queues.setdefault(key, _Queue(servable, signature, list(outputs)))
+            queue.tasks.append(task)
+            self._condition.notify_all()
+        return task.future.result()
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    # --- batch threads -------------------------------------------------------------------------
+
+    def _take_batch(self) -> tuple[_Queue, list[_Task]] | None:
+        """Under the lock: the tasks of a queue that is full or timed out, or None."""
+        timeout = self.options.batch_timeout_micros / 1e6
+        now = time.monotonic()
+        for key, queue in list(self._queues.items()):
+            if not queue.tasks:
+                del self._queues[key]
+                continue
+            if queue.rows >= self.options.max_batch_size or now - queue.tasks[0].enqueued >= timeout \
+                    or self._closed:
+                taken, rows = [], 0
+                while queue.tasks and rows + queue.tasks[0].rows <= self.options.max_batch_size:
+                    rows += queue.tasks[0].rows
+                    taken.append(queue.tasks.pop(0))
+                return queue, taken
+        return None
+
+    def _next_deadline(self) -> float | None:
+        oldest = [queue.tasks[0].enqueued for queue in self._queues.values() if queue.tasks]
+        if not oldest:
+            return None
+        return max(0.0, min(oldest) + self.options.batch_timeout_micros / 1e6 - time.monotonic())
+
+    def _work(self) -> None:
+        while True:
+            with self._condition:
+                batch = self._take_batch()
+                while batch is None:
+                    if self._closed and not self._queues:
+                        return
+                    self._condition.wait(self._next_deadline())
+                    batch = self._take_batch()
+            self._run(*batch)
+
+    def _run(self, queue: _Queue, tasks: list[_Task]) -> None:
+        rows = sum(task.rows for task in tasks)
+        padded = next((size for size in self.options.allowed_batch_sizes if size >= rows), rows)
+        inputs = {}
+        for alias in tasks[0].inputs:
+            merged = np.concatenate([task.inputs[alias] for task in tasks])
+            if padded > rows:  # pad with copies of the first row, dropped afterwards
+                merged = np.concatenate([merged, np.repeat(merged[:1], padded - rows, axis=0)])
+            inputs[alias] = merged
+        try:
+            results = queue.servable.run(queue.signature, inputs, queue.outputs)
+            for alias, value in results.items():
+                if value.ndim == 0 or value.shape[0] != padded:
+                    raise ServingError(grpc.StatusCode.INTERNAL,
+                                       f"batched output '{alias}' has shape {list(value.shape)}, not "
+                                       f"[{padded}, ...]; this signature cannot be batched")
+        except Exception as error:
+            for task in tasks:
+                task.future.set_exception(error)
+            return
+        self.batches_run += 1
+        self.largest_batch = max(self.largest_batch, rows)
+        start = 0
+        for task in tasks:
+            task.future.set_result({alias: value[start:start + task.rows] for alias, value in results.items()})
+            start += task.rows

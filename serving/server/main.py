@@ -1,0 +1,201 @@
+"""Start the model server: gRPC, REST, version polling, graceful shutdown.
+
+    python -m serving.server --port=8500 --rest_api_port=8501 \\
+        --model_name=accresnet --model_base_path=/models/accresnet
+
+SIGTERM or SIGINT stops it gracefully: it reports NOT_SERVING, stops taking
+requests, lets the ones in flight finish, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent import futures
+
+import grpc
+
+log = logging.getLogger("serving.server")
+
+GRACE_SECONDS = 30
+
+
+class RunningServer:
+    """A started server; `stop()` shuts it down gracefully."""
+
+    def __init__(self, options):
+        from serving.server.batching import Batcher
+        from serving.server.grpc_api import Health, add_services
+        from serving.server.manager import ModelManager
+        from serving.server.metrics import ServingMetrics
+        from serving.server.service import ModelServer
+
+        self.options = options
+        self.metrics = ServingMetrics()
+        self.batcher = Batcher(options.batching) if options.batching else None
+        self.model_server = ModelServer(runner=self.batcher)
+        self.manager = ModelManager(list(options.model_configs),
+                                    warm_up=self.model_server.warm_up if options.enable_model_warmup else None,
+                                    poll_seconds=options.file_system_poll_wait_seconds)
+        self.model_server.manager = self.manager
+        self.health = Health()
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+        self.manager.start()
+        self.health.update(self.manager.any_available())
+        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(options.grpc_max_threads),
+                                       options=list(options.grpc_options))
+        add_services(self.grpc_server, self.model_server, self.metrics, self.health)
+        address = f"0.0.0.0:{options.port}"
+        if options.ssl_config is not None:
+            ssl = options.ssl_config
+            credentials = grpc.ssl_server_credentials(
+                [(ssl.server_key.encode(), ssl.server_cert.encode())],
+                root_certificates=ssl.custom_ca.encode() or None, require_client_auth=ssl.client_verify)
+            self.port = self.grpc_server.add_secure_port(address, credentials)
+        else:
+            self.port = self.grpc_server.add_insecure_port(address)
+        self.grpc_server.start()
+        log.info("Running gRPC ModelServer at 0.0.0.0:%d ...", self.port)
+        self.rest_port = None
+        if options.rest_api_port:
+            self._start_rest()
+        self._watch(self._health_loop, "health")
+        if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
+            self._watch(self._config_loop, "config-poller")
+
+    # --- REST on its own event loop ------------------------------------------------------------
+
+    def _start_rest(self) -> None:
+        from aiohttp import web
+
+        from serving.server.rest_api import RestApi
+
+        self.rest = RestApi(self.model_server, self.metrics, self.options.rest_api_num_threads,
+                            self.options.rest_api_timeout_in_ms, self.options.metrics_path)
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        async def start():
+            self.runner = web.AppRunner(self.rest.app(), shutdown_timeout=GRACE_SECONDS, access_log=None)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "0.0.0.0", self.options.rest_api_port)
+            await site.start()
+            self.rest_port = self.options.rest_api_port
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(start())
+            except Exception:
+                log.exception("could not start the REST API")
+                started.set()
+                return
+            started.set()
+            self.loop.run_forever()
+
+        thread = threading.Thread(target=run, name="rest", daemon=True)
+        thread.start()
+        started.wait()
+        if self.rest_port is None:
+            raise OSError(f"could not start the REST API on port {self.options.rest_api_port}")
+        log.info("Exporting HTTP/REST API at:localhost:%d ...", self.rest_port)
+        if self.options.metrics_path:
+            log.info("Prometheus metrics at http://localhost:%d%s", self.rest_port, self.options.metrics_path)
+
+    # --- background duties --------------------------------------------------------------------------
+
+    def _watch(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _health_loop(self) -> None:
+        while not self._stopped.wait(0.5):
+            self.health.update(self.manager.any_available())
+
+    def _config_loop(self) -> None:
+        from serving.server.options import OptionsError, read_model_config_file
+
+        path, previous = self.options.model_config_file, None
+        while not self._stopped.wait(self.options.model_config_file_poll_wait_seconds):
+            try:
+                models = read_model_config_file(path)
+                text = [m.SerializeToString() for m in models]
+                if text != previous and previous is not None:
+                    log.info("%s changed; applying it", path)
+                    self.manager.set_config(models)
+                previous = text
+            except (OptionsError, ValueError) as error:
+                log.error("ignoring %s: %s", path, error)
+
+    # --- shutdown ------------------------------------------------------------------------------------
+
+    def stop(self, grace: float = GRACE_SECONDS) -> None:
+        """Refuse new requests, finish the ones in flight, then stop everything."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.shutdown()
+        done = self.grpc_server.stop(grace)
+        if getattr(self, "runner", None) is not None:
+            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(grace + 5)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        done.wait(grace + 5)
+        self.manager.stop()
+        if self.batcher is not None:
+            self.batcher.close()
+        log.info("server stopped")
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from serving.server.options import add_flags
+
+    parser = argparse.ArgumentParser(
+        prog="accresnet serve",
+        description="A model server compatible with TF Serving: PredictionService and ModelService over gRPC, "
+                    "the REST API, version polling, batching and Prometheus metrics. It takes "
+                    "tensorflow_model_server's flags.")
+    add_flags(parser)
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT with flags parsed by `add_flags`; the exit status."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from serving.server.options import OptionsError, options_from_args
+
+    try:
+        options = options_from_args(args)
+    except OptionsError as error:
+        print(f"accresnet serve: error: {error}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signal_number, lambda *_: stop.set())
+    try:
+        server = RunningServer(options)
+    except (OSError, RuntimeError) as error:
+        print(f"accresnet serve: error: {error}", file=sys.stderr)
+        return 1
+    stop.wait()
+    log.info("shutting down: finishing requests in flight")
+    server.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return serve(build_parser().parse_args(argv))

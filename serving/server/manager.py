@@ -1,0 +1,239 @@
+"""Which versions of which models are served: polling base paths, loading, swapping.
+
+Each model's base path holds numbered version folders. A poll picks the
+versions the model's version policy wants (the latest by default), loads and
+warms up the new ones, and only then makes them available and unloads the
+ones no longer wanted, so requests never see a gap. A version that fails to
+load is logged and marked END with its error; the versions already serving
+keep serving, and the broken one is tried again only when its folder changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+
+import grpc
+import tensorflow as tf
+from tensorflow_serving.apis import get_model_status_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving.server.errors import invalid, not_found
+from serving.server.servable import Servable
+
+log = logging.getLogger(__name__)
+
+State = get_model_status_pb2.ModelVersionStatus.State
+
+
+@dataclasses.dataclass
+class VersionRecord:
+    version: int
+    state: int = State.START
+    servable: Servable | None = None
+    error_code: grpc.StatusCode = grpc.StatusCode.OK
+    error_message: str = ""
+    fingerprint: tuple | None = None  # the folder as it was when loaded or when it failed
+
+
+@dataclasses.dataclass
+class ModelState:
+    config: model_server_config_pb2.ModelConfig
+    versions: dict[int, VersionRecord] = dataclasses.field(default_factory=dict)
+
+
+def _fingerprint(path: str) -> tuple:
+    """Changes when the version folder or its saved_model.pb changes."""
+    parts = []
+    for item in (path, tf.io.gfile.join(path, "saved_model.pb")):
+        try:
+            stat = tf.io.gfile.stat(item)
+            parts.append((stat.mtime_nsec, stat.length))
+        except tf.errors.NotFoundError:
+            parts.append(None)
+    return tuple(parts)
+
+
+def list_versions(base_path: str) -> dict[int, str]:
+    """Numbered version folders under a base path (local, gs://, ...), version -> path."""
+    try:
+        names = tf.io.gfile.listdir(base_path)
+    except tf.errors.NotFoundError:
+        return {}
+    versions = {}
+    for name in names:
+        name = name.rstrip("/")
+        if name.isdigit() and tf.io.gfile.isdir(tf.io.gfile.join(base_path, name)):
+            versions[int(name)] = tf.io.gfile.join(base_path, name)
+    return versions
+
+
+def wanted_versions(config: model_server_config_pb2.ModelConfig, present: list[int]) -> set[int]:
+    """The versions a model's version policy asks for, among those present."""
+    policy = config.model_version_policy
+    kind = policy.WhichOneof("policy_choice")
+    if kind == "all":
+        return set(present)
+    if kind == "specific":
+        return set(policy.specific.versions) & set(present)
+    count = policy.latest.num_versions if kind == "latest" and policy.latest.num_versions > 0 else 1
+    return set(sorted(present)[-count:])
+
+
+class ModelManager:
+    """The served models' versions; thread-safe, polled in the background."""
+
+    def __init__(self, configs: list[model_server_config_pb2.ModelConfig],
+                 warm_up: Callable[[Servable], None] | None = None, poll_seconds: float = 1.0):
+        self._warm_up = warm_up
+        self._poll_seconds = poll_seconds
+        self._lock = threading.Lock()
+        self._poll_lock = threading.Lock()  # one poll at a time: the timer's or a reload's
+        self._models: dict[str, ModelState] = {}
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.set_config(configs, poll=False)
+
+    # --- configuration -----------------------------------------------------------------
+
+    def set_config(self, configs: list[model_server_config_pb2.ModelConfig], poll: bool = True) -> None:
+        """Serve exactly these models: new ones are loaded (when `poll`), dropped ones unloaded."""
+        names = [c.name for c in configs]
+        if len(set(names)) != len(names) or not all(names):
+            raise invalid(f"model names must be unique and non-empty; got {names}")
+        with self._lock:
+            for name in set(self._models) - set(names):
+                for record in self._models.pop(name).versions.values():
+                    record.servable, record.state = None, State.END
+                log.info("model %s removed from the configuration and unloaded", name)
+            for config in configs:
+                if config.name in self._models:
+                    self._models[config.name].config = config
+                else:
+                    self._models[config.name] = ModelState(config)
+        if poll:
+            self.poll()
+
+    def model_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._models)
+
+    # --- polling ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Poll now, then every `poll_seconds` in the background (0: only now)."""
+        self.poll()
+        if self._poll_seconds > 0:
+            self._thread = threading.Thread(target=self._poll_loop, name="version-poller", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _poll_loop(self) -> None:
+        while not self._stopped.wait(self._poll_seconds):
+            try:
+                self.poll()
+            except Exception:  # a poll must never end the poller
+                log.exception("polling for model versions failed")
+
+    def poll(self) -> None:
+        with self._poll_lock:
+            with self._lock:
+                configs = [state.config for state in self._models.values()]
+            for config in configs:
+                self._poll_model(config)
+
+    def _poll_model(self, config: model_server_config_pb2.ModelConfig) -> None:
+        present = list_versions(config.base_path)
+        if not present:
+            log.warning("no versions of model %s found under %s", config.name, config.base_path)
+        wanted = wanted_versions(config, list(present))
+        for version in sorted(wanted, reverse=True):
+            self._maybe_load(config.name, version, present[version])
+        with self._lock:
+            state = self._models.get(config.name)
+            if state is None:
+                return
+            available = {v for v, r in state.versions.items() if r.state == State.AVAILABLE}
+            # Unload only what is no longer wanted, and never the last
+            # available version while nothing wanted has loaded.
+            if not available & wanted:
+                return
+            for version in available - wanted:
+                record = state.versions[version]
+                # Requests in flight hold their own reference and finish.
+                record.servable, record.state = None, State.END
+                log.info("unloaded %s version %d", config.name, version)
+
+    def _maybe_load(self, name: str, version: int, path: str) -> None:
+        fingerprint = _fingerprint(path)
+        with self._lock:
+            state = self._models.get(name)
+            if state is None:
+                return
+            record = state.versions.get(version)
+            failed_here = record is not None and record.error_code != grpc.StatusCode.OK \
+                and record.fingerprint == fingerprint
+            if record is not None and (record.state in (State.LOADING, State.AVAILABLE) or failed_here):
+                return  # loaded (or loading) already, or failed on exactly this folder
+            record = state.versions[version] = VersionRecord(version, State.LOADING, fingerprint=fingerprint)
+        try:
+            servable = Servable(name, version, path)
+            if self._warm_up is not None:
+                self._warm_up(servable)
+        except Exception as error:  # any broken folder: log it and keep serving the others
+            message = f"{type(error).__name__}: {error}"
+            log.error("could not load %s version %d from %s: %s", name, version, path, message)
+            with self._lock:
+                record.state, record.error_code, record.error_message = State.END, grpc.StatusCode.UNKNOWN, message
+            return
+        with self._lock:
+            record.servable, record.state = servable, State.AVAILABLE
+        log.info("%s version %d is available (signatures: %s)", name, version, ", ".join(sorted(servable.signatures)))
+
+    # --- lookups -----------------------------------------------------------------------------
+
+    def _resolve_label(self, state: ModelState, label: str) -> int:
+        labels = state.config.version_labels
+        if label not in labels:
+            raise invalid(f"Unrecognized servable version label: {label}")
+        return labels[label]
+
+    def servable(self, name: str, version: int | None = None, label: str | None = None) -> Servable:
+        """The servable for a request: a version, a labelled one, or the latest available."""
+        with self._lock:
+            state = self._models.get(name)
+            if state is not None and label:
+                version = self._resolve_label(state, label)
+            available = {} if state is None else {
+                v: r.servable for v, r in state.versions.items() if r.state == State.AVAILABLE}
+        if version is not None:
+            if version not in available:
+                raise not_found(f"Servable not found for request: Specific({name}, {version})")
+            return available[version]
+        if not available:
+            raise not_found(f"Servable not found for request: Latest({name})")
+        return available[max(available)]
+
+    def status(self, name: str, version: int | None = None, label: str | None = None) -> list[VersionRecord]:
+        with self._lock:
+            state = self._models.get(name)
+            if state is None or not state.versions:
+                raise not_found(f"Could not find any versions of model {name}")
+            if label:
+                version = self._resolve_label(state, label)
+            if version is not None:
+                if version not in state.versions:
+                    raise not_found(f"Could not find version {version} of model {name}")
+                return [dataclasses.replace(state.versions[version])]
+            return [dataclasses.replace(r) for _, r in sorted(state.versions.items(), reverse=True)]
+
+    def any_available(self) -> bool:
+        with self._lock:
+            return any(r.state == State.AVAILABLE for s in self._models.values() for r in s.versions.values())
+

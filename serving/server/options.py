@@ -1,0 +1,155 @@
+"""`tensorflow_model_server`'s flags and configuration files.
+
+The flag names, defaults and file formats (ASCII protos) are TF Serving's, so
+a script or a Kubernetes manifest can start either server with the same
+arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving.server import protos
+from serving.server.batching import BatchingOptions
+
+DEFAULT_GRPC_MAX_MESSAGE = 2**31 - 1  # TF Serving accepts messages up to INT_MAX
+
+
+class OptionsError(ValueError):
+    """Flags or configuration files the server cannot start with."""
+
+
+def _bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--port", type=int, default=8500, help="gRPC port (default: %(default)s)")
+    add("--rest_api_port", type=int, default=0, help="HTTP/REST port; 0 turns REST off (default: %(default)s)")
+    add("--rest_api_num_threads", type=int, default=16, help="threads for REST requests (default: %(default)s)")
+    add("--rest_api_timeout_in_ms", type=int, default=30000, help="REST call timeout (default: %(default)s)")
+    add("--model_name", default="default", help="name of the model (ignored with --model_config_file)")
+    add("--model_base_path", default="", help="folder of numbered versions (ignored with --model_config_file)")
+    add("--model_config_file", default="", help="ASCII ModelServerConfig proto: several models, version policies "
+                                                 "and labels")
+    add("--model_config_file_poll_wait_seconds", type=int, default=0,
+        help="re-read --model_config_file this often; 0 reads it once (default: %(default)s)")
+    add("--file_system_poll_wait_seconds", type=int, default=1,
+        help="look for new versions this often; 0 looks once (default: %(default)s)")
+    add("--enable_batching", type=_bool, nargs="?", const=True, default=False, help="batch concurrent requests")
+    add("--batching_parameters_file", default="", help="ASCII BatchingParameters proto")
+    add("--monitoring_config_file", default="", help="ASCII MonitoringConfig proto (Prometheus endpoint)")
+    add("--ssl_config_file", default="", help="ASCII SSLConfig proto: gRPC over TLS")
+    add("--grpc_channel_arguments", default="",
+        help="comma-separated gRPC server arguments, e.g. grpc.max_receive_message_length=1048576")
+    add("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True,
+        help="replay assets.extra/tf_serving_warmup_requests before a version goes live (default: true)")
+    add("--grpc_max_threads", type=int, default=32, help="threads serving gRPC requests (default: %(default)s)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+    port: int = 8500
+    rest_api_port: int = 0
+    rest_api_num_threads: int = 16
+    rest_api_timeout_in_ms: int = 30000
+    model_configs: tuple = ()
+    model_config_file: str = ""
+    model_config_file_poll_wait_seconds: int = 0
+    file_system_poll_wait_seconds: int = 1
+    batching: BatchingOptions | None = None
+    metrics_path: str | None = None
+    ssl_config: object | None = None
+    grpc_options: tuple[tuple[str, object], ...] = ()
+    enable_model_warmup: bool = True
+    grpc_max_threads: int = 32
+
+
+def _read_text_proto(path: str, message, what: str):
+    try:
+        text = pathlib.Path(path).read_text()
+    except OSError as error:
+        raise OptionsError(f"cannot read the {what} {path}: {error}") from None
+    try:
+        return text_format.Parse(text, message)
+    except text_format.ParseError as error:
+        raise OptionsError(f"{path} is not a valid {what}: {error}") from None
+
+
+def read_model_config_file(path: str) -> list:
+    config = _read_text_proto(path, model_server_config_pb2.ModelServerConfig(), "ModelServerConfig")
+    if config.WhichOneof("config") != "model_config_list":
+        raise OptionsError(f"{path}: only model_config_list configurations are supported")
+    models = list(config.model_config_list.config)
+    for model in models:
+        if not model.name or not model.base_path:
+            raise OptionsError(f"{path}: every model needs a name and a base_path")
+    return models
+
+
+def _grpc_arguments(text: str) -> tuple[tuple[str, object], ...]:
+    arguments = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, separator, value = item.partition("=")
+        if not separator:
+            raise OptionsError(f"--grpc_channel_arguments: {item!r} is not key=value")
+        arguments.append((key.strip(), int(value) if value.strip().lstrip("-").isdigit() else value.strip()))
+    return tuple(arguments)
+
+
+def options_from_args(args: argparse.Namespace) -> ServerOptions:
+    if args.model_config_file:
+        models = read_model_config_file(args.model_config_file)
+    elif args.model_base_path:
+        models = [model_server_config_pb2.ModelConfig(name=args.model_name, base_path=args.model_base_path,
+                                                      model_platform="tensorflow")]
+    else:
+        raise OptionsError("give --model_base_path (with --model_name) or --model_config_file")
+    if args.rest_api_port and args.rest_api_port == args.port:
+        raise OptionsError("--rest_api_port must differ from --port")
+    batching = None
+    if args.enable_batching:
+        parameters = protos.BatchingParameters()
+        if args.batching_parameters_file:
+            parameters = _read_text_proto(args.batching_parameters_file, parameters, "BatchingParameters")
+        try:
+            batching = BatchingOptions.from_proto(parameters)
+        except ValueError as error:
+            raise OptionsError(f"batching parameters: {error}") from None
+    metrics_path = None
+    if args.monitoring_config_file:
+        monitoring = _read_text_proto(args.monitoring_config_file, protos.MonitoringConfig(), "MonitoringConfig")
+        if monitoring.prometheus_config.enable:
+            from serving.server.metrics import DEFAULT_PATH
+
+            metrics_path = monitoring.prometheus_config.path or DEFAULT_PATH
+            if not metrics_path.startswith("/"):
+                raise OptionsError(f"prometheus_config path must start with '/': {metrics_path!r}")
+    ssl_config = None
+    if args.ssl_config_file:
+        ssl_config = _read_text_proto(args.ssl_config_file, protos.SSLConfig(), "SSLConfig")
+        if not ssl_config.server_key or not ssl_config.server_cert:
+            raise OptionsError(f"{args.ssl_config_file}: SSLConfig needs server_key and server_cert (PEM text)")
+    grpc_options = dict([("grpc.max_receive_message_length", DEFAULT_GRPC_MAX_MESSAGE),
+                         ("grpc.max_send_message_length", DEFAULT_GRPC_MAX_MESSAGE)])
+    grpc_options.update(_grpc_arguments(args.grpc_channel_arguments))
+    return ServerOptions(
+        port=args.port, rest_api_port=args.rest_api_port, rest_api_num_threads=args.rest_api_num_threads,
+        rest_api_timeout_in_ms=args.rest_api_timeout_in_ms, model_configs=tuple(models),
+        model_config_file=args.model_config_file,
+        model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds, batching=batching,
+        metrics_path=metrics_path, ssl_config=ssl_config, grpc_options=tuple(grpc_options.items()),
+        enable_model_warmup=args.enable_model_warmup, grpc_max_threads=args.grpc_max_threads,
+    )
