@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+demo: $(STAMP)
+	$(BIN)/accresnet demo
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 

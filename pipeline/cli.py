@@ -107,10 +107,19 @@ def _run_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _run_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import DemoConfig, run_demo
+
+    return run_demo(DemoConfig(output_dir=args.output_dir, dataset=args.dataset, data_dir=args.data_dir,
+                               arch=args.arch, depth=args.depth, epochs=args.epochs, devices=args.devices,
+                               held_out=args.held_out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="accresnet",
-        description="Train the accumulated residual network (Saraiya 2018) and its plain ResNet baseline.",
+        description="Train, export, serve and query the accumulated residual network (Saraiya 2018) and its "
+                    "plain ResNet baseline.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="TensorFlow's own logs too")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -141,6 +150,32 @@ def build_parser() -> argparse.ArgumentParser:
                     "either can be started with the same arguments.")
     add_flags(serve)
     serve.set_defaults(run=_run_serve)
+
+    from serving import classify
+
+    classify_parser = verbs.add_parser(
+        "classify", help="classify image files through a model server's gRPC API",
+        description="Send images to TF Serving or `accresnet serve` as Predict requests and print each "
+                    "image's top-k classes. Unreadable files are reported on stderr and make the exit status "
+                    "non-zero; the others are still classified.")
+    classify.add_flags(classify_parser)
+    classify_parser.set_defaults(run=classify.run)
+
+    demo = verbs.add_parser(
+        "demo", help="train, export, serve and classify on embedded defaults",
+        description="The whole chain on one machine: train the accumulated ResNet-32 (quick recipe) on the "
+                    "built-in synthetic data, export it, start a model server (tensorflow_model_server if on "
+                    "PATH, else accresnet serve), classify held-out images through the gRPC client, print the "
+                    "accuracy and stop the server.")
+    demo.add_argument("--output-dir", default="demo-output", help="where everything goes (default: %(default)s)")
+    demo.add_argument("--dataset", default="synthetic", metavar="SPEC", help=DATASET_HELP)
+    demo.add_argument("--data-dir", help="TensorFlow Datasets data directory")
+    demo.add_argument("--arch", choices=cfg.ARCHES, default="accumulated")
+    demo.add_argument("--depth", type=int, default=32)
+    demo.add_argument("--epochs", type=int, help="training epochs (default: the quick recipe's 3)")
+    demo.add_argument("--devices", type=int, help="replicas on this machine")
+    demo.add_argument("--held-out", type=int, default=200, help="test images to classify (default: %(default)s)")
+    demo.set_defaults(run=_run_demo)
     return parser
 
 

@@ -6,7 +6,9 @@
     serving_bytes    image_bytes string [batch]        (PNG/JPEG/GIF/BMP, any size)
 
 both returning probabilities float32 [batch, classes], class_ids int64
-[batch] and class_names string [batch]. Scaling, mean subtraction, decoding
+[batch] and class_names string [batch], and a third, `labels`, that takes no
+input and returns class_names string [classes], so that a client can name
+every column of `probabilities` (its top-k). Scaling, mean subtraction, decoding
 and resizing all happen in the graph, so a client sends pixels or files and
 nothing else. The class names are also in assets/labels.txt, and
 assets.extra/tf_serving_warmup_requests holds requests TF Serving replays
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SERVING_DEFAULT = "serving_default"
 SERVING_BYTES = "serving_bytes"
+LABELS = "labels"
 IMAGE_SHAPE = (32, 32, 3)
 LABELS_FILE = "labels.txt"
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -68,6 +71,7 @@ class ServingModule(tf.Module):
             self._serve_images, input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name="images")])
         self.serve_bytes = tf.function(
             self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        self.serve_labels = tf.function(self._serve_labels, input_signature=[])
 
     def _outputs(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         probabilities = tf.cast(self.model(images, training=False), tf.float32)
@@ -82,8 +86,11 @@ class ServingModule(tf.Module):
         images = tf.map_fn(decode_image, image_bytes, fn_output_signature=tf.TensorSpec(IMAGE_SHAPE, tf.uint8))
         return self._outputs(images)
 
+    def _serve_labels(self):
+        return {"class_names": tf.identity(self._class_names)}
+
     def signatures(self) -> dict:
-        return {SERVING_DEFAULT: self.serve_images, SERVING_BYTES: self.serve_bytes}
+        return {SERVING_DEFAULT: self.serve_images, SERVING_BYTES: self.serve_bytes, LABELS: self.serve_labels}
 
 
 # --- versions ------------------------------------------------------------------------

@@ -366,7 +366,8 @@ def _run_epochs(config: TrainConfig, trainer: Trainer, data: datasets.ImageData,
     dataset = strategy.distribute_datasets_from_function(
         lambda context: input_pipeline.train_dataset(
             data.train, batch_size=context.get_per_replica_batch_size(global_batch), seed=config.seed,
-            start_epoch=initial_epoch, steps_per_epoch=length.steps_per_epoch, augment=config.data.augment,
+            start_epoch=initial_epoch, steps_per_epoch=length.steps_per_epoch, end_epoch=length.epochs,
+            augment=config.data.augment,
             global_batch=global_batch, input_context=context))
     iterator = iter(dataset)
     writers = _summary_writers(files, cluster.is_chief)

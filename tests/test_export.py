@@ -33,7 +33,8 @@ def test_layout_of_a_version(exported_model):
 
 def test_signatures_take_raw_pixels_or_encoded_images(exported_model):
     loaded = tf.saved_model.load(str(exported_model))
-    assert set(loaded.signatures) == {"serving_default", "serving_bytes"}
+    assert set(loaded.signatures) == {"serving_default", "serving_bytes", "labels"}
+    assert [n.decode() for n in loaded.signatures["labels"]()["class_names"].numpy()] == list(CLASS_NAMES)
     default = loaded.signatures["serving_default"]
     spec = default.structured_input_signature[1]["images"]
     assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 32, 32, 3]

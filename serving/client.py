@@ -1,0 +1,237 @@
+"""Classify image files through a model server's gRPC PredictionService.
+
+Works against TF Serving or `accresnet serve`. The client opens any image
+file with Pillow and converts it to 32x32 RGB the way the trainer reads
+`folder:` datasets (serving/images.py), then sends batches as Predict
+requests: raw pixels to a uint8 signature such as serving_default, the file's
+own bytes to a string one such as serving_bytes. It learns which from the
+model's metadata, and the class names from the model's `labels` signature.
+
+    from serving.client import Classifier
+    with Classifier("localhost:8500", model="accresnet") as classifier:
+        for prediction in classifier.classify_files(["cat.jpg"], top_k=3):
+            print(prediction.path, prediction.class_name, prediction.probability)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import grpc
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LABELS_SIGNATURE = "labels"
+PROBABILITIES = "probabilities"
+MAX_MESSAGE = 256 * 1024 * 1024
+
+
+class ClientError(Exception):
+    """The server could not be used (unreachable, unknown model, unsuitable signature)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    path: str
+    class_name: str
+    class_id: int
+    probability: float
+    top_k: list[tuple[str, float]]
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "class_name": self.class_name, "class_id": self.class_id,
+                "probability": self.probability,
+                "top_k": [{"class_name": name, "probability": p} for name, p in self.top_k]}
+
+
+@dataclasses.dataclass(frozen=True)
+class _SignatureInput:
+    alias: str
+    takes_bytes: bool  # a DT_STRING input takes encoded files; otherwise uint8 pixels
+
+
+class Classifier:
+    """A gRPC connection to one model (and optionally one version or label)."""
+
+    def __init__(self, server: str, model: str = "accresnet", signature: str = "serving_default",
+                 version: int | None = None, label: str | None = None, timeout: float = 30.0,
+                 retries: int = 3, tls_ca: str | None = None):
+        if version is not None and label:
+            raise ValueError("give a version or a label, not both")
+        self.server, self.model, self.signature = server, model, signature
+        self.version, self.label = version, label
+        self.timeout, self.retries = timeout, retries
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        if tls_ca:
+            with open(tls_ca, "rb") as file:
+                credentials = grpc.ssl_channel_credentials(root_certificates=file.read())
+            self.channel = grpc.secure_channel(server, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(server, options=options)
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self._input: _SignatureInput | None = None
+        self._class_names: list[str] | None = None
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    # --- calls with retries ------------------------------------------------------------------
+
+    def _spec(self, target, signature: str) -> None:
+        target.name = self.model
+        target.signature_name = signature
+        if self.version is not None:
+            target.version.value = self.version
+        elif self.label:
+            target.version_label = self.label
+
+    def _call(self, method: Callable, request):
+        """Retry UNAVAILABLE (server starting, restarting, swapping pods) with exponential backoff."""
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=self.timeout)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise ClientError(f"{self.server}: {error.code().name}: {error.details()}", error.code()) from None
+                log.info("%s unavailable (%s); retrying in %.1fs", self.server, error.details(), delay)
+                time.sleep(delay)
+                delay *= 2
+
+    # --- what the model takes and names -------------------------------------------------------
+
+    def signature_input(self) -> _SignatureInput:
+        if self._input is None:
+            from tensorflow.core.framework import types_pb2
+            from tensorflow_serving.apis import get_model_metadata_pb2
+
+            request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+            self._spec(request.model_spec, "")
+            response = self._call(self.stub.GetModelMetadata, request)
+            signatures = get_model_metadata_pb2.SignatureDefMap()
+            response.metadata["signature_def"].Unpack(signatures)
+            definition = signatures.signature_def.get(self.signature)
+            if definition is None:
+                raise ClientError(f"model {self.model} has no signature {self.signature!r} "
+                                  f"(it has {', '.join(sorted(signatures.signature_def))})")
+            if len(definition.inputs) != 1 or PROBABILITIES not in definition.outputs:
+                raise ClientError(f"signature {self.signature!r} must take one input and output "
+                                  f"'{PROBABILITIES}'; it takes {sorted(definition.inputs)} and outputs "
+                                  f"{sorted(definition.outputs)}")
+            (alias, info), = definition.inputs.items()
+            if info.dtype not in (types_pb2.DT_STRING, types_pb2.DT_UINT8):
+                raise ClientError(f"signature {self.signature!r} takes {types_pb2.DataType.Name(info.dtype)}; "
+                                  "the client sends uint8 pixels or encoded image bytes")
+            self._input = _SignatureInput(alias, info.dtype == types_pb2.DT_STRING)
+        return self._input
+
+    def class_names(self) -> list[str] | None:
+        """All class names, from the model's `labels` signature; None if it has none."""
+        if self._class_names is None:
+            import tensorflow as tf
+            from tensorflow_serving.apis import predict_pb2
+
+            request = predict_pb2.PredictRequest()
+            self._spec(request.model_spec, LABELS_SIGNATURE)
+            try:
+                response = self._call(self.stub.Predict, request)
+            except ClientError as error:
+                if error.code == grpc.StatusCode.FAILED_PRECONDITION:  # no such signature: names unknown
+                    return None
+                raise
+            self._class_names = [n.decode("utf-8", "replace") for n in tf.make_ndarray(response.outputs["class_names"])]
+        return self._class_names
+
+    # --- predicting --------------------------------------------------------------------------------
+
+    def predict(self, batch) -> np.ndarray:
+        """Probabilities [n, classes] for uint8 pixels [n, 32, 32, 3] or a list of encoded files."""
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2
+
+        signature_input = self.signature_input()
+        request = predict_pb2.PredictRequest()
+        self._spec(request.model_spec, self.signature)
+        request.inputs[signature_input.alias].CopyFrom(tf.make_tensor_proto(batch))
+        request.output_filter.append(PROBABILITIES)
+        response = self._call(self.stub.Predict, request)
+        return tf.make_ndarray(response.outputs[PROBABILITIES])
+
+    def classify_files(self, paths: Iterable[str], batch_size: int = 64, top_k: int = 3,
+                       on_error: Callable[[str, Exception], None] | None = None,
+                       on_batch: Callable[[int], None] | None = None) -> Iterator[Prediction]:
+        """Predictions for the readable files, in order; unreadable ones go to `on_error`."""
+        from serving.images import read_pixels
+
+        takes_bytes = self.signature_input().takes_bytes
+        names = self.class_names()
+        pending: list[tuple[str, object]] = []
+
+        def flush():
+            batch = [item for _, item in pending]
+            probabilities = self.predict(batch if takes_bytes else np.stack(batch))
+            for (path, _), row in zip(pending, probabilities):
+                yield _prediction(path, row, names, top_k)
+            if on_batch is not None:
+                on_batch(len(pending))
+            pending.clear()
+
+        for path in paths:
+            try:
+                pixels = read_pixels(path)  # also proves the file is an image
+                item = pathlib.Path(path).read_bytes() if takes_bytes else pixels
+            except Exception as error:  # Pillow raises many kinds for bad files
+                if on_error is None:
+                    raise
+                on_error(path, error)
+                continue
+            pending.append((path, item))
+            if len(pending) == batch_size:
+                yield from flush()
+        if pending:
+            yield from flush()
+
+
+def _prediction(path: str, probabilities: np.ndarray, names: list[str] | None, top_k: int) -> Prediction:
+    def name(index: int) -> str:
+        return names[index] if names and index < len(names) else str(index)
+
+    order = np.argsort(-probabilities)[:max(top_k, 1)]
+    best = int(order[0])
+    return Prediction(path, name(best), best, float(probabilities[best]),
+                      [(name(int(i)), float(probabilities[i])) for i in order[:top_k]])
+
+
+def image_files(arguments: Iterable[str]) -> list[str]:
+    """Files named on the command line, and the image files under named folders (sorted)."""
+    from serving.images import image_extensions
+
+    extensions = image_extensions()
+    files = []
+    for argument in arguments:
+        if os.path.isdir(argument):
+            for root, dirs, names in os.walk(argument):
+                dirs.sort()
+                files.extend(os.path.join(root, n) for n in sorted(names)
+                             if os.path.splitext(n)[1].lower() in extensions and not n.startswith("."))
+        else:
+            files.append(argument)
+    return files
