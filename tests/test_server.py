@@ -498,3 +498,43 @@ def test_batching_merges_concurrent_requests(exported_model, tmp_path):
         assert "larger than maximum input batch size 16" in raised.value.details()
     finally:
         server.stop(grace=2)
+
+
+def test_the_shipped_tf_serving_configs_parse_and_serve(exported_model, tmp_path):
+    """serving/config/*.config start a server once the base path points at a real model."""
+    import pathlib
+
+    config_dir = pathlib.Path(__file__).parents[1] / "serving" / "config"
+    models = (config_dir / "models.config").read_text().replace("/models/accresnet", str(tmp_path / "accresnet"))
+    (tmp_path / "models.config").write_text(models)
+    shutil.copytree(exported_model, tmp_path / "accresnet" / "1")
+    grpc_port, rest_port = free_ports(2)
+    args = build_parser().parse_args([
+        f"--port={grpc_port}", f"--rest_api_port={rest_port}", f"--model_config_file={tmp_path / 'models.config'}",
+        "--enable_batching", f"--batching_parameters_file={config_dir / 'batching.config'}",
+        f"--monitoring_config_file={config_dir / 'monitoring.config'}", "--file_system_poll_wait_seconds=0"])
+    options = options_from_args(args)
+    assert options.batching.max_batch_size == 64 and options.batching.allowed_batch_sizes == (8, 16, 32, 64)
+    assert options.metrics_path == "/monitoring/prometheus/metrics"
+    server = RunningServer(options)
+    try:
+        clients = Clients(server)
+        assert clients.predictions.Predict(predict_request(batch=images(3)), timeout=30).model_spec.version.value == 1
+        assert clients.http("/monitoring/prometheus/metrics")[0] == 200
+    finally:
+        server.stop(grace=2)
+
+
+def test_bad_server_flags_are_explained(tmp_path):
+    from serving.server.options import OptionsError
+
+    bad = tmp_path / "bad.config"
+    bad.write_text("model_config_list { config { name: 'x' } }")
+    cases = [([], "--model_base_path"),
+             ([f"--model_config_file={bad}"], "needs a name and a base_path"),
+             ([f"--model_config_file={tmp_path / 'missing'}"], "cannot read"),
+             (["--model_base_path=/m", "--port=9000", "--rest_api_port=9000"], "must differ"),
+             (["--model_base_path=/m", "--grpc_channel_arguments=nonsense"], "not key=value")]
+    for flags, message in cases:
+        with pytest.raises(OptionsError, match=message):
+            options_from_args(build_parser().parse_args(flags))

@@ -1,0 +1,207 @@
+"""The client and `accresnet classify` against a running server; TLS; retries."""
+
+import datetime
+import io
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from helpers import REPO, free_ports
+from serving.client import Classifier, ClientError, image_files
+from serving.images import read_pixels
+from serving.server.main import RunningServer, build_parser
+from serving.server.options import options_from_args
+
+
+def _server(base, *flags, port=None):
+    port = port or free_ports(1)[0]
+    args = build_parser().parse_args([f"--port={port}", "--model_name=accresnet", f"--model_base_path={base}",
+                                      "--file_system_poll_wait_seconds=0", *flags])
+    return RunningServer(options_from_args(args))
+
+
+@pytest.fixture(scope="module")
+def model_base(exported_model, tmp_path_factory):
+    base = tmp_path_factory.mktemp("client") / "accresnet"
+    shutil.copytree(exported_model, base / "1")
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(model_base):
+    running = _server(model_base)
+    yield running
+    running.stop(grace=2)
+
+
+@pytest.fixture(scope="module")
+def picture_folder(tmp_path_factory):
+    """Images of every kind a user may have: formats, sizes, modes; and one broken file."""
+    folder = tmp_path_factory.mktemp("pictures")
+    rng = np.random.default_rng(0)
+    for i, (fmt, size, mode) in enumerate([("PNG", (32, 32), "RGB"), ("JPEG", (120, 80), "RGB"),
+                                           ("GIF", (40, 40), "P"), ("BMP", (64, 64), "RGB"),
+                                           ("PNG", (50, 30), "L"), ("PNG", (32, 32), "RGBA")]):
+        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+        (folder / "sub" if i % 2 else folder).mkdir(exist_ok=True)
+        image.save((folder / "sub" if i % 2 else folder) / f"image{i}.{fmt.lower()}", format=fmt)
+    (folder / "notes.txt").write_text("not an image, not picked up from a folder")
+    return folder
+
+
+def expected_probabilities(exported_model, paths):
+    loaded = tf.saved_model.load(str(exported_model))
+    pixels = np.stack([read_pixels(str(p)) for p in paths])
+    return loaded.signatures["serving_default"](images=tf.constant(pixels))["probabilities"].numpy()
+
+
+def test_image_files_finds_images_in_folders_sorted(picture_folder):
+    files = image_files([str(picture_folder)])
+    names = [f.replace(str(picture_folder), "") for f in files]
+    assert names == ["/image0.png", "/image2.gif", "/image4.png",
+                     "/sub/image1.jpeg", "/sub/image3.bmp", "/sub/image5.png"]
+
+
+def test_classifier_matches_the_model_on_the_same_pixels(server, picture_folder, exported_model):
+    files = image_files([str(picture_folder)])
+    with Classifier(f"localhost:{server.port}") as classifier:
+        predictions = list(classifier.classify_files(files, batch_size=4, top_k=3))
+        names = classifier.class_names()
+    expected = expected_probabilities(exported_model, files)
+    assert [p.path for p in predictions] == files
+    for prediction, row in zip(predictions, expected):
+        assert prediction.class_id == int(row.argmax())
+        assert prediction.class_name == names[prediction.class_id]
+        assert prediction.probability == pytest.approx(float(row.max()), rel=1e-5)
+        assert [name for name, _ in prediction.top_k] == [names[i] for i in np.argsort(-row)[:3]]
+
+
+def test_bytes_signature_sends_the_files(server, picture_folder):
+    files = [f for f in image_files([str(picture_folder)]) if f.endswith(".png")]
+    with Classifier(f"localhost:{server.port}", signature="serving_bytes") as classifier:
+        assert classifier.signature_input().takes_bytes
+        predictions = list(classifier.classify_files(files))
+    assert len(predictions) == len(files) and all(0 <= p.probability <= 1 for p in predictions)
+
+
+def test_unknown_model_or_signature_is_a_clear_error(server):
+    with Classifier(f"localhost:{server.port}", model="nope") as classifier:
+        with pytest.raises(ClientError, match="NOT_FOUND.*Latest\\(nope\\)"):
+            classifier.signature_input()
+    with Classifier(f"localhost:{server.port}", signature="serving_nothing") as classifier:
+        with pytest.raises(ClientError, match="no signature 'serving_nothing'"):
+            classifier.signature_input()
+
+
+def test_retries_until_the_server_comes_up(model_base):
+    port = free_ports(1)[0]
+    started = {}
+
+    def start_late():
+        time.sleep(1.5)
+        started["server"] = _server(model_base, port=port)
+
+    thread = threading.Thread(target=start_late)
+    thread.start()
+    try:
+        with Classifier(f"localhost:{port}", retries=6, timeout=10) as classifier:
+            assert classifier.predict(np.zeros((1, 32, 32, 3), np.uint8)).shape == (1, 10)
+    finally:
+        thread.join()
+        started["server"].stop(grace=1)
+    with Classifier(f"localhost:{free_ports(1)[0]}", retries=1, timeout=2) as classifier:
+        with pytest.raises(ClientError, match="UNAVAILABLE"):
+            classifier.predict(np.zeros((1, 32, 32, 3), np.uint8))
+
+
+def _certificates(folder):
+    """A CA and a server certificate for localhost, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject, issuer, key, signing_key, ca):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "accresnet test CA")])
+    ca = certificate(ca_name, ca_name, ca_key, ca_key, True)
+    server = certificate(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), ca_name, server_key,
+                         ca_key, False)
+    pem = lambda c: c.public_bytes(serialization.Encoding.PEM).decode()
+    key_pem = server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()).decode()
+    (folder / "ca.pem").write_text(pem(ca))
+    ssl_config = folder / "ssl.config"
+    ssl_config.write_text(f"server_key: {json.dumps(key_pem)}\nserver_cert: {json.dumps(pem(server))}\n")
+    return folder / "ca.pem", ssl_config
+
+
+def test_tls(model_base, tmp_path):
+    ca, ssl_config = _certificates(tmp_path)
+    running = _server(model_base, f"--ssl_config_file={ssl_config}")
+    try:
+        with Classifier(f"localhost:{running.port}", tls_ca=str(ca)) as classifier:
+            assert classifier.predict(np.zeros((2, 32, 32, 3), np.uint8)).shape == (2, 10)
+        with Classifier(f"localhost:{running.port}", retries=0, timeout=5) as plain:
+            with pytest.raises(ClientError):
+                plain.predict(np.zeros((1, 32, 32, 3), np.uint8))
+    finally:
+        running.stop(grace=1)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def classify_command(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "classify", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_classify_json_lines_and_unreadable_files(server, picture_folder, exported_model, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    result = classify_command("--server", f"localhost:{server.port}", "--json", "--top-k", "2",
+                              picture_folder, broken)
+    assert result.returncode == 1
+    assert "cannot read" in result.stderr and "broken.jpg" in result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    files = image_files([str(picture_folder)])
+    assert [line["path"] for line in lines] == files
+    expected = expected_probabilities(exported_model, files)
+    for line, row in zip(lines, expected):
+        assert set(line) == {"path", "class_name", "class_id", "probability", "top_k"}
+        assert line["class_id"] == int(row.argmax()) and len(line["top_k"]) == 2
+        assert line["top_k"][0] == {"class_name": line["class_name"], "probability": line["probability"]}
+
+
+def test_classify_table(server, picture_folder):
+    result = classify_command("--server", f"localhost:{server.port}", picture_folder)
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header.split()[:3] == ["image", "class", "prob"] and len(rows) == 6
+
+
+def test_classify_reports_an_unreachable_server(picture_folder):
+    result = classify_command("--server", f"localhost:{free_ports(1)[0]}", "--retries", "0", "--timeout", "3",
+                              picture_folder)
+    assert result.returncode == 1
+    assert "accresnet classify: error:" in result.stderr and "UNAVAILABLE" in result.stderr
