@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# checkov pins many packages of its own, so it lives in a venv of its own.
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV := $(CHECKOV_VENV)/bin/checkov
 
 .PHONY: test demo bench clean
 
@@ -12,8 +15,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+$(CHECKOV):
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet checkov
+
+test: $(STAMP) $(CHECKOV)
+	CHECKOV=$(CHECKOV) $(BIN)/python -m pytest -q
 
 demo: $(STAMP)
 	$(BIN)/accresnet demo
@@ -22,4 +29,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
-	rm -rf $(VENV) runs demo-output .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) runs demo-output .pytest_cache

@@ -107,6 +107,17 @@ def _run_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _run_tf_config(args: argparse.Namespace) -> int:
+    from pipeline.distribute import tf_config_from_environment
+
+    config = tf_config_from_environment()
+    if config is None:
+        print("accresnet tf-config: no TF_CONFIG and no Indexed Job variables: a single worker", file=sys.stderr)
+        return 1
+    print(config)
+    return 0
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import DemoConfig, run_demo
 
@@ -160,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "non-zero; the others are still classified.")
     classify.add_flags(classify_parser)
     classify_parser.set_defaults(run=classify.run)
+
+    tf_config = verbs.add_parser(
+        "tf-config", help="print the TF_CONFIG this process would train with",
+        description="TF_CONFIG as set, or derived for a pod of a Kubernetes Indexed Job from "
+                    "JOB_COMPLETION_INDEX, ACCRESNET_NUM_WORKERS, ACCRESNET_JOB_NAME, "
+                    "ACCRESNET_WORKER_SERVICE and ACCRESNET_WORKER_PORT (default 2222).")
+    tf_config.set_defaults(run=_run_tf_config)
 
     demo = verbs.add_parser(
         "demo", help="train, export, serve and classify on embedded defaults",

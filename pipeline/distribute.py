@@ -1,5 +1,9 @@
 """Choosing the distribution strategy: the cluster from TF_CONFIG and the local devices.
 
+TF_CONFIG comes from the environment, or is derived for a pod of a
+Kubernetes Indexed Job from JOB_COMPLETION_INDEX and the ACCRESNET_*
+variables the manifests set (see `indexed_job_tf_config`).
+
 One worker: MirroredStrategy over all local GPUs, else over the CPU, which
 `--devices N` splits into N logical devices so that N replicas run on a
 GPU-less machine. Several workers named in TF_CONFIG:
@@ -72,7 +76,47 @@ class Cluster:
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> Cluster:
-        return cls.from_tf_config(environ.get("TF_CONFIG"))
+        return cls.from_tf_config(tf_config_from_environment(environ))
+
+
+# Kubernetes: an Indexed Job sets JOB_COMPLETION_INDEX in each pod; the
+# manifests add the worker count and where the workers are found.
+INDEX_VARIABLE = "JOB_COMPLETION_INDEX"
+WORKERS_VARIABLE = "ACCRESNET_NUM_WORKERS"
+JOB_NAME_VARIABLE = "ACCRESNET_JOB_NAME"
+SERVICE_VARIABLE = "ACCRESNET_WORKER_SERVICE"
+PORT_VARIABLE = "ACCRESNET_WORKER_PORT"
+DEFAULT_WORKER_PORT = 2222
+
+
+def indexed_job_tf_config(index: int, num_workers: int, job_name: str, service: str,
+                          port: int = DEFAULT_WORKER_PORT) -> dict:
+    """TF_CONFIG for pod `index` of an Indexed Job whose pods are reachable through a
+    headless Service: pod i is `<job_name>-<i>.<service>` (its hostname and subdomain)."""
+    if num_workers < 1:
+        raise ClusterConfigError(f"{WORKERS_VARIABLE} must be at least 1; got {num_workers}")
+    if not 0 <= index < num_workers:
+        raise ClusterConfigError(f"{INDEX_VARIABLE}={index} is outside the {num_workers} workers")
+    if not job_name or not service:
+        raise ClusterConfigError(f"{JOB_NAME_VARIABLE} and {SERVICE_VARIABLE} must name the Job and its Service")
+    workers = [f"{job_name}-{i}.{service}:{port}" for i in range(num_workers)]
+    return {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+
+
+def tf_config_from_environment(environ: Mapping[str, str] = os.environ) -> str | None:
+    """TF_CONFIG as set (by hand, or by Kubeflow's TFJob), else derived for an Indexed Job, else None."""
+    if environ.get("TF_CONFIG"):
+        return environ["TF_CONFIG"]
+    if INDEX_VARIABLE not in environ or WORKERS_VARIABLE not in environ:
+        return None
+    try:
+        index, workers = int(environ[INDEX_VARIABLE]), int(environ[WORKERS_VARIABLE])
+        port = int(environ.get(PORT_VARIABLE, DEFAULT_WORKER_PORT))
+    except ValueError as error:
+        raise ClusterConfigError(f"the Indexed Job's variables must be integers: {error}") from None
+    config = indexed_job_tf_config(index, workers, environ.get(JOB_NAME_VARIABLE, ""),
+                                   environ.get(SERVICE_VARIABLE, ""), port)
+    return json.dumps(config)
 
 
 def configure_devices(count: int | None) -> list[str]:
@@ -106,6 +150,8 @@ def make_strategy(cluster: Cluster, devices: int | None):
     import tensorflow as tf
 
     if cluster.is_multi_worker:
+        # MultiWorkerMirroredStrategy reads the cluster from TF_CONFIG itself.
+        os.environ["TF_CONFIG"] = tf_config_from_environment(os.environ)
         if devices is not None and not tf.config.list_physical_devices("GPU"):
             log.warning("--devices is ignored with several workers: each worker trains on its CPU")
         return tf.distribute.MultiWorkerMirroredStrategy()

@@ -15,7 +15,9 @@ assets.extra/tf_serving_warmup_requests holds requests TF Serving replays
 before a version takes traffic.
 
 A version is built in a hidden folder beside the numbered ones and renamed
-into place, so a server polling the base path never sees half an export.
+into place, so a server polling the base path never sees half an export. On
+object stores (gs://, s3://), which cannot rename atomically, the files are
+uploaded with saved_model.pb last.
 """
 
 from __future__ import annotations
@@ -96,29 +98,49 @@ class ServingModule(tf.Module):
 # --- versions ------------------------------------------------------------------------
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """gs://, s3://, ... paths, which TensorFlow's file systems reach but the os module does not."""
+    return "://" in str(path)
+
+
 def existing_versions(export_base: str | os.PathLike) -> list[int]:
-    base = pathlib.Path(export_base)
-    if not base.is_dir():
+    base = str(export_base)
+    if not tf.io.gfile.isdir(base):
         return []
-    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+    names = (name.rstrip("/") for name in tf.io.gfile.listdir(base))
+    return sorted(int(n) for n in names if n.isdigit() and tf.io.gfile.isdir(tf.io.gfile.join(base, n)))
 
 
-def export_saved_model(model: keras.Model, class_names: list[str], export_base: str | os.PathLike) -> pathlib.Path:
+def export_saved_model(model: keras.Model, class_names: list[str], export_base: str | os.PathLike) -> str:
     """Write the next version under `export_base`; returns its path."""
-    base = pathlib.Path(export_base)
-    base.mkdir(parents=True, exist_ok=True)
-    staging = base / f".export-{uuid.uuid4().hex}"
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="accresnet-export-"))
+    local_base = scratch / "base" if is_remote(export_base) else pathlib.Path(export_base)
+    local_base.mkdir(parents=True, exist_ok=True)
+    staging = local_base / f".export-{uuid.uuid4().hex}"
     try:
         labels = scratch / LABELS_FILE
         labels.write_text("".join(f"{name}\n" for name in class_names))
         module = ServingModule(model, list(class_names), str(labels))
         tf.saved_model.save(module, str(staging), signatures=module.signatures())
         _write_warmup_requests(staging / "assets.extra" / WARMUP_FILE)
-        return _rename_to_next_version(staging, base)
+        if is_remote(export_base):
+            return _upload_as_next_version(staging, str(export_base))
+        return str(_rename_to_next_version(staging, local_base))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _upload_as_next_version(staging: pathlib.Path, base: str) -> str:
+    """Object stores have no atomic rename: copy every file, saved_model.pb last,
+    so a poller that finds the version's graph finds its variables too."""
+    target = tf.io.gfile.join(base, str((existing_versions(base) or [0])[-1] + 1))
+    files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.name == "saved_model.pb")
+    for file in files:
+        destination = tf.io.gfile.join(target, *file.relative_to(staging).parts)
+        tf.io.gfile.makedirs(os.path.dirname(destination))
+        tf.io.gfile.copy(str(file), destination, overwrite=False)
+    return target
 
 
 def _rename_to_next_version(staging: pathlib.Path, base: pathlib.Path) -> pathlib.Path:
@@ -182,7 +204,7 @@ def restore_trained_model(model_dir: str | os.PathLike) -> tuple[keras.Model, li
     return model, list(run["class_names"])
 
 
-def export_run(model_dir: str | os.PathLike, export_base: str | os.PathLike) -> pathlib.Path:
+def export_run(model_dir: str | os.PathLike, export_base: str | os.PathLike) -> str:
     """Export a training run's latest checkpoint as the next version under `export_base`."""
     model, class_names = restore_trained_model(model_dir)
     path = export_saved_model(model, class_names, export_base)

@@ -47,5 +47,7 @@ def exported_model(trained_run, tmp_path_factory):
     """The tiny run exported as version 1 under a fresh base path."""
     from pipeline.export import export_run
 
+    import pathlib
+
     base = tmp_path_factory.mktemp("models") / "accresnet"
-    return export_run(trained_run, base)
+    return pathlib.Path(export_run(trained_run, base))

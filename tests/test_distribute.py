@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pipeline.distribute import Cluster, ClusterConfigError
+from pipeline.distribute import Cluster, ClusterConfigError, tf_config_from_environment
 
 
 def tf_config(cluster, task_type="worker", index=0):
@@ -41,3 +41,38 @@ def test_a_chief_task_is_the_chief():
 def test_bad_tf_config_is_explained(value, message):
     with pytest.raises(ClusterConfigError, match=message):
         Cluster.from_tf_config(value)
+
+
+JOB = {"JOB_COMPLETION_INDEX": "0", "ACCRESNET_NUM_WORKERS": "4", "ACCRESNET_JOB_NAME": "accresnet-train",
+       "ACCRESNET_WORKER_SERVICE": "accresnet-workers"}
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_indexed_job_tf_config_for_every_index(index):
+    environ = {**JOB, "JOB_COMPLETION_INDEX": str(index)}
+    config = json.loads(tf_config_from_environment(environ))
+    assert config == {
+        "cluster": {"worker": [f"accresnet-train-{i}.accresnet-workers:2222" for i in range(4)]},
+        "task": {"type": "worker", "index": index},
+    }
+    cluster = Cluster.from_environment(environ)
+    assert cluster.num_workers == 4 and cluster.task_id == index and cluster.is_chief is (index == 0)
+
+
+def test_explicit_tf_config_wins_and_port_is_configurable():
+    explicit = tf_config({"worker": ["a:1", "b:1"]}, index=1)
+    assert tf_config_from_environment({**JOB, "TF_CONFIG": explicit}) == explicit
+    config = json.loads(tf_config_from_environment({**JOB, "ACCRESNET_WORKER_PORT": "5000"}))
+    assert config["cluster"]["worker"][3] == "accresnet-train-3.accresnet-workers:5000"
+    assert tf_config_from_environment({}) is None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"JOB_COMPLETION_INDEX": "4"}, "outside the 4 workers"),
+    ({"ACCRESNET_NUM_WORKERS": "zero"}, "must be integers"),
+    ({"ACCRESNET_NUM_WORKERS": "0"}, "at least 1"),
+    ({"ACCRESNET_WORKER_SERVICE": ""}, "must name the Job and its Service"),
+])
+def test_bad_indexed_job_variables(change, message):
+    with pytest.raises(ClusterConfigError, match=message):
+        tf_config_from_environment({**JOB, **change})

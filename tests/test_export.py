@@ -1,5 +1,6 @@
 import concurrent.futures
 import io
+import pathlib
 
 import numpy as np
 import pytest
@@ -73,9 +74,10 @@ def test_bytes_signature_decodes_any_format_size_and_mode(exported_model):
 
 def test_versions_count_up_and_concurrent_exports_never_collide(trained_run, tmp_path):
     model, class_names = export.restore_trained_model(trained_run)
-    first = export.export_saved_model(model, class_names, tmp_path)
+    first = pathlib.Path(export.export_saved_model(model, class_names, tmp_path))
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        paths = list(pool.map(lambda _: export.export_saved_model(model, class_names, tmp_path), range(3)))
+        paths = [pathlib.Path(p) for p in pool.map(lambda _: export.export_saved_model(model, class_names, tmp_path),
+                                                    range(3))]
     assert first.name == "1" and sorted(p.name for p in paths) == ["2", "3", "4"]
     assert export.existing_versions(tmp_path) == [1, 2, 3, 4]
     assert all((p / "saved_model.pb").is_file() for p in paths)
@@ -85,3 +87,16 @@ def test_versions_count_up_and_concurrent_exports_never_collide(trained_run, tmp
 def test_nothing_to_export(tmp_path):
     with pytest.raises(export.ExportError, match="no finished epoch"):
         export.export_run(tmp_path, tmp_path / "models")
+
+
+def test_export_to_an_object_store_path(trained_run):
+    """gs:// and s3:// go through TensorFlow's file systems; ram:// stands in for them here."""
+    model, class_names = export.restore_trained_model(trained_run)
+    base = "ram://bucket/models/accresnet"
+    assert export.export_saved_model(model, class_names, base) == base + "/1"
+    assert export.export_saved_model(model, class_names, base) == base + "/2"
+    assert export.existing_versions(base) == [1, 2]
+    for name in ("saved_model.pb", "assets/labels.txt", "assets.extra/tf_serving_warmup_requests"):
+        assert tf.io.gfile.exists(f"{base}/2/{name}"), name
+    loaded = tf.saved_model.load(base + "/2")
+    assert loaded.signatures["serving_default"](images=tf.zeros([1, 32, 32, 3], tf.uint8))["probabilities"].shape == (1, 10)

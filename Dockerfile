@@ -1,0 +1,50 @@
+# syntax=docker/dockerfile:1
+# Two images from one file:
+#   docker build --target trainer -t accresnet-trainer .   # accresnet train/export/classify/serve
+#   docker build --target serving -t accresnet-serving .   # the official TF Serving with our configs
+# GPU variants: --build-arg TRAINER_BASE=tensorflow/tensorflow:2.21.0-gpu (trainer)
+#               --build-arg TF_SERVING_TAG=2.21.0-gpu (serving)
+
+ARG TRAINER_BASE=python:3.11-slim-bookworm
+ARG TF_SERVING_TAG=2.21.0
+
+# --- trainer -------------------------------------------------------------------------------
+FROM ${TRAINER_BASE} AS trainer
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    HOME=/tmp
+
+WORKDIR /opt/accresnet
+# Dependencies first, so code changes do not reinstall TensorFlow.
+COPY pyproject.toml README.md ./
+COPY pipeline/__init__.py pipeline/
+COPY serving/__init__.py serving/
+RUN pip install --no-cache-dir . && pip uninstall --yes accresnet
+COPY pipeline/ pipeline/
+COPY serving/ serving/
+RUN pip install --no-cache-dir --no-deps . \
+    && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp accresnet
+
+USER 10001:10001
+ENTRYPOINT ["accresnet"]
+CMD ["--help"]
+
+# --- serving ---------------------------------------------------------------------------------
+FROM tensorflow/serving:${TF_SERVING_TAG} AS serving
+
+# A model baked in at build time (an export base with numbered versions), if any.
+ARG MODEL_DIR=serving/models
+COPY serving/config/models.config serving/config/batching.config serving/config/monitoring.config /config/
+COPY ${MODEL_DIR} /models/accresnet/
+
+USER 10001:10001
+EXPOSE 8500 8501
+ENTRYPOINT ["/usr/bin/tensorflow_model_server"]
+CMD ["--port=8500", "--rest_api_port=8501", \
+     "--model_config_file=/config/models.config", "--file_system_poll_wait_seconds=30", \
+     "--enable_batching=true", "--batching_parameters_file=/config/batching.config", \
+     "--monitoring_config_file=/config/monitoring.config"]
