@@ -114,12 +114,17 @@ def test_resuming_with_other_settings_is_refused(finished_run):
         training.train(tiny_config(model_dir, arch="resnet"))
 
 
-def test_distributed_evaluation_counts_every_image_once(split_factory):
+def two_replica_trainer(arch, global_batch):
     strategy = make_strategy(Cluster(), devices=2)
     with strategy.scope():
-        model = build_model(ModelConfig("resnet", 8))
+        model = build_model(ModelConfig(arch, 8))
         optimizer = keras.optimizers.SGD(0.1)
-    trainer = training.Trainer(strategy, model, optimizer, global_batch=16)
+    return training.Trainer(strategy, model, optimizer, global_batch=global_batch)
+
+
+def test_distributed_evaluation_counts_every_image_once(split_factory):
+    trainer = two_replica_trainer("resnet", global_batch=16)
+    model = trainer.model
     split = split_factory(37)
     metrics = trainer.evaluate(split)
     probabilities = np.asarray(model.predict(split.images, verbose=0))
@@ -143,11 +148,8 @@ def test_schedules_follow_the_recipes():
 def test_batch_norm_statistics_agree_across_replicas_after_a_sync(split_factory):
     from pipeline import data as input_pipeline
 
-    strategy = make_strategy(Cluster(), devices=2)
-    with strategy.scope():
-        model = build_model(ModelConfig("accumulated", 8))
-        optimizer = keras.optimizers.SGD(0.1)
-    trainer = training.Trainer(strategy, model, optimizer, global_batch=32)
+    trainer = two_replica_trainer("accumulated", global_batch=32)
+    model, strategy = trainer.model, trainer.strategy
     split = split_factory(128)
     dataset = strategy.distribute_datasets_from_function(lambda context: input_pipeline.train_dataset(
         split, batch_size=16, seed=0, start_epoch=0, steps_per_epoch=4, global_batch=32, input_context=context))
