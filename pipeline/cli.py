@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pathlib
 import sys
 from collections.abc import Callable, Sequence
 
 from pipeline import config as cfg
 
 DATASET_HELP = (
-    "synthetic[:N] (built in, offline; N training images, default 10000), cifar10, cifar100, "
+    "synthetic[:N] (built in, offline; N training images, default 10000), synthetic-hard[:N] (the same with "
+    "noise, clutter and occlusion), cifar10, cifar100, "
     "tfds:NAME (TensorFlow Datasets), folder:PATH (one subfolder per class, or PATH/train and "
     "PATH/test of those), cifar-bin:PATH (the CIFAR-10/100 binary release, folder or .tar.gz)"
 )
@@ -28,14 +30,22 @@ def _recipes_help() -> str:
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=cfg.ARCHES, default="accumulated",
-                        help="plain ResNet v1 or the accumulated ResNet (default: %(default)s)")
+                        help="plain ResNet v1 or the accumulated ResNet; beyond the paper: wide (WRN) and "
+                             "aggregated (ResNeXt) nets, plain or accumulated (default: %(default)s)")
     parser.add_argument("--depth", type=int, default=32,
-                        help="6n+2: 20, 32, 44, 56, 110, ... (default: %(default)s)")
+                        help="resnet/accumulated: 6n+2 (20, 32, 44, 56, 110); wrn: 6n+4 (16, 28, 40); "
+                             "resnext: 9n+2 (11, 29) (default: %(default)s)")
+    parser.add_argument("--width", type=int,
+                        help="wrn: the widening factor k (default 4); resnext: the width d of a group (default 4)")
+    parser.add_argument("--cardinality", type=int, help="resnext: the number of groups C (default 8)")
     parser.add_argument("--dataset", default="synthetic", metavar="SPEC", help=DATASET_HELP)
     parser.add_argument("--data-dir", help="TensorFlow Datasets data directory for cifar10/cifar100/tfds:")
     parser.add_argument("--val-split", type=float,
                         help="fraction of the training split held out for validation "
                              "(default: the source's validation split, else 0.1: 45k/5k on CIFAR)")
+    parser.add_argument("--train-images", type=int,
+                        help="train on the first N images of the training split only (default: the recipe's, "
+                             "else all)")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="skip unreadable files of a folder: dataset (counted in the log) instead of failing")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
@@ -72,8 +82,10 @@ def train_config_from_args(args: argparse.Namespace) -> cfg.TrainConfig:
     return cfg.TrainConfig(
         model_dir=args.model_dir, arch=args.arch, depth=args.depth,
         data=cfg.DataConfig(spec=args.dataset, data_dir=args.data_dir, val_split=args.val_split,
-                            augment=args.augment, skip_bad_images=args.skip_bad_images),
+                            augment=args.augment, skip_bad_images=args.skip_bad_images,
+                            train_images=args.train_images),
         recipe=args.recipe, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+        width=args.width, cardinality=args.cardinality,
         seed=args.seed, devices=args.devices, mixed_precision=args.mixed_precision, jit=args.jit,
         deterministic=args.deterministic, progress=args.progress,
     )
@@ -107,6 +119,21 @@ def _run_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _run_experiment(args: argparse.Namespace) -> int:
+    from pipeline.experiment import ExperimentConfig, parse_seeds
+
+    config = ExperimentConfig(
+        out_dir=args.out, arches=tuple(a.strip() for a in args.arches.split(",") if a.strip()), depth=args.depth,
+        seeds=parse_seeds(args.seeds), recipe=args.recipe, dataset=args.dataset, data_dir=args.data_dir,
+        epochs=args.epochs, batch_size=args.batch_size, width=args.width, cardinality=args.cardinality,
+        train_images=args.train_images, devices=args.devices, mixed_precision=args.mixed_precision)
+    from pipeline.experiment import run_experiment
+
+    run_experiment(config, announce=lambda line: print(line, flush=True))
+    print((pathlib.Path(args.out) / "table.md").read_text())
+    return 0
+
+
 def _run_tf_config(args: argparse.Namespace) -> int:
     from pipeline.distribute import tf_config_from_environment
 
@@ -122,8 +149,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import DemoConfig, run_demo
 
     return run_demo(DemoConfig(output_dir=args.output_dir, dataset=args.dataset, data_dir=args.data_dir,
-                               arch=args.arch, depth=args.depth, epochs=args.epochs, devices=args.devices,
-                               held_out=args.held_out))
+                               arch=args.arch, depth=args.depth, width=args.width, cardinality=args.cardinality,
+                               epochs=args.epochs, devices=args.devices, held_out=args.held_out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +199,31 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_flags(classify_parser)
     classify_parser.set_defaults(run=classify.run)
 
+    experiment = verbs.add_parser(
+        "experiment", help="reproduce the paper's Table 1 and Figures 3-6 over several seeds",
+        description="Train every (arch, seed) with the same data order per seed, then write results.json "
+                    "(min and mean validation error over epochs, final validation and test error, mean ± std over "
+                    "seeds, paired accumulated - plain differences with 95%% confidence intervals), table.md "
+                    "(the paper's Table 1 layout) and figures 3-6 as PNG. Run it again to resume: finished runs "
+                    "are kept, interrupted ones resume from their checkpoints.")
+    experiment.add_argument("--arches", default="resnet,accumulated",
+                            help=f"comma-separated, from {', '.join(cfg.ARCHES)} (default: %(default)s)")
+    experiment.add_argument("--depth", type=int, default=32, help="network depth (default: %(default)s)")
+    experiment.add_argument("--width", type=int, help="wrn: widening factor k; resnext: group width d")
+    experiment.add_argument("--cardinality", type=int, help="resnext: number of groups C")
+    experiment.add_argument("--seeds", default="3", help="a count (3: seeds 0, 1, 2) or a list (0,4,7) "
+                                                         "(default: %(default)s)")
+    experiment.add_argument("--recipe", choices=tuple(cfg.RECIPES), default="paper50", help=_recipes_help())
+    experiment.add_argument("--dataset", default="cifar10", metavar="SPEC", help=DATASET_HELP)
+    experiment.add_argument("--data-dir", help="TensorFlow Datasets data directory")
+    experiment.add_argument("--train-images", type=int, help="train on the first N training images only")
+    experiment.add_argument("--epochs", type=int, help="epochs per run (default: the recipe's)")
+    experiment.add_argument("--batch-size", type=int, help="images per replica per step (default: the recipe's)")
+    experiment.add_argument("--devices", type=int, help="replicas on this machine")
+    experiment.add_argument("--mixed-precision", action="store_true")
+    experiment.add_argument("--out", required=True, help="the experiment's folder (runs/, results, table, figures)")
+    experiment.set_defaults(run=_run_experiment)
+
     tf_config = verbs.add_parser(
         "tf-config", help="print the TF_CONFIG this process would train with",
         description="TF_CONFIG as set, or derived for a pod of a Kubernetes Indexed Job from "
@@ -189,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dataset", default="synthetic", metavar="SPEC", help=DATASET_HELP)
     demo.add_argument("--data-dir", help="TensorFlow Datasets data directory")
     demo.add_argument("--arch", choices=cfg.ARCHES, default="accumulated")
+    demo.add_argument("--width", type=int, help="wrn: widening factor k; resnext: group width d")
+    demo.add_argument("--cardinality", type=int, help="resnext: number of groups C")
     demo.add_argument("--depth", type=int, default=32)
     demo.add_argument("--epochs", type=int, help="training epochs (default: the quick recipe's 3)")
     demo.add_argument("--devices", type=int, help="replicas on this machine")

@@ -10,7 +10,27 @@ import dataclasses
 import math
 from typing import Literal
 
-ARCHES = ("resnet", "accumulated")
+ARCHES = ("resnet", "accumulated", "wrn", "accumulated-wrn", "resnext", "accumulated-resnext")
+# Depth as a function of n, the blocks per stage, in each family.
+_DEPTH_RULES = {
+    "resnet": (6, 2, "8, 20, 32, 44, 56, 110"),   # He et al.: 3 stages of n two-conv blocks, stem, classifier
+    "wrn": (6, 4, "10, 16, 22, 28, 40"),          # Zagoruyko & Komodakis: WRN-d-k, d = 6n+4
+    "resnext": (9, 2, "11, 20, 29, 38"),          # Xie et al.: three-conv bottleneck blocks, d = 9n+2
+}
+
+
+def arch_family(arch: str) -> str:
+    """"resnet", "wrn" or "resnext", for the plain and the accumulated variant alike."""
+    return "resnet" if arch in ("resnet", "accumulated") else arch.removeprefix("accumulated-")
+
+
+def is_accumulated(arch: str) -> bool:
+    return arch.startswith("accumulated")
+
+
+def plain_counterpart(arch: str) -> str:
+    """The plain architecture an accumulated one is compared with."""
+    return {"accumulated": "resnet"}.get(arch, arch.removeprefix("accumulated-"))
 
 
 class UserError(Exception):
@@ -21,13 +41,18 @@ class ConfigError(UserError, ValueError):
     """Flags or settings that do not make sense together."""
 
 
-def blocks_per_stage(depth: int) -> int:
-    """Number of residual blocks per stage, n, for a CIFAR ResNet of depth 6n+2."""
-    if depth < 8 or (depth - 2) % 6:
+def blocks_per_stage(depth: int, family: str = "resnet") -> int:
+    """Residual blocks per stage, n, for a network of the family at this depth."""
+    per_block, extra, examples = _DEPTH_RULES[family]
+    if depth < per_block + extra or (depth - extra) % per_block:
         raise ConfigError(
-            f"depth must be 6n+2 with n >= 1 (8, 20, 32, 44, 56, 110, ...); got {depth}"
+            f"depth must be {per_block}n+{extra} with n >= 1 ({examples}, ...) for {family}; got {depth}"
         )
-    return (depth - 2) // 6
+    return (depth - extra) // per_block
+
+
+DEFAULT_WIDTH = {"resnet": 1, "wrn": 4, "resnext": 4}
+DEFAULT_CARDINALITY = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,13 +63,39 @@ class ModelConfig:
     weight_decay: float = 1e-4
     # TensorFlow's fused BN kernel; False gives Keras' own layer (a baseline).
     fused_batch_norm: bool = True
+    # WRN: the widening factor k. ResNeXt: the width d of each group. None: the family's default.
+    width: int | None = None
+    # ResNeXt: the number of groups C. None: the default.
+    cardinality: int | None = None
 
     def __post_init__(self):
-        if self.arch not in ARCHES:
-            raise ConfigError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHES)}")
-        blocks_per_stage(self.depth)
+        check_architecture(self.arch, self.depth, self.width, self.cardinality)
         if self.num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2; got {self.num_classes}")
+
+    @property
+    def family(self) -> str:
+        return arch_family(self.arch)
+
+    @property
+    def resolved_width(self) -> int:
+        return self.width or DEFAULT_WIDTH[self.family]
+
+    @property
+    def resolved_cardinality(self) -> int:
+        return self.cardinality or DEFAULT_CARDINALITY
+
+
+def check_architecture(arch: str, depth: int, width: int | None = None, cardinality: int | None = None) -> None:
+    if arch not in ARCHES:
+        raise ConfigError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHES)}")
+    family = arch_family(arch)
+    blocks_per_stage(depth, family)
+    if width is not None and (width < 1 or family == "resnet" and width != 1):
+        raise ConfigError(f"--width is the WRN widening factor or the ResNeXt group width (>= 1); "
+                          f"the {arch} net has none")
+    if cardinality is not None and (cardinality < 1 or family != "resnext"):
+        raise ConfigError("--cardinality (>= 1) is the number of groups of a ResNeXt block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +109,14 @@ class DataConfig:
     val_split: float | None = None
     augment: bool = True
     skip_bad_images: bool = False
+    # Keep only the first N images of the training split (None: all).
+    train_images: int | None = None
 
     def __post_init__(self):
         if self.val_split is not None and not 0.0 <= self.val_split < 1.0:
             raise ConfigError(f"--val-split must be in [0, 1); got {self.val_split}")
+        if self.train_images is not None and self.train_images < 1:
+            raise ConfigError(f"--train-images must be positive; got {self.train_images}")
 
 
 ScheduleKind = Literal["piecewise", "cosine"]
@@ -86,8 +141,12 @@ class Recipe:
     # factor applied to the learning rate after each boundary.
     boundaries: tuple[float, ...] = ()
     factors: tuple[float, ...] = ()
+    # Or boundaries in iterations that do not move with the run's length.
+    step_boundaries: tuple[int, ...] = ()
     # Cosine schedule: linear warm-up over this fraction of the run.
     warmup: float = 0.0
+    # Train on the first N images of the training split only (a subset protocol).
+    train_images: int | None = None
     # Default length: iterations (steps) or epochs, exactly one set.
     steps: int | None = None
     epochs: int | None = None
@@ -106,6 +165,33 @@ RECIPES: dict[str, Recipe] = {
         steps=64_000,
         description="He et al. 2016 Sec. 4.2: SGD momentum 0.9, batch 128, lr 0.1 "
         "divided by 10 at 32k and 48k of 64k iterations",
+    ),
+    "paper50": Recipe(
+        name="paper50",
+        optimizer="sgd",
+        learning_rate=0.1,
+        momentum=0.9,
+        batch_size=128,
+        # He et al.'s drops at 32k and 48k iterations lie beyond 50 epochs of
+        # 45k images at batch 128 (17.6k iterations): the paper's runs kept 0.1.
+        step_boundaries=(32_000, 48_000),
+        factors=(0.1, 0.01),
+        epochs=50,
+        description="Saraiya 2018's runs: He et al.'s optimizer and augmentation for 50 epochs (lr 0.1 "
+        "throughout: the drops at 32k and 48k iterations come later)",
+    ),
+    "cpu-small": Recipe(
+        name="cpu-small",
+        optimizer="sgd",
+        learning_rate=0.1,
+        momentum=0.9,
+        batch_size=128,
+        boundaries=(0.5, 0.75),
+        factors=(0.1, 0.01),
+        epochs=15,
+        train_images=10_000,
+        description="a reduced protocol for 2 CPU cores: at most 10k training images, 15 epochs, SGD momentum "
+        "0.9, lr 0.1 divided by 10 at 50% and 75%",
     ),
     "keras": Recipe(
         name="keras",
@@ -157,6 +243,8 @@ class TrainConfig:
     devices: int | None = None
     mixed_precision: bool = False
     jit: bool = False
+    width: int | None = None
+    cardinality: int | None = None
     # Deterministic kernels (tf.config.experimental.enable_op_determinism):
     # bit-identical reruns, at some cost in speed.
     deterministic: bool = False
@@ -165,9 +253,7 @@ class TrainConfig:
     progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
 
     def __post_init__(self):
-        if self.arch not in ARCHES:
-            raise ConfigError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHES)}")
-        blocks_per_stage(self.depth)
+        check_architecture(self.arch, self.depth, self.width, self.cardinality)
         get_recipe(self.recipe)
         if self.epochs is not None and self.steps is not None:
             raise ConfigError("give --epochs or --steps, not both")

@@ -3,6 +3,7 @@
 A spec names a source:
 
     synthetic[:N]      built in, offline; N training images (default 10000)
+    synthetic-hard[:N] the same classes with heavy noise, clutter and occlusion
     cifar10, cifar100  TensorFlow Datasets (downloaded when missing and online)
     tfds:NAME          any TensorFlow Datasets image classification set
     folder:PATH        one subfolder per class (or PATH/train, PATH/test of those)
@@ -40,7 +41,7 @@ DEFAULT_VAL_SPLIT = 0.1
 # The validation split does not move with --seed, so runs with different
 # seeds are evaluated on the same images.
 SPLIT_SEED = 0
-SPECS_HELP = "synthetic[:N], cifar10, cifar100, tfds:NAME, folder:PATH, cifar-bin:PATH"
+SPECS_HELP = "synthetic[:N], synthetic-hard[:N], cifar10, cifar100, tfds:NAME, folder:PATH, cifar-bin:PATH"
 
 
 class DatasetError(UserError, ValueError):
@@ -104,7 +105,8 @@ def load(config: DataConfig) -> ImageData:
     """Read the dataset named by `config.spec` and split it."""
     kind, _, argument = config.spec.partition(":")
     readers = {
-        "synthetic": lambda: _read_synthetic(argument),
+        "synthetic": lambda: _read_synthetic(argument, synthetic.EASY),
+        "synthetic-hard": lambda: _read_synthetic(argument, synthetic.HARD),
         "cifar10": lambda: _read_tfds("cifar10", config.data_dir),
         "cifar100": lambda: _read_tfds("cifar100", config.data_dir),
         "tfds": lambda: _read_tfds(argument, config.data_dir),
@@ -117,6 +119,8 @@ def load(config: DataConfig) -> ImageData:
         raise DatasetError(f"dataset {kind}: needs a {'NAME' if kind == 'tfds' else 'PATH'}, e.g. {kind}:...")
     source = readers[kind]()
     train, validation = _split_validation(source, config.val_split)
+    if config.train_images is not None and config.train_images < len(train):
+        train = train.take(np.arange(config.train_images))
     if len(train) == 0:
         raise DatasetError(f"{config.spec}: no training images")
     data = ImageData(config.spec, source.class_names, train, validation, source.test)
@@ -138,14 +142,14 @@ def _split_validation(source: _Source, fraction: float | None) -> tuple[Split, S
 # --- synthetic -------------------------------------------------------------
 
 
-def _read_synthetic(argument: str) -> _Source:
+def _read_synthetic(argument: str, difficulty: synthetic.Difficulty) -> _Source:
     try:
         count = int(argument) if argument else DEFAULT_SYNTHETIC_SIZE
     except ValueError:
         raise DatasetError(f"synthetic:N needs an integer N; got {argument!r}") from None
     if count < 10:
         raise DatasetError(f"synthetic:N needs at least 10 images; got {count}")
-    (train_x, train_y), (test_x, test_y) = synthetic.train_and_test(count)
+    (train_x, train_y), (test_x, test_y) = synthetic.train_and_test(count, difficulty)
     return _Source(synthetic.CLASS_NAMES, Split(train_x, train_y), Split(test_x, test_y))
 
 

@@ -33,6 +33,8 @@ class DemoConfig:
     data_dir: str | None = None
     arch: str = "accumulated"
     depth: int = 32
+    width: int | None = None
+    cardinality: int | None = None
     epochs: int | None = None
     devices: int | None = None
     held_out: int = 200
@@ -108,8 +110,8 @@ def run_demo(config: DemoConfig) -> int:
 
     print(f"== 1/4 train {config.arch} ResNet-{config.depth} on {config.dataset} (quick recipe) -> {model_dir}")
     summary = train.train(TrainConfig(model_dir=str(model_dir), arch=config.arch, depth=config.depth,
-                                      data=data_config, recipe="quick", epochs=config.epochs,
-                                      devices=config.devices))
+                                      width=config.width, cardinality=config.cardinality, data=data_config,
+                                      recipe="quick", epochs=config.epochs, devices=config.devices))
     final = summary["final"]
     print(f"   {summary['epochs_completed']} epochs, val accuracy {final.get('val_accuracy', float('nan')):.4f}, "
           f"{summary['train_images_per_sec'] or 0:.0f} images/s")

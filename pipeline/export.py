@@ -195,7 +195,8 @@ def restore_trained_model(model_dir: str | os.PathLike) -> tuple[keras.Model, li
     # Serve in float32 whatever the training precision: the weights are float32 anyway.
     keras.mixed_precision.set_global_policy("float32")
     try:
-        model = build_model(ModelConfig(run["arch"], run["depth"], run["num_classes"]))
+        model = build_model(ModelConfig(run["arch"], run["depth"], run["num_classes"], width=run.get("width"),
+                                        cardinality=run.get("cardinality")))
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     status = tf.train.Checkpoint(model=model).restore(checkpoint_path)

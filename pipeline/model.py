@@ -9,15 +9,23 @@ Block i computes the residual branch F_i(x) = BN(conv3x3(ReLU(BN(conv3x3(x))))).
 N_i is a BatchNormalization of the block's own, so the accumulated net has
 exactly one more BN per block than the plain one and the same convolutions.
 Both nets come from `build_model`, at any depth 6n+2 and any class count.
+
+Beyond the paper, the same accumulator in wide residual networks (WRN-d-k,
+Zagoruyko & Komodakis 2016: pre-activation blocks, y = F(x) + A) and in
+aggregated bottleneck blocks (ResNeXt, Xie et al. 2017: grouped 3x3
+convolutions, y = ReLU(F(x) + A)): the arches wrn, resnext and their
+accumulated-* twins.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from pipeline.config import ModelConfig, blocks_per_stage
+from pipeline.config import ModelConfig, blocks_per_stage, is_accumulated
 
 STAGE_FILTERS = (16, 32, 64)
 # BN settings of He et al.'s Torch/Caffe models; Keras' default momentum of
@@ -63,9 +71,10 @@ def _batch_norm(name: str, fused: bool = True) -> layers.BatchNormalization:
     return kind(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
 
 
-def _conv(filters: int, kernel_size: int, strides: int, weight_decay: float, name: str) -> layers.Conv2D:
+def _conv(filters: int, kernel_size: int, strides: int, weight_decay: float, name: str,
+          groups: int = 1) -> layers.Conv2D:
     return layers.Conv2D(
-        filters, kernel_size, strides=strides, padding="same", use_bias=False,
+        filters, kernel_size, strides=strides, padding="same", use_bias=False, groups=groups,
         kernel_initializer="he_normal", kernel_regularizer=keras.regularizers.L2(weight_decay), name=name,
     )
 
@@ -104,42 +113,72 @@ class PixelStandardization(layers.Layer):
 
 
 class _ConvUnit(layers.Layer):
-    """Configuration shared by the branch and the blocks."""
+    """Configuration shared by the branches and the blocks.
+
+    style: "basic" (ResNet v1: two 3x3 convs, ReLU after the addition),
+    "preact" (WRN: BN-ReLU before each conv, nothing after the addition) or
+    "bottleneck" (ResNeXt: 1x1, grouped 3x3, 1x1 expanding to `filters`).
+    """
 
     def __init__(self, filters: int, strides: int = 1, weight_decay: float = 1e-4, fused_batch_norm: bool = True,
-                 **kwargs):
+                 style: str = "basic", bottleneck: int = 0, groups: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.strides, self.weight_decay = filters, strides, weight_decay
-        self.fused_batch_norm = fused_batch_norm
+        self.fused_batch_norm, self.style = fused_batch_norm, style
+        self.bottleneck, self.groups = bottleneck, groups
+
+    def _norm(self, name: str) -> layers.BatchNormalization:
+        return _batch_norm(name, self.fused_batch_norm)
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "strides": self.strides,
-                "weight_decay": self.weight_decay, "fused_batch_norm": self.fused_batch_norm}
+                "weight_decay": self.weight_decay, "fused_batch_norm": self.fused_batch_norm,
+                "style": self.style, "bottleneck": self.bottleneck, "groups": self.groups}
+
+    def _unit_config(self) -> dict:
+        return dict(filters=self.filters, strides=self.strides, weight_decay=self.weight_decay,
+                    fused_batch_norm=self.fused_batch_norm, style=self.style, bottleneck=self.bottleneck,
+                    groups=self.groups)
 
 
 @keras.saving.register_keras_serializable(package="accresnet")
 class ResidualBranch(_ConvUnit):
-    """F(x) = BN(conv3x3(ReLU(BN(conv3x3(x, strides)))))."""
+    """The residual function F of a block, in the block's style:
+
+        basic:       BN(conv3x3(ReLU(BN(conv3x3(x, strides)))))
+        preact:      conv3x3(ReLU(BN(conv3x3(x, strides))))   (x already BN-ReLU'd by the block)
+        bottleneck:  BN(conv1x1(ReLU(BN(gconv3x3(ReLU(BN(conv1x1(x))), strides, groups)))))
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.conv1 = _conv(self.filters, 3, self.strides, self.weight_decay, "conv1")
-        self.bn1 = _batch_norm("bn1", self.fused_batch_norm)
-        self.conv2 = _conv(self.filters, 3, 1, self.weight_decay, "conv2")
-        self.bn2 = _batch_norm("bn2", self.fused_batch_norm)
+        decay = self.weight_decay
+        if self.style == "bottleneck":
+            self.reduce = _conv(self.bottleneck, 1, 1, decay, "reduce")
+            self.reduce_bn = self._norm("reduce_bn")
+            self.conv1 = _conv(self.bottleneck, 3, self.strides, decay, "conv1", groups=self.groups)
+            self.conv2 = _conv(self.filters, 1, 1, decay, "conv2")
+        else:
+            self.conv1 = _conv(self.filters, 3, self.strides, decay, "conv1")
+            self.conv2 = _conv(self.filters, 3, 1, decay, "conv2")
+        self.bn1 = self._norm("bn1")
+        self.bn2 = None if self.style == "preact" else self._norm("bn2")
 
     def call(self, x, training=None):
-        x = ops.relu(self.bn1(self.conv1(x), training=training))
-        return self.bn2(self.conv2(x), training=training)
+        if self.style == "bottleneck":
+            x = ops.relu(self.reduce_bn(self.reduce(x), training=training))
+        x = self.conv2(ops.relu(self.bn1(self.conv1(x), training=training)))
+        return x if self.bn2 is None else self.bn2(x, training=training)
 
 
 class _Block(_ConvUnit):
-    """What both blocks share: the branch and, where the shape changes, a 1x1 projection."""
+    """What both blocks share: the branch, a pre-activation for the preact
+    style, and a 1x1 projection where the shape changes."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.branch = ResidualBranch(self.filters, self.strides, self.weight_decay, self.fused_batch_norm,
-                                     name="branch")
+        self.branch = ResidualBranch(**self._unit_config(), name="branch")
+        self.preactivation = self._norm("preact_bn") if self.style == "preact" else None
         self.projection = None
 
     def _build_projection(self, input_shape) -> None:
@@ -150,22 +189,35 @@ class _Block(_ConvUnit):
     def changes_shape(self) -> bool:
         return self.projection is not None
 
+    def _residual(self, x, training) -> tuple:
+        """F(x), and the block input as the plain shortcut takes it."""
+        if self.preactivation is None:
+            return self.branch(x, training=training), x
+        activated = ops.relu(self.preactivation(x, training=training))
+        # WRN's projection reads the pre-activated input; an identity reads x.
+        return self.branch(activated, training=training), activated
+
+    def _output(self, residual, added):
+        # Pre-activation blocks leave the activation to the next block.
+        return residual + added if self.preactivation is not None else ops.relu(residual + added)
+
 
 @keras.saving.register_keras_serializable(package="accresnet")
 class ResidualBlock(_Block):
-    """y = ReLU(F(x) + s), s = x or P(x) (He et al.'s option B shortcut, no BN)."""
+    """y = ReLU(F(x) + s) (preact: F(x) + s), s = x or P(x): option B shortcut, no BN."""
 
     def build(self, input_shape):
         self._build_projection(input_shape)
 
     def call(self, x, training=None):
-        shortcut = self.projection(x) if self.projection is not None else x
-        return ops.relu(self.branch(x, training=training) + shortcut)
+        residual, shortcut_input = self._residual(x, training)
+        shortcut = self.projection(shortcut_input) if self.projection is not None else x
+        return self._output(residual, shortcut)
 
 
 @keras.saving.register_keras_serializable(package="accresnet")
 class AccumulatedBlock(_Block):
-    """(x, A_prev) -> (y, A) with y = ReLU(F(x) + A).
+    """(x, A_prev) -> (y, A) with y = ReLU(F(x) + A) (preact: F(x) + A).
 
     A = N(P(x)) where the block changes shape (the accumulator restarts),
     else A = A_prev + N(x), where a missing A_prev (the first block) is zero.
@@ -173,7 +225,7 @@ class AccumulatedBlock(_Block):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.accumulator_norm = _batch_norm("accumulator_bn", self.fused_batch_norm)
+        self.accumulator_norm = self._norm("accumulator_bn")
 
     def build(self, x_shape, accumulator_shape=None):
         self._build_projection(x_shape)
@@ -185,7 +237,8 @@ class AccumulatedBlock(_Block):
             accumulator = self.accumulator_norm(x, training=training)
         else:
             accumulator = accumulator + self.accumulator_norm(x, training=training)
-        return ops.relu(self.branch(x, training=training) + accumulator), accumulator
+        residual, _ = self._residual(x, training)
+        return self._output(residual, accumulator), accumulator
 
 
 def block_name(stage: int, block: int) -> str:
@@ -193,32 +246,60 @@ def block_name(stage: int, block: int) -> str:
     return f"stage{stage}_block{block}"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+    filters: int
+    bottleneck: int = 0
+    groups: int = 1
+
+
+def _family_layout(config: ModelConfig) -> tuple[str, list[_Stage], str]:
+    """(block style, the three stages, model name) of the config's family."""
+    depth, width = config.depth, config.resolved_width
+    if config.family == "wrn":
+        # Zagoruyko & Komodakis: stages of 16k, 32k, 64k channels.
+        stages = [_Stage(f * width) for f in STAGE_FILTERS]
+        return "preact", stages, f"{config.arch}-{depth}-{width}"
+    if config.family == "resnext":
+        # Bottlenecks of C groups of width d (doubling per stage) between
+        # 64/128/256-channel block outputs: the ResNet stages times four.
+        cardinality = config.resolved_cardinality
+        stages = [_Stage(4 * f, cardinality * width * 2**i, cardinality) for i, f in enumerate(STAGE_FILTERS)]
+        return "bottleneck", stages, f"{config.arch}-{depth}-{cardinality}x{width}d"
+    return "basic", [_Stage(f) for f in STAGE_FILTERS], f"{config.arch}_resnet{depth}"
+
+
 def build_model(config: ModelConfig) -> keras.Model:
-    """The plain or accumulated CIFAR ResNet; uint8 [B, 32, 32, 3] in, class probabilities out."""
-    n = blocks_per_stage(config.depth)
+    """The plain or accumulated network; uint8 [B, 32, 32, 3] in, class probabilities out."""
+    n = blocks_per_stage(config.depth, config.family)
+    style, stages, name = _family_layout(config)
     images = keras.Input(shape=(32, 32, 3), dtype="uint8", name="images")
     x = PixelStandardization(name="standardize")(images)
     x = _conv(STAGE_FILTERS[0], 3, 1, config.weight_decay, "stem_conv")(x)
-    x = layers.ReLU(name="stem_relu")(_batch_norm("stem_bn", config.fused_batch_norm)(x))
+    if style != "preact":  # pre-activation blocks normalise their own input
+        x = layers.ReLU(name="stem_relu")(_batch_norm("stem_bn", config.fused_batch_norm)(x))
     accumulator = None
-    for stage, filters in enumerate(STAGE_FILTERS, start=1):
-        for block in range(1, n + 1):
-            strides = 2 if stage > 1 and block == 1 else 1
-            name = block_name(stage, block)
-            if config.arch == "accumulated":
+    for stage_number, stage in enumerate(stages, start=1):
+        for block_number in range(1, n + 1):
+            strides = 2 if stage_number > 1 and block_number == 1 else 1
+            settings = dict(filters=stage.filters, strides=strides, weight_decay=config.weight_decay,
+                            fused_batch_norm=config.fused_batch_norm, style=style, bottleneck=stage.bottleneck,
+                            groups=stage.groups, name=block_name(stage_number, block_number))
+            if is_accumulated(config.arch):
                 # A stage's first block projects and restarts the accumulator
                 # (the block would ignore an A_prev; not passing one keeps the
                 # graph free of a dependency that does not exist).
                 previous = None if strides != 1 else accumulator
-                block = AccumulatedBlock(filters, strides, config.weight_decay, config.fused_batch_norm, name=name)
-                x, accumulator = block(x, previous)
+                x, accumulator = AccumulatedBlock(**settings)(x, previous)
             else:
-                x = ResidualBlock(filters, strides, config.weight_decay, config.fused_batch_norm, name=name)(x)
+                x = ResidualBlock(**settings)(x)
+    if style == "preact":
+        x = layers.ReLU(name="final_relu")(_batch_norm("final_bn", config.fused_batch_norm)(x))
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     # Softmax in float32 under mixed precision, for a stable loss.
     probabilities = layers.Dense(config.num_classes, activation="softmax", kernel_initializer="he_normal",
                                  dtype="float32", name="probabilities")(x)
-    return keras.Model(images, probabilities, name=f"{config.arch}_resnet{config.depth}")
+    return keras.Model(images, probabilities, name=name)
 
 
 def set_pixel_mean(model: keras.Model, mean) -> None:

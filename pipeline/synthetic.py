@@ -10,6 +10,8 @@ true. The images are a pure function of the seed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 SIZE = 32
@@ -83,34 +85,69 @@ def _masks(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return masks
 
 
-def _colours(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class Difficulty:
+    """How hard the images are to tell apart."""
+
+    noise: float  # pixel noise, standard deviation
+    min_contrast: float  # least distance between foreground and background colours
+    distractors: int  # small blobs of other colours scattered over the image
+    occlusion: float  # chance that a random bar hides part of the pattern
+
+
+EASY = Difficulty(noise=12, min_contrast=80, distractors=0, occlusion=0.0)
+# For comparing architectures: a ResNet-20 stays well below perfect accuracy
+# in a CPU-sized run, so differences between nets can show.
+HARD = Difficulty(noise=40, min_contrast=25, distractors=3, occlusion=0.5)
+
+
+def _colours(n: int, rng: np.random.Generator, min_contrast: float) -> tuple[np.ndarray, np.ndarray]:
     """Foreground and background colours, kept apart so the pattern is visible."""
     foreground = rng.uniform(0, 255, (n, 3))
     background = rng.uniform(0, 255, (n, 3))
-    too_close = np.linalg.norm(foreground - background, axis=1) < 80
+    too_close = np.linalg.norm(foreground - background, axis=1) < min_contrast
     # Push a too-similar background to the opposite side of the colour cube.
     background[too_close] = 255 - foreground[too_close]
     return foreground.astype(np.float32), background.astype(np.float32)
 
 
-def generate(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _clutter(images: np.ndarray, difficulty: Difficulty, rng: np.random.Generator) -> np.ndarray:
+    """Distractor blobs in random colours, and bars that hide part of the pattern."""
+    n = len(images)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    for _ in range(difficulty.distractors):
+        cy, cx = rng.uniform(0, SIZE, (2, n, 1, 1))
+        radius = rng.uniform(1.0, 2.5, (n, 1, 1))
+        blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < radius**2)[..., None]
+        images = np.where(blob, rng.uniform(0, 255, (n, 1, 1, 3)), images)
+    hidden = rng.random(n) < difficulty.occlusion
+    if hidden.any():
+        start = rng.integers(0, SIZE - 6, (n, 1, 1))
+        width = rng.integers(3, 7, (n, 1, 1))
+        horizontal = rng.random((n, 1, 1)) < 0.5
+        position = np.where(horizontal, yy, xx)
+        bar = ((position >= start) & (position < start + width) & hidden[:, None, None])[..., None]
+        images = np.where(bar, rng.uniform(0, 255, (n, 1, 1, 3)), images)
+    return images
+
+
+def generate(count: int, seed: int, difficulty: Difficulty = EASY) -> tuple[np.ndarray, np.ndarray]:
     """`count` images uint8 [count, 32, 32, 3] and labels int64 [count]."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(CLASS_NAMES), count).astype(np.int64)
     masks = _masks(labels, rng)[..., None]
-    foreground, background = _colours(count, rng)
+    foreground, background = _colours(count, rng, difficulty.min_contrast)
     # A linear gradient across the background makes the task less trivial.
     gy, gx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1) - 0.5
     slope = rng.uniform(-60, 60, (count, 2)).astype(np.float32)
     gradient = (slope[:, 0, None, None] * gy + slope[:, 1, None, None] * gx)[..., None]
-    images = (
-        masks * foreground[:, None, None, :]
-        + (1 - masks) * (background[:, None, None, :] + gradient)
-        + rng.normal(0, 12, (count, SIZE, SIZE, 3)).astype(np.float32)
-    )
+    images = masks * foreground[:, None, None, :] + (1 - masks) * (background[:, None, None, :] + gradient)
+    images = _clutter(images, difficulty, rng)
+    images = images + rng.normal(0, difficulty.noise, (count, SIZE, SIZE, 3)).astype(np.float32)
     return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels
 
 
-def train_and_test(count: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def train_and_test(count: int, difficulty: Difficulty = EASY
+                   ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """The `synthetic:count` splits: `count` training images and a fifth as many test images."""
-    return generate(count, TRAIN_SEED), generate(max(count // 5, 100), TEST_SEED)
+    return generate(count, TRAIN_SEED, difficulty), generate(max(count // 5, 100), TEST_SEED, difficulty)

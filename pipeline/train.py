@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
 # Settings that must match for a model directory to be resumed.
-RESUME_KEYS = ("arch", "depth", "dataset", "num_classes", "seed", "recipe")
+RESUME_KEYS = ("arch", "depth", "width", "cardinality", "dataset", "num_classes", "seed", "recipe")
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -67,7 +67,7 @@ def learning_rate_schedule(recipe: Recipe, learning_rate: float, total_steps: in
             warmup_target=learning_rate if warmup else None,
             warmup_steps=warmup,
         )
-    boundaries = [max(int(round(f * total_steps)), 1) for f in recipe.boundaries]
+    boundaries = list(recipe.step_boundaries) or [max(int(round(f * total_steps)), 1) for f in recipe.boundaries]
     values = [learning_rate] + [learning_rate * f for f in recipe.factors]
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
@@ -306,15 +306,21 @@ def train(config: TrainConfig) -> dict:
     if cluster.is_chief:
         files.model_dir.mkdir(parents=True, exist_ok=True)
 
-    data = datasets.load(config.data)
     recipe = get_recipe(config.recipe)
+    data_config = config.data
+    if data_config.train_images is None and recipe.train_images is not None:
+        data_config = dataclasses.replace(data_config, train_images=recipe.train_images)
+    data = datasets.load(data_config)
     replicas = strategy.num_replicas_in_sync
     per_replica_batch = config.batch_size or recipe.batch_size
     global_batch = per_replica_batch * replicas
     length = run_length(recipe, len(data.train), global_batch, config.epochs, config.steps)
     learning_rate = scaled_learning_rate(recipe, global_batch)
+    model_config = ModelConfig(config.arch, config.depth, data.num_classes, width=config.width,
+                               cardinality=config.cardinality)
     settings = {
-        "arch": config.arch, "depth": config.depth, "dataset": config.data.spec,
+        "arch": config.arch, "depth": config.depth, "width": config.width, "cardinality": config.cardinality,
+        "dataset": config.data.spec,
         "num_classes": data.num_classes, "class_names": list(data.class_names), "seed": config.seed,
         "recipe": recipe.name, "replicas": replicas, "workers": cluster.num_workers,
         "per_replica_batch": per_replica_batch, "global_batch": global_batch, "learning_rate": learning_rate,
@@ -333,7 +339,7 @@ def train(config: TrainConfig) -> dict:
     try:
         with strategy.scope():
             keras.utils.set_random_seed(config.seed)
-            model = build_model(ModelConfig(config.arch, config.depth, data.num_classes))
+            model = build_model(model_config)
             set_pixel_mean(model, data.pixel_mean())
             schedule = learning_rate_schedule(recipe, learning_rate, length.total_steps)
             optimizer = make_optimizer(recipe, schedule, loss_scaling=policy == "mixed_float16")

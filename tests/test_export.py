@@ -100,3 +100,18 @@ def test_export_to_an_object_store_path(trained_run):
         assert tf.io.gfile.exists(f"{base}/2/{name}"), name
     loaded = tf.saved_model.load(base + "/2")
     assert loaded.signatures["serving_default"](images=tf.zeros([1, 32, 32, 3], tf.uint8))["probabilities"].shape == (1, 10)
+
+
+def test_a_wide_accumulated_net_exports_like_the_others(tmp_path):
+    from pipeline.config import DataConfig, TrainConfig
+    from pipeline.train import train
+
+    train(TrainConfig(model_dir=str(tmp_path / "run"), arch="accumulated-wrn", depth=10, width=2,
+                      data=DataConfig("synthetic:200"), recipe="quick", epochs=1, batch_size=32, progress=False))
+    path = export.export_run(tmp_path / "run", tmp_path / "models")
+    model, _ = export.restore_trained_model(tmp_path / "run")
+    assert model.name == "accumulated-wrn-10-2"
+    loaded = tf.saved_model.load(path)
+    batch = images(3)
+    np.testing.assert_allclose(loaded.signatures["serving_default"](images=tf.constant(batch))["probabilities"],
+                               np.asarray(model(batch, training=False)), rtol=1e-5, atol=1e-6)

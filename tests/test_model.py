@@ -136,3 +136,44 @@ def test_fused_batch_norm_matches_keras_batch_norm():
     batch_variance = x.var(axis=(0, 1, 2))
     np.testing.assert_allclose(np.asarray(fused.moving_variance),
                                0.9 * weights[3] + 0.1 * batch_variance * n / (n - 1), rtol=1e-4)
+
+
+WIDER = [("wrn", "accumulated-wrn", 10, dict(width=2)), ("wrn", "accumulated-wrn", 16, {}),
+         ("resnext", "accumulated-resnext", 11, dict(cardinality=4, width=2)),
+         ("resnext", "accumulated-resnext", 20, {})]
+
+
+@pytest.mark.parametrize("plain, accumulated, depth, extra", WIDER)
+def test_wide_and_aggregated_nets_add_one_batch_norm_per_block(plain, accumulated, depth, extra):
+    per_block = 6 if plain == "wrn" else 9
+    blocks = 3 * (depth - (4 if plain == "wrn" else 2)) // per_block
+    plain_model = build_model(ModelConfig(plain, depth, **extra))
+    accumulated_model = build_model(ModelConfig(accumulated, depth, **extra))
+    assert count_batch_norms(accumulated_model) - count_batch_norms(plain_model) == blocks
+    probabilities = np.asarray(accumulated_model(images(), training=False))
+    assert probabilities.shape == (4, 10)
+
+
+def test_wrn_and_resnext_layouts():
+    wrn = build_model(ModelConfig("wrn", 28, width=10))
+    assert wrn.name == "wrn-28-10" and trainable_count(wrn) / 1e6 == pytest.approx(36.5, rel=0.01)
+    resnext = build_model(ModelConfig("resnext", 11, cardinality=4, width=2))
+    grouped = [l for l in resnext._flatten_layers() if isinstance(l, keras.layers.Conv2D) and l.groups > 1]
+    assert [l.groups for l in grouped] == [4, 4, 4] and grouped[0].filters == 4 * 2
+    with pytest.raises(ConfigError, match=r"6n\+4"):
+        ModelConfig("wrn", 20)
+    with pytest.raises(ConfigError, match="cardinality"):
+        ModelConfig("wrn", 16, cardinality=4)
+
+
+@pytest.mark.parametrize("arch, depth", [("accumulated-wrn", 10), ("accumulated-resnext", 11)])
+def test_wider_variants_train_a_step_and_round_trip(arch, depth, tmp_path):
+    model = build_model(ModelConfig(arch, depth, width=2, cardinality=2 if "resnext" in arch else None))
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
+    before = [np.array(w) for w in model.trainable_weights]
+    loss = model.train_on_batch(images(8), np.arange(8) % 10)
+    assert np.isfinite(loss)
+    assert any(not np.allclose(a, np.array(b)) for a, b in zip(before, model.trainable_weights))
+    model.save(tmp_path / "model.keras")
+    restored = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(np.asarray(restored(images())), np.asarray(model(images())), rtol=1e-5, atol=1e-6)
