@@ -15,7 +15,7 @@ ratios against the baseline measured here too:
 Each configuration runs `--rounds` times, interleaved, and the best round
 counts: the machine is shared, and the best round is the least disturbed.
 
-    python benchmarks/train_throughput.py [--depth 32] [--steps 40] [--rounds 2]
+    python benchmarks/train_throughput.py [--depth 32] [--steps 100] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -104,8 +104,8 @@ def input_pipeline_rate(split: datasets.Split, batches: int = 200) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement (plus 3 warm-up)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per measurement (plus 3 warm-up)")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--accuracy-epochs", type=int, default=3,
                         help="epochs of synthetic:10000 for the float32 vs bfloat16 accuracy check (0: skip)")
     args = parser.parse_args()
