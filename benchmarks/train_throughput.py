@@ -71,8 +71,10 @@ def baseline_fit(split: datasets.Split, arch: str, depth: int, steps: int) -> fl
     model = keras.Model(inputs, network(x))
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
-    images = split.images[: (steps + WARMUP_STEPS) * BATCH].astype(np.float32)
-    labels = split.labels[: len(images)]
+    # Repeat the split if it is shorter than the steps asked for: one epoch of fit.
+    count = (steps + WARMUP_STEPS) * BATCH
+    images = np.resize(split.images, (count, *split.images.shape[1:])).astype(np.float32)
+    labels = np.resize(split.labels, count)
     timer = _BatchTimer()
     model.fit(images, labels, batch_size=BATCH, epochs=1, shuffle=True, verbose=0, callbacks=[timer])
     return timer.batches * BATCH / timer.seconds
