@@ -49,7 +49,8 @@ class RunningServer:
         self._threads: list[threading.Thread] = []
 
         self.manager.start()
-        self.health.update(self.manager.any_available())
+        # NOT_SERVING until both APIs listen: a client told SERVING may use either.
+        self.health.update(False)
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(options.grpc_max_threads),
                                        options=list(options.grpc_options))
         add_services(self.grpc_server, self.model_server, self.metrics, self.health)
@@ -67,6 +68,7 @@ class RunningServer:
         self.rest_port = None
         if options.rest_api_port:
             self._start_rest()
+        self.health.update(self.manager.any_available())
         self._watch(self._health_loop, "health")
         if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
             self._watch(self._config_loop, "config-poller")
