@@ -120,15 +120,13 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
-    from pipeline.experiment import ExperimentConfig, parse_seeds
+    from pipeline.experiment import ExperimentConfig, parse_seeds, run_experiment
 
     config = ExperimentConfig(
         out_dir=args.out, arches=tuple(a.strip() for a in args.arches.split(",") if a.strip()), depth=args.depth,
         seeds=parse_seeds(args.seeds), recipe=args.recipe, dataset=args.dataset, data_dir=args.data_dir,
         epochs=args.epochs, batch_size=args.batch_size, width=args.width, cardinality=args.cardinality,
         train_images=args.train_images, devices=args.devices, mixed_precision=args.mixed_precision)
-    from pipeline.experiment import run_experiment
-
     run_experiment(config, announce=lambda line: print(line, flush=True))
     print((pathlib.Path(args.out) / "table.md").read_text())
     return 0

@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config import ModelConfig, UserError
-from pipeline.model import build_model
+from pipeline.model import build_model, precision_policy
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +191,10 @@ def restore_trained_model(model_dir: str | os.PathLike) -> tuple[keras.Model, li
     if not run_file.exists() or checkpoint_path is None:
         raise ExportError(f"{model_dir} holds no finished epoch of a training run (run.json and checkpoints/)")
     run = json.loads(run_file.read_text())
-    previous_policy = keras.mixed_precision.global_policy()
     # Serve in float32 whatever the training precision: the weights are float32 anyway.
-    keras.mixed_precision.set_global_policy("float32")
-    try:
+    with precision_policy("float32"):
         model = build_model(ModelConfig(run["arch"], run["depth"], run["num_classes"], width=run.get("width"),
                                         cardinality=run.get("cardinality")))
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
     status = tf.train.Checkpoint(model=model).restore(checkpoint_path)
     status.expect_partial().assert_existing_objects_matched()
     log.info("restored %s", checkpoint_path)

@@ -37,7 +37,7 @@ from pipeline import datasets
 from pipeline.config import (ModelConfig, Recipe, RunLength, TrainConfig, UserError, get_recipe, run_length,
                              scaled_learning_rate)
 from pipeline.distribute import Cluster, make_strategy
-from pipeline.model import build_model, set_pixel_mean
+from pipeline.model import build_model, precision_policy, set_pixel_mean
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def make_optimizer(recipe: Recipe, schedule, loss_scaling: bool) -> keras.optimi
     return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scaling else optimizer
 
 
-def precision_policy(enabled: bool) -> str:
+def mixed_precision_policy(enabled: bool) -> str:
     """Mixed precision: float16 on GPUs, bfloat16 on CPUs (AVX512-BF16 / AMX)."""
     if not enabled:
         return "float32"
@@ -333,10 +333,8 @@ def train(config: TrainConfig) -> dict:
              cluster.num_workers, global_batch, learning_rate, length.total_steps, length.epochs,
              length.steps_per_epoch)
 
-    policy = precision_policy(config.mixed_precision)
-    previous_policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(policy)
-    try:
+    policy = mixed_precision_policy(config.mixed_precision)
+    with precision_policy(policy):
         with strategy.scope():
             keras.utils.set_random_seed(config.seed)
             model = build_model(model_config)
@@ -353,11 +351,8 @@ def train(config: TrainConfig) -> dict:
             log.info("resuming from %s", latest)
         manager = tf.train.CheckpointManager(checkpoint, files.write_checkpoints, max_to_keep=3)
         initial_epoch = int(epoch_variable.numpy())
-        summary = _run_epochs(config, trainer, data, files, manager, epoch_variable, length,
-                              initial_epoch, settings, cluster, started)
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
-    return summary
+        return _run_epochs(config, trainer, data, files, manager, epoch_variable, length,
+                           initial_epoch, settings, cluster, started)
 
 
 def _run_epochs(config: TrainConfig, trainer: Trainer, data: datasets.ImageData, files: RunFiles,

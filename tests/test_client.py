@@ -1,7 +1,6 @@
 """The client and `accresnet classify` against a running server; TLS; retries."""
 
 import datetime
-import io
 import json
 import shutil
 import subprocess
@@ -9,7 +8,6 @@ import sys
 import threading
 import time
 
-import grpc
 import numpy as np
 import pytest
 import tensorflow as tf

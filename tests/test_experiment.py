@@ -4,7 +4,6 @@ import csv
 import json
 import statistics
 
-import numpy as np
 import pytest
 from PIL import Image
 from scipy import stats

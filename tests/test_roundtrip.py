@@ -4,8 +4,6 @@ train -> export -> serve -> classify over gRPC and REST; graceful SIGTERM; the d
 import json
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -16,7 +14,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from helpers import REPO, accresnet, free_ports, run_accresnet
+from helpers import accresnet, free_ports, run_accresnet
 from serving.client import Classifier
 
 
