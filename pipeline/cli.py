@@ -109,7 +109,16 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from pipeline import export
 
-    print(export.export_run(args.model_dir, args.export_base))
+    print(export.export_run(args.model_dir, args.export_base, top_k=args.top_k))
+    return 0
+
+
+def _run_prepare_data(args: argparse.Namespace) -> int:
+    from pipeline.prepare import PrepareConfig, prepare
+
+    config = PrepareConfig(cfg.DataConfig(spec=args.dataset, data_dir=args.data_dir), images_dir=args.images_dir,
+                           images=args.images)
+    print(prepare(config))
     return 0
 
 
@@ -175,7 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--model-dir", required=True, help="the training run's --model-dir")
     export.add_argument("--export-base", required=True, help="the model's base path, as TF Serving polls it")
+    export.add_argument("--top-k", type=int, default=5,
+                        help="classes named per image in the top_k_* outputs and the classify signature, "
+                             "at most the class count (default: %(default)s)")
     export.set_defaults(run=_run_export)
+
+    prepare_data = verbs.add_parser(
+        "prepare-data", help="download and prepare a dataset, and write held-out images for the client",
+        description="Prepare a TensorFlow Datasets source in --data-dir once, before several training workers "
+                    "read it, and optionally write its first test images as PNG files (one folder per class) "
+                    "for `accresnet classify`. Other sources are read and checked.")
+    prepare_data.add_argument("--dataset", default="synthetic", metavar="SPEC", help=DATASET_HELP)
+    prepare_data.add_argument("--data-dir", help="TensorFlow Datasets data directory")
+    prepare_data.add_argument("--images-dir", help="write held-out test images here (replaced whole)")
+    prepare_data.add_argument("--images", type=int, default=100,
+                              help="how many held-out images to write (default: %(default)s)")
+    prepare_data.set_defaults(run=_run_prepare_data)
 
     from serving.server.options import add_flags
 

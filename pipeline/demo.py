@@ -2,10 +2,12 @@
 
 Train the accumulated ResNet-32 (quick recipe) on the built-in synthetic data
 (or --dataset), export it as version 1 of model "accresnet", write held-out
-test images as PNG files, start a model server (TF Serving's
-`tensorflow_model_server` when it is on PATH, else `accresnet serve`),
-classify the files through the gRPC client, print the accuracy and a few
-examples, and stop the server.
+test images as PNG files, start a model server exactly as the Kubernetes
+Deployment starts TF Serving (the shipped model, batching and monitoring
+configs; `tensorflow_model_server` when it is on PATH, else `accresnet
+serve`, with paths and ports mapped onto this machine and printed), classify
+the files through the gRPC client, print the accuracy and a few examples, and
+stop the server.
 """
 
 from __future__ import annotations
@@ -14,16 +16,15 @@ import dataclasses
 import logging
 import os
 import pathlib
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 
-log = logging.getLogger(__name__)
+from serving.deployment import MODEL_NAME
 
-MODEL_NAME = "accresnet"
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,34 +46,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def _write_held_out(data, folder: pathlib.Path, count: int) -> list[tuple[str, str]]:
-    """PNG files of the first `count` test (or validation) images, one folder per class."""
-    from PIL import Image
-
-    split = data.test if data.test is not None else data.validation
-    if split is None:
-        raise RuntimeError(f"{data.spec} has no test or validation images to hold out")
-    shutil.rmtree(folder, ignore_errors=True)
-    files = []
-    for index in range(min(count, len(split))):
-        name = data.class_names[int(split.labels[index])]
-        path = folder / name / f"{index:05d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(split.images[index]).save(path)
-        files.append((str(path), name))
-    return files
-
-
-def server_command(grpc_port: int, rest_port: int, base_path: pathlib.Path) -> list[str]:
-    """TF Serving's binary when installed, else the project's compatible server; same flags."""
-    flags = [f"--port={grpc_port}", f"--rest_api_port={rest_port}", f"--model_name={MODEL_NAME}",
-             f"--model_base_path={base_path.resolve()}"]
-    binary = shutil.which("tensorflow_model_server")
-    if binary:
-        return [binary, *flags]
-    return [sys.executable, "-m", "serving.server", *flags]
 
 
 def wait_until_available(address: str, timeout: float, process: subprocess.Popen) -> None:
@@ -100,12 +73,15 @@ def wait_until_available(address: str, timeout: float, process: subprocess.Popen
 def run_demo(config: DemoConfig) -> int:
     from pipeline import datasets, export, train
     from pipeline.config import DataConfig, TrainConfig
+    from pipeline.prepare import write_held_out
     from serving.client import Classifier
+    from serving.deployment import local_deployed_server, server_command
 
     started = time.monotonic()
     out = pathlib.Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir, base_path = out / "run", out / "models" / MODEL_NAME
+    model_dir, models_dir = out / "run", out / "models"
+    base_path = models_dir / MODEL_NAME
     data_config = DataConfig(config.dataset, data_dir=config.data_dir)
 
     print(f"== 1/4 train {config.arch} ResNet-{config.depth} on {config.dataset} (quick recipe) -> {model_dir}")
@@ -121,10 +97,15 @@ def run_demo(config: DemoConfig) -> int:
     print(f"   {version}")
 
     data = datasets.load(data_config)
-    held_out = _write_held_out(data, out / "held-out", config.held_out)
-    grpc_port, rest_port = _free_port(), _free_port()
-    command = server_command(grpc_port, rest_port, base_path)
-    print(f"== 3/4 serve: {' '.join(command)}")
+    held_out = write_held_out(data, out / "held-out", config.held_out)
+    # The server starts exactly as the Kubernetes Deployment starts TF Serving
+    # (shipped configs, batching on); only paths and ports are mapped.
+    local = local_deployed_server(models_dir.resolve(), (out / "server-config").resolve(), _free_port(), _free_port())
+    command, stand_in = server_command(local.flags)
+    grpc_port = local.grpc_port
+    print(f"== 3/4 serve as deployed: {' '.join(command)}")
+    for mapping in [*local.mappings, *filter(None, [stand_in])]:
+        print(f"   mapped {mapping}")
     log_file = open(out / "server.log", "w")
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parents[1]),
                                                                              os.environ.get("PYTHONPATH")]))}
@@ -153,9 +134,8 @@ def run_demo(config: DemoConfig) -> int:
     print(f"\nheld-out accuracy through the server: {correct}/{len(predictions)} = {accuracy:.4f} "
           f"({len(predictions) / seconds:.0f} images/s over gRPC)")
     print(f"server stopped; total {time.monotonic() - started:.0f}s. Try it yourself:\n"
-          f"  accresnet serve --port=8500 --rest_api_port=8501 --model_name={MODEL_NAME} "
-          f"--model_base_path={base_path.resolve()}\n"
-          f"  accresnet classify --server localhost:8500 {out / 'held-out'}")
+          f"  accresnet serve {' '.join(local.flags)}\n"
+          f"  accresnet classify --server localhost:{grpc_port} {out / 'held-out'}")
     chance = 1 / data.num_classes
     return 0 if accuracy > chance else 1
 

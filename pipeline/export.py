@@ -1,16 +1,25 @@
 """Versioned SavedModels for TF Serving, written atomically.
 
-`<export-base>/<version>/` holds a SavedModel with two signatures:
+`<export-base>/<version>/` holds a SavedModel with three signatures:
 
-    serving_default  images uint8 [batch, 32, 32, 3]   (raw pixels)
-    serving_bytes    image_bytes string [batch]        (PNG/JPEG/GIF/BMP, any size)
+    serving_default  images uint8 [batch, 32, 32, 3]   (raw pixels)             predict
+    serving_bytes    image_bytes string [batch]        (PNG/JPEG/GIF/BMP files) predict
+    classify         inputs string [batch]             (serialized tf.Example)  classify
 
-both returning probabilities float32 [batch, classes], class_ids int64
-[batch] and class_names string [batch], and a third, `labels`, that takes no
-input and returns class_names string [classes], so that a client can name
-every column of `probabilities` (its top-k). Scaling, mean subtraction, decoding
-and resizing all happen in the graph, so a client sends pixels or files and
-nothing else. The class names are also in assets/labels.txt, and
+The two predict signatures return probabilities float32 [batch, classes],
+class_ids int64 [batch], class_names string [batch], and the k most probable
+classes, top_k_class_names string [batch, k] and top_k_probabilities float32
+[batch, k] (k chosen at export, default 5). `classify` follows TF Serving's
+Classify API: each tf.Example carries an encoded image under `image/encoded`,
+and the signature answers `classes` and `scores` [batch, k], best first.
+
+Every input and output has the batch dimension first and every signature
+has an input: TF Serving wraps all signatures of a model in its batching
+session when --enable_batching is on, and that session refuses anything
+else. Class names therefore travel as batched outputs, never through an
+input-less signature. Scaling, mean subtraction, decoding and resizing all
+happen in the graph, so a client sends pixels or files and nothing else.
+The class names are also in assets/labels.txt, and
 assets.extra/tf_serving_warmup_requests holds requests TF Serving replays
 before a version takes traffic.
 
@@ -43,7 +52,11 @@ log = logging.getLogger(__name__)
 
 SERVING_DEFAULT = "serving_default"
 SERVING_BYTES = "serving_bytes"
-LABELS = "labels"
+CLASSIFY = "classify"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+# The tf.Example feature that carries the encoded image (TensorFlow's usual key).
+IMAGE_FEATURE = "image/encoded"
+DEFAULT_TOP_K = 5
 IMAGE_SHAPE = (32, 32, 3)
 LABELS_FILE = "labels.txt"
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -61,38 +74,72 @@ def decode_image(data: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
+def decode_images(encoded: tf.Tensor) -> tf.Tensor:
+    """A batch of encoded files [batch] -> uint8 [batch, 32, 32, 3]."""
+    return tf.map_fn(decode_image, encoded, fn_output_signature=tf.TensorSpec(IMAGE_SHAPE, tf.uint8))
+
+
 class ServingModule(tf.Module):
     """The model with its serving signatures and the class names baked in."""
 
-    def __init__(self, model: keras.Model, class_names: list[str], labels_file: str):
+    def __init__(self, model: keras.Model, class_names: list[str], labels_file: str, top_k: int = DEFAULT_TOP_K):
         super().__init__(name="accresnet")
+        if top_k < 1:
+            raise ExportError(f"--top-k must be at least 1; got {top_k}")
         self.model = model
         self.labels = tf.saved_model.Asset(labels_file)
         self._class_names = tf.constant(class_names)
+        self.top_k = min(top_k, len(class_names))
         self.serve_images = tf.function(
             self._serve_images, input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name="images")])
         self.serve_bytes = tf.function(
             self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-        self.serve_labels = tf.function(self._serve_labels, input_signature=[])
+        self.serve_examples = tf.function(
+            self._serve_examples, input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
 
     def _outputs(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         probabilities = tf.cast(self.model(images, training=False), tf.float32)
         class_ids = tf.argmax(probabilities, axis=1, output_type=tf.int64)
+        top_probabilities, top_ids = tf.math.top_k(probabilities, k=self.top_k)
         return {"probabilities": probabilities, "class_ids": class_ids,
-                "class_names": tf.gather(self._class_names, class_ids)}
+                "class_names": tf.gather(self._class_names, class_ids),
+                "top_k_class_names": tf.gather(self._class_names, top_ids),
+                "top_k_probabilities": top_probabilities}
 
     def _serve_images(self, images):
         return self._outputs(images)
 
     def _serve_bytes(self, image_bytes):
-        images = tf.map_fn(decode_image, image_bytes, fn_output_signature=tf.TensorSpec(IMAGE_SHAPE, tf.uint8))
-        return self._outputs(images)
+        return self._outputs(decode_images(image_bytes))
 
-    def _serve_labels(self):
-        return {"class_names": tf.identity(self._class_names)}
+    def _serve_examples(self, inputs):
+        features = tf.io.parse_example(inputs, {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)})
+        outputs = self._outputs(decode_images(features[IMAGE_FEATURE]))
+        return {"classes": outputs["top_k_class_names"], "scores": outputs["top_k_probabilities"]}
 
     def signatures(self) -> dict:
-        return {SERVING_DEFAULT: self.serve_images, SERVING_BYTES: self.serve_bytes, LABELS: self.serve_labels}
+        return {SERVING_DEFAULT: self.serve_images, SERVING_BYTES: self.serve_bytes, CLASSIFY: self.serve_examples}
+
+
+def _mark_classify_signature(saved_model_dir: pathlib.Path) -> None:
+    """Give the classify signature TF Serving's classify method name.
+
+    tf.saved_model.save marks every signature as a predict one (tensorflow#38081),
+    and TF Serving's Classify API accepts only the classify method, so the
+    SignatureDef is rewritten in place before the version is published.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = saved_model_dir / "saved_model.pb"
+    saved_model = saved_model_pb2.SavedModel.FromString(path.read_bytes())
+    for meta_graph in saved_model.meta_graphs:
+        meta_graph.signature_def[CLASSIFY].method_name = CLASSIFY_METHOD
+    path.write_bytes(saved_model.SerializeToString(deterministic=True))
+    if (saved_model_dir / "fingerprint.pb").exists():
+        # The fingerprint checksums saved_model.pb; write it again for the new bytes.
+        from tensorflow.python.saved_model import fingerprinting_utils
+
+        fingerprinting_utils.write_fingerprint(str(saved_model_dir))
 
 
 # --- versions ------------------------------------------------------------------------
@@ -111,7 +158,8 @@ def existing_versions(export_base: str | os.PathLike) -> list[int]:
     return sorted(int(n) for n in names if n.isdigit() and tf.io.gfile.isdir(tf.io.gfile.join(base, n)))
 
 
-def export_saved_model(model: keras.Model, class_names: list[str], export_base: str | os.PathLike) -> str:
+def export_saved_model(model: keras.Model, class_names: list[str], export_base: str | os.PathLike,
+                       top_k: int = DEFAULT_TOP_K) -> str:
     """Write the next version under `export_base`; returns its path."""
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="accresnet-export-"))
     local_base = scratch / "base" if is_remote(export_base) else pathlib.Path(export_base)
@@ -120,8 +168,9 @@ def export_saved_model(model: keras.Model, class_names: list[str], export_base: 
     try:
         labels = scratch / LABELS_FILE
         labels.write_text("".join(f"{name}\n" for name in class_names))
-        module = ServingModule(model, list(class_names), str(labels))
+        module = ServingModule(model, list(class_names), str(labels), top_k)
         tf.saved_model.save(module, str(staging), signatures=module.signatures())
+        _mark_classify_signature(staging)
         _write_warmup_requests(staging / "assets.extra" / WARMUP_FILE)
         if is_remote(export_base):
             return _upload_as_next_version(staging, str(export_base))
@@ -161,7 +210,7 @@ def _rename_to_next_version(staging: pathlib.Path, base: pathlib.Path) -> pathli
 def _write_warmup_requests(path: pathlib.Path) -> None:
     """A small request per signature, in TF Serving's warmup format (PredictionLog records)."""
     from PIL import Image
-    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+    from tensorflow_serving.apis import classification_pb2, model_pb2, predict_pb2, prediction_log_pb2
 
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.full((1, *IMAGE_SHAPE), 128, np.uint8)
@@ -178,6 +227,11 @@ def _write_warmup_requests(path: pathlib.Path) -> None:
                 request.inputs[name].CopyFrom(tensor)
             record = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(record.SerializeToString())
+        classify = classification_pb2.ClassificationRequest(model_spec=model_pb2.ModelSpec(signature_name=CLASSIFY))
+        example = classify.input.example_list.examples.add()
+        example.features.feature[IMAGE_FEATURE].bytes_list.value.append(png.getvalue())
+        record = prediction_log_pb2.PredictionLog(classify_log=prediction_log_pb2.ClassifyLog(request=classify))
+        writer.write(record.SerializeToString())
 
 
 # --- from a training run -----------------------------------------------------------
@@ -201,9 +255,9 @@ def restore_trained_model(model_dir: str | os.PathLike) -> tuple[keras.Model, li
     return model, list(run["class_names"])
 
 
-def export_run(model_dir: str | os.PathLike, export_base: str | os.PathLike) -> str:
+def export_run(model_dir: str | os.PathLike, export_base: str | os.PathLike, top_k: int = DEFAULT_TOP_K) -> str:
     """Export a training run's latest checkpoint as the next version under `export_base`."""
     model, class_names = restore_trained_model(model_dir)
-    path = export_saved_model(model, class_names, export_base)
+    path = export_saved_model(model, class_names, export_base, top_k)
     log.info("exported %s", path)
     return path

@@ -5,7 +5,10 @@ file with Pillow and converts it to 32x32 RGB the way the trainer reads
 `folder:` datasets (serving/images.py), then sends batches as Predict
 requests: raw pixels to a uint8 signature such as serving_default, the file's
 own bytes to a string one such as serving_bytes. It learns which from the
-model's metadata, and the class names from the model's `labels` signature.
+model's metadata. Class names come with each answer, as the batched outputs
+top_k_class_names and top_k_probabilities, so the client works against a
+server that batches requests (where a signature without inputs is refused);
+a model that only outputs probabilities gets its classes named by index.
 
     from serving.client import Classifier
     with Classifier("localhost:8500", model="accresnet") as classifier:
@@ -27,8 +30,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-LABELS_SIGNATURE = "labels"
 PROBABILITIES = "probabilities"
+TOP_K_NAMES = "top_k_class_names"
+TOP_K_PROBABILITIES = "top_k_probabilities"
 MAX_MESSAGE = 256 * 1024 * 1024
 
 
@@ -58,6 +62,17 @@ class Prediction:
 class _SignatureInput:
     alias: str
     takes_bytes: bool  # a DT_STRING input takes encoded files; otherwise uint8 pixels
+    names_top_k: bool  # outputs top_k_class_names and top_k_probabilities
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """What the server said about a batch: all probabilities and, when the
+    model names them, its k most probable classes per image."""
+
+    probabilities: np.ndarray  # float [n, classes]
+    top_k_names: list[list[str]] | None  # [n][k], best first
+    top_k_probabilities: np.ndarray | None  # float [n, k]
 
 
 class Classifier:
@@ -82,7 +97,6 @@ class Classifier:
 
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self._input: _SignatureInput | None = None
-        self._class_names: list[str] | None = None
 
     def __enter__(self) -> Classifier:
         return self
@@ -140,30 +154,18 @@ class Classifier:
             if info.dtype not in (types_pb2.DT_STRING, types_pb2.DT_UINT8):
                 raise ClientError(f"signature {self.signature!r} takes {types_pb2.DataType.Name(info.dtype)}; "
                                   "the client sends uint8 pixels or encoded image bytes")
-            self._input = _SignatureInput(alias, info.dtype == types_pb2.DT_STRING)
+            names_top_k = TOP_K_NAMES in definition.outputs and TOP_K_PROBABILITIES in definition.outputs
+            self._input = _SignatureInput(alias, info.dtype == types_pb2.DT_STRING, names_top_k)
         return self._input
-
-    def class_names(self) -> list[str] | None:
-        """All class names, from the model's `labels` signature; None if it has none."""
-        if self._class_names is None:
-            import tensorflow as tf
-            from tensorflow_serving.apis import predict_pb2
-
-            request = predict_pb2.PredictRequest()
-            self._spec(request.model_spec, LABELS_SIGNATURE)
-            try:
-                response = self._call(self.stub.Predict, request)
-            except ClientError as error:
-                if error.code == grpc.StatusCode.FAILED_PRECONDITION:  # no such signature: names unknown
-                    return None
-                raise
-            self._class_names = [n.decode("utf-8", "replace") for n in tf.make_ndarray(response.outputs["class_names"])]
-        return self._class_names
 
     # --- predicting --------------------------------------------------------------------------------
 
     def predict(self, batch) -> np.ndarray:
         """Probabilities [n, classes] for uint8 pixels [n, 32, 32, 3] or a list of encoded files."""
+        return self.answer(batch).probabilities
+
+    def answer(self, batch) -> Answer:
+        """The model's answer for uint8 pixels [n, 32, 32, 3] or a list of encoded files."""
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
@@ -172,8 +174,15 @@ class Classifier:
         self._spec(request.model_spec, self.signature)
         request.inputs[signature_input.alias].CopyFrom(tf.make_tensor_proto(batch))
         request.output_filter.append(PROBABILITIES)
+        if signature_input.names_top_k:
+            request.output_filter.extend([TOP_K_NAMES, TOP_K_PROBABILITIES])
         response = self._call(self.stub.Predict, request)
-        return tf.make_ndarray(response.outputs[PROBABILITIES])
+        probabilities = tf.make_ndarray(response.outputs[PROBABILITIES])
+        if not signature_input.names_top_k:
+            return Answer(probabilities, None, None)
+        names = [[n.decode("utf-8", "replace") for n in row]
+                 for row in tf.make_ndarray(response.outputs[TOP_K_NAMES])]
+        return Answer(probabilities, names, tf.make_ndarray(response.outputs[TOP_K_PROBABILITIES]))
 
     def classify_files(self, paths: Iterable[str], batch_size: int = 64, top_k: int = 3,
                        on_error: Callable[[str, Exception], None] | None = None,
@@ -182,14 +191,13 @@ class Classifier:
         from serving.images import read_pixels
 
         takes_bytes = self.signature_input().takes_bytes
-        names = self.class_names()
         pending: list[tuple[str, object]] = []
 
         def flush():
             batch = [item for _, item in pending]
-            probabilities = self.predict(batch if takes_bytes else np.stack(batch))
-            for (path, _), row in zip(pending, probabilities):
-                yield _prediction(path, row, names, top_k)
+            answer = self.answer(batch if takes_bytes else np.stack(batch))
+            for row, (path, _) in enumerate(pending):
+                yield _prediction(path, answer, row, top_k)
             if on_batch is not None:
                 on_batch(len(pending))
             pending.clear()
@@ -210,14 +218,16 @@ class Classifier:
             yield from flush()
 
 
-def _prediction(path: str, probabilities: np.ndarray, names: list[str] | None, top_k: int) -> Prediction:
-    def name(index: int) -> str:
-        return names[index] if names and index < len(names) else str(index)
-
-    order = np.argsort(-probabilities)[:max(top_k, 1)]
-    best = int(order[0])
-    return Prediction(path, name(best), best, float(probabilities[best]),
-                      [(name(int(i)), float(probabilities[i])) for i in order[:top_k]])
+def _prediction(path: str, answer: Answer, row: int, top_k: int) -> Prediction:
+    """Row `row` of an answer; at most the k classes the model names (or indices, if it names none)."""
+    probabilities = answer.probabilities[row]
+    best = int(np.argmax(probabilities))
+    if answer.top_k_names is None:
+        order = np.argsort(-probabilities, kind="stable")[:top_k]
+        ranked = [(str(int(i)), float(probabilities[i])) for i in order]
+        return Prediction(path, str(best), best, float(probabilities[best]), ranked)
+    ranked = [(name, float(p)) for name, p in zip(answer.top_k_names[row], answer.top_k_probabilities[row])]
+    return Prediction(path, ranked[0][0], best, float(probabilities[best]), ranked[:top_k])
 
 
 def image_files(arguments: Iterable[str]) -> list[str]:

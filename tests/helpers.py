@@ -30,3 +30,18 @@ def run_accresnet(*args, timeout=300, **kwargs):
     process = accresnet(*args, **kwargs)
     output, _ = process.communicate(timeout=timeout)
     return process.returncode, output
+
+
+def deployed_server(models_dir, scratch, **flags):
+    """An in-process `accresnet serve` started with the flags and config files of the
+    Kubernetes serving Deployment (serving.deployment), the model volume at
+    `models_dir`; keyword arguments append or replace flags (e.g. poll seconds)."""
+    from serving.deployment import local_deployed_server
+    from serving.server.main import RunningServer, build_parser
+    from serving.server.options import options_from_args
+
+    grpc_port, rest_port = free_ports(2)
+    local = local_deployed_server(models_dir, scratch, grpc_port, rest_port)
+    extra = [f"--{name}={value}" for name, value in flags.items()]
+    args = build_parser().parse_args([*local.flags, *extra])
+    return RunningServer(options_from_args(args))

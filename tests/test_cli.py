@@ -12,7 +12,7 @@ from helpers import REPO, accresnet, run_accresnet
 
 def test_help_answers_without_loading_tensorflow():
     code = ("import sys; from pipeline import cli\n"
-            "for verb in ['export', 'serve', 'classify', 'experiment', 'demo', 'tf-config', 'train']:\n"
+            "for verb in ['export', 'serve', 'classify', 'experiment', 'demo', 'tf-config', 'prepare-data', 'train']:\n"
             "    try:\n        cli.main([verb, '--help'])\n    except SystemExit:\n        pass\n"
             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

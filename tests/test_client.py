@@ -13,7 +13,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from helpers import REPO, free_ports
+from helpers import REPO, deployed_server, free_ports
+from pipeline.synthetic import CLASS_NAMES
 from serving.client import Classifier, ClientError, image_files
 from serving.images import read_pixels
 from serving.server.main import RunningServer, build_parser
@@ -35,8 +36,10 @@ def model_base(exported_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_base):
-    running = _server(model_base)
+def server(model_base, tmp_path_factory):
+    """The server as the Kubernetes Deployment starts it: shipped configs, batching on."""
+    running = deployed_server(model_base.parent, tmp_path_factory.mktemp("server-config"))
+    assert running.batcher is not None
     yield running
     running.stop(grace=2)
 
@@ -73,14 +76,31 @@ def test_classifier_matches_the_model_on_the_same_pixels(server, picture_folder,
     files = image_files([str(picture_folder)])
     with Classifier(f"localhost:{server.port}") as classifier:
         predictions = list(classifier.classify_files(files, batch_size=4, top_k=3))
-        names = classifier.class_names()
     expected = expected_probabilities(exported_model, files)
     assert [p.path for p in predictions] == files
     for prediction, row in zip(predictions, expected):
         assert prediction.class_id == int(row.argmax())
-        assert prediction.class_name == names[prediction.class_id]
+        assert prediction.class_name == CLASS_NAMES[prediction.class_id]
         assert prediction.probability == pytest.approx(float(row.max()), rel=1e-5)
-        assert [name for name, _ in prediction.top_k] == [names[i] for i in np.argsort(-row)[:3]]
+        order = np.argsort(-row, kind="stable")[:3]
+        assert [name for name, _ in prediction.top_k] == [CLASS_NAMES[i] for i in order]
+        assert [p for _, p in prediction.top_k] == pytest.approx(row[order].tolist(), rel=1e-5)
+
+
+def test_top_k_is_at_most_what_the_model_names(server, picture_folder):
+    files = image_files([str(picture_folder)])[:2]
+    with Classifier(f"localhost:{server.port}") as classifier:
+        predictions = list(classifier.classify_files(files, top_k=8))
+    assert all(len(p.top_k) == 5 for p in predictions)  # exported with the default k of 5
+
+
+def test_a_model_without_top_k_outputs_gets_classes_named_by_index():
+    from serving.client import Answer, _prediction
+
+    answer = Answer(np.array([[0.1, 0.7, 0.2]], np.float32), None, None)
+    prediction = _prediction("x.png", answer, 0, 2)
+    assert (prediction.class_name, prediction.class_id) == ("1", 1)
+    assert [name for name, _ in prediction.top_k] == ["1", "2"]
 
 
 def test_bytes_signature_sends_the_files(server, picture_folder):

@@ -3,7 +3,6 @@ built-in kind validates strictly against a current Kubernetes release, the
 security scan passes, the objects say what the guide promises, and the
 Dockerfile lints clean."""
 
-import functools
 import json
 import os
 import pathlib
@@ -14,47 +13,10 @@ import sys
 
 import kubernetes_validate
 import pytest
-import yaml
 
 from pipeline.distribute import tf_config_from_environment
 
-ROOT = pathlib.Path(__file__).parents[1]
-OVERLAYS = ["base", "overlays/local", "overlays/gpu", "overlays/tfjob", "overlays/gcs"]
-BUILT_IN_GROUPS = ("v1", "apps/v1", "batch/v1", "autoscaling/v2", "policy/v1", "networking.k8s.io/v1")
-KUBERNETES_VERSION = kubernetes_validate.utils.latest_version()
-
-
-def kubectl() -> str:
-    path = shutil.which("kubectl")
-    assert path, "kubectl is needed to render the kustomizations (.ci/run installs Debian's package)"
-    return path
-
-
-@functools.cache
-def rendered(overlay: str) -> tuple[str, list[dict]]:
-    result = subprocess.run([kubectl(), "kustomize", str(ROOT / "k8s" / overlay)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return result.stdout, [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def objects(overlay: str, kind: str | None = None) -> list[dict]:
-    return [doc for doc in rendered(overlay)[1] if kind is None or doc["kind"] == kind]
-
-
-def one(overlay: str, kind: str, name: str) -> dict:
-    (found,) = [doc for doc in objects(overlay, kind) if doc["metadata"]["name"] == name]
-    return found
-
-
-def pod_specs(overlay: str):
-    """(object, pod spec) for every workload, TFJob replicas included."""
-    for doc in objects(overlay):
-        spec = doc.get("spec", {})
-        if doc["kind"] in ("Deployment", "Job"):
-            yield doc, spec["template"]["spec"]
-        elif doc["kind"] == "TFJob":
-            for replica in spec["tfReplicaSpecs"].values():
-                yield doc, replica["template"]["spec"]
+from manifests import BUILT_IN_GROUPS, KUBERNETES_VERSION, OVERLAYS, ROOT, objects, one, pod_specs, rendered
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -10,6 +10,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 from pipeline import export
 from pipeline.synthetic import CLASS_NAMES
+from serving.server.servable import read_meta_graph
 
 
 def images(count=5, seed=0):
@@ -28,14 +29,76 @@ def test_layout_of_a_version(exported_model):
     assert (exported_model / "assets" / "labels.txt").read_text().splitlines() == list(CLASS_NAMES)
     records = list(tf.data.TFRecordDataset(str(exported_model / "assets.extra" / "tf_serving_warmup_requests")))
     logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in records]
-    assert {log.predict_log.request.model_spec.signature_name for log in logs} == {"serving_default", "serving_bytes"}
+    assert {log.predict_log.request.model_spec.signature_name for log in logs
+            if log.WhichOneof("log_type") == "predict_log"} == {"serving_default", "serving_bytes"}
+    assert [log.classify_log.request.model_spec.signature_name for log in logs
+            if log.WhichOneof("log_type") == "classify_log"] == ["classify"]
     assert not [p for p in exported_model.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_every_signature_is_batchable_as_tf_serving_requires(exported_model):
+    """TF Serving wraps every signature of a batching-enabled model: each needs an
+    input, and every input and output needs the batch dimension first."""
+    meta_graph = read_meta_graph(str(exported_model))
+    signatures = {k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")}
+    assert set(signatures) == {"serving_default", "serving_bytes", "classify"}
+    for key, definition in signatures.items():
+        assert definition.inputs, key
+        for alias, info in [*definition.inputs.items(), *definition.outputs.items()]:
+            dims = [d.size for d in info.tensor_shape.dim]
+            assert not info.tensor_shape.unknown_rank and dims and dims[0] == -1, (key, alias, dims)
+    assert signatures["classify"].method_name == "tensorflow/serving/classify"
+    assert set(signatures["classify"].inputs) == {"inputs"}
+    assert set(signatures["classify"].outputs) == {"classes", "scores"}
+    assert signatures["serving_default"].method_name == "tensorflow/serving/predict"
+
+
+def test_the_fingerprint_matches_the_rewritten_graph(exported_model):
+    from tensorflow.core.protobuf import fingerprint_pb2
+    from tensorflow.python.saved_model import fingerprinting
+    from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting as pywrap_fingerprinting
+
+    written = fingerprinting.read_fingerprint(str(exported_model))
+    fresh = fingerprint_pb2.FingerprintDef.FromString(pywrap_fingerprinting.CreateFingerprintDef(str(exported_model)))
+    assert written.saved_model_checksum == fresh.saved_model_checksum
+
+
+def test_top_k_outputs_name_the_most_probable_classes(exported_model):
+    loaded = tf.saved_model.load(str(exported_model))
+    served = loaded.signatures["serving_default"](images=tf.constant(images(4)))
+    probabilities = served["probabilities"].numpy()
+    names = served["top_k_class_names"].numpy()
+    top = served["top_k_probabilities"].numpy()
+    assert names.shape == (4, 5) and top.shape == (4, 5)
+    for row in range(4):
+        order = np.argsort(-probabilities[row], kind="stable")[:5]
+        assert [n.decode() for n in names[row]] == [CLASS_NAMES[i] for i in order]
+        np.testing.assert_allclose(top[row], probabilities[row][order], rtol=1e-6)
+
+
+def test_classify_signature_answers_classes_and_scores_for_examples(exported_model):
+    loaded = tf.saved_model.load(str(exported_model))
+    batch = images(3)
+    examples = [tf.train.Example(features=tf.train.Features(feature={
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encode(image)]))}))
+        .SerializeToString() for image in batch]
+    classified = loaded.signatures["classify"](inputs=tf.constant(examples))
+    predicted = loaded.signatures["serving_default"](images=tf.constant(batch))
+    np.testing.assert_array_equal(classified["classes"].numpy(), predicted["top_k_class_names"].numpy())
+    np.testing.assert_allclose(classified["scores"].numpy(), predicted["top_k_probabilities"].numpy(), rtol=1e-5)
+
+
+def test_top_k_is_capped_at_the_class_count(trained_run, tmp_path):
+    model, class_names = export.restore_trained_model(trained_run)
+    path = export.export_saved_model(model, class_names, tmp_path, top_k=50)
+    served = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(images(2)))
+    assert served["top_k_class_names"].shape == (2, len(class_names))
+    with pytest.raises(export.ExportError, match="at least 1"):
+        export.export_saved_model(model, class_names, tmp_path, top_k=0)
 
 
 def test_signatures_take_raw_pixels_or_encoded_images(exported_model):
     loaded = tf.saved_model.load(str(exported_model))
-    assert set(loaded.signatures) == {"serving_default", "serving_bytes", "labels"}
-    assert [n.decode() for n in loaded.signatures["labels"]()["class_names"].numpy()] == list(CLASS_NAMES)
     default = loaded.signatures["serving_default"]
     spec = default.structured_input_signature[1]["images"]
     assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 32, 32, 3]

@@ -15,7 +15,19 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from helpers import accresnet, free_ports, run_accresnet
+from pipeline.synthetic import CLASS_NAMES
 from serving.client import Classifier
+from serving.deployment import local_deployed_server
+
+
+def _pngs(pixels, folder):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [str(folder / f"{i}.png") for i in range(len(pixels))]
+    for path, image in zip(paths, pixels):
+        Image.fromarray(image).save(path)
+    return paths
 
 
 def wait_for_server(process, port, timeout=120):
@@ -49,14 +61,18 @@ def exported(tmp_path_factory):
 
 @pytest.mark.slow
 def test_train_export_serve_classify_over_grpc_and_rest(exported, tmp_path):
+    """`accresnet serve` started exactly as the Kubernetes Deployment starts TF Serving."""
     grpc_port, rest_port = free_ports(2)
-    server = accresnet("serve", f"--port={grpc_port}", f"--rest_api_port={rest_port}", "--model_name=accresnet",
-                       f"--model_base_path={exported / 'models' / 'accresnet'}")
+    local = local_deployed_server(exported / "models", tmp_path, grpc_port, rest_port)
+    assert "--enable_batching=true" in local.flags
+    server = accresnet("serve", *local.flags)
     try:
-        wait_for_server(server, grpc_port)
+        wait_for_server(server, grpc_port, timeout=180)
         pixels = np.random.default_rng(3).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
         with Classifier(f"localhost:{grpc_port}") as classifier:
             over_grpc = classifier.predict(pixels)
+            named = [p.class_name for p in classifier.classify_files(_pngs(pixels, tmp_path / "pictures"))]
+        assert named == [CLASS_NAMES[i] for i in over_grpc.argmax(1)]
         body = json.dumps({"instances": pixels.tolist()}).encode()
         with urllib.request.urlopen(f"http://localhost:{rest_port}/v1/models/accresnet:predict", body) as reply:
             over_rest = np.array([p["probabilities"] for p in json.loads(reply.read())["predictions"]])
@@ -119,3 +135,9 @@ def test_demo_runs_the_whole_chain(tmp_path):
     assert float(match.group(2)) > 0.1  # above chance for ten classes
     assert (tmp_path / "demo" / "models" / "accresnet" / "1" / "saved_model.pb").is_file()
     assert "server stopped" in (tmp_path / "demo" / "server.log").read_text()
+    # The server ran as deployed: every deployed flag, with only paths and ports mapped (and printed).
+    command = re.search(r"serve as deployed: (.*)", output).group(1).split()
+    for flag in ("--enable_batching=true", "--file_system_poll_wait_seconds=30"):
+        assert flag in command
+    assert "mapped --batching_parameters_file: /config/batching.config ->" in output
+    assert "mapped model accresnet base_path: /models/accresnet ->" in output

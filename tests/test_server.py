@@ -29,7 +29,8 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
-from helpers import free_ports
+from helpers import deployed_server, free_ports
+from serving.deployment import local_deployed_server
 from serving.server.main import RunningServer, build_parser
 from serving.server.options import options_from_args
 from tf1_model import BIAS, WEIGHTS, build_tf1_saved_model, example
@@ -39,17 +40,17 @@ END = get_model_status_pb2.ModelVersionStatus.END
 
 
 def start_server(tmp_path, models: dict, *flags):
-    """An in-process server for {name: base_path}, on free ports, with REST and metrics."""
+    """An in-process server for {name: base_path}, on free ports: the deployed flags and
+    shipped configs (batching and metrics on), with this test's model config and a
+    1-second version poll; `flags` are added last, so they may override."""
     config = tmp_path / "models.config"
     config.write_text("model_config_list {\n" + "".join(
         f'  config {{ name: "{name}" base_path: "{path}" model_platform: "tensorflow" }}\n'
         for name, path in models.items()) + "}\n")
-    monitoring = tmp_path / "monitoring.config"
-    monitoring.write_text('prometheus_config { enable: true, path: "/monitoring/prometheus/metrics" }\n')
     grpc_port, rest_port = free_ports(2)
-    args = build_parser().parse_args([
-        f"--port={grpc_port}", f"--rest_api_port={rest_port}", f"--model_config_file={config}",
-        f"--monitoring_config_file={monitoring}", "--file_system_poll_wait_seconds=1", *flags])
+    local = local_deployed_server(tmp_path, tmp_path / "deployed-config", grpc_port, rest_port)
+    args = build_parser().parse_args([*local.flags, f"--model_config_file={config}",
+                                      "--file_system_poll_wait_seconds=1", *flags])
     return RunningServer(options_from_args(args))
 
 
@@ -127,7 +128,8 @@ def test_rest_predict_row_and_columnar_agree_with_grpc(served):
     expected = tf.make_ndarray(grpc_response.outputs["probabilities"])
     status, rows = clients.json("/v1/models/accresnet:predict", {"instances": batch.tolist()})
     assert status == 200
-    assert [sorted(p) for p in rows["predictions"]] == [["class_ids", "class_names", "probabilities"]] * 3
+    assert [sorted(p) for p in rows["predictions"]] == [["class_ids", "class_names", "probabilities",
+                                                        "top_k_class_names", "top_k_probabilities"]] * 3
     np.testing.assert_allclose([p["probabilities"] for p in rows["predictions"]], expected, rtol=1e-6)
     status, columns = clients.json("/v1/models/accresnet/versions/1:predict", {"inputs": {"images": batch.tolist()}})
     assert status == 200
@@ -163,6 +165,86 @@ def test_output_filter(served):
     request.output_filter.append("class_ids")
     response = clients.predictions.Predict(request, timeout=30)
     assert list(response.outputs) == ["class_ids"]
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_classify_api_names_the_top_classes_over_both_apis(served):
+    """TF Serving's Classify API on the exported `classify` signature, batching on."""
+    clients, _ = served
+    batch = images(2, seed=4)
+    request = classification_pb2.ClassificationRequest()
+    request.model_spec.name, request.model_spec.signature_name = "accresnet", "classify"
+    for image in batch:
+        request.input.example_list.examples.add().features.feature["image/encoded"].bytes_list.value.append(
+            _png(image))
+    response = clients.predictions.Classify(request, timeout=30)
+    predicted = clients.predictions.Predict(predict_request(batch=batch), timeout=30)
+    names = tf.make_ndarray(predicted.outputs["top_k_class_names"])
+    scores = tf.make_ndarray(predicted.outputs["top_k_probabilities"])
+    for row, result in enumerate(response.result.classifications):
+        assert [c.label.encode() for c in result.classes] == list(names[row])
+        assert [c.score for c in result.classes] == pytest.approx(scores[row].tolist(), rel=1e-5)
+    examples = [{"image/encoded": {"b64": base64.b64encode(_png(image)).decode()}} for image in batch]
+    status, body = clients.json("/v1/models/accresnet:classify", {"signature_name": "classify", "examples": examples})
+    assert status == 200, body
+    assert [[label for label, _ in row] for row in body["results"]] == [[n.decode() for n in r] for r in names]
+
+
+def _model_with_unbatchable_signatures(path):
+    """A SavedModel whose signatures break TF Serving's batching rules."""
+
+    class Unbatchable(tf.Module):
+        @tf.function(input_signature=[])
+        def no_input(self):
+            return {"names": tf.constant(["a", "b"])}
+
+        @tf.function(input_signature=[tf.TensorSpec([], tf.float32, name="x")])
+        def scalar_input(self, x):
+            return {"y": tf.reshape(x, [1])}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+        def unbatched_output(self, x):
+            return {"total": tf.reduce_sum(x)}
+
+    module = Unbatchable()
+    tf.saved_model.save(module, str(path), signatures={
+        "serving_default": module.scalar_input, "no_input": module.no_input,
+        "unbatched_output": module.unbatched_output})
+
+
+def test_batching_refuses_what_tf_serving_refuses(tmp_path):
+    """With --enable_batching, TF Serving runs every signature through its batching
+    session, which refuses a Run without inputs, scalar inputs and outputs that lose
+    the batch dimension; the local server refuses them the same way."""
+    _model_with_unbatchable_signatures(tmp_path / "u" / "1")
+    server = start_server(tmp_path, {"u": tmp_path / "u"})
+    assert server.batcher is not None
+    try:
+        clients = Clients(server)
+        cases = [("no_input", {}, grpc.StatusCode.INVALID_ARGUMENT,
+                  "Batching Run() must have at least one input tensor"),
+                 ("serving_default", {"x": np.float32(1.0)}, grpc.StatusCode.INVALID_ARGUMENT,
+                  "Batching Run() input tensors must have at least one dimension"),
+                 ("unbatched_output", {"x": np.ones(3, np.float32)}, grpc.StatusCode.FAILED_PRECONDITION,
+                  "Batched output tensor has 0 dimensions")]
+        for signature, inputs, code, message in cases:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name, request.model_spec.signature_name = "u", signature
+            for alias, value in inputs.items():
+                request.inputs[alias].CopyFrom(tf.make_tensor_proto(value))
+            with pytest.raises(grpc.RpcError) as raised:
+                clients.predictions.Predict(request, timeout=30)
+            assert raised.value.code() == code and message in raised.value.details(), signature
+            status, body = clients.json(f"/v1/models/u:predict", {"signature_name": signature, "inputs": {
+                alias: value.tolist() for alias, value in inputs.items()}})
+            assert status == 400 and message in body["error"], (signature, body)
+    finally:
+        server.stop(grace=2)
 
 
 # --- Classify, Regress, metadata, status on a TF1 SavedModel -----------------------------------
@@ -221,7 +303,8 @@ def test_metadata_over_both_apis(served):
     assert status == 200 and body["model_spec"] == {"name": "accresnet", "signature_name": "", "version": "1"}
     default = body["metadata"]["signature_def"]["signature_def"]["serving_default"]
     assert default["inputs"]["images"]["dtype"] == "DT_UINT8"
-    assert set(default["outputs"]) == {"probabilities", "class_ids", "class_names"}
+    assert set(default["outputs"]) == {"probabilities", "class_ids", "class_names", "top_k_class_names",
+                                       "top_k_probabilities"}
 
 
 def test_model_status_over_both_apis(served):

@@ -64,6 +64,20 @@ class BatchingOptions:
         return cls(**values)
 
 
+def batch_size(inputs: dict[str, np.ndarray]) -> int:
+    """The rows of a request, checked as TF Serving's batching session checks every
+    Run of a batching-enabled model: at least one input, each with a first
+    dimension, all of the same size."""
+    if not inputs:
+        raise invalid("Batching Run() must have at least one input tensor")
+    if any(array.ndim == 0 for array in inputs.values()):
+        raise invalid("Batching Run() input tensors must have at least one dimension")
+    sizes = {array.shape[0] for array in inputs.values()}
+    if len(sizes) != 1:
+        raise invalid("Batching Run() input tensors must have equal 0th-dimension size")
+    return sizes.pop()
+
+
 @dataclasses.dataclass
 class _Task:
     inputs: dict[str, np.ndarray]
@@ -101,11 +115,7 @@ class Batcher:
 
     def __call__(self, servable: Servable, signature: Signature, inputs: dict[str, np.ndarray],
                  outputs: list[str]) -> dict[str, np.ndarray]:
-        rows = {array.shape[0] if array.ndim else None for array in inputs.values()}
-        if len(rows) != 1 or None in rows:
-            raise invalid("batching needs every input to have the same first (batch) dimension; "
-                          f"got {[list(a.shape) for a in inputs.values()]}")
-        (count,) = rows
+        count = batch_size(inputs)
         if count > self.options.max_batch_size:
             raise invalid(f"Task size {count} is larger than maximum input batch size "
                           f"{self.options.max_batch_size}")
@@ -179,10 +189,15 @@ class Batcher:
         try:
             results = queue.servable.run(queue.signature, inputs, queue.outputs)
             for alias, value in results.items():
-                if value.ndim == 0 or value.shape[0] != padded:
-                    raise ServingError(grpc.StatusCode.INTERNAL,
-                                       f"batched output '{alias}' has shape {list(value.shape)}, not "
-                                       f"[{padded}, ...]; this signature cannot be batched")
+                # TF Serving's words, with the output named.
+                if value.ndim == 0:
+                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"Batched output tensor has 0 dimensions (output '{alias}')")
+                if value.shape[0] != padded:
+                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       "Batched output tensor's 0th dimension does not equal the sum of the 0th "
+                                       f"dimension sizes of the input tensors (output '{alias}': "
+                                       f"{list(value.shape)} for {padded} rows)")
         except Exception as error:
             for task in tasks:
                 task.future.set_exception(error)

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
+EXAMPLES_INPUT = "inputs"  # the input key of classify and regress signatures
 Runner = Callable[[Servable, Signature, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
 
 
@@ -115,17 +116,24 @@ class ModelServer:
 
     def _run_examples(self, servable: Servable, signature_key: str, method: str, kind: str,
                       examples: list[bytes]) -> tuple[Signature, dict[str, np.ndarray]]:
+        """Check a classify/regress signature as TF Serving does, then run it on the examples."""
         signature = servable.signature(signature_key)
         if signature.method_name != method:
             raise invalid(f"Expected {kind} signature method_name to be {method}. Was: {signature.method_name}")
         if len(signature.inputs) != 1:
-            raise invalid(f"Expected one input Tensor; the signature has {len(signature.inputs)}.")
-        (alias, info), = signature.inputs.items()
-        if info.dtype != tf.string:
-            raise invalid(f"Expected the {kind} input '{alias}' to be DT_STRING (serialized tf.Example); "
-                          f"it is {info.dtype.name}")
+            raise invalid("Expected one input Tensor.")
+        outputs_allowed = (1, 2) if method == CLASSIFY_METHOD else (1,)
+        if len(signature.outputs) not in outputs_allowed:
+            raise invalid(f"Expected {' or '.join(map(str, outputs_allowed))} output Tensor(s), found "
+                          f"{len(signature.outputs)}")
+        if EXAMPLES_INPUT not in signature.inputs:
+            raise invalid(f"No {kind} inputs found in SignatureDef: the input is named "
+                          f"'{next(iter(signature.inputs))}', not '{EXAMPLES_INPUT}'")
+        if signature.inputs[EXAMPLES_INPUT].dtype != tf.string:
+            raise invalid(f"Expected the {kind} input '{EXAMPLES_INPUT}' to be DT_STRING (serialized tf.Example); "
+                          f"it is {signature.inputs[EXAMPLES_INPUT].dtype.name}")
         batch = np.array(examples, dtype=object)
-        return signature, self.runner(servable, signature, {alias: batch}, sorted(signature.outputs))
+        return signature, self.runner(servable, signature, {EXAMPLES_INPUT: batch}, sorted(signature.outputs))
 
     def classify(self, request: classification_pb2.ClassificationRequest, servable: Servable | None = None
                  ) -> classification_pb2.ClassificationResponse:

@@ -1,0 +1,142 @@
+"""The model server as it is deployed, and the same server on one machine.
+
+`DEPLOYED_FLAGS` are the flags the Kubernetes serving Deployment
+(k8s/base/serving-deployment.yaml), the serving image's CMD (Dockerfile) and
+the README start `tensorflow_model_server` with: the shipped model config,
+batching and monitoring files under /config, the model volume under /models.
+Tests render every kustomization and fail when a manifest drifts from them.
+
+`make demo`, the end-to-end tests and the local-overlay harness start
+`accresnet serve` with these same flags, mapped onto one machine by
+`map_to_local`: only what one machine forces changes (the image's and the
+volume's paths become local folders, fixed ports become free ones), and every
+change is returned as a `Mapping` for the caller to print.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import shutil
+import sys
+from collections.abc import Mapping as MappingType, Sequence
+
+# serving/config/ is what the serving image copies to /config.
+SHIPPED_CONFIG_DIR = pathlib.Path(__file__).parent / "config"
+CONFIG_DIR = "/config"
+MODELS_DIR = "/models"
+MODEL_NAME = "accresnet"
+DEPLOYED_FLAGS = (
+    "--port=8500",
+    "--rest_api_port=8501",
+    f"--model_config_file={CONFIG_DIR}/models.config",
+    "--file_system_poll_wait_seconds=30",
+    "--enable_batching=true",
+    f"--batching_parameters_file={CONFIG_DIR}/batching.config",
+    f"--monitoring_config_file={CONFIG_DIR}/monitoring.config",
+)
+PORT_FLAGS = ("--port", "--rest_api_port")
+MODEL_CONFIG_FLAG = "--model_config_file"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mapping:
+    """One thing changed to run a deployed setting on this machine."""
+
+    what: str
+    deployed: str
+    local: str
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.deployed} -> {self.local}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalServer:
+    flags: list[str]
+    mappings: list[Mapping]
+    grpc_port: int
+    rest_port: int | None
+
+
+def _split_flag(flag: str) -> tuple[str, str | None]:
+    name, separator, value = flag.partition("=")
+    return name, value if separator else None
+
+
+def map_path(path: str, paths: MappingType[str, pathlib.Path]) -> pathlib.Path | None:
+    """`path` under one of the deployed folders `paths` maps, as the local path; None if none does."""
+    for deployed, local in sorted(paths.items(), key=lambda item: -len(item[0])):
+        prefix = deployed.rstrip("/")
+        if path == prefix or path.startswith(prefix + "/"):
+            return pathlib.Path(local) / path[len(prefix):].lstrip("/")
+    return None
+
+
+def _map_model_config(source: pathlib.Path, target: pathlib.Path, paths: MappingType[str, pathlib.Path]
+                      ) -> list[Mapping]:
+    """Copy a ModelServerConfig file with every base_path mapped."""
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = text_format.Parse(source.read_text(), model_server_config_pb2.ModelServerConfig())
+    mappings = []
+    for model in config.model_config_list.config:
+        local = map_path(model.base_path, paths)
+        if local is not None:
+            mappings.append(Mapping(f"model {model.name} base_path", model.base_path, str(local)))
+            model.base_path = str(local)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text_format.MessageToString(config))
+    return mappings
+
+
+def map_to_local(flags: Sequence[str], paths: MappingType[str, pathlib.Path], scratch: pathlib.Path,
+                 grpc_port: int, rest_port: int | None) -> LocalServer:
+    """Deployed server flags -> the same flags on this machine.
+
+    `paths` maps deployed folders (the image's /config, volume mounts) to local
+    ones; `scratch` receives a model config file whose base paths were mapped.
+    Ports are replaced by the given free ones. Nothing else changes.
+    """
+    local_flags, mappings = [], []
+    ports = {"--port": grpc_port, "--rest_api_port": rest_port}
+    serves_rest = False
+    for flag in flags:
+        name, value = _split_flag(flag)
+        if name in PORT_FLAGS and value is not None and value != "0":
+            port = ports[name]
+            if port is None:
+                raise ValueError(f"{flag}: no local port given for it")
+            mappings.append(Mapping(f"{name} (port)", value, f"127.0.0.1:{port}"))
+            local_flags.append(f"{name}={port}")
+            serves_rest = serves_rest or name == "--rest_api_port"
+            continue
+        local = map_path(value, paths) if value and value.startswith("/") else None
+        if local is None:
+            local_flags.append(flag)
+            continue
+        if name == MODEL_CONFIG_FLAG:
+            mapped = scratch / local.name
+            mappings.extend(_map_model_config(local, mapped, paths))
+            local = mapped
+        mappings.append(Mapping(name, value, str(local)))
+        local_flags.append(f"{name}={local}")
+    return LocalServer(local_flags, mappings, grpc_port, rest_port if serves_rest else None)
+
+
+def local_deployed_server(models_dir: pathlib.Path, scratch: pathlib.Path, grpc_port: int, rest_port: int
+                          ) -> LocalServer:
+    """DEPLOYED_FLAGS with the shipped config files and `models_dir` as the model volume."""
+    return map_to_local(DEPLOYED_FLAGS, {CONFIG_DIR: SHIPPED_CONFIG_DIR, MODELS_DIR: models_dir}, scratch,
+                        grpc_port, rest_port)
+
+
+def server_command(flags: Sequence[str]) -> tuple[list[str], Mapping | None]:
+    """TF Serving's binary when it is on PATH, else `accresnet serve`, with `flags`;
+    and the mapping made when the stand-in is used."""
+    binary = shutil.which("tensorflow_model_server")
+    if binary:
+        return [binary, *flags], None
+    return ([sys.executable, "-m", "serving.server", *flags],
+            Mapping("model server", "tensorflow_model_server", "accresnet serve (no tensorflow_model_server on PATH)"))
