@@ -18,7 +18,9 @@ has an input: TF Serving wraps all signatures of a model in its batching
 session when --enable_batching is on, and that session refuses anything
 else. Class names therefore travel as batched outputs, never through an
 input-less signature. Scaling, mean subtraction, decoding and resizing all
-happen in the graph, so a client sends pixels or files and nothing else.
+happen in the graph (pipeline/image_decoding.py, which matches the
+trainer's and the client's Pillow conversion, EXIF orientation included), so
+a client sends pixels or files and nothing else.
 The class names are also in assets/labels.txt, and
 assets.extra/tf_serving_warmup_requests holds requests TF Serving replays
 before a version takes traffic.
@@ -46,6 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config import ModelConfig, UserError
+from pipeline.image_decoding import decode_images
 from pipeline.model import build_model, precision_policy
 
 log = logging.getLogger(__name__)
@@ -64,19 +67,6 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 
 class ExportError(UserError):
     """Nothing to export, or nowhere to write it."""
-
-
-def decode_image(data: tf.Tensor) -> tf.Tensor:
-    """Encoded PNG/JPEG/GIF/BMP bytes -> uint8 [32, 32, 3]; the first frame of an
-    animation, greyscale and alpha mapped to RGB, resized with antialiasing."""
-    image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-    image = tf.image.resize(image, IMAGE_SHAPE[:2], method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-
-def decode_images(encoded: tf.Tensor) -> tf.Tensor:
-    """A batch of encoded files [batch] -> uint8 [batch, 32, 32, 3]."""
-    return tf.map_fn(decode_image, encoded, fn_output_signature=tf.TensorSpec(IMAGE_SHAPE, tf.uint8))
 
 
 class ServingModule(tf.Module):
