@@ -2,8 +2,10 @@
 # Two images from one file:
 #   docker build --target trainer -t accresnet-trainer .   # accresnet train/export/classify/serve
 #   docker build --target serving -t accresnet-serving .   # the official TF Serving with our configs
-# GPU variants: --build-arg TRAINER_BASE=tensorflow/tensorflow:2.21.0-gpu (trainer)
-#               --build-arg TF_SERVING_TAG=2.21.0-gpu (serving)
+# GPU variants, under names of their own so that they cannot pass for the CPU images
+# (k8s/overlays/gpu deploys these names, no other overlay does):
+#   docker build --target trainer --build-arg TRAINER_BASE=tensorflow/tensorflow:2.21.0-gpu -t accresnet-trainer-gpu .
+#   docker build --target serving --build-arg TF_SERVING_TAG=2.21.0-gpu -t accresnet-serving-gpu .
 
 ARG TRAINER_BASE=python:3.11-slim-bookworm
 ARG TF_SERVING_TAG=2.21.0

@@ -9,8 +9,30 @@ import kubernetes_validate
 import yaml
 
 ROOT = pathlib.Path(__file__).parents[1]
-OVERLAYS = ["base", "overlays/local", "overlays/gpu", "overlays/tfjob", "overlays/gcs"]
+OVERLAYS = ["base", "overlays/local", "overlays/gpu", "overlays/tfjob", "overlays/gcs", "overlays/kserve"]
 BUILT_IN_GROUPS = ("v1", "apps/v1", "batch/v1", "autoscaling/v2", "policy/v1", "networking.k8s.io/v1")
+# Custom resources, each only in the overlay made for its operator.
+CUSTOM_KINDS = {"overlays/tfjob": {"TFJob"}, "overlays/kserve": {"InferenceService"}}
+
+# KServe's InferenceService (serving.kserve.io/v1beta1, pkg/apis/serving/v1beta1 in
+# kserve/kserve): spec.predictor holds a PodSpec's fields inline next to these,
+# and predictor.model a Container's fields inline next to its own. Whatever is
+# not listed here must therefore be a Pod or Container field, which a strict v1
+# Pod validation checks.
+KSERVE_SPEC_FIELDS = {"predictor", "transformer", "explainer"}
+KSERVE_PREDICTOR_FIELDS = {
+    "name", "model", "storageUris", "storageContainerName", "workerSpec",
+    # the framework shorthands, instead of model
+    "sklearn", "xgboost", "tensorflow", "pytorch", "triton", "onnx", "huggingface", "pmml", "lightgbm", "paddle",
+    # ComponentExtensionSpec
+    "minReplicas", "maxReplicas", "scaleTarget", "scaleMetric", "scaleMetricType", "autoScaling",
+    "containerConcurrency", "timeout", "canaryTrafficPercent", "logger", "batcher", "labels", "annotations",
+    "deploymentStrategy",
+}
+KSERVE_MODEL_FIELDS = {"modelFormat", "runtime", "storageUri", "runtimeVersion", "protocolVersion", "storage",
+                       "confidential"}
+# The name KServe gives the model's container.
+KSERVE_CONTAINER = "kserve-container"
 KUBERNETES_VERSION = kubernetes_validate.utils.latest_version()
 
 
@@ -36,8 +58,19 @@ def one(overlay: str, kind: str, name: str) -> dict:
     return found
 
 
+def predictor_pod_spec(service: dict) -> dict:
+    """An InferenceService's predictor as the Pod spec KServe makes of it: the
+    predictor's PodSpec fields, with the model's Container fields as the first
+    container (before the runtime's own fields are merged in)."""
+    predictor = service["spec"]["predictor"]
+    pod = {k: v for k, v in predictor.items() if k not in KSERVE_PREDICTOR_FIELDS}
+    container = {k: v for k, v in predictor["model"].items() if k not in KSERVE_MODEL_FIELDS}
+    pod["containers"] = [{"name": KSERVE_CONTAINER, **container}, *pod.get("containers", [])]
+    return pod
+
+
 def pod_specs(overlay: str):
-    """(object, pod spec) for every workload, TFJob replicas included."""
+    """(object, pod spec) for every workload, TFJob replicas and InferenceService predictors included."""
     for doc in objects(overlay):
         spec = doc.get("spec", {})
         if doc["kind"] in ("Deployment", "Job"):
@@ -45,3 +78,5 @@ def pod_specs(overlay: str):
         elif doc["kind"] == "TFJob":
             for replica in spec["tfReplicaSpecs"].values():
                 yield doc, replica["template"]["spec"]
+        elif doc["kind"] == "InferenceService":
+            yield doc, predictor_pod_spec(doc)

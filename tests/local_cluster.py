@@ -1,0 +1,283 @@
+"""Run a kustomization's workloads as local processes, as the manifests write them.
+
+`LocalCluster` renders an overlay with kubectl and starts each workload's
+containers with their own command, args and env. Only what a single machine
+forces is mapped, and every mapping is recorded (and printed by the tests):
+
+- images: each image name is a stage of the Dockerfile (its header says
+  `docker build --target STAGE -t NAME`); the stage's ENTRYPOINT and ENV are
+  used. `accresnet` is this checkout's `python -m pipeline.cli`;
+  `tensorflow_model_server` is the binary when it is on PATH, else
+  `accresnet serve` in its place, flag for flag. Folders the stage COPYs
+  (the serving image's /config) map to the checkout's.
+- volumes: the PersistentVolumeClaim is one folder that every pod shares
+  (subPath honoured), an emptyDir a folder per pod; absolute paths in args,
+  env and the model server's model config map accordingly.
+- the network: each container port becomes a free loopback port; Service
+  names in args (`accresnet-serving:8500`) become the loopback port of the
+  process behind them; an Indexed Job's pods get JOB_COMPLETION_INDEX as
+  Kubernetes sets it, and the TF_CONFIG that `accresnet tf-config` derives
+  from the pod's env, with the headless Service's names mapped onto loopback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+from helpers import REPO, free_ports
+from manifests import ROOT, one, objects
+from serving.deployment import Mapping, map_path, map_to_local
+
+TRAINER_COMMAND = "accresnet"
+MODEL_SERVER = "tensorflow_model_server"
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    entrypoint: list[str]
+    env: dict[str, str]
+    files: dict[str, pathlib.Path]  # folders baked into the image -> the checkout's
+
+
+def dockerfile_images(path: pathlib.Path = ROOT / "Dockerfile") -> dict[str, Image]:
+    """Image name -> its stage's entrypoint, env and copied folders."""
+    text = path.read_text()
+    names = dict((stage, name) for stage, name in re.findall(r"docker build --target (\S+) -t (\S+)", text))
+    images = {}
+    for block in re.split(r"^FROM ", text, flags=re.MULTILINE)[1:]:
+        stage = re.match(r"\S+ AS (\S+)", block).group(1)
+        entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])", block, re.MULTILINE).group(1))
+        env = {}
+        for match in re.finditer(r"^ENV ((?:.*\\\n)*.*)", block, re.MULTILINE):
+            for pair in re.findall(r"(\w+)=(\S+)", match.group(1)):
+                env[pair[0]] = pair[1]
+        files = {}
+        for sources, target in re.findall(r"^COPY ((?:serving|pipeline)/\S+(?: \S+)*) (/\S+)/$", block, re.MULTILINE):
+            folders = {str(pathlib.Path(source).parent) for source in sources.split()}
+            if len(folders) == 1:
+                files[target] = ROOT / folders.pop()
+        images[names[stage]] = Image(entrypoint, env, files)
+    return images
+
+
+@dataclasses.dataclass
+class Pod:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    ports: dict[str, int]  # container port name or number -> local port
+    process: subprocess.Popen | None = None
+    log: pathlib.Path | None = None
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log and self.log.exists() else ""
+
+
+class LocalCluster:
+    def __init__(self, overlay: str, root: pathlib.Path, announce=print):
+        self.overlay, self.root, self.announce = overlay, root, announce
+        self.images = dockerfile_images()
+        self.mappings: list[Mapping] = []
+        self.service_ports: dict[str, int] = {}  # "service:port" -> local port
+        self.pods: list[Pod] = []
+
+    def _map(self, mapping: Mapping) -> None:
+        if mapping not in self.mappings:
+            self.mappings.append(mapping)
+            self.announce(f"mapped {mapping}")
+
+    # --- volumes ---------------------------------------------------------------------------
+
+    def _mount_paths(self, pod_name: str, pod: dict, container: dict) -> dict[str, pathlib.Path]:
+        volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+        paths = {}
+        for mount in container.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            if "persistentVolumeClaim" in volume:
+                local = self.root / "volumes" / volume["persistentVolumeClaim"]["claimName"]
+            elif "emptyDir" in volume:
+                local = self.root / "pods" / pod_name / mount["name"]
+            else:
+                raise NotImplementedError(f"volume kind of {volume['name']} is not mapped by the harness")
+            local = local / mount.get("subPath", "")
+            local.mkdir(parents=True, exist_ok=True)
+            paths[mount["mountPath"]] = local
+            self._map(Mapping(f"{pod_name} volume {mount['name']}", mount["mountPath"], str(local)))
+        return paths
+
+    # --- args and env ----------------------------------------------------------------------
+
+    def _map_value(self, value: str, paths: dict[str, pathlib.Path], what: str) -> str:
+        flag, separator, rest = value.partition("=")
+        candidate = rest if separator and flag.startswith("-") else value
+        if candidate.startswith("/"):
+            local = map_path(candidate, paths)
+            if local is not None:
+                self._map(Mapping(what, candidate, str(local)))
+                return value[:len(value) - len(candidate)] + str(local)
+        for address, port in self.service_ports.items():
+            if candidate == address:
+                self._map(Mapping(f"{what} (Service)", address, f"127.0.0.1:{port}"))
+                return value[:len(value) - len(candidate)] + f"127.0.0.1:{port}"
+        return value
+
+    def _command(self, pod_name: str, container: dict) -> tuple[list[str], Image, bool]:
+        """The container's command on this machine, its image, and whether it is the model server."""
+        image_name = container["image"].rsplit(":", 1)[0]
+        image = self.images[image_name]
+        entrypoint = container.get("command") or image.entrypoint
+        program = pathlib.Path(entrypoint[0]).name
+        if program == TRAINER_COMMAND:
+            command = [sys.executable, "-m", "pipeline.cli", *entrypoint[1:]]
+            self._map(Mapping(f"{image_name} entrypoint", entrypoint[0], "python -m pipeline.cli (this checkout)"))
+        elif program == MODEL_SERVER:
+            from serving.deployment import server_command
+
+            command, stand_in = server_command(entrypoint[1:])
+            if stand_in is not None:
+                self._map(stand_in)
+        else:
+            raise NotImplementedError(f"{pod_name}: no local stand-in for {entrypoint[0]}")
+        return command, image, program == MODEL_SERVER
+
+    def pod(self, pod_name: str, pod: dict, extra_env: dict[str, str] | None = None) -> Pod:
+        (container,) = pod["containers"]
+        command, image, is_model_server = self._command(pod_name, container)
+        paths = {**image.files, **self._mount_paths(pod_name, pod, container)}
+        for deployed, local in image.files.items():
+            self._map(Mapping(f"{container['image']} files", deployed, str(local)))
+        declared = {str(p.get("name", p["containerPort"])): p["containerPort"] for p in container.get("ports", [])}
+        local_ports = dict(zip(declared, free_ports(len(declared))))
+        env = {"PATH": os.environ["PATH"], "PYTHONPATH": REPO}
+        for key, value in {**image.env, **{e["name"]: e["value"] for e in container.get("env", [])},
+                           **(extra_env or {})}.items():
+            env[key] = self._map_value(value, paths, f"{pod_name} env {key}")
+        args = container.get("args", [])
+        if is_model_server:
+            # The same mapping `make demo` uses: paths and ports, nothing else.
+            by_number = {str(declared[name]): local_ports[name] for name in declared}
+            local = map_to_local(args, paths, self.root / "pods" / pod_name / "config",
+                                 by_number.get(_flag_value(args, "--port")),
+                                 by_number.get(_flag_value(args, "--rest_api_port")))
+            for mapping in local.mappings:
+                self._map(Mapping(f"{pod_name} {mapping.what}", mapping.deployed, mapping.local))
+            args = local.flags
+        else:
+            args = [self._map_value(arg, paths, f"{pod_name} arg") for arg in args]
+        return Pod(pod_name, [*command, *args], env, local_ports)
+
+    # --- workloads -------------------------------------------------------------------------
+
+    def start(self, pod: Pod) -> Pod:
+        pod.log = self.root / "logs" / f"{pod.name}.log"
+        pod.log.parent.mkdir(parents=True, exist_ok=True)
+        with pod.log.open("w") as log:
+            pod.process = subprocess.Popen(pod.command, env=pod.env, stdout=log, stderr=subprocess.STDOUT,
+                                           cwd=self.root)
+        self.pods.append(pod)
+        self.announce(f"started {pod.name}: {' '.join(pod.command)}")
+        return pod
+
+    def job_pods(self, name: str) -> list[Pod]:
+        """The pods of a Job; an Indexed Job's get their index and the TF_CONFIG derived from it."""
+        job = one(self.overlay, "Job", name)
+        spec, template = job["spec"], job["spec"]["template"]["spec"]
+        if spec.get("completionMode") != "Indexed":
+            return [self.pod(f"{name}-0", template)]
+        count = spec["completions"]
+        assert spec.get("parallelism", 1) == count, "the harness runs all indexes at once"
+        worker_ports = free_ports(count)
+        pods = []
+        for index in range(count):
+            env = {e["name"]: e["value"] for e in template["containers"][0].get("env", [])}
+            env["JOB_COMPLETION_INDEX"] = str(index)  # what Kubernetes sets in pod <index>
+            derived = json.loads(_derive_tf_config(env))
+            workers = derived["cluster"]["worker"]
+            for address, port in zip(workers, worker_ports):
+                self._map(Mapping("worker address (headless Service)", address, f"127.0.0.1:{port}"))
+            derived["cluster"]["worker"] = [f"127.0.0.1:{port}" for port in worker_ports]
+            pods.append(self.pod(f"{name}-{index}", template,
+                                 {"JOB_COMPLETION_INDEX": str(index), "TF_CONFIG": json.dumps(derived)}))
+        return pods
+
+    def run_job(self, name: str, timeout: float) -> list[Pod]:
+        """Start every pod of the Job and wait for all to succeed."""
+        started = time.monotonic()
+        pods = [self.start(pod) for pod in self.job_pods(name)]
+        deadline = started + timeout
+        for pod in pods:
+            try:
+                pod.process.wait(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise AssertionError(f"{pod.name} did not finish in {timeout:.0f}s:\n{pod.output()[-3000:]}")
+            assert pod.process.returncode == 0, f"{pod.name} failed:\n{pod.output()[-3000:]}"
+        self.announce(f"Job {name} succeeded in {time.monotonic() - started:.0f}s")
+        return pods
+
+    def start_deployment(self, name: str) -> Pod:
+        """One replica of the Deployment, reachable through every Service that selects it."""
+        deployment = one(self.overlay, "Deployment", name)
+        template = deployment["spec"]["template"]
+        pod = self.start(self.pod(f"{name}-0", template["spec"]))
+        labels = template["metadata"]["labels"]
+        for service in objects(self.overlay, "Service"):
+            selector = service["spec"].get("selector", {})
+            if selector and selector.items() <= labels.items():
+                for port in service["spec"]["ports"]:
+                    target = str(port.get("targetPort", port["port"]))
+                    self.service_ports[f"{service['metadata']['name']}:{port['port']}"] = pod.ports[target]
+        return pod
+
+    def wait_ready(self, pod: Pod, deployment: str, timeout: float) -> None:
+        """Until the Deployment's readiness probe (an HTTP GET) answers 200."""
+        (container,) = one(self.overlay, "Deployment", deployment)["spec"]["template"]["spec"]["containers"]
+        probe = container["readinessProbe"]["httpGet"]
+        url = f"http://127.0.0.1:{pod.ports[str(probe['port'])]}{probe['path']}"
+        started = time.monotonic()
+        while time.monotonic() < started + timeout:
+            assert pod.process.poll() is None, pod.output()[-3000:]
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        self.announce(f"{pod.name} ready after {time.monotonic() - started:.0f}s")
+                        return
+            except OSError:  # refused, or 404 while no version is loaded
+                pass
+            time.sleep(1)
+        raise AssertionError(f"{pod.name} not ready at {url} within {timeout:.0f}s:\n{pod.output()[-3000:]}")
+
+    def stop(self) -> None:
+        for pod in self.pods:
+            if pod.process is not None and pod.process.poll() is None:
+                pod.process.terminate()
+        for pod in self.pods:
+            if pod.process is not None:
+                try:
+                    pod.process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    pod.process.kill()
+
+
+def _flag_value(args: list[str], name: str) -> str | None:
+    for arg in args:
+        flag, _, value = arg.partition("=")
+        if flag == name:
+            return value
+    return None
+
+
+def _derive_tf_config(env: dict[str, str]) -> str:
+    """TF_CONFIG as the pod derives it: `accresnet tf-config` with the pod's env."""
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "tf-config"], capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "PYTHONPATH": REPO, **env}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
