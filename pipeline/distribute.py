@@ -42,6 +42,13 @@ class Cluster:
         return self.num_workers > 1
 
     @property
+    def worker_index(self) -> int:
+        """This process's place among all workers, the chief (when there is one) first."""
+        if self.task_type == "chief":
+            return 0
+        return self.task_id + (1 if self.has_chief_task else 0)
+
+    @property
     def is_chief(self) -> bool:
         if self.has_chief_task:
             return self.task_type == "chief"

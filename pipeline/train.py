@@ -95,9 +95,11 @@ class Trainer:
     """Distributed train and evaluation steps around one model and optimizer."""
 
     def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
-                 optimizer: keras.optimizers.Optimizer, global_batch: int, jit: bool = False):
+                 optimizer: keras.optimizers.Optimizer, global_batch: int, jit: bool = False,
+                 cluster: Cluster | None = None):
         self.strategy, self.model, self.optimizer = strategy, model, optimizer
         self.global_batch = global_batch
+        self.cluster = cluster or Cluster()
         with strategy.scope():
             self.train_loss = keras.metrics.Mean(name="loss")
             self.train_accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
@@ -128,6 +130,27 @@ class Trainer:
         self.train_loss.update_state(per_example)
         self.train_accuracy.update_state(labels, probabilities)
         return tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
+
+    def distribute(self, dataset_fn):
+        """`dataset_fn(input_context)` as the input of this strategy's steps.
+
+        On GPUs: tf.data's per-device iterators, which prefetch onto each GPU.
+        On CPUs each replica reads its own pipeline on the host instead: those
+        per-device iterators start an autotuning thread that this project's
+        pipelines turn off, and destroying one waits for that thread's next
+        wake-up, up to a minute, at the end of every run and after every
+        evaluation; on CPUs their prefetch buys nothing. A worker of several
+        has one CPU replica, fed its own pipeline's batches as they are.
+        """
+        if tf.config.list_logical_devices("GPU"):
+            return self.strategy.distribute_datasets_from_function(dataset_fn)
+        if self.cluster.is_multi_worker:
+            return dataset_fn(tf.distribute.InputContext(self.cluster.num_workers, self.cluster.worker_index,
+                                                         self.strategy.num_replicas_in_sync))
+        options = tf.distribute.InputOptions(
+            experimental_fetch_to_device=False,
+            experimental_replication_mode=tf.distribute.InputReplicationMode.PER_REPLICA)
+        return self.strategy.distribute_datasets_from_function(dataset_fn, options)
 
     @tf.function
     def train_step(self, iterator) -> tf.Tensor:
@@ -167,7 +190,7 @@ class Trainer:
 
     def evaluate(self, split: datasets.Split) -> dict[str, float]:
         """Loss and accuracy over a whole split, every image counted once."""
-        dataset = self.strategy.distribute_datasets_from_function(
+        dataset = self.distribute(
             lambda context: input_pipeline.eval_dataset(
                 split, batch_size=context.get_per_replica_batch_size(self.global_batch),
                 global_batch=self.global_batch, input_context=context))
@@ -341,7 +364,7 @@ def train(config: TrainConfig) -> dict:
             set_pixel_mean(model, data.pixel_mean())
             schedule = learning_rate_schedule(recipe, learning_rate, length.total_steps)
             optimizer = make_optimizer(recipe, schedule, loss_scaling=policy == "mixed_float16")
-        trainer = Trainer(strategy, model, optimizer, global_batch, jit=config.jit)
+        trainer = Trainer(strategy, model, optimizer, global_batch, jit=config.jit, cluster=cluster)
         with strategy.scope():
             epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_variable)
@@ -358,13 +381,13 @@ def train(config: TrainConfig) -> dict:
 def _run_epochs(config: TrainConfig, trainer: Trainer, data: datasets.ImageData, files: RunFiles,
                 manager: tf.train.CheckpointManager, epoch_variable: tf.Variable, length: RunLength,
                 initial_epoch: int, settings: dict, cluster: Cluster, started: float) -> dict:
-    strategy, global_batch = trainer.strategy, trainer.global_batch
+    global_batch = trainer.global_batch
     history = [row for row in read_history(files.history) if int(row["epoch"]) <= initial_epoch]
     if cluster.is_chief:
         write_json(files.run, settings)
         # Rows past the checkpoint belong to an epoch that is about to be redone.
         write_history(files.history, history)
-    dataset = strategy.distribute_datasets_from_function(
+    dataset = trainer.distribute(
         lambda context: input_pipeline.train_dataset(
             data.train, batch_size=context.get_per_replica_batch_size(global_batch), seed=config.seed,
             start_epoch=initial_epoch, steps_per_epoch=length.steps_per_epoch, end_epoch=length.epochs,

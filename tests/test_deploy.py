@@ -82,7 +82,7 @@ def test_model_server_is_tf_serving_polling_the_shared_volume():
     assert {p["containerPort"] for p in container["ports"]} == {8500, 8501}
     assert "--model_config_file=/config/models.config" in container["args"]
     assert any(a.startswith("--file_system_poll_wait_seconds=") for a in container["args"])
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v1/models/accresnet"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v1/models/accresnet/metadata"
     assert "tcpSocket" in container["livenessProbe"]
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/models")
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])

@@ -148,7 +148,7 @@ def test_ports_probes_and_metrics_are_the_runtimes():
     assert ports == {"http": RUNTIME_REST_PORT, "grpc": RUNTIME_GRPC_PORT}
     # KServe's Service: the first port as port 80, the others under their own number.
     assert container["ports"][0]["name"] == "http"
-    assert container["readinessProbe"]["httpGet"] == {"path": f"/v1/models/{deployment.MODEL_NAME}",
+    assert container["readinessProbe"]["httpGet"] == {"path": f"/v1/models/{deployment.MODEL_NAME}/metadata",
                                                       "port": RUNTIME_REST_PORT}
     assert container["livenessProbe"]["tcpSocket"]["port"] == RUNTIME_GRPC_PORT
     annotations = inference_service()["spec"]["predictor"]["annotations"]

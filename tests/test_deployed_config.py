@@ -42,7 +42,7 @@ def test_the_deployed_paths_are_where_the_deployment_mounts_the_volume(overlay):
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == deployment.MODELS_DIR)
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     assert volume["persistentVolumeClaim"]["claimName"] == "accresnet-data"
-    assert container["readinessProbe"]["httpGet"]["path"] == f"/v1/models/{deployment.MODEL_NAME}"
+    assert container["readinessProbe"]["httpGet"]["path"] == f"/v1/models/{deployment.MODEL_NAME}/metadata"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert f"--port={ports['grpc']}" in container["args"]
     assert f"--rest_api_port={ports['http']}" in container["args"]

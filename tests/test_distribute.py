@@ -76,3 +76,12 @@ def test_explicit_tf_config_wins_and_port_is_configurable():
 def test_bad_indexed_job_variables(change, message):
     with pytest.raises(ClusterConfigError, match=message):
         tf_config_from_environment({**JOB, **change})
+
+
+def test_worker_index_puts_the_chief_first():
+    workers = {"worker": ["a:1", "b:1"]}
+    with_chief = {"chief": ["c:1"], "worker": ["a:1", "b:1"]}
+    index = lambda cluster, task: Cluster.from_tf_config(json.dumps({"cluster": cluster, "task": task})).worker_index  # noqa: E731
+    assert [index(workers, {"type": "worker", "index": i}) for i in (0, 1)] == [0, 1]
+    assert index(with_chief, {"type": "chief", "index": 0}) == 0
+    assert [index(with_chief, {"type": "worker", "index": i}) for i in (0, 1)] == [1, 2]

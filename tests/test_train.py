@@ -151,7 +151,7 @@ def test_batch_norm_statistics_agree_across_replicas_after_a_sync(split_factory)
     trainer = two_replica_trainer("accumulated", global_batch=32)
     model, strategy = trainer.model, trainer.strategy
     split = split_factory(128)
-    dataset = strategy.distribute_datasets_from_function(lambda context: input_pipeline.train_dataset(
+    dataset = trainer.distribute(lambda context: input_pipeline.train_dataset(
         split, batch_size=16, seed=0, start_epoch=0, steps_per_epoch=4, global_batch=32, input_context=context))
     iterator = iter(dataset)
     for _ in range(3):
