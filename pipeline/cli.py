@@ -157,7 +157,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     return run_demo(DemoConfig(output_dir=args.output_dir, dataset=args.dataset, data_dir=args.data_dir,
                                arch=args.arch, depth=args.depth, width=args.width, cardinality=args.cardinality,
-                               epochs=args.epochs, devices=args.devices, held_out=args.held_out))
+                               epochs=args.epochs, batch_size=args.batch_size, devices=args.devices,
+                               held_out=args.held_out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,13 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "PATH, else accresnet serve), classify held-out images through the gRPC client, print the "
                     "accuracy and stop the server.")
     demo.add_argument("--output-dir", default="demo-output", help="where everything goes (default: %(default)s)")
-    demo.add_argument("--dataset", default="synthetic", metavar="SPEC", help=DATASET_HELP)
+    demo.add_argument("--dataset", default="synthetic:3000", metavar="SPEC",
+                      help=f"{DATASET_HELP} (default: %(default)s)")
     demo.add_argument("--data-dir", help="TensorFlow Datasets data directory")
     demo.add_argument("--arch", choices=cfg.ARCHES, default="accumulated")
     demo.add_argument("--width", type=int, help="wrn: widening factor k; resnext: group width d")
     demo.add_argument("--cardinality", type=int, help="resnext: number of groups C")
     demo.add_argument("--depth", type=int, default=32)
     demo.add_argument("--epochs", type=int, help="training epochs (default: the quick recipe's 3)")
+    demo.add_argument("--batch-size", type=int, default=64, help="images per step (default: %(default)s)")
     demo.add_argument("--devices", type=int, help="replicas on this machine")
     demo.add_argument("--held-out", type=int, default=200, help="test images to classify (default: %(default)s)")
     demo.set_defaults(run=_run_demo)

@@ -30,13 +30,16 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     output_dir: str = "demo-output"
-    dataset: str = "synthetic"
+    # Sized for a 2-core CPU: 3000 built-in images, 3 epochs of batch 64, about two
+    # minutes of training; --dataset and --epochs make it bigger.
+    dataset: str = "synthetic:3000"
     data_dir: str | None = None
     arch: str = "accumulated"
     depth: int = 32
     width: int | None = None
     cardinality: int | None = None
     epochs: int | None = None
+    batch_size: int = 64
     devices: int | None = None
     held_out: int = 200
     examples: int = 8
@@ -87,7 +90,8 @@ def run_demo(config: DemoConfig) -> int:
     print(f"== 1/4 train {config.arch} ResNet-{config.depth} on {config.dataset} (quick recipe) -> {model_dir}")
     summary = train.train(TrainConfig(model_dir=str(model_dir), arch=config.arch, depth=config.depth,
                                       width=config.width, cardinality=config.cardinality, data=data_config,
-                                      recipe="quick", epochs=config.epochs, devices=config.devices))
+                                      recipe="quick", epochs=config.epochs, batch_size=config.batch_size,
+                                      devices=config.devices))
     final = summary["final"]
     print(f"   {summary['epochs_completed']} epochs, val accuracy {final.get('val_accuracy', float('nan')):.4f}, "
           f"{summary['train_images_per_sec'] or 0:.0f} images/s")
