@@ -33,7 +33,7 @@ import time
 import urllib.request
 
 from helpers import REPO, free_ports
-from manifests import ROOT, one, objects
+from manifests import ROOT, apply_slices, objects, one, selects
 from serving.deployment import Mapping, map_path, map_to_local
 
 TRAINER_COMMAND = "accresnet"
@@ -106,7 +106,7 @@ class LocalCluster:
             elif "emptyDir" in volume:
                 local = self.root / "pods" / pod_name / mount["name"]
             else:
-                raise NotImplementedError(f"volume kind of {volume['name']} is not mapped by the harness")
+                raise ValueError(f"volume kind of {volume['name']} is not mapped by the harness")
             local = local / mount.get("subPath", "")
             local.mkdir(parents=True, exist_ok=True)
             paths[mount["mountPath"]] = local
@@ -145,7 +145,7 @@ class LocalCluster:
             if stand_in is not None:
                 self._map(stand_in)
         else:
-            raise NotImplementedError(f"{pod_name}: no local stand-in for {entrypoint[0]}")
+            raise ValueError(f"{pod_name}: no local stand-in for {entrypoint[0]}")
         return command, image, program == MODEL_SERVER
 
     def pod(self, pod_name: str, pod: dict, extra_env: dict[str, str] | None = None) -> Pod:
@@ -254,6 +254,24 @@ class LocalCluster:
                 pass
             time.sleep(1)
         raise AssertionError(f"{pod.name} not ready at {url} within {timeout:.0f}s:\n{pod.output()[-3000:]}")
+
+    def apply_in_guide_order(self, timeouts: dict[str, float]) -> dict[str, Pod | list[Pod]]:
+        """docs/deployment.md's steps, in order: each step's Jobs run to completion and
+        its Deployments start and become ready, as `kubectl wait` and `rollout status`
+        wait for them there. Returns each workload's pods by name."""
+        started = {}
+        for step, selector in enumerate(apply_slices(), start=1):
+            chosen = [doc for doc in objects(self.overlay) if doc["kind"] in ("Job", "Deployment")
+                      and selects(selector, doc["metadata"].get("labels", {}))]
+            self.announce(f"step {step} ({selector}): {', '.join(d['metadata']['name'] for d in chosen)}")
+            for doc in chosen:
+                name = doc["metadata"]["name"]
+                if doc["kind"] == "Job":
+                    started[name] = self.run_job(name, timeouts[name])
+                else:
+                    started[name] = self.start_deployment(name)
+                    self.wait_ready(started[name], name, timeouts[name])
+        return started
 
     def stop(self) -> None:
         for pod in self.pods:

@@ -2,6 +2,7 @@
 
 import functools
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -80,3 +81,19 @@ def pod_specs(overlay: str):
                 yield doc, replica["template"]["spec"]
         elif doc["kind"] == "InferenceService":
             yield doc, predictor_pod_spec(doc)
+
+
+def apply_slices() -> list[str]:
+    """The label selectors of docs/deployment.md's `kubectl apply -k $OVERLAY -l ...` steps, in order."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    return re.findall(r"^kubectl apply -k \$OVERLAY -l '?([^'\s]+)'?$", text, re.MULTILINE)
+
+
+def selects(selector: str, labels: dict) -> bool:
+    """kubectl's equality selectors: k=v needs the label; k!=v also takes objects without it."""
+    for requirement in selector.split(","):
+        negated = "!=" in requirement
+        key, value = requirement.split("!=" if negated else "=")
+        if (labels.get(key) == value) == negated:
+            return False
+    return True

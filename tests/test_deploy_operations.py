@@ -11,7 +11,7 @@ import pytest
 import yaml
 from google.protobuf import text_format
 
-from manifests import OVERLAYS, ROOT, kubectl, objects, one, pod_specs
+from manifests import OVERLAYS, ROOT, apply_slices, kubectl, objects, one, pod_specs, selects
 from pipeline.cli import build_parser
 from serving import deployment
 from serving.server import protos
@@ -203,22 +203,6 @@ def test_the_dockerfile_says_how_to_build_the_gpu_images_under_their_names():
 
 
 # --- the guide's apply order -----------------------------------------------------------------
-
-def apply_slices() -> list[str]:
-    """The label selectors of docs/deployment.md's `kubectl apply -k $OVERLAY -l ...` steps, in order."""
-    text = (ROOT / "docs" / "deployment.md").read_text()
-    return re.findall(r"^kubectl apply -k \$OVERLAY -l '?([^'\s]+)'?$", text, re.MULTILINE)
-
-
-def selects(selector: str, labels: dict) -> bool:
-    """kubectl's equality selectors: k=v needs the label; k!=v also takes objects without it."""
-    for requirement in selector.split(","):
-        negated = "!=" in requirement
-        key, value = requirement.split("!=" if negated else "=")
-        if (labels.get(key) == value) == negated:
-            return False
-    return True
-
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_guides_apply_steps_take_every_object_once_in_dependency_order(overlay):

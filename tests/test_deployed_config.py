@@ -94,3 +94,13 @@ def test_map_path_takes_the_longest_matching_folder(tmp_path):
     assert deployment.map_path("/data/models/x", paths) == tmp_path / "b" / "x"
     assert deployment.map_path("/data/runs", paths) == tmp_path / "a" / "runs"
     assert deployment.map_path("/database", paths) is None
+
+
+def test_the_serving_guide_shows_the_deployed_flags():
+    text = (ROOT / "docs" / "serving.md").read_text()
+    section = text.split("## Serving, as deployed", 1)[1]
+    flags_block, docker_block = re.findall(r"```(?:sh)?\n(.*?)```", section, re.DOTALL)[:2]
+    assert flags_block.split() == list(deployment.DEPLOYED_FLAGS)
+    # The server's flags follow the image name.
+    server_args = docker_block.replace("\\\n", " ").split("tensorflow/serving:", 1)[1].split()[1:]
+    assert server_args == list(deployment.DEPLOYED_FLAGS)

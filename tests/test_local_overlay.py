@@ -1,7 +1,8 @@
-"""The Kubernetes local overlay, run as local processes (tests/local_cluster.py):
-the data Job writes the images, two training workers train and export to the
-shared volume, the model server started with the Deployment's args picks the
-version up, and the client Job classifies the images on the volume."""
+"""The Kubernetes local overlay, run as local processes (tests/local_cluster.py) in
+the order of docs/deployment.md: the data Job writes the images, two training
+workers train and export to the shared volume, the model server started with
+the Deployment's args loads the version, and the client Job classifies the
+images on the volume."""
 
 import collections
 import json
@@ -25,16 +26,14 @@ def test_the_dockerfile_names_both_images():
 def test_the_local_overlay_runs_end_to_end(tmp_path):
     cluster = LocalCluster(OVERLAY, tmp_path)
     try:
-        cluster.run_job("accresnet-prepare-data", timeout=120)
-        server = cluster.start_deployment("accresnet-serving")
-        workers = cluster.run_job("accresnet-train", timeout=600)
-        assert len(workers) == one(OVERLAY, "Job", "accresnet-train")["spec"]["completions"] == 2
-        # The Deployment polls the volume every 30 s: wait for its readiness probe.
-        cluster.wait_ready(server, "accresnet-serving", timeout=120)
-        (client,) = cluster.run_job("accresnet-classify", timeout=300)
+        pods = cluster.apply_in_guide_order({"accresnet-prepare-data": 120, "accresnet-train": 600,
+                                             "accresnet-serving": 120, "accresnet-classify": 300})
     finally:
         cluster.stop()
         print("\n".join(str(m) for m in cluster.mappings))
+    assert list(pods) == ["accresnet-prepare-data", "accresnet-train", "accresnet-serving", "accresnet-classify"]
+    assert len(pods["accresnet-train"]) == one(OVERLAY, "Job", "accresnet-train")["spec"]["completions"] == 2
+    (client,) = pods["accresnet-classify"]
     predictions = [json.loads(line) for line in client.output().splitlines() if line.startswith("{")]
     images = sorted((tmp_path / "volumes" / "accresnet-data" / "images").rglob("*.png"))
     assert len(predictions) == len(images) > 0
