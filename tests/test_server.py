@@ -423,14 +423,25 @@ def test_oversized_messages_are_refused(exported_model, tmp_path):
 def test_metrics_count_requests_by_model_and_status(served):
     clients, _ = served
     clients.predictions.Predict(predict_request(), timeout=30)
-    with pytest.raises(grpc.RpcError):
-        clients.predictions.Predict(predict_request(model="ghost"), timeout=30)
+    unknown_before = _count(clients, '{model_name="<unknown>",status="NOT_FOUND"}')
+    for name in ("ghost", "x" * 4000, "spectre"):
+        with pytest.raises(grpc.RpcError):
+            clients.predictions.Predict(predict_request(model=name), timeout=30)
+        clients.http(f"/v1/models/{name}")
     status, text = clients.http("/monitoring/prometheus/metrics")
     text = text.decode()
     assert status == 200
     assert ':tensorflow:serving:request_count{model_name="accresnet",status="OK"}' in text
-    assert ':tensorflow:serving:request_count{model_name="ghost",status="NOT_FOUND"} 1.0' in text
     assert ':tensorflow:serving:request_latency_bucket{API="predict",entrypoint="GRPC"' in text
+    # Names nobody configured never become label values: they are counted under one.
+    assert "ghost" not in text and "spectre" not in text and "xxxx" not in text
+    assert _count(clients, '{model_name="<unknown>",status="NOT_FOUND"}') == unknown_before + 6
+
+
+def _count(clients, labels: str) -> float:
+    text = clients.http("/monitoring/prometheus/metrics")[1].decode()
+    line = next((l for l in text.splitlines() if l.startswith(":tensorflow:serving:request_count" + labels)), None)
+    return 0.0 if line is None else float(line.rsplit(" ", 1)[1])
 
 
 # --- versions ------------------------------------------------------------------------------------------
@@ -498,24 +509,45 @@ def test_a_broken_version_is_skipped_and_the_current_one_keeps_serving(served):
         shutil.rmtree(broken)
 
 
-def test_reload_config_adds_and_removes_models(served):
-    clients, root = served
+def _reload_request(models: dict):
     config = model_management_pb2.ReloadConfigRequest()
-    for name in ("accresnet", "tf1", "tf1-copy"):
-        config.config.model_config_list.config.add(
-            name=name, base_path=str(root / ("accresnet" if name == "accresnet" else "tf1")),
-            model_platform="tensorflow")
-    response = clients.models.HandleReloadConfigRequest(config, timeout=60)
-    assert response.status.error_code == 0
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = "tf1-copy"
-    request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array([[1.0, 1.0]], np.float32)))
-    assert tf.make_ndarray(clients.predictions.Predict(request, timeout=30).outputs["y"]).tolist() == [[1.5]]
-    del config.config.model_config_list.config[2]
-    clients.models.HandleReloadConfigRequest(config, timeout=60)
+    for name, path in models.items():
+        config.config.model_config_list.config.add(name=name, base_path=str(path), model_platform="tensorflow")
+    return config
+
+
+def test_reload_config_is_off_unless_turned_on(served):
+    clients, root = served
     with pytest.raises(grpc.RpcError) as raised:
-        clients.predictions.Predict(request, timeout=30)
-    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        clients.models.HandleReloadConfigRequest(_reload_request({"accresnet": root / "accresnet"}), timeout=60)
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "--enable_model_reload_rpc" in raised.value.details()
+
+
+def test_reload_config_adds_and_removes_models_under_the_allowed_roots(exported_model, tmp_path):
+    shutil.copytree(exported_model, tmp_path / "models" / "accresnet" / "1")
+    build_tf1_saved_model(str(tmp_path / "models" / "tf1" / "7"))
+    server = start_server(tmp_path, {"accresnet": tmp_path / "models" / "accresnet"}, "--enable_model_reload_rpc")
+    try:
+        clients = Clients(server)
+        models = {"accresnet": tmp_path / "models" / "accresnet", "tf1-copy": tmp_path / "models" / "tf1"}
+        response = clients.models.HandleReloadConfigRequest(_reload_request(models), timeout=60)
+        assert response.status.error_code == 0
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "tf1-copy"
+        request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array([[1.0, 1.0]], np.float32)))
+        assert tf.make_ndarray(clients.predictions.Predict(request, timeout=30).outputs["y"]).tolist() == [[1.5]]
+        # Paths outside the roots (the folder of the configured models), also through "..", are refused.
+        for outside in ("/proc", tmp_path / "models" / ".." / "elsewhere", tmp_path):
+            with pytest.raises(grpc.RpcError) as raised:
+                clients.models.HandleReloadConfigRequest(_reload_request({"x": outside}), timeout=60)
+            assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED, outside
+        clients.models.HandleReloadConfigRequest(_reload_request({"accresnet": models["accresnet"]}), timeout=60)
+        with pytest.raises(grpc.RpcError) as raised:
+            clients.predictions.Predict(request, timeout=30)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        server.stop(grace=2)
 
 
 def test_version_labels_and_policies(exported_model, tmp_path):

@@ -7,6 +7,11 @@ has waited `batch_timeout_micros`, runs them as one batch (padded up to the
 next of `allowed_batch_sizes`, when given) and hands each request its rows.
 A request larger than `max_batch_size` is refused, as is one arriving when
 `max_enqueued_batches` full batches are already waiting.
+
+Beyond TF Serving: a request whose client is gone or whose deadline passed
+is dropped before its batch runs, and a batch that fails runs again request
+by request, so that one client's bad input (an undecodable file, say) fails
+only that client's request.
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
+from serving.server.calls import NO_CALL, Call
 from serving.server.errors import ServingError, invalid
 
 if TYPE_CHECKING:
     from serving.server.servable import Servable, Signature
 
 log = logging.getLogger(__name__)
+
+# How often a waiting request looks whether its caller is still there.
+CALLER_CHECK_SECONDS = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +93,7 @@ class _Task:
     rows: int
     enqueued: float
     future: concurrent.futures.Future
+    call: Call = NO_CALL
 
 
 @dataclasses.dataclass
@@ -110,18 +120,20 @@ class Batcher:
                          for i in range(options.num_batch_threads)]
         for thread in self._threads:
             thread.start()
-        self.batches_run = 0  # for tests and logs: how many batches ran
+        # For tests and logs: batches run, the largest, and failed batches run again request by request.
+        self.batches_run = 0
         self.largest_batch = 0
+        self.batches_split = 0
 
     def __call__(self, servable: Servable, signature: Signature, inputs: dict[str, np.ndarray],
-                 outputs: list[str]) -> dict[str, np.ndarray]:
+                 outputs: list[str], call: Call = NO_CALL) -> dict[str, np.ndarray]:
         count = batch_size(inputs)
         if count > self.options.max_batch_size:
             raise invalid(f"Task size {count} is larger than maximum input batch size "
                           f"{self.options.max_batch_size}")
         key = (id(servable), signature.key, tuple(outputs),
                tuple((alias, array.shape[1:], array.dtype.str) for alias, array in sorted(inputs.items())))
-        task = _Task(inputs, count, time.monotonic(), concurrent.futures.Future())
+        task = _Task(inputs, count, time.monotonic(), concurrent.futures.Future(), call)
         with self._condition:
             if self._closed:
                 raise ServingError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
@@ -132,7 +144,18 @@ class Batcher:
             queue = self._queues.setdefault(key, _Queue(servable, signature, list(outputs)))
             queue.tasks.append(task)
             self._condition.notify_all()
-        return task.future.result()
+        return self._wait(task)
+
+    @staticmethod
+    def _wait(task: _Task) -> dict[str, np.ndarray]:
+        """The task's result; gives up (and has it dropped) once its caller is gone."""
+        while True:
+            try:
+                return task.future.result(timeout=CALLER_CHECK_SECONDS)
+            except concurrent.futures.TimeoutError:
+                if task.call.abandoned:
+                    task.call.cancel()  # the batch thread drops it if it has not run yet
+                    task.call.check()
 
     def close(self) -> None:
         with self._condition:
@@ -178,33 +201,52 @@ class Batcher:
             self._run(*batch)
 
     def _run(self, queue: _Queue, tasks: list[_Task]) -> None:
+        live = []
+        for task in tasks:
+            if (error := task.call.error()) is not None:
+                task.future.set_exception(error)
+            else:
+                live.append(task)
+        if not live:
+            return
+        try:
+            results = self._run_merged(queue, live)
+        except Exception as error:
+            if len(live) == 1:
+                live[0].future.set_exception(error)
+                return
+            # One bad request must not fail the others: run each on its own.
+            log.info("a batch of %d requests failed (%s); running them one by one", len(live), error)
+            self.batches_split += 1
+            for task in live:
+                self._run(queue, [task])
+            return
+        start = 0
+        for task in live:
+            task.future.set_result({alias: value[start:start + task.rows] for alias, value in results.items()})
+            start += task.rows
+
+    def _run_merged(self, queue: _Queue, tasks: list[_Task]) -> dict[str, np.ndarray]:
         rows = sum(task.rows for task in tasks)
         padded = next((size for size in self.options.allowed_batch_sizes if size >= rows), rows)
         inputs = {}
         for alias in tasks[0].inputs:
-            merged = np.concatenate([task.inputs[alias] for task in tasks])
+            parts = [task.inputs[alias] for task in tasks]
             if padded > rows:  # pad with copies of the first row, dropped afterwards
-                merged = np.concatenate([merged, np.repeat(merged[:1], padded - rows, axis=0)])
-            inputs[alias] = merged
-        try:
-            results = queue.servable.run(queue.signature, inputs, queue.outputs)
-            for alias, value in results.items():
-                # TF Serving's words, with the output named.
-                if value.ndim == 0:
-                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                                       f"Batched output tensor has 0 dimensions (output '{alias}')")
-                if value.shape[0] != padded:
-                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
-                                       "Batched output tensor's 0th dimension does not equal the sum of the 0th "
-                                       f"dimension sizes of the input tensors (output '{alias}': "
-                                       f"{list(value.shape)} for {padded} rows)")
-        except Exception as error:
-            for task in tasks:
-                task.future.set_exception(error)
-            return
+                parts.append(np.repeat(parts[0][:1], padded - rows, axis=0))
+            inputs[alias] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        results = queue.servable.run(queue.signature, inputs, queue.outputs)
+        for alias, value in results.items():
+            # TF Serving's words, with the output named.
+            if value.ndim == 0:
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"Batched output tensor has 0 dimensions (output '{alias}')")
+            if value.shape[0] != padded:
+                raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   "Batched output tensor's 0th dimension does not equal the sum of the 0th "
+                                   f"dimension sizes of the input tensors (output '{alias}': "
+                                   f"{list(value.shape)} for {padded} rows)")
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, rows)
-        start = 0
-        for task in tasks:
-            task.future.set_result({alias: value[start:start + task.rows] for alias, value in results.items()})
-            start += task.rows
+        return results
+

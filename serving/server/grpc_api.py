@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from serving.server.calls import Call
 from serving.server.errors import ServingError
 from serving.server.metrics import ServingMetrics
 from serving.server.service import ModelServer
@@ -43,13 +44,16 @@ class _Handler:
 
 class PredictionServicer(_Handler, prediction_service_pb2_grpc.PredictionServiceServicer):
     def Predict(self, request, context):
-        return self._call("predict", request, context, self.server.predict)
+        return self._call("predict", request, context,
+                          lambda r: self.server.predict(r, call=Call.from_grpc(context)))
 
     def Classify(self, request, context):
-        return self._call("classify", request, context, self.server.classify)
+        return self._call("classify", request, context,
+                          lambda r: self.server.classify(r, call=Call.from_grpc(context)))
 
     def Regress(self, request, context):
-        return self._call("regress", request, context, self.server.regress)
+        return self._call("regress", request, context,
+                          lambda r: self.server.regress(r, call=Call.from_grpc(context)))
 
     def GetModelMetadata(self, request, context):
         return self._call("GetModelMetadata", request, context, self.server.get_model_metadata)

@@ -37,12 +37,13 @@ class RunningServer:
         from serving.server.service import ModelServer
 
         self.options = options
-        self.metrics = ServingMetrics()
         self.batcher = Batcher(options.batching) if options.batching else None
-        self.model_server = ModelServer(runner=self.batcher)
+        self.model_server = ModelServer(runner=self.batcher, max_request_tensor_bytes=options.max_request_tensor_bytes,
+                                        reload_roots=options.reload_roots)
         self.manager = ModelManager(list(options.model_configs),
                                     warm_up=self.model_server.warm_up if options.enable_model_warmup else None,
                                     poll_seconds=options.file_system_poll_wait_seconds)
+        self.metrics = ServingMetrics(is_configured=self.manager.knows)
         self.model_server.manager = self.manager
         self.health = Health()
         self._stopped = threading.Event()
@@ -54,17 +55,25 @@ class RunningServer:
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(options.grpc_max_threads),
                                        options=list(options.grpc_options))
         add_services(self.grpc_server, self.model_server, self.metrics, self.health)
-        address = f"0.0.0.0:{options.port}"
-        if options.ssl_config is not None:
-            ssl = options.ssl_config
-            credentials = grpc.ssl_server_credentials(
-                [(ssl.server_key.encode(), ssl.server_cert.encode())],
-                root_certificates=ssl.custom_ca.encode() or None, require_client_auth=ssl.client_verify)
-            self.port = self.grpc_server.add_secure_port(address, credentials)
-        else:
-            self.port = self.grpc_server.add_insecure_port(address)
+        host = options.grpc_bind_address
+        address = f"[{host}]:{options.port}" if ":" in host else f"{host}:{options.port}"
+        try:
+            if options.ssl_config is not None:
+                ssl = options.ssl_config
+                credentials = grpc.ssl_server_credentials(
+                    [(ssl.server_key.encode(), ssl.server_cert.encode())],
+                    root_certificates=ssl.custom_ca.encode() or None, require_client_auth=ssl.client_verify)
+                self.port = self.grpc_server.add_secure_port(address, credentials)
+            else:
+                self.port = self.grpc_server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            self.manager.stop()
+            raise OSError(f"cannot listen for gRPC on {address}: the port is in use or the address is not this "
+                          "machine's")
         self.grpc_server.start()
-        log.info("Running gRPC ModelServer at 0.0.0.0:%d ...", self.port)
+        log.info("Running gRPC ModelServer at %s ...", address.rsplit(":", 1)[0] + f":{self.port}")
         self.rest_port = None
         if options.rest_api_port:
             self._start_rest()

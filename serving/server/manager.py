@@ -116,11 +116,10 @@ class ModelManager:
         if poll:
             self.poll()
 
-    def model_names(self) -> list[str]:
+    def knows(self, name: str) -> bool:
+        """Whether `name` is a configured model (whatever its versions' state)."""
         with self._lock:
-            return sorted(self._models)
-
-    # --- polling ---------------------------------------------------------------------------
+            return name in self._models
 
     def start(self) -> None:
         """Poll now, then every `poll_seconds` in the background (0: only now)."""

@@ -4,12 +4,16 @@
     :tensorflow:serving:request_latency{model_name, API, entrypoint}   histogram, microseconds
 
 served at the monitoring config's path on the REST port when
-prometheus_config { enable: true } is given.
+prometheus_config { enable: true } is given. Only configured model names
+become label values; requests for any other name are counted under
+UNKNOWN_MODEL, so clients cannot grow the page (and the server's memory)
+with names of their choosing.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import Metric
@@ -17,6 +21,7 @@ from prometheus_client.core import Metric
 REQUEST_COUNT = ":tensorflow:serving:request_count"
 REQUEST_LATENCY = ":tensorflow:serving:request_latency"
 DEFAULT_PATH = "/monitoring/prometheus/metrics"
+UNKNOWN_MODEL = "<unknown>"
 # Microseconds, 10us to ~30s on a 1.5x ladder, close to TF Serving's buckets.
 LATENCY_BUCKETS = tuple(round(10 * 1.5**i) for i in range(37))
 
@@ -43,7 +48,8 @@ class _RequestCounter:
 
 
 class ServingMetrics:
-    def __init__(self):
+    def __init__(self, is_configured: Callable[[str], bool] = lambda name: True):
+        self._is_configured = is_configured
         disable_created_metrics()  # TF Serving exposes no *_created series
         self.registry = CollectorRegistry()
         self._requests = _RequestCounter()
@@ -53,6 +59,8 @@ class ServingMetrics:
                                   registry=self.registry)
 
     def record(self, model_name: str, api: str, entrypoint: str, status: str, seconds: float) -> None:
+        if not self._is_configured(model_name):
+            model_name = UNKNOWN_MODEL
         self._requests.inc(model_name, status)
         self._latency.labels(model_name, api, entrypoint).observe(seconds * 1e6)
 

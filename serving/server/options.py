@@ -18,6 +18,8 @@ from serving.server import protos
 from serving.server.batching import BatchingOptions
 
 DEFAULT_GRPC_MAX_MESSAGE = 2**31 - 1  # TF Serving accepts messages up to INT_MAX
+# What a request's tensors may declare once decoded: 256 MiB, some 80,000 32x32 RGB images.
+DEFAULT_MAX_REQUEST_TENSOR_BYTES = 256 << 20
 
 
 class OptionsError(ValueError):
@@ -56,6 +58,17 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     add("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True,
         help="replay assets.extra/tf_serving_warmup_requests before a version goes live (default: true)")
     add("--grpc_max_threads", type=int, default=32, help="threads serving gRPC requests (default: %(default)s)")
+    add("--grpc_bind_address", default="0.0.0.0",
+        help="address the gRPC API listens on; 0.0.0.0, as TF Serving, is every interface (default: %(default)s)")
+    add("--enable_model_reload_rpc", type=_bool, nargs="?", const=True, default=False,
+        help="allow ModelService.HandleReloadConfigRequest, which replaces the served models; off by default, "
+             "since any client that reaches the port could then unload models or load any SavedModel")
+    add("--model_reload_allowed_roots", default="",
+        help="with --enable_model_reload_rpc: comma-separated folders (or gs://... prefixes) under which a "
+             "reloaded model's base_path must lie (default: the folders of the models configured at start)")
+    add("--max_request_tensor_bytes", type=int, default=DEFAULT_MAX_REQUEST_TENSOR_BYTES,
+        help="bytes a Predict request's tensors may declare once decoded, checked before they are "
+             "(default: %(default)s, 256 MiB)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +87,10 @@ class ServerOptions:
     grpc_options: tuple[tuple[str, object], ...] = ()
     enable_model_warmup: bool = True
     grpc_max_threads: int = 32
+    max_request_tensor_bytes: int = DEFAULT_MAX_REQUEST_TENSOR_BYTES
+    grpc_bind_address: str = "0.0.0.0"
+    # Roots under which HandleReloadConfigRequest may load base paths; None turns the RPC off.
+    reload_roots: tuple[str, ...] | None = None
 
 
 def _read_text_proto(path: str, message, what: str):
@@ -106,6 +123,17 @@ def _grpc_arguments(text: str) -> tuple[tuple[str, object], ...]:
             raise OptionsError(f"--grpc_channel_arguments: {item!r} is not key=value")
         arguments.append((key.strip(), int(value) if value.strip().lstrip("-").isdigit() else value.strip()))
     return tuple(arguments)
+
+
+def _reload_roots(args: argparse.Namespace, models: list) -> tuple[str, ...] | None:
+    if not args.enable_model_reload_rpc:
+        if args.model_reload_allowed_roots:
+            raise OptionsError("--model_reload_allowed_roots needs --enable_model_reload_rpc")
+        return None
+    roots = [root.strip() for root in args.model_reload_allowed_roots.split(",") if root.strip()]
+    if not roots:
+        roots = [model.base_path.rstrip("/").rsplit("/", 1)[0] or "/" for model in models]
+    return tuple(dict.fromkeys(roots))
 
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
@@ -141,8 +169,9 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         ssl_config = _read_text_proto(args.ssl_config_file, protos.SSLConfig(), "SSLConfig")
         if not ssl_config.server_key or not ssl_config.server_cert:
             raise OptionsError(f"{args.ssl_config_file}: SSLConfig needs server_key and server_cert (PEM text)")
+    # No SO_REUSEPORT: a second server on the same port must fail to start, not share the traffic.
     grpc_options = dict([("grpc.max_receive_message_length", DEFAULT_GRPC_MAX_MESSAGE),
-                         ("grpc.max_send_message_length", DEFAULT_GRPC_MAX_MESSAGE)])
+                         ("grpc.max_send_message_length", DEFAULT_GRPC_MAX_MESSAGE), ("grpc.so_reuseport", 0)])
     grpc_options.update(_grpc_arguments(args.grpc_channel_arguments))
     return ServerOptions(
         port=args.port, rest_api_port=args.rest_api_port, rest_api_num_threads=args.rest_api_num_threads,
@@ -152,4 +181,6 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds, batching=batching,
         metrics_path=metrics_path, ssl_config=ssl_config, grpc_options=tuple(grpc_options.items()),
         enable_model_warmup=args.enable_model_warmup, grpc_max_threads=args.grpc_max_threads,
+        max_request_tensor_bytes=args.max_request_tensor_bytes, grpc_bind_address=args.grpc_bind_address,
+        reload_roots=_reload_roots(args, models),
     )

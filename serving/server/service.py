@@ -8,6 +8,7 @@ fail in the same way (TF Serving's status codes and, mostly, its messages).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import grpc
@@ -27,8 +28,10 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.apis import status_pb2
 
 from serving.server import tensors
+from serving.server.calls import NO_CALL, Call
 from serving.server.errors import ServingError, invalid
 from serving.server.manager import ModelManager
+from serving.server.options import DEFAULT_MAX_REQUEST_TENSOR_BYTES
 from serving.server.servable import (
     CLASSIFY_METHOD,
     PREDICT_METHOD,
@@ -42,19 +45,26 @@ log = logging.getLogger(__name__)
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
 EXAMPLES_INPUT = "inputs"  # the input key of classify and regress signatures
-Runner = Callable[[Servable, Signature, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
+Runner = Callable[[Servable, Signature, dict[str, np.ndarray], list[str], Call], dict[str, np.ndarray]]
 
 
-def _direct_runner(servable: Servable, signature: Signature, inputs, outputs):
+def _direct_runner(servable: Servable, signature: Signature, inputs, outputs, call: Call):
+    call.check()
     return servable.run(signature, inputs, outputs)
 
 
 class ModelServer:
-    """The APIs over a ModelManager; `runner` is where batching plugs in."""
+    """The APIs over a ModelManager; `runner` is where batching plugs in.
+    `max_request_tensor_bytes` bounds what a Predict request's tensors may
+    declare, checked before they are decoded."""
 
-    def __init__(self, manager: ModelManager | None = None, runner: Runner | None = None):
+    def __init__(self, manager: ModelManager | None = None, runner: Runner | None = None,
+                 max_request_tensor_bytes: int = DEFAULT_MAX_REQUEST_TENSOR_BYTES,
+                 reload_roots: tuple[str, ...] | None = None):
         self.manager = manager
         self.runner = runner or _direct_runner
+        self.max_request_tensor_bytes = max_request_tensor_bytes
+        self.reload_roots = reload_roots
 
     # --- finding the servable ------------------------------------------------------------
 
@@ -74,7 +84,7 @@ class ModelServer:
     # --- Predict -----------------------------------------------------------------------------
 
     def predict_arrays(self, servable: Servable, signature_key: str, inputs: dict[str, np.ndarray],
-                       output_filter: list[str]) -> tuple[Signature, dict[str, np.ndarray]]:
+                       output_filter: list[str], call: Call = NO_CALL) -> tuple[Signature, dict[str, np.ndarray]]:
         """Check a Predict request against the signature and run it."""
         signature = servable.signature(signature_key)
         if signature.method_name not in (PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD):
@@ -98,14 +108,14 @@ class ModelServer:
                               f"the set {{{','.join(sorted(signature.outputs))}}}.")
         if len(set(outputs)) != len(outputs):
             raise invalid(f"duplicate output tensor alias in output_filter: {outputs}")
-        return signature, self.runner(servable, signature, inputs, outputs or sorted(signature.outputs))
+        return signature, self.runner(servable, signature, inputs, outputs or sorted(signature.outputs), call)
 
-    def predict(self, request: predict_pb2.PredictRequest, servable: Servable | None = None
-                ) -> predict_pb2.PredictResponse:
+    def predict(self, request: predict_pb2.PredictRequest, servable: Servable | None = None,
+                call: Call = NO_CALL) -> predict_pb2.PredictResponse:
         servable = servable or self.resolve(request.model_spec)
-        inputs = {alias: tensors.to_array(proto, alias) for alias, proto in request.inputs.items()}
+        inputs = tensors.to_arrays(request.inputs, self.max_request_tensor_bytes)
         signature, outputs = self.predict_arrays(servable, request.model_spec.signature_name, inputs,
-                                                 list(request.output_filter))
+                                                 list(request.output_filter), call)
         response = predict_pb2.PredictResponse()
         self._response_spec(response.model_spec, request.model_spec.name, servable, signature.key)
         for alias, value in outputs.items():
@@ -115,7 +125,7 @@ class ModelServer:
     # --- Classify and Regress ----------------------------------------------------------------------
 
     def _run_examples(self, servable: Servable, signature_key: str, method: str, kind: str,
-                      examples: list[bytes]) -> tuple[Signature, dict[str, np.ndarray]]:
+                      examples: list[bytes], call: Call) -> tuple[Signature, dict[str, np.ndarray]]:
         """Check a classify/regress signature as TF Serving does, then run it on the examples."""
         signature = servable.signature(signature_key)
         if signature.method_name != method:
@@ -133,14 +143,14 @@ class ModelServer:
             raise invalid(f"Expected the {kind} input '{EXAMPLES_INPUT}' to be DT_STRING (serialized tf.Example); "
                           f"it is {signature.inputs[EXAMPLES_INPUT].dtype.name}")
         batch = np.array(examples, dtype=object)
-        return signature, self.runner(servable, signature, {EXAMPLES_INPUT: batch}, sorted(signature.outputs))
+        return signature, self.runner(servable, signature, {EXAMPLES_INPUT: batch}, sorted(signature.outputs), call)
 
-    def classify(self, request: classification_pb2.ClassificationRequest, servable: Servable | None = None
-                 ) -> classification_pb2.ClassificationResponse:
+    def classify(self, request: classification_pb2.ClassificationRequest, servable: Servable | None = None,
+                 call: Call = NO_CALL) -> classification_pb2.ClassificationResponse:
         servable = servable or self.resolve(request.model_spec)
         examples = serialized_examples(request.input)
         signature, outputs = self._run_examples(servable, request.model_spec.signature_name, CLASSIFY_METHOD,
-                                                "classification", examples)
+                                                "classification", examples, call)
         classes, scores = outputs.get("classes"), outputs.get("scores")
         if classes is None and scores is None:
             raise invalid("Expected classification signature outputs to contain 'classes' and/or 'scores'")
@@ -164,12 +174,12 @@ class ModelServer:
                     item.score = float(scores[i, j])
         return response
 
-    def regress(self, request: regression_pb2.RegressionRequest, servable: Servable | None = None
-                ) -> regression_pb2.RegressionResponse:
+    def regress(self, request: regression_pb2.RegressionRequest, servable: Servable | None = None,
+                call: Call = NO_CALL) -> regression_pb2.RegressionResponse:
         servable = servable or self.resolve(request.model_spec)
         examples = serialized_examples(request.input)
         signature, outputs = self._run_examples(servable, request.model_spec.signature_name, REGRESS_METHOD,
-                                                "regression", examples)
+                                                "regression", examples, call)
         values = outputs.get("outputs")
         if values is None:
             raise invalid("Expected regression signature outputs to contain 'outputs'")
@@ -219,11 +229,23 @@ class ModelServer:
 
     def reload_config(self, request: model_management_pb2.ReloadConfigRequest
                       ) -> model_management_pb2.ReloadConfigResponse:
+        if self.reload_roots is None:
+            raise ServingError(grpc.StatusCode.PERMISSION_DENIED,
+                               "HandleReloadConfigRequest is turned off on this server; start it with "
+                               "--enable_model_reload_rpc (and --model_reload_allowed_roots) to allow it")
         config = request.config
         if config.WhichOneof("config") != "model_config_list":
             raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
                                "only model_config_list configurations are supported")
-        self.manager.set_config(list(config.model_config_list.config))
+        models = list(config.model_config_list.config)
+        for model in models:
+            if not model.name or not model.base_path:
+                raise invalid("every model needs a name and a base_path")
+            if not under_any(model.base_path, self.reload_roots):
+                raise ServingError(grpc.StatusCode.PERMISSION_DENIED,
+                                   f"model {model.name}: base_path {model.base_path} is not under the allowed roots "
+                                   f"({', '.join(self.reload_roots)}; --model_reload_allowed_roots)")
+        self.manager.set_config(models)
         return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto(error_code=0))
 
     # --- warmup ----------------------------------------------------------------------------------------
@@ -247,6 +269,16 @@ class ModelServer:
                 raise ValueError(f"warmup record of type {kind} is not supported")
             count += 1
         log.info("%s version %d: replayed %d warmup request(s)", servable.name, servable.version, count)
+
+
+def under_any(path: str, roots: tuple[str, ...]) -> bool:
+    """Whether `path` lies under one of `roots`, after resolving `..` and symbolic links
+    of local paths (so that /models/../proc is not under /models)."""
+    def normal(value: str) -> str:
+        return value.rstrip("/") if "://" in value else os.path.realpath(value)
+
+    resolved = normal(path)
+    return any(resolved == normal(root) or resolved.startswith(normal(root).rstrip("/") + "/") for root in roots)
 
 
 def serialized_examples(request_input: input_pb2.Input) -> list[bytes]:

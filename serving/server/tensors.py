@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
+import grpc
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
-from serving.server.errors import invalid
+from serving.server.errors import ServingError, invalid
 
 # The typed repeated field TF Serving fills for each dtype (Tensor::AsProtoField).
 _VALUE_FIELDS = {
@@ -28,13 +31,55 @@ _VALUE_FIELDS = {
 _HALF_TYPES = (types_pb2.DT_HALF, types_pb2.DT_BFLOAT16)
 
 
-def to_array(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
-    """A request tensor as a numpy array; malformed protos are INVALID_ARGUMENT."""
+def declared_size(proto: tensor_pb2.TensorProto, alias: str) -> tuple[tuple[int, ...], int]:
+    """The shape a request tensor declares and the bytes it would take once decoded,
+    read from the proto's header alone: nothing is allocated yet."""
+    if proto.tensor_shape.unknown_rank:
+        raise invalid(f"tensor parsing error: {alias} (a request tensor needs a known shape)")
+    shape = tuple(dim.size for dim in proto.tensor_shape.dim)
+    if any(size < 0 for size in shape):
+        raise invalid(f"tensor parsing error: {alias} (negative dimension in shape {list(shape)})")
+    elements = math.prod(shape)
+    if proto.dtype == types_pb2.DT_STRING:
+        # Each string is as long as the bytes that carry it, which the message holds already;
+        # a declared element count past the values given costs a reference each.
+        return shape, elements * 8 + sum(len(value) for value in proto.string_val)
     try:
-        array = tf.make_ndarray(proto)
+        itemsize = tf.dtypes.as_dtype(proto.dtype).size
+    except (TypeError, ValueError):
+        raise invalid(f"tensor parsing error: {alias} (unsupported dtype {proto.dtype})") from None
+    return shape, elements * itemsize
+
+
+def to_array(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
+    """A request tensor as a numpy array; malformed protos are INVALID_ARGUMENT.
+    `tensor_content` is read in place, without a copy. Bound the size first
+    (`to_arrays`): TensorFlow fills a tensor with its last value when fewer
+    values than elements are given, so a few bytes can declare gigabytes."""
+    shape, size = declared_size(proto, alias)
+    if proto.tensor_content and proto.dtype != types_pb2.DT_STRING:
+        dtype = tf.dtypes.as_dtype(proto.dtype).as_numpy_dtype
+        if len(proto.tensor_content) != size:
+            raise invalid(f"tensor parsing error: {alias} (tensor_content has {len(proto.tensor_content)} bytes; "
+                          f"shape {list(shape)} of {tf.dtypes.as_dtype(proto.dtype).name} needs {size})")
+        return np.frombuffer(proto.tensor_content, dtype=dtype).reshape(shape)
+    try:
+        return tf.make_ndarray(proto)
     except Exception as error:  # make_ndarray raises TypeError/ValueError on bad protos
         raise invalid(f"tensor parsing error: {alias} ({error})") from None
-    return array
+
+
+def to_arrays(protos, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """A request's {alias: TensorProto} as arrays, their declared sizes summed and
+    checked against `max_bytes` before any is decoded."""
+    sizes = {alias: declared_size(proto, alias) for alias, proto in protos.items()}
+    total = sum(size for _, size in sizes.values())
+    if max_bytes is not None and total > max_bytes:
+        shapes = ", ".join(f"{alias} {list(shape)}" for alias, (shape, _) in sorted(sizes.items()))
+        raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"the inputs ({shapes}) declare {total} bytes once decoded, more than the {max_bytes} "
+                           "bytes a request may take (--max_request_tensor_bytes)")
+    return {alias: to_array(proto, alias) for alias, proto in protos.items()}
 
 
 def to_proto(value) -> tensor_pb2.TensorProto:

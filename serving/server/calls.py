@@ -1,0 +1,56 @@
+"""One request's life: abandoned once its deadline passes or its client leaves.
+
+The transports make a `Call` per request (gRPC from its context's deadline and
+liveness, REST from its timeout and connection) and the model server checks it
+before the expensive part: a request nobody waits for any more is dropped
+before it runs, and never holds a thread or a batch slot.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from serving.server.errors import ServingError
+
+
+class Call:
+    def __init__(self, timeout: float | None = None, alive: Callable[[], bool] | None = None):
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self._alive = alive
+        self._cancelled = threading.Event()
+
+    @classmethod
+    def from_grpc(cls, context: grpc.ServicerContext) -> Call:
+        remaining = context.time_remaining()
+        return cls(timeout=remaining, alive=context.is_active)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    @property
+    def abandoned(self) -> bool:
+        """Cancelled, past its deadline, or its client is gone."""
+        return self._cancelled.is_set() or self.expired or (self._alive is not None and not self._alive())
+
+    def error(self) -> ServingError | None:
+        """DEADLINE_EXCEEDED or CANCELLED when nobody waits for the answer any more, else None."""
+        if self.expired:
+            return ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed before it ran")
+        if self.abandoned:
+            return ServingError(grpc.StatusCode.CANCELLED, "the client left before the request ran")
+        return None
+
+    def check(self) -> None:
+        if (error := self.error()) is not None:
+            raise error
+
+
+NO_CALL = Call()  # for work with no client (warmup)
