@@ -169,3 +169,50 @@ def test_the_grpc_api_binds_the_address_it_is_given(model_root, tmp_path, caplog
         assert Clients(server).predictions.Predict(predict_request(model="m", batch=images(1)), timeout=30)
     finally:
         server.stop(grace=2)
+
+
+def _status(clients, model):
+    from tensorflow_serving.apis import get_model_status_pb2
+
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = model
+    return clients.models.GetModelStatus(request, timeout=30).model_version_status
+
+
+def test_a_version_copied_in_pieces_loads_once_its_files_are_complete(model_root, tmp_path):
+    """saved_model.pb first, the variables later: the first load fails, the finished copy loads."""
+    from tensorflow_serving.apis import get_model_status_pb2
+
+    target = tmp_path / "m" / "1"
+    target.mkdir(parents=True)
+    shutil.copy(model_root / "m" / "1" / "saved_model.pb", target)
+    server = start_server(tmp_path, {"m": tmp_path / "m"}, "--max_num_load_retries=0")
+    try:
+        clients = Clients(server)
+        (status,) = _status(clients, "m")
+        assert status.state == get_model_status_pb2.ModelVersionStatus.END and status.status.error_code != 0
+        for item in (model_root / "m" / "1").iterdir():
+            if item.name != "saved_model.pb":
+                (shutil.copytree if item.is_dir() else shutil.copy)(item, target / item.name)
+        deadline = time.monotonic() + 60
+        while _status(clients, "m")[0].state != get_model_status_pb2.ModelVersionStatus.AVAILABLE:
+            assert time.monotonic() < deadline, "the completed version was never loaded again"
+            time.sleep(0.3)
+        assert clients.predictions.Predict(predict_request(model="m", batch=images(1)), timeout=30).outputs
+    finally:
+        server.stop(grace=2)
+
+
+def test_a_failed_load_is_tried_again_after_the_interval(tmp_path, caplog):
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "saved_model.pb").write_bytes(b"garbage")
+    with caplog.at_level("ERROR", logger="serving.server.manager"):
+        server = start_server(tmp_path, {"m": tmp_path / "m"}, "--max_num_load_retries=2",
+                              "--load_retry_interval_micros=300000")
+        try:
+            time.sleep(4)  # polls every second: 1 load and 2 tries, then no more
+        finally:
+            server.stop(grace=2)
+    failures = [r for r in caplog.records if "could not load m version 1" in r.getMessage()]
+    assert len(failures) == 3
+    assert "tried again only when its files change" in failures[-1].getMessage()

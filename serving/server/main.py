@@ -32,7 +32,7 @@ class RunningServer:
     def __init__(self, options):
         from serving.server.batching import Batcher
         from serving.server.grpc_api import Health, add_services
-        from serving.server.manager import ModelManager
+        from serving.server.manager import LoadRetries, ModelManager
         from serving.server.metrics import ServingMetrics
         from serving.server.service import ModelServer
 
@@ -42,7 +42,9 @@ class RunningServer:
                                         reload_roots=options.reload_roots)
         self.manager = ModelManager(list(options.model_configs),
                                     warm_up=self.model_server.warm_up if options.enable_model_warmup else None,
-                                    poll_seconds=options.file_system_poll_wait_seconds)
+                                    poll_seconds=options.file_system_poll_wait_seconds,
+                                    retries=LoadRetries(options.max_num_load_retries,
+                                                        options.load_retry_interval_micros / 1e6))
         self.metrics = ServingMetrics(is_configured=self.manager.knows)
         self.model_server.manager = self.manager
         self.health = Health()

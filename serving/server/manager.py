@@ -5,7 +5,10 @@ versions the model's version policy wants (the latest by default), loads and
 warms up the new ones, and only then makes them available and unloads the
 ones no longer wanted, so requests never see a gap. A version that fails to
 load is logged and marked END with its error; the versions already serving
-keep serving, and the broken one is tried again only when its folder changes.
+keep serving. As TF Serving's --max_num_load_retries and
+--load_retry_interval_micros say, a failed load is tried again a few times
+after an interval; and whenever any file of its folder changes (a copy that
+was still under way has finished, say) it is tried again at once.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -36,6 +40,16 @@ class VersionRecord:
     error_code: grpc.StatusCode = grpc.StatusCode.OK
     error_message: str = ""
     fingerprint: tuple | None = None  # the folder as it was when loaded or when it failed
+    failed_loads: int = 0  # in a row, on this fingerprint
+    retry_after: float = 0.0  # monotonic time of the next try after a failure
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadRetries:
+    """TF Serving's defaults: 5 more tries, a minute apart."""
+
+    max_retries: int = 5
+    interval_seconds: float = 60.0
 
 
 @dataclasses.dataclass
@@ -45,15 +59,16 @@ class ModelState:
 
 
 def _fingerprint(path: str) -> tuple:
-    """Changes when the version folder or its saved_model.pb changes."""
+    """Changes when any file under the version folder appears, goes or changes."""
     parts = []
-    for item in (path, tf.io.gfile.join(path, "saved_model.pb")):
-        try:
-            stat = tf.io.gfile.stat(item)
-            parts.append((stat.mtime_nsec, stat.length))
-        except tf.errors.NotFoundError:
-            parts.append(None)
-    return tuple(parts)
+    try:
+        for folder, _, files in tf.io.gfile.walk(path):
+            for name in sorted(files):
+                stat = tf.io.gfile.stat(tf.io.gfile.join(folder, name))
+                parts.append((folder, name, stat.mtime_nsec, stat.length))
+    except tf.errors.OpError:  # vanished while walking: it changes again
+        parts.append(None)
+    return tuple(sorted(parts, key=repr))
 
 
 def list_versions(base_path: str) -> dict[int, str]:
@@ -86,8 +101,10 @@ class ModelManager:
     """The served models' versions; thread-safe, polled in the background."""
 
     def __init__(self, configs: list[model_server_config_pb2.ModelConfig],
-                 warm_up: Callable[[Servable], None] | None = None, poll_seconds: float = 1.0):
+                 warm_up: Callable[[Servable], None] | None = None, poll_seconds: float = 1.0,
+                 retries: LoadRetries = LoadRetries()):
         self._warm_up = warm_up
+        self._retries = retries
         self._poll_seconds = poll_seconds
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()  # one poll at a time: the timer's or a reload's
@@ -170,26 +187,37 @@ class ModelManager:
                 log.info("unloaded %s version %d", config.name, version)
 
     def _maybe_load(self, name: str, version: int, path: str) -> None:
-        fingerprint = _fingerprint(path)
         with self._lock:
             state = self._models.get(name)
             if state is None:
                 return
             record = state.versions.get(version)
-            failed_here = record is not None and record.error_code != grpc.StatusCode.OK \
-                and record.fingerprint == fingerprint
-            if record is not None and (record.state in (State.LOADING, State.AVAILABLE) or failed_here):
-                return  # loaded (or loading) already, or failed on exactly this folder
-            record = state.versions[version] = VersionRecord(version, State.LOADING, fingerprint=fingerprint)
+            if record is not None and record.state in (State.LOADING, State.AVAILABLE):
+                return
+        fingerprint = _fingerprint(path)
+        with self._lock:
+            if record is not None and record.error_code != grpc.StatusCode.OK and record.fingerprint == fingerprint:
+                if record.failed_loads > self._retries.max_retries or time.monotonic() < record.retry_after:
+                    return  # failed on exactly this folder: no more tries, or not yet
+                failed_loads = record.failed_loads
+            else:
+                failed_loads = 0  # a new folder, or its files changed: a fresh start
+            record = state.versions[version] = VersionRecord(version, State.LOADING, fingerprint=fingerprint,
+                                                             failed_loads=failed_loads)
         try:
             servable = Servable(name, version, path)
             if self._warm_up is not None:
                 self._warm_up(servable)
         except Exception as error:  # any broken folder: log it and keep serving the others
             message = f"{type(error).__name__}: {error}"
-            log.error("could not load %s version %d from %s: %s", name, version, path, message)
             with self._lock:
+                record.failed_loads += 1
+                record.retry_after = time.monotonic() + self._retries.interval_seconds
                 record.state, record.error_code, record.error_message = State.END, grpc.StatusCode.UNKNOWN, message
+                retries_left = self._retries.max_retries + 1 - record.failed_loads
+            log.error("could not load %s version %d from %s (%s); %s", name, version, path, message,
+                      f"{retries_left} more tries, or when its files change" if retries_left > 0
+                      else "tried again only when its files change")
             return
         with self._lock:
             record.servable, record.state = servable, State.AVAILABLE

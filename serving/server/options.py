@@ -58,6 +58,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     add("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True,
         help="replay assets.extra/tf_serving_warmup_requests before a version goes live (default: true)")
     add("--grpc_max_threads", type=int, default=32, help="threads serving gRPC requests (default: %(default)s)")
+    add("--max_num_load_retries", type=int, default=5,
+        help="tries after a version fails to load, --load_retry_interval_micros apart; a version whose files "
+             "change is tried again at once (default: %(default)s)")
+    add("--load_retry_interval_micros", type=int, default=60_000_000,
+        help="wait between load tries, in microseconds (default: %(default)s)")
     add("--grpc_bind_address", default="0.0.0.0",
         help="address the gRPC API listens on; 0.0.0.0, as TF Serving, is every interface (default: %(default)s)")
     add("--enable_model_reload_rpc", type=_bool, nargs="?", const=True, default=False,
@@ -89,6 +94,8 @@ class ServerOptions:
     grpc_max_threads: int = 32
     max_request_tensor_bytes: int = DEFAULT_MAX_REQUEST_TENSOR_BYTES
     grpc_bind_address: str = "0.0.0.0"
+    max_num_load_retries: int = 5
+    load_retry_interval_micros: int = 60_000_000
     # Roots under which HandleReloadConfigRequest may load base paths; None turns the RPC off.
     reload_roots: tuple[str, ...] | None = None
 
@@ -182,5 +189,6 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         metrics_path=metrics_path, ssl_config=ssl_config, grpc_options=tuple(grpc_options.items()),
         enable_model_warmup=args.enable_model_warmup, grpc_max_threads=args.grpc_max_threads,
         max_request_tensor_bytes=args.max_request_tensor_bytes, grpc_bind_address=args.grpc_bind_address,
-        reload_roots=_reload_roots(args, models),
+        reload_roots=_reload_roots(args, models), max_num_load_retries=args.max_num_load_retries,
+        load_retry_interval_micros=args.load_retry_interval_micros,
     )
