@@ -16,6 +16,12 @@ trainer's `folder:` reader and the client, which use Pillow
 What still differs: Pillow rounds to 8 bits between its horizontal and
 vertical resize passes, so a pixel may differ by one level; 16-bit PNGs are
 scaled to 8 bits by their own range in Pillow and by 1/257 in TensorFlow.
+
+Before anything is decoded, the size the file declares in its header is
+checked: a 64 KB PNG may declare 23000x23000 pixels, 1.6 GB once decoded.
+Files declaring more than MAX_DECODED_PIXELS, and formats other than JPEG,
+PNG, GIF and BMP, are refused with INVALID_ARGUMENT, in TF Serving too,
+since the check is part of the graph.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ JPEG_SCALES = (1, 2, 4, 8)
 EXIF_SEARCH_BYTES = 1 << 16
 ORIENTATION_TAG = 0x0112
 MAX_IFD_ENTRIES = 64
+# 4096x4096: a 48 MiB RGB image, far above what a 32x32 classifier needs.
+MAX_DECODED_PIXELS = 4096 * 4096
 
 
 def is_jpeg(data: tf.Tensor) -> tf.Tensor:
@@ -99,6 +107,47 @@ def jpeg_draft_scale(data: tf.Tensor) -> tf.Tensor:
     return tf.reduce_max(tf.boolean_mask(tf.constant(JPEG_SCALES), tf.constant(JPEG_SCALES) <= tf.maximum(fits, 1)))
 
 
+def declared_pixels(data: tf.Tensor) -> tf.Tensor:
+    """The pixels the decoder would allocate for an encoded file, from its header
+    alone (int64); -1 for a format other than JPEG, PNG, GIF and BMP."""
+    def header(offset: int, count: int, little_endian: bool) -> tf.Tensor:
+        return _unsigned(_read_bytes(data, tf.constant(offset), count), tf.constant(little_endian))
+
+    def jpeg():
+        shape = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
+        scale = tf.cast(jpeg_draft_scale(data), tf.int64)
+        return ((shape[0] + scale - 1) // scale) * ((shape[1] + scale - 1) // scale)
+
+    def bmp():
+        # Signed 32-bit width and height; a negative height means top-down rows.
+        width, height = header(18, 4, True), header(22, 4, True)
+        signed = lambda value: tf.where(value >= 2**31, value - 2**32, value)  # noqa: E731
+        return tf.abs(signed(width)) * tf.abs(signed(height))
+
+    magic = tf.strings.substr(data, 0, tf.minimum(tf.strings.length(data), 8))
+    is_png = tf.equal(magic, b"\x89PNG\r\n\x1a\n")
+    is_gif = tf.strings.regex_full_match(tf.strings.substr(magic, 0, tf.minimum(tf.strings.length(magic), 6)),
+                                         "GIF8[79]a")
+    is_bmp = tf.equal(tf.strings.substr(magic, 0, tf.minimum(tf.strings.length(magic), 2)), b"BM")
+    return tf.case([(is_jpeg(data), jpeg),
+                    (is_png, lambda: header(16, 4, False) * header(20, 4, False)),
+                    (is_gif, lambda: header(6, 2, True) * header(8, 2, True)),
+                    (is_bmp, bmp)],
+                   default=lambda: tf.constant(-1, tf.int64))
+
+
+def check_declared_size(data: tf.Tensor) -> tf.Tensor:
+    """An assertion that the file is of a known format and declares at most MAX_DECODED_PIXELS."""
+    pixels = declared_pixels(data)
+    known = tf.debugging.assert_non_negative(
+        pixels, message="unsupported image format: serving_bytes and classify take JPEG, PNG, GIF and BMP files")
+    with tf.control_dependencies([known]):
+        return tf.debugging.assert_less_equal(
+            pixels, tf.constant(MAX_DECODED_PIXELS, tf.int64),
+            message=f"the image declares more pixels than the {MAX_DECODED_PIXELS} a request may decode "
+                    "(width x height in its header, at JPEG's reduced decoding scale)")
+
+
 def _decode_jpeg(data: tf.Tensor) -> tf.Tensor:
     scale = jpeg_draft_scale(data)
     branches = {index: (lambda ratio=ratio: tf.io.decode_jpeg(data, channels=3, ratio=ratio,
@@ -111,9 +160,10 @@ def _decode_jpeg(data: tf.Tensor) -> tf.Tensor:
 def decode_image(data: tf.Tensor) -> tf.Tensor:
     """Encoded PNG/JPEG/GIF/BMP bytes -> uint8 [32, 32, 3]: the first frame of an
     animation, greyscale and alpha mapped to RGB, EXIF orientation applied,
-    resized bilinearly with antialiasing."""
-    image = tf.cond(is_jpeg(data), lambda: _decode_jpeg(data),
-                    lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8))
+    resized bilinearly with antialiasing. Refuses what check_declared_size refuses."""
+    with tf.control_dependencies([check_declared_size(data)]):
+        image = tf.cond(is_jpeg(data), lambda: _decode_jpeg(data),
+                        lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8))
     image = apply_orientation(image, exif_orientation(data))
     # Two passes, rounded to 8 bits in between, in Pillow's order: width, then height.
     image = _resize_rounded(image, (tf.shape(image)[0], SIZE))

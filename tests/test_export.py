@@ -135,6 +135,23 @@ def test_bytes_signature_decodes_any_format_size_and_mode(exported_model):
         loaded.signatures["serving_bytes"](image_bytes=tf.constant([b"not an image"]))
 
 
+def test_serving_bytes_refuses_what_would_decode_too_large_or_is_no_known_format(exported_model):
+    from pipeline.image_decoding import MAX_DECODED_PIXELS
+    from test_server_hardening import png_declaring
+
+    serve = tf.saved_model.load(str(exported_model)).signatures["serving_bytes"]
+    side = int(MAX_DECODED_PIXELS ** 0.5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more pixels than"):
+        serve(image_bytes=tf.constant([png_declaring(side + 1, side)]))
+    webp = io.BytesIO()
+    Image.fromarray(images(1)[0]).save(webp, format="WEBP")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="unsupported image format"):
+        serve(image_bytes=tf.constant([webp.getvalue()]))
+    # A large photo is fine: JPEGs are decoded at a reduced scale.
+    photo = np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)
+    assert serve(image_bytes=tf.constant([encode(photo, "JPEG")]))["probabilities"].shape == (1, 10)
+
+
 def test_versions_count_up_and_concurrent_exports_never_collide(trained_run, tmp_path):
     model, class_names = export.restore_trained_model(trained_run)
     first = pathlib.Path(export.export_saved_model(model, class_names, tmp_path))

@@ -216,3 +216,30 @@ def test_a_failed_load_is_tried_again_after_the_interval(tmp_path, caplog):
     failures = [r for r in caplog.records if "could not load m version 1" in r.getMessage()]
     assert len(failures) == 3
     assert "tried again only when its files change" in failures[-1].getMessage()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A small PNG whose header declares width x height pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 65536, 9))
+            + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_decoded(served):
+    _, clients = served
+    before = rss_mib()
+    for _ in range(4):
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name, request.model_spec.signature_name = "m", "serving_bytes"
+        request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([png_declaring(23000, 23000)]))
+        with pytest.raises(grpc.RpcError) as raised:
+            clients.predictions.Predict(request, timeout=60)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "more pixels than" in raised.value.details()
+    assert rss_mib() - before < 100
