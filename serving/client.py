@@ -193,10 +193,26 @@ class Classifier:
         takes_bytes = self.signature_input().takes_bytes
         pending: list[tuple[str, object]] = []
 
+        def answers(items: list[tuple[str, object]]):
+            """(path, answer, row) for each item; a file the server cannot decode is
+            reported on its own (its batch is sent again one file at a time)."""
+            batch = [item for _, item in items]
+            try:
+                answer = self.answer(batch if takes_bytes else np.stack(batch))
+            except ClientError as error:
+                if error.code != grpc.StatusCode.INVALID_ARGUMENT or not takes_bytes or on_error is None:
+                    raise
+                if len(items) == 1:
+                    on_error(items[0][0], error)
+                    return
+                for item in items:
+                    yield from answers([item])
+                return
+            for row, (path, _) in enumerate(items):
+                yield path, answer, row
+
         def flush():
-            batch = [item for _, item in pending]
-            answer = self.answer(batch if takes_bytes else np.stack(batch))
-            for row, (path, _) in enumerate(pending):
+            for path, answer, row in answers(pending):
                 yield _prediction(path, answer, row, top_k)
             if on_batch is not None:
                 on_batch(len(pending))

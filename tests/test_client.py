@@ -223,3 +223,17 @@ def test_classify_reports_an_unreachable_server(picture_folder):
                               picture_folder)
     assert result.returncode == 1
     assert "accresnet classify: error:" in result.stderr and "UNAVAILABLE" in result.stderr
+
+
+def test_bytes_signature_names_and_skips_a_file_the_server_cannot_decode(server, picture_folder, tmp_path):
+    """Pillow opens it (a WebP), the model's graph refuses it: only that file fails, by name."""
+    odd = tmp_path / "odd.webp"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(odd, format="WEBP")
+    files = [f for f in image_files([str(picture_folder)]) if f.endswith(".png")]
+    failed = []
+    with Classifier(f"localhost:{server.port}", signature="serving_bytes") as classifier:
+        predictions = list(classifier.classify_files([files[0], str(odd), *files[1:]], batch_size=4,
+                                                     on_error=lambda path, error: failed.append((path, error))))
+    assert [p.path for p in predictions] == files
+    assert [path for path, _ in failed] == [str(odd)]
+    assert "unsupported image format" in str(failed[0][1])
