@@ -76,7 +76,13 @@ class ServingModule(tf.Module):
         super().__init__(name="accresnet")
         if top_k < 1:
             raise ExportError(f"--top-k must be at least 1; got {top_k}")
-        self.model = model
+        # The model's own tf.Variables are what the signatures read, so they are
+        # what is saved. Tracking the Keras model instead saves copies of its
+        # variables that the signatures never read: TF2's object-based loader
+        # maps one onto the other, but TF Serving's C++ loader (a plain
+        # session restore) leaves the variables the graph reads uninitialized.
+        self.model_variables = [variable.value for variable in model.variables]
+        self._predict = lambda images: model(images, training=False)
         self.labels = tf.saved_model.Asset(labels_file)
         self._class_names = tf.constant(class_names)
         self.top_k = min(top_k, len(class_names))
@@ -88,7 +94,7 @@ class ServingModule(tf.Module):
             self._serve_examples, input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
 
     def _outputs(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        probabilities = tf.cast(self.model(images, training=False), tf.float32)
+        probabilities = tf.cast(self._predict(images), tf.float32)
         class_ids = tf.argmax(probabilities, axis=1, output_type=tf.int64)
         top_probabilities, top_ids = tf.math.top_k(probabilities, k=self.top_k)
         return {"probabilities": probabilities, "class_ids": class_ids,

@@ -53,6 +53,20 @@ def test_every_signature_is_batchable_as_tf_serving_requires(exported_model):
     assert signatures["serving_default"].method_name == "tensorflow/serving/predict"
 
 
+def test_a_session_restore_as_tf_serving_does_gives_the_same_outputs(exported_model):
+    """TF Serving loads a SavedModel with a plain session restore (its C++ loader), not
+    TF2's object-based loader: every variable the signatures read must be restored."""
+    graph = tf.Graph()
+    session = tf.compat.v1.Session(graph=graph)
+    with graph.as_default():
+        meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(exported_model))
+    signature = meta_graph.signature_def["serving_default"]
+    batch = images(3)
+    restored = session.run(signature.outputs["probabilities"].name, {signature.inputs["images"].name: batch})
+    loaded = tf.saved_model.load(str(exported_model)).signatures["serving_default"](images=tf.constant(batch))
+    np.testing.assert_allclose(restored, loaded["probabilities"].numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_the_fingerprint_matches_the_rewritten_graph(exported_model):
     from tensorflow.core.protobuf import fingerprint_pb2
     from tensorflow.python.saved_model import fingerprinting

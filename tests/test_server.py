@@ -347,7 +347,7 @@ def _bad_predictions():
     empty_classify.model_spec.name, empty_classify.model_spec.signature_name = "tf1", "classify"
     return [
         ("Predict", wrong_dtype, grpc.StatusCode.INVALID_ARGUMENT, "expects uint8 but got float32"),
-        ("Predict", wrong_shape, grpc.StatusCode.INVALID_ARGUMENT, "does not fit"),
+        ("Predict", wrong_shape, grpc.StatusCode.INVALID_ARGUMENT, "the signature declares uint8 [?,32,32,3]"),
         ("Predict", empty, grpc.StatusCode.INVALID_ARGUMENT, "empty batch"),
         ("Predict", unknown_input, grpc.StatusCode.INVALID_ARGUMENT, "Sent extra: {pixels}"),
         ("Predict", undecodable, grpc.StatusCode.INVALID_ARGUMENT, ""),
@@ -377,7 +377,7 @@ def test_bad_grpc_requests_get_the_right_status(served, method, request_, code, 
 @pytest.mark.parametrize("path, body, status, message", [
     ("/v1/models/accresnet:predict", {"instances": [[[[0.5] * 3] * 32] * 32]}, 400, "fractional"),
     ("/v1/models/accresnet:predict", {"instances": [[[[300] * 3] * 32] * 32]}, 400, "outside the range"),
-    ("/v1/models/accresnet:predict", {"instances": [[[1, 2, 3]]]}, 400, "does not fit"),
+    ("/v1/models/accresnet:predict", {"instances": [[[1, 2, 3]]]}, 400, "the signature declares uint8 [?,32,32,3]"),
     ("/v1/models/accresnet:predict", {"instances": []}, 400, "empty batch"),
     ("/v1/models/accresnet:predict", {"instances": [[1, 2], [3]]}, 400, "ragged"),
     ("/v1/models/accresnet:predict", {"rows": []}, 400, "'instances'"),

@@ -1,13 +1,24 @@
-"""One loaded version of a SavedModel: its signatures and how to run them."""
+"""One loaded version of a SavedModel: its signatures and how to run them.
+
+As TF Serving does, a version is loaded into a graph and a session of its
+own (TF1 and TF2 SavedModels alike) and a signature runs as one session
+call: the request's tensors are fed to the signature's input tensors and its
+output tensors fetched. Like TF Serving's C++ session, the call does not
+check a fed tensor against the static shape of the placeholder it feeds, so
+graphs that accept other shapes than they declare (TF Serving's
+half_plus_two test model takes [3] where it declares [-1, 1]) work as they
+do there; dtypes are checked first, for a clear message.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
 
 from serving.server.errors import ServingError, invalid
 
@@ -16,33 +27,34 @@ DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
+INIT_OP_SIGNATURE = "__saved_model_init_op"  # TF2's initializer: described in the graph, not served
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
     dtype: tf.DType
     shape: tuple[int | None, ...] | None  # None when the rank is unknown
+    name: str = ""  # the graph tensor it stands for
 
     @classmethod
     def from_proto(cls, info: meta_graph_pb2.TensorInfo) -> TensorInfo:
         shape = None if info.tensor_shape.unknown_rank else tuple(
             None if d.size < 0 else d.size for d in info.tensor_shape.dim)
-        return cls(tf.dtypes.as_dtype(info.dtype), shape)
+        return cls(tf.dtypes.as_dtype(info.dtype), shape, info.name)
 
     def describe(self) -> str:
         shape = "unknown" if self.shape is None else "[" + ",".join("?" if d is None else str(d) for d in self.shape) + "]"
         return f"{self.dtype.name} {shape}"
 
-    def check(self, alias: str, array: np.ndarray) -> None:
-        """INVALID_ARGUMENT unless `array` has this dtype and a compatible shape."""
+    def check_dtype(self, alias: str, array: np.ndarray) -> None:
+        """INVALID_ARGUMENT unless `array` has this dtype."""
         if array.dtype != self.dtype.as_numpy_dtype and not (self.dtype == tf.string and array.dtype == object):
             raise invalid(f"input '{alias}': expects {self.dtype.name} but got {tf.as_dtype(array.dtype).name} "
                           f"(the signature takes {self.describe()})")
-        if self.shape is None:
-            return
-        if len(self.shape) != array.ndim or any(e is not None and e != d for e, d in zip(self.shape, array.shape)):
-            raise invalid(f"input '{alias}': shape {list(array.shape)} does not fit the signature's "
-                          f"{self.describe()}")
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        return self.shape is None or (len(self.shape) == len(shape) and all(
+            expected is None or expected == size for expected, size in zip(self.shape, shape)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +63,6 @@ class Signature:
     method_name: str
     inputs: dict[str, TensorInfo]
     outputs: dict[str, TensorInfo]
-    function: object  # the loaded concrete function
 
 
 def read_meta_graph(path: str) -> meta_graph_pb2.MetaGraphDef:
@@ -68,22 +79,21 @@ def read_meta_graph(path: str) -> meta_graph_pb2.MetaGraphDef:
 
 
 class Servable:
-    """A version loaded with tf.saved_model.load; TF1 signatures included."""
+    """A version loaded into its own graph and session; TF1 and TF2 SavedModels alike."""
 
     def __init__(self, name: str, version: int, path: str):
         self.name, self.version, self.path = name, version, str(path)
-        self.meta_graph = read_meta_graph(self.path)
-        self.loaded = tf.saved_model.load(self.path, tags=[SERVE_TAG])
-        self.signatures: dict[str, Signature] = {}
-        for key, definition in self.meta_graph.signature_def.items():
-            function = self.loaded.signatures.get(key) if hasattr(self.loaded, "signatures") else None
-            if function is None:
-                continue  # e.g. TF2's __saved_model_init_op: described, not callable
-            self.signatures[key] = Signature(
-                key, definition.method_name,
-                {alias: TensorInfo.from_proto(info) for alias, info in definition.inputs.items()},
-                {alias: TensorInfo.from_proto(info) for alias, info in definition.outputs.items()},
-                function)
+        self.graph = tf.Graph()
+        self.session = tf.compat.v1.Session(graph=self.graph)
+        with self.graph.as_default():
+            self.meta_graph = tf.compat.v1.saved_model.loader.load(self.session, [SERVE_TAG], self.path)
+        self.signatures: dict[str, Signature] = {
+            key: Signature(key, definition.method_name,
+                           {alias: TensorInfo.from_proto(info) for alias, info in definition.inputs.items()},
+                           {alias: TensorInfo.from_proto(info) for alias, info in definition.outputs.items()})
+            for key, definition in self.meta_graph.signature_def.items() if key != INIT_OP_SIGNATURE}
+        self._callables: dict[tuple, object] = {}
+        self._callables_lock = threading.Lock()
 
     def signature(self, key: str) -> Signature:
         key = key or DEFAULT_SIGNATURE
@@ -92,13 +102,35 @@ class Servable:
         except KeyError:
             raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{key}" not found.') from None
 
+    def _callable(self, signature: Signature, inputs: tuple[str, ...], outputs: tuple[str, ...]):
+        """A session callable feeding `inputs` and fetching `outputs`, made once per combination."""
+        key = (signature.key, inputs, outputs)
+        with self._callables_lock:
+            function = self._callables.get(key)
+            if function is None:
+                options = config_pb2.CallableOptions(
+                    feed=[signature.inputs[alias].name for alias in inputs],
+                    fetch=[signature.outputs[alias].name for alias in outputs])
+                function = self._callables[key] = self.session._make_callable_from_options(options)
+        return function
+
     def run(self, signature: Signature, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        """Run a checked signature; TensorFlow's own errors keep their status code."""
-        feeds = {alias: tf.constant(value, dtype=signature.inputs[alias].dtype) for alias, value in inputs.items()}
+        """Run a signature on inputs of its dtypes; TensorFlow's own errors keep their status code."""
+        aliases = tuple(sorted(inputs))
+        function = self._callable(signature, aliases, tuple(outputs))
         try:
-            results = signature.function(**feeds)
+            results = function(*(inputs[alias] for alias in aliases))
         except tf.errors.OpError as error:
-            raise ServingError.from_tensorflow(error) from None
-        except (TypeError, ValueError) as error:
-            raise invalid(f"signature '{signature.key}' could not run on these inputs: {error}") from None
-        return {alias: results[alias].numpy() for alias in outputs}
+            raise self._explain(error, signature, inputs) from None
+        return dict(zip(outputs, results))
+
+    @staticmethod
+    def _explain(error: tf.errors.OpError, signature: Signature, inputs: dict[str, np.ndarray]) -> ServingError:
+        """TensorFlow's error, with a word on inputs whose shape the signature does not declare."""
+        failure = ServingError.from_tensorflow(error)
+        misfits = [f"input '{alias}' has shape {list(value.shape)}, the signature declares "
+                   f"{signature.inputs[alias].describe()}"
+                   for alias, value in sorted(inputs.items()) if not signature.inputs[alias].fits(value.shape)]
+        if misfits:
+            failure = ServingError(failure.code, f"{'; '.join(misfits)}: {failure.message}")
+        return failure

@@ -98,7 +98,7 @@ class ModelServer:
                 f"len({{{','.join(expected)}}}). Sent extra: {{{','.join(sorted(set(sent) - set(expected)))}}}. "
                 f"Missing but required: {{{','.join(sorted(set(expected) - set(sent)))}}}.")
         for alias, array in inputs.items():
-            signature.inputs[alias].check(alias, array)
+            signature.inputs[alias].check_dtype(alias, array)
             if array.ndim and array.shape[0] == 0:
                 raise invalid(f"input '{alias}' is an empty batch (0 in its first dimension)")
         outputs = list(output_filter)
