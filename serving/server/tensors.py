@@ -44,11 +44,17 @@ def declared_size(proto: tensor_pb2.TensorProto, alias: str) -> tuple[tuple[int,
         # Each string is as long as the bytes that carry it, which the message holds already;
         # a declared element count past the values given costs a reference each.
         return shape, elements * 8 + sum(len(value) for value in proto.string_val)
+    return shape, elements * numpy_dtype(proto, alias).itemsize
+
+
+def numpy_dtype(proto: tensor_pb2.TensorProto, alias: str) -> np.dtype:
+    """The numpy dtype of a request tensor; INVALID_ARGUMENT for dtypes a request cannot carry."""
     try:
-        itemsize = tf.dtypes.as_dtype(proto.dtype).size
-    except (TypeError, ValueError):
-        raise invalid(f"tensor parsing error: {alias} (unsupported dtype {proto.dtype})") from None
-    return shape, elements * itemsize
+        return np.dtype(tf.dtypes.as_dtype(proto.dtype).as_numpy_dtype)
+    except (TypeError, ValueError, KeyError):
+        raise invalid(f"tensor parsing error: {alias} (unsupported dtype {types_pb2.DataType.Name(proto.dtype)})"
+                      if proto.dtype in types_pb2.DataType.values() else
+                      f"tensor parsing error: {alias} (unknown dtype {proto.dtype})") from None
 
 
 def to_array(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
@@ -58,11 +64,10 @@ def to_array(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
     values than elements are given, so a few bytes can declare gigabytes."""
     shape, size = declared_size(proto, alias)
     if proto.tensor_content and proto.dtype != types_pb2.DT_STRING:
-        dtype = tf.dtypes.as_dtype(proto.dtype).as_numpy_dtype
         if len(proto.tensor_content) != size:
             raise invalid(f"tensor parsing error: {alias} (tensor_content has {len(proto.tensor_content)} bytes; "
-                          f"shape {list(shape)} of {tf.dtypes.as_dtype(proto.dtype).name} needs {size})")
-        return np.frombuffer(proto.tensor_content, dtype=dtype).reshape(shape)
+                          f"shape {list(shape)} of {types_pb2.DataType.Name(proto.dtype)} needs {size})")
+        return np.frombuffer(proto.tensor_content, dtype=numpy_dtype(proto, alias)).reshape(shape)
     try:
         return tf.make_ndarray(proto)
     except Exception as error:  # make_ndarray raises TypeError/ValueError on bad protos
