@@ -88,22 +88,27 @@ def to_arrays(protos, max_bytes: int | None = None) -> dict[str, np.ndarray]:
 
 
 def to_proto(value) -> tensor_pb2.TensorProto:
-    """A response tensor in TF Serving's layout: dtype, shape and the typed value field."""
-    tensor = tf.convert_to_tensor(value)
+    """A response tensor in TF Serving's layout: dtype, shape and the typed value field.
+    Built from the numpy array as it is, without a round trip through a tf.Tensor."""
+    array = np.asarray(value)
+    if array.dtype == object or array.dtype.kind in "SU":
+        dtype = types_pb2.DT_STRING
+    else:
+        dtype = tf.dtypes.as_dtype(array.dtype).as_datatype_enum
     proto = tensor_pb2.TensorProto(
-        dtype=tensor.dtype.as_datatype_enum,
+        dtype=dtype,
         tensor_shape=tensor_shape_pb2.TensorShapeProto(
-            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in tensor.shape]),
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape]),
     )
-    array = tensor.numpy()
-    if proto.dtype in _HALF_TYPES:
-        bits = np.asarray(array).view(np.uint16)
-        proto.half_val.extend(bits.ravel().tolist())
-    elif proto.dtype in (types_pb2.DT_COMPLEX64, types_pb2.DT_COMPLEX128):
-        flat = np.asarray(array).ravel()
-        getattr(proto, _VALUE_FIELDS[proto.dtype]).extend(np.column_stack([flat.real, flat.imag]).ravel().tolist())
-    elif proto.dtype in _VALUE_FIELDS:
-        getattr(proto, _VALUE_FIELDS[proto.dtype]).extend(np.asarray(array).ravel().tolist())
+    flat = array.ravel()
+    if dtype == types_pb2.DT_STRING:
+        proto.string_val.extend(v if isinstance(v, bytes) else str(v).encode("utf-8") for v in flat)
+    elif dtype in _HALF_TYPES:
+        proto.half_val.extend(flat.view(np.uint16).tolist())
+    elif dtype in (types_pb2.DT_COMPLEX64, types_pb2.DT_COMPLEX128):
+        getattr(proto, _VALUE_FIELDS[dtype]).extend(np.column_stack([flat.real, flat.imag]).ravel().tolist())
+    elif dtype in _VALUE_FIELDS:
+        getattr(proto, _VALUE_FIELDS[dtype]).extend(flat.tolist())
     else:
         return tf.make_tensor_proto(array)
     return proto
