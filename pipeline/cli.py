@@ -44,8 +44,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                         help="fraction of the training split held out for validation "
                              "(default: the source's validation split, else 0.1: 45k/5k on CIFAR)")
     parser.add_argument("--train-images", type=int,
-                        help="train on the first N images of the training split only (default: the recipe's, "
-                             "else all)")
+                        help="train on N images of the training split only, a fixed choice with as many of "
+                             "each class as it holds (default: the recipe's, else all)")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="skip unreadable files of a folder: dataset (counted in the log) instead of failing")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--recipe", choices=tuple(cfg.RECIPES), default="paper50", help=_recipes_help())
     experiment.add_argument("--dataset", default="cifar10", metavar="SPEC", help=DATASET_HELP)
     experiment.add_argument("--data-dir", help="TensorFlow Datasets data directory")
-    experiment.add_argument("--train-images", type=int, help="train on the first N training images only")
+    experiment.add_argument("--train-images", type=int, help="train on N training images only, as many of each class")
     experiment.add_argument("--epochs", type=int, help="epochs per run (default: the recipe's)")
     experiment.add_argument("--batch-size", type=int, help="images per replica per step (default: the recipe's)")
     experiment.add_argument("--devices", type=int, help="replicas on this machine")

@@ -109,7 +109,7 @@ class DataConfig:
     val_split: float | None = None
     augment: bool = True
     skip_bad_images: bool = False
-    # Keep only the first N images of the training split (None: all).
+    # Keep N images of the training split, as many of each class (None: all).
     train_images: int | None = None
 
     def __post_init__(self):
@@ -145,7 +145,7 @@ class Recipe:
     step_boundaries: tuple[int, ...] = ()
     # Cosine schedule: linear warm-up over this fraction of the run.
     warmup: float = 0.0
-    # Train on the first N images of the training split only (a subset protocol).
+    # Train on N images of the training split only, as many of each class (a subset protocol).
     train_images: int | None = None
     # Default length: iterations (steps) or epochs, exactly one set.
     steps: int | None = None
