@@ -51,6 +51,18 @@ def blocks_per_stage(depth: int, family: str = "resnet") -> int:
     return (depth - extra) // per_block
 
 
+# Where a block changes shape: "projection", a 1x1 conv (option B as the Keras
+# example builds it, no BN); "projection-bn", the conv and a BN (option B of He
+# et al.'s ImageNet nets); "padding", the subsampled identity with zero
+# channels appended (He et al.'s option A for CIFAR, no parameters).
+SHORTCUTS = ("projection", "projection-bn", "padding")
+
+
+def check_shortcut(shortcut: str | None) -> None:
+    if shortcut is not None and shortcut not in SHORTCUTS:
+        raise ConfigError(f"unknown shortcut {shortcut!r}; choose one of {', '.join(SHORTCUTS)}")
+
+
 DEFAULT_WIDTH = {"resnet": 1, "wrn": 4, "resnext": 4}
 DEFAULT_CARDINALITY = 8
 
@@ -67,9 +79,12 @@ class ModelConfig:
     width: int | None = None
     # ResNeXt: the number of groups C. None: the default.
     cardinality: int | None = None
+    # The shortcut where a block changes shape (SHORTCUTS).
+    shortcut: str = "projection"
 
     def __post_init__(self):
         check_architecture(self.arch, self.depth, self.width, self.cardinality)
+        check_shortcut(self.shortcut)
         if self.num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2; got {self.num_classes}")
 
@@ -151,7 +166,12 @@ class Recipe:
     steps: int | None = None
     epochs: int | None = None
     description: str = ""
+    # The shortcut where a block changes shape (SHORTCUTS), as the source builds it.
+    shortcut: str = "projection"
 
+
+# The subset recipes' length: what two CPU cores train in well under an hour.
+SUBSET_EPOCHS = 8
 
 RECIPES: dict[str, Recipe] = {
     "he2016": Recipe(
@@ -163,8 +183,22 @@ RECIPES: dict[str, Recipe] = {
         boundaries=(32_000 / 64_000, 48_000 / 64_000),
         factors=(0.1, 0.01),
         steps=64_000,
-        description="He et al. 2016 Sec. 4.2: SGD momentum 0.9, batch 128, lr 0.1 "
+        shortcut="padding",
+        description="He et al. 2016 Sec. 4.2: option A shortcuts, SGD momentum 0.9, batch 128, lr 0.1 "
         "divided by 10 at 32k and 48k of 64k iterations",
+    ),
+    "he2016-subset": Recipe(
+        name="he2016-subset",
+        optimizer="sgd",
+        learning_rate=0.1,
+        momentum=0.9,
+        batch_size=128,
+        boundaries=(0.5, 0.75),
+        factors=(0.1, 0.01),
+        epochs=SUBSET_EPOCHS,
+        shortcut="padding",
+        description=f"he2016 shortened for a CIFAR-10 subset on a CPU: option A shortcuts, SGD momentum 0.9, "
+        f"batch 128, lr 0.1 divided by 10 at 50% and 75% of {SUBSET_EPOCHS} epochs (He et al.: of 182)",
     ),
     "paper50": Recipe(
         name="paper50",
@@ -201,8 +235,19 @@ RECIPES: dict[str, Recipe] = {
         boundaries=(80 / 200, 120 / 200, 160 / 200, 180 / 200),
         factors=(1e-1, 1e-2, 1e-3, 0.5e-3),
         epochs=200,
-        description="the Keras cifar10_resnet example: Adam 1e-3, batch 32, lr x0.1 at "
+        description="the Keras cifar10_resnet example: projection shortcuts, Adam 1e-3, batch 32, lr x0.1 at "
         "epoch 80, x0.01 at 120, x0.001 at 160, x0.0005 at 180 of 200",
+    ),
+    "keras-subset": Recipe(
+        name="keras-subset",
+        optimizer="adam",
+        learning_rate=1e-3,
+        batch_size=32,
+        boundaries=(80 / 200, 120 / 200, 160 / 200, 180 / 200),
+        factors=(1e-1, 1e-2, 1e-3, 0.5e-3),
+        epochs=SUBSET_EPOCHS,
+        description=f"keras shortened for a CIFAR-10 subset on a CPU: projection shortcuts, Adam 1e-3, batch 32, "
+        f"the same lr steps at 40%, 60%, 80% and 90% of {SUBSET_EPOCHS} epochs (the example: of 200)",
     ),
     "quick": Recipe(
         name="quick",
@@ -238,6 +283,8 @@ class TrainConfig:
     steps: int | None = None
     # Images per replica per step; None takes the recipe's batch size.
     batch_size: int | None = None
+    # The shortcut where a block changes shape (SHORTCUTS); None takes the recipe's.
+    shortcut: str | None = None
     seed: int = 0
     # Logical CPU devices (or GPUs) for MirroredStrategy; None uses all GPUs or one CPU.
     devices: int | None = None
@@ -254,6 +301,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_architecture(self.arch, self.depth, self.width, self.cardinality)
+        check_shortcut(self.shortcut)
         get_recipe(self.recipe)
         if self.epochs is not None and self.steps is not None:
             raise ConfigError("give --epochs or --steps, not both")
