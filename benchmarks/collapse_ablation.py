@@ -1,0 +1,190 @@
+"""Why a plain ResNet-32 died at lr 0.1: one short run per candidate cause and seed.
+
+Each variant changes one thing against the baseline, the plain ResNet-32 as
+the Keras cifar10_resnet example builds it (1x1 projection shortcut without
+BN, he_normal classifier, no L2 on BN) with the fused BN layer, trained with
+SGD momentum 0.9 at lr 0.1 and batch 128 (the cpu-small recipe: lr / 10 at 50%
+and 75% of the run). The table gives, per variant and seed, the mean training
+loss of the first epoch (chance is ln 10 = 2.30), the validation loss and
+accuracy after it, and the final validation accuracy.
+
+    python benchmarks/collapse_ablation.py --dataset folder:PATH [--variants baseline,padding]
+        [--seeds 0,1,2] [--epochs 4] [--train-images 4000] --out DIR [--table FILE.md]
+
+Runs go to DIR/runs/<variant>-seed<seed>; finished runs are kept, so the
+script can be started again to add variants or seeds. Every number in the
+table is read back from the runs' history.csv and summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import statistics
+import sys
+from collections.abc import Callable, Iterator
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from pipeline import config as cfg  # noqa: E402
+
+BASE_RECIPE = "cpu-small"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    description: str
+    arch: str = "resnet"
+    shortcut: str | None = None  # None: the recipe's (projection for cpu-small)
+    model: Callable[[cfg.ModelConfig], cfg.ModelConfig] | None = None  # a change to the model's settings
+    module_settings: tuple[tuple[str, object], ...] = ()  # pipeline.model constants to set for the run
+    learning_rate: float | None = None  # None: the recipe's 0.1
+
+
+def _keras_batch_norm(config: cfg.ModelConfig) -> cfg.ModelConfig:
+    return dataclasses.replace(config, fused_batch_norm=False)
+
+
+# Torch's nn.Linear default, which He et al.'s fb.resnet.torch keeps for the classifier: U(+-1/sqrt(fan_in)).
+TORCH_LINEAR_INIT = {"class_name": "VarianceScaling",
+                     "config": {"scale": 1 / 3, "mode": "fan_in", "distribution": "uniform"}}
+# fb.resnet.torch's convolution init: normal with variance 2 / (k * k * output channels).
+TORCH_CONV_INIT = {"class_name": "VarianceScaling",
+                   "config": {"scale": 2.0, "mode": "fan_out", "distribution": "untruncated_normal"}}
+
+VARIANTS = {
+    "baseline": Variant("as before: 1x1 projection without BN, fused BN, he_normal classifier, no L2 on BN"),
+    "keras-bn": Variant("Keras' own BatchNormalization instead of the fused layer", model=_keras_batch_norm),
+    "padding": Variant("option A shortcut: subsampled identity with zero channels (He et al., CIFAR)",
+                       shortcut="padding"),
+    "projection-bn": Variant("1x1 projection followed by BN (as the accumulated net's N_i(P_i(x)))",
+                             shortcut="projection-bn"),
+    "classifier-init": Variant("classifier initialised as Torch's nn.Linear, U(+-1/sqrt(fan_in)), not he_normal",
+                               module_settings=(("CLASSIFIER_INITIALIZER", TORCH_LINEAR_INIT),)),
+    "projection-init": Variant("projection initialised with fan-out He init (fb.resnet.torch), half the variance",
+                               module_settings=(("PROJECTION_INITIALIZER", TORCH_CONV_INIT),)),
+    "bn-l2": Variant("L2 1e-4 on BN's gamma and beta too", module_settings=(("BN_WEIGHT_DECAY", 1e-4),)),
+    "lr-0.05": Variant("lr 0.05 instead of 0.1 (same batch 128)", learning_rate=0.05),
+    "accumulated": Variant("the accumulated net, everything else as the baseline", arch="accumulated"),
+    "accumulated-padding": Variant("the accumulated net with option A shortcuts", arch="accumulated",
+                                   shortcut="padding"),
+}
+
+
+@contextlib.contextmanager
+def _applied(variant: Variant) -> Iterator[str]:
+    """Set the variant's model constants and hooks for one run; yields the recipe name to train with."""
+    from pipeline import model as model_module
+    from pipeline import train as train_module
+
+    saved = {name: getattr(model_module, name) for name, _ in variant.module_settings}
+    build = train_module.build_model
+    recipe = BASE_RECIPE
+    try:
+        for name, value in variant.module_settings:
+            setattr(model_module, name, value)
+        if variant.model is not None:
+            train_module.build_model = lambda config: build(variant.model(config))
+        if variant.learning_rate is not None:
+            recipe = f"{BASE_RECIPE}-lr{variant.learning_rate:g}"
+            cfg.RECIPES[recipe] = dataclasses.replace(cfg.RECIPES[BASE_RECIPE], name=recipe,
+                                                      learning_rate=variant.learning_rate)
+        yield recipe
+    finally:
+        for name, value in saved.items():
+            setattr(model_module, name, value)
+        train_module.build_model = build
+
+
+def run_variant(name: str, seed: int, args: argparse.Namespace) -> pathlib.Path:
+    from pipeline.experiment import is_finished
+    from pipeline.train import train
+
+    variant = VARIANTS[name]
+    run_dir = pathlib.Path(args.out) / "runs" / f"{name}-seed{seed}"
+    if is_finished(run_dir):
+        print(f"{name} seed {seed}: finished earlier, kept", flush=True)
+        return run_dir
+    print(f"{name} seed {seed}: training in {run_dir}", flush=True)
+    with _applied(variant) as recipe:
+        train(cfg.TrainConfig(
+            model_dir=str(run_dir), arch=variant.arch, depth=args.depth,
+            data=cfg.DataConfig(args.dataset, train_images=args.train_images), recipe=recipe,
+            epochs=args.epochs, shortcut=variant.shortcut, seed=seed, progress=False))
+    return run_dir
+
+
+def read_run(run_dir: pathlib.Path) -> dict:
+    with open(run_dir / "history.csv", newline="") as file:
+        history = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(file)]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    first, last = history[0], history[-1]
+    return {"first_epoch_loss": first["loss"], "epoch1_val_loss": first["val_loss"],
+            "epoch1_val_accuracy": first["val_accuracy"], "final_val_accuracy": last["val_accuracy"],
+            "final_test_accuracy": summary["final"].get("test_accuracy"), "epochs": len(history),
+            "learning_rate": summary["learning_rate"], "shortcut": summary.get("shortcut", "projection"),
+            "images_per_sec": summary["train_images_per_sec"], "wall_time_sec": summary["wall_time_sec"]}
+
+
+def _values(rows: list[dict], key: str, digits: int) -> str:
+    values = [row[key] for row in rows]
+    shown = " / ".join(f"{v:.{digits}f}" for v in values)
+    return f"{shown} (mean {statistics.fmean(values):.{digits}f})" if len(values) > 1 else shown
+
+
+def table(results: dict[str, dict[int, dict]]) -> str:
+    lines = ["| variant | change against the baseline | seeds | first-epoch train loss | val loss after epoch 1 "
+             "| final val accuracy |", "|---|---|---|---|---|---|"]
+    for name, by_seed in results.items():
+        rows = [by_seed[s] for s in sorted(by_seed)]
+        lines.append(f"| `{name}` | {VARIANTS[name].description} | {', '.join(map(str, sorted(by_seed)))} | "
+                     f"{_values(rows, 'first_epoch_loss', 2)} | {_values(rows, 'epoch1_val_loss', 1)} | "
+                     f"{_values(rows, 'final_val_accuracy', 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, metavar="SPEC")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
+    parser.add_argument("--depth", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--train-images", type=int, default=4000)
+    parser.add_argument("--out", required=True, help="runs go to OUT/runs; results.json to OUT")
+    parser.add_argument("--table", help="also write the markdown table here")
+    parser.add_argument("--report-only", action="store_true", help="train nothing; tabulate the finished runs")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results: dict[str, dict[int, dict]] = {}
+    for name in names:
+        for seed in seeds:
+            run_dir = pathlib.Path(args.out) / "runs" / f"{name}-seed{seed}"
+            if not args.report_only:
+                run_variant(name, seed, args)
+            if (run_dir / "summary.json").exists():
+                results.setdefault(name, {})[seed] = read_run(run_dir)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"dataset": args.dataset, "depth": args.depth, "epochs": args.epochs,
+                "train_images": args.train_images, "recipe": BASE_RECIPE}
+    (out / "results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n")
+    markdown = table(results)
+    if args.table:
+        pathlib.Path(args.table).write_text(markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
