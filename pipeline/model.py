@@ -81,10 +81,11 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return outputs
 
 
-def _batch_norm(name: str, fused: bool = True) -> layers.BatchNormalization:
+def _batch_norm(name: str, fused: bool = True, gamma_initializer="ones") -> layers.BatchNormalization:
     kind = FusedBatchNormalization if fused else layers.BatchNormalization
     decay = keras.regularizers.L2(BN_WEIGHT_DECAY) if BN_WEIGHT_DECAY else None
-    return kind(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, gamma_regularizer=decay, beta_regularizer=decay, name=name)
+    return kind(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, gamma_initializer=gamma_initializer,
+                gamma_regularizer=decay, beta_regularizer=decay, name=name)
 
 
 def _conv(filters: int, kernel_size: int, strides: int, weight_decay: float, name: str,
@@ -167,24 +168,26 @@ class _ConvUnit(layers.Layer):
 
     def __init__(self, filters: int, strides: int = 1, weight_decay: float = 1e-4, fused_batch_norm: bool = True,
                  style: str = "basic", bottleneck: int = 0, groups: int = 1, shortcut: str = "projection",
-                 **kwargs):
+                 zero_init_residual: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.strides, self.weight_decay = filters, strides, weight_decay
         self.fused_batch_norm, self.style = fused_batch_norm, style
         self.bottleneck, self.groups, self.shortcut = bottleneck, groups, shortcut
+        self.zero_init_residual = zero_init_residual
 
-    def _norm(self, name: str) -> layers.BatchNormalization:
-        return _batch_norm(name, self.fused_batch_norm)
+    def _norm(self, name: str, gamma_initializer="ones") -> layers.BatchNormalization:
+        return _batch_norm(name, self.fused_batch_norm, gamma_initializer)
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "strides": self.strides,
                 "weight_decay": self.weight_decay, "fused_batch_norm": self.fused_batch_norm,
-                "style": self.style, "bottleneck": self.bottleneck, "groups": self.groups, "shortcut": self.shortcut}
+                "style": self.style, "bottleneck": self.bottleneck, "groups": self.groups, "shortcut": self.shortcut,
+                "zero_init_residual": self.zero_init_residual}
 
     def _unit_config(self) -> dict:
         return dict(filters=self.filters, strides=self.strides, weight_decay=self.weight_decay,
                     fused_batch_norm=self.fused_batch_norm, style=self.style, bottleneck=self.bottleneck,
-                    groups=self.groups, shortcut=self.shortcut)
+                    groups=self.groups, shortcut=self.shortcut, zero_init_residual=self.zero_init_residual)
 
 
 @keras.saving.register_keras_serializable(package="accresnet")
@@ -208,7 +211,9 @@ class ResidualBranch(_ConvUnit):
             self.conv1 = _conv(self.filters, 3, self.strides, decay, "conv1")
             self.conv2 = _conv(self.filters, 3, 1, decay, "conv2")
         self.bn1 = self._norm("bn1")
-        self.bn2 = None if self.style == "preact" else self._norm("bn2")
+        # zero_init_residual: F(x) = 0 at the start, so every block starts as its shortcut.
+        gamma = "zeros" if self.zero_init_residual else "ones"
+        self.bn2 = None if self.style == "preact" else self._norm("bn2", gamma)
 
     def call(self, x, training=None):
         if self.style == "bottleneck":
@@ -350,6 +355,7 @@ def build_model(config: ModelConfig) -> keras.Model:
             settings = dict(filters=stage.filters, strides=strides, weight_decay=config.weight_decay,
                             fused_batch_norm=config.fused_batch_norm, style=style, bottleneck=stage.bottleneck,
                             groups=stage.groups, shortcut=config.shortcut,
+                            zero_init_residual=config.zero_init_residual,
                             name=block_name(stage_number, block_number))
             if is_accumulated(config.arch):
                 # A stage's first block projects and restarts the accumulator

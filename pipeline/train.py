@@ -320,10 +320,12 @@ def train(config: TrainConfig) -> dict:
     length = run_length(recipe, len(data.train), global_batch, config.epochs, config.steps)
     learning_rate = scaled_learning_rate(recipe, global_batch)
     model_config = ModelConfig(config.arch, config.depth, data.num_classes, width=config.width,
-                               cardinality=config.cardinality, shortcut=config.shortcut or recipe.shortcut)
+                               cardinality=config.cardinality, shortcut=config.shortcut or recipe.shortcut,
+                               zero_init_residual=recipe.zero_init_residual)
     settings = {
         "arch": config.arch, "depth": config.depth, "width": config.width, "cardinality": config.cardinality,
-        "shortcut": model_config.shortcut, "dataset": config.data.spec,
+        "shortcut": model_config.shortcut, "zero_init_residual": model_config.zero_init_residual,
+        "dataset": config.data.spec,
         "num_classes": data.num_classes, "class_names": list(data.class_names), "seed": config.seed,
         "recipe": recipe.name, "replicas": replicas, "workers": cluster.num_workers,
         "per_replica_batch": per_replica_batch, "global_batch": global_batch, "learning_rate": learning_rate,

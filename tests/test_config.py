@@ -55,16 +55,18 @@ def test_learning_rate_follows_the_global_batch_linearly():
     assert cfg.scaled_learning_rate(recipe, 64) == pytest.approx(0.05)
 
 
-@pytest.mark.parametrize("name, optimizer, rate, batch, shortcut", [
-    ("he2016", "sgd", 0.1, 128, "padding"),
-    ("he2016-subset", "sgd", 0.1, 128, "padding"),
-    ("keras", "adam", 1e-3, 32, "projection"),
-    ("keras-subset", "adam", 1e-3, 32, "projection"),
+@pytest.mark.parametrize("name, optimizer, rate, batch, shortcut, zero_init", [
+    ("he2016", "sgd", 0.1, 128, "padding", True),
+    ("he2016-subset", "sgd", 0.1, 128, "padding", True),
+    ("paper50", "sgd", 0.1, 128, "padding", True),
+    ("keras", "adam", 1e-3, 32, "projection", False),
+    ("keras-subset", "adam", 1e-3, 32, "projection", False),
 ])
-def test_recipes_read_their_sources(name, optimizer, rate, batch, shortcut):
+def test_recipes_read_their_sources(name, optimizer, rate, batch, shortcut, zero_init):
     recipe = cfg.get_recipe(name)
     assert (recipe.optimizer, recipe.learning_rate, recipe.batch_size, recipe.shortcut) == \
         (optimizer, rate, batch, shortcut)
+    assert recipe.zero_init_residual is zero_init
     if optimizer == "sgd":
         assert recipe.momentum == 0.9
 

@@ -251,3 +251,20 @@ def test_padding_nets_round_trip_through_get_config(arch, tmp_path):
 def test_unknown_shortcut_is_a_clear_error():
     with pytest.raises(ConfigError, match="unknown shortcut 'identity'.*padding"):
         ModelConfig("resnet", 8, shortcut="identity")
+
+
+@pytest.mark.parametrize("arch", ["resnet", "accumulated"])
+def test_zero_init_residual_starts_every_block_as_its_shortcut(arch):
+    model = build_model(ModelConfig(arch, 8, shortcut="padding", zero_init_residual=True))
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 16)).astype(np.float32)
+    block = model.get_layer("stage2_block1")
+    assert not np.asarray(block.branch(x, training=True)).any()  # F(x) = 0
+    assert np.all(np.asarray(block.branch.bn1.gamma) == 1)  # only the branch's last BN starts at zero
+    shortcut = np.pad(x[:, ::2, ::2, :], [(0, 0), (0, 0), (0, 0), (0, 16)])
+    if arch == "resnet":  # y = ReLU(S(x))
+        np.testing.assert_allclose(np.asarray(block(x, training=True)), np.maximum(shortcut, 0), atol=1e-6)
+    else:  # y = ReLU(A), A = N(S(x))
+        y, accumulator = (np.asarray(v) for v in block(x, training=True))
+        np.testing.assert_allclose(y, np.maximum(accumulator, 0), atol=1e-6)
+    default = build_model(ModelConfig(arch, 8))
+    assert np.all(np.asarray(default.get_layer("stage2_block1").branch.bn2.gamma) == 1)

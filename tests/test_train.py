@@ -171,7 +171,7 @@ def test_the_recipes_shortcut_is_trained_recorded_and_exported(tmp_path):
     model_dir = tmp_path / "run"
     summary = training.train(tiny_config(model_dir, arch="resnet", recipe="he2016-subset", epochs=1, devices=1,
                                          data=DataConfig("synthetic:200")))
-    assert summary["shortcut"] == "padding"
+    assert summary["shortcut"] == "padding" and summary["zero_init_residual"] is True
     assert json.loads((model_dir / "run.json").read_text())["shortcut"] == "padding"
     model, _ = restore_trained_model(model_dir)
     assert isinstance(model.get_layer("stage2_block1").padding, PaddingShortcut)
