@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -39,16 +40,21 @@ BASE_RECIPE = "cpu-small"
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
+    name: str
     description: str
     arch: str = "resnet"
     shortcut: str | None = None  # None: the recipe's (projection for cpu-small)
     model: Callable[[cfg.ModelConfig], cfg.ModelConfig] | None = None  # a change to the model's settings
     module_settings: tuple[tuple[str, object], ...] = ()  # pipeline.model constants to set for the run
-    learning_rate: float | None = None  # None: the recipe's 0.1
+    recipe: tuple[tuple[str, object], ...] = ()  # changes to the recipe
 
 
 def _keras_batch_norm(config: cfg.ModelConfig) -> cfg.ModelConfig:
     return dataclasses.replace(config, fused_batch_norm=False)
+
+
+def _zero_init_residual(config: cfg.ModelConfig) -> cfg.ModelConfig:
+    return dataclasses.replace(config, zero_init_residual=True)
 
 
 # Torch's nn.Linear default, which He et al.'s fb.resnet.torch keeps for the classifier: U(+-1/sqrt(fan_in)).
@@ -58,23 +64,33 @@ TORCH_LINEAR_INIT = {"class_name": "VarianceScaling",
 TORCH_CONV_INIT = {"class_name": "VarianceScaling",
                    "config": {"scale": 2.0, "mode": "fan_out", "distribution": "untruncated_normal"}}
 
-VARIANTS = {
-    "baseline": Variant("as before: 1x1 projection without BN, fused BN, he_normal classifier, no L2 on BN"),
-    "keras-bn": Variant("Keras' own BatchNormalization instead of the fused layer", model=_keras_batch_norm),
-    "padding": Variant("option A shortcut: subsampled identity with zero channels (He et al., CIFAR)",
-                       shortcut="padding"),
-    "projection-bn": Variant("1x1 projection followed by BN (as the accumulated net's N_i(P_i(x)))",
-                             shortcut="projection-bn"),
-    "classifier-init": Variant("classifier initialised as Torch's nn.Linear, U(+-1/sqrt(fan_in)), not he_normal",
-                               module_settings=(("CLASSIFIER_INITIALIZER", TORCH_LINEAR_INIT),)),
-    "projection-init": Variant("projection initialised with fan-out He init (fb.resnet.torch), half the variance",
-                               module_settings=(("PROJECTION_INITIALIZER", TORCH_CONV_INIT),)),
-    "bn-l2": Variant("L2 1e-4 on BN's gamma and beta too", module_settings=(("BN_WEIGHT_DECAY", 1e-4),)),
-    "lr-0.05": Variant("lr 0.05 instead of 0.1 (same batch 128)", learning_rate=0.05),
-    "accumulated": Variant("the accumulated net, everything else as the baseline", arch="accumulated"),
-    "accumulated-padding": Variant("the accumulated net with option A shortcuts", arch="accumulated",
-                                   shortcut="padding"),
-}
+VARIANTS = {variant.name: variant for variant in (
+    Variant("baseline", "as before: 1x1 projection without BN, fused BN, he_normal classifier, no L2 on BN"),
+    Variant("keras-bn", "Keras' own BatchNormalization instead of the fused layer", model=_keras_batch_norm),
+    Variant("padding", "option A shortcut: subsampled identity with zero channels (He et al., CIFAR)",
+            shortcut="padding"),
+    Variant("projection-bn", "1x1 projection followed by BN (as the accumulated net's N_i(P_i(x)))",
+            shortcut="projection-bn"),
+    Variant("classifier-init", "classifier initialised as Torch's nn.Linear, U(+-1/sqrt(fan_in)), not he_normal",
+            module_settings=(("CLASSIFIER_INITIALIZER", TORCH_LINEAR_INIT),)),
+    Variant("projection-init", "projection initialised with fan-out He init (fb.resnet.torch): half the variance",
+            module_settings=(("PROJECTION_INITIALIZER", TORCH_CONV_INIT),)),
+    Variant("bn-l2", "L2 1e-4 on BN's gamma and beta too", module_settings=(("BN_WEIGHT_DECAY", 1e-4),)),
+    Variant("lr-0.05", "lr 0.05 instead of 0.1 (same batch 128)", recipe=(("learning_rate", 0.05),)),
+    # He et al.'s remedy for ResNet-110: lr 0.01 until training starts converging, then 0.1. Here the
+    # first quarter of the run (one epoch of four): 0.01, then 0.1, 0.01, 0.001 at 25%, 50%, 75%.
+    Variant("warmup", "lr 0.01 for the first 25% of the run, then 0.1 (He et al.'s ResNet-110 warm-up)",
+            recipe=(("learning_rate", 0.01), ("boundaries", (0.25, 0.5, 0.75)), ("factors", (10.0, 1.0, 0.1)))),
+    Variant("zero-gamma", "last BN of every residual branch starts at gamma 0 (Goyal et al. 2017)",
+            model=_zero_init_residual),
+    Variant("padding-zero-gamma", "option A and gamma 0 in the last BN of every branch together",
+            shortcut="padding", model=_zero_init_residual),
+    Variant("padding-classifier-init", "option A and the Torch classifier init together (He et al.'s CIFAR net)",
+            shortcut="padding", module_settings=(("CLASSIFIER_INITIALIZER", TORCH_LINEAR_INIT),)),
+    Variant("accumulated", "the accumulated net, everything else as the baseline", arch="accumulated"),
+    Variant("accumulated-padding", "the accumulated net with option A shortcuts", arch="accumulated",
+            shortcut="padding"),
+)}
 
 
 @contextlib.contextmanager
@@ -91,15 +107,50 @@ def _applied(variant: Variant) -> Iterator[str]:
             setattr(model_module, name, value)
         if variant.model is not None:
             train_module.build_model = lambda config: build(variant.model(config))
-        if variant.learning_rate is not None:
-            recipe = f"{BASE_RECIPE}-lr{variant.learning_rate:g}"
-            cfg.RECIPES[recipe] = dataclasses.replace(cfg.RECIPES[BASE_RECIPE], name=recipe,
-                                                      learning_rate=variant.learning_rate)
+        if variant.recipe:
+            recipe = f"{BASE_RECIPE}-{variant.name}"
+            cfg.RECIPES[recipe] = dataclasses.replace(cfg.RECIPES[BASE_RECIPE], name=recipe, **dict(variant.recipe))
         yield recipe
     finally:
         for name, value in saved.items():
             setattr(model_module, name, value)
         train_module.build_model = build
+
+
+@functools.lru_cache(maxsize=1)
+def _training_data(spec: str, train_images: int):
+    from pipeline import datasets
+
+    return datasets.load(cfg.DataConfig(spec, train_images=train_images))
+
+
+def initial_state(name: str, seed: int, args: argparse.Namespace, images: int = 512) -> dict:
+    """The freshly initialised net (as the run starts it: same seed, same build) on the first
+    training images, with batch statistics as in the first step: its loss and its logits' spread."""
+    import keras
+    import numpy as np
+
+    from pipeline.model import set_pixel_mean
+
+    variant = VARIANTS[name]
+    data = _training_data(args.dataset, args.train_images)
+    with _applied(variant):
+        from pipeline import train as train_module
+
+        keras.utils.set_random_seed(seed)
+        shortcut = variant.shortcut or cfg.get_recipe(BASE_RECIPE).shortcut
+        model = train_module.build_model(cfg.ModelConfig(variant.arch, args.depth, data.num_classes,
+                                                         shortcut=shortcut))  # the run's build, hooks included
+    set_pixel_mean(model, data.pixel_mean())
+    # A fixed random sample: the split keeps the class-by-class order of a folder.
+    pick = np.random.default_rng(0).choice(len(data.train), images, replace=False)
+    x, y = data.train.images[pick], data.train.labels[pick]
+    features = np.asarray(keras.Model(model.input, model.get_layer("pool").output)(x, training=True))
+    classifier = model.get_layer("probabilities")
+    logits = features @ np.asarray(classifier.kernel) + np.asarray(classifier.bias)
+    loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+    return {"initial_loss": float(np.mean(loss)), "initial_logit_std": float(logits.std()),
+            "initial_feature_rms": float(np.sqrt(np.mean(features**2)))}
 
 
 def run_variant(name: str, seed: int, args: argparse.Namespace) -> pathlib.Path:
@@ -139,12 +190,13 @@ def _values(rows: list[dict], key: str, digits: int) -> str:
 
 
 def table(results: dict[str, dict[int, dict]]) -> str:
-    lines = ["| variant | change against the baseline | seeds | first-epoch train loss | val loss after epoch 1 "
-             "| final val accuracy |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | change against the baseline | seeds | loss at initialisation | first-epoch train loss "
+             "| val loss after epoch 1 | final val accuracy |", "|---|---|---|---|---|---|---|"]
     for name, by_seed in results.items():
         rows = [by_seed[s] for s in sorted(by_seed)]
         lines.append(f"| `{name}` | {VARIANTS[name].description} | {', '.join(map(str, sorted(by_seed)))} | "
-                     f"{_values(rows, 'first_epoch_loss', 2)} | {_values(rows, 'epoch1_val_loss', 1)} | "
+                     f"{_values(rows, 'initial_loss', 2)} | {_values(rows, 'first_epoch_loss', 2)} | "
+                     f"{_values(rows, 'epoch1_val_loss', 1)} | "
                      f"{_values(rows, 'final_val_accuracy', 3)} |")
     return "\n".join(lines) + "\n"
 
@@ -173,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.report_only:
                 run_variant(name, seed, args)
             if (run_dir / "summary.json").exists():
-                results.setdefault(name, {})[seed] = read_run(run_dir)
+                start_file = run_dir / "initial_state.json"
+                if not start_file.exists():
+                    start_file.write_text(json.dumps(initial_state(name, seed, args), indent=2) + "\n")
+                results.setdefault(name, {})[seed] = {**read_run(run_dir), **json.loads(start_file.read_text())}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"dataset": args.dataset, "depth": args.depth, "epochs": args.epochs,
