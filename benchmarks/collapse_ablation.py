@@ -9,7 +9,7 @@ loss of the first epoch (chance is ln 10 = 2.30), the validation loss and
 accuracy after it, and the final validation accuracy.
 
     python benchmarks/collapse_ablation.py --dataset folder:PATH [--variants baseline,padding]
-        [--seeds 0,1,2] [--epochs 4] [--train-images 4000] --out DIR [--table FILE.md]
+        [--seeds 0,1,2] [--epochs 4] [--train-images 4000] --out DIR [--table FILE.md] [--trace STEPS]
 
 Runs go to DIR/runs/<variant>-seed<seed>; finished runs are kept, so the
 script can be started again to add variants or seeds. Every number in the
@@ -153,6 +153,63 @@ def initial_state(name: str, seed: int, args: argparse.Namespace, images: int = 
             "initial_feature_rms": float(np.sqrt(np.mean(features**2)))}
 
 
+def trace(name: str, seed: int, steps: int, args: argparse.Namespace, images: int = 512) -> list[dict]:
+    """The first `steps` training steps of a variant, as its run takes them (same seed, data order and
+    optimizer), and after each: the loss on a fixed sample of training images in training mode, the
+    pooled features' size and share of zeros, the spread of the logits, how many classes the sample is
+    predicted as, and the smallest gamma and beta of any BN."""
+    import keras
+    import numpy as np
+
+    from pipeline import data as input_pipeline
+    from pipeline.distribute import Cluster, make_strategy
+    from pipeline.model import set_pixel_mean
+    from pipeline.train import Trainer, learning_rate_schedule, make_optimizer
+
+    variant = VARIANTS[name]
+    data = _training_data(args.dataset, args.train_images)
+    strategy = make_strategy(Cluster(), None)
+    with _applied(variant) as recipe_name:
+        from pipeline import train as train_module
+
+        recipe = cfg.get_recipe(recipe_name)
+        with strategy.scope():
+            keras.utils.set_random_seed(seed)
+            shortcut = variant.shortcut or recipe.shortcut
+            model = train_module.build_model(cfg.ModelConfig(variant.arch, args.depth, data.num_classes,
+                                                             shortcut=shortcut))
+            set_pixel_mean(model, data.pixel_mean())
+            steps_per_epoch = len(data.train) // recipe.batch_size
+            schedule = learning_rate_schedule(recipe, recipe.learning_rate, steps_per_epoch * args.epochs)
+            optimizer = make_optimizer(recipe, schedule, loss_scaling=False)
+    trainer = Trainer(strategy, model, optimizer, recipe.batch_size)
+    batches = iter(strategy.distribute_datasets_from_function(lambda context: input_pipeline.train_dataset(
+        data.train, batch_size=recipe.batch_size, seed=seed, start_epoch=0, steps_per_epoch=steps_per_epoch,
+        input_context=context)))
+    pick = np.random.default_rng(0).choice(len(data.train), images, replace=False)
+    x, y = data.train.images[pick], data.train.labels[pick]
+    pooled = keras.Model(model.input, model.get_layer("pool").output)
+    classifier = model.get_layer("probabilities")
+    norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    rows = []
+    for step in range(steps + 1):
+        features = np.asarray(pooled(x, training=True))
+        logits = features @ np.asarray(classifier.kernel) + np.asarray(classifier.bias)
+        loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        row = {"step": step, "sample_loss": round(float(np.mean(loss)), 3),
+               "feature_rms": round(float(np.sqrt(np.mean(features**2))), 3),
+               "dead_features": round(float(np.mean(features == 0)), 3),
+               "logit_range": round(float(np.ptp(logits, axis=1).mean()), 2),
+               "predicted_classes": int(len(np.unique(logits.argmax(axis=1)))),
+               "min_gamma": round(float(min(np.min(n.gamma) for n in norms)), 3),
+               "min_beta": round(float(min(np.min(n.beta) for n in norms)), 3)}
+        if step < steps:
+            row["batch_loss"] = round(float(trainer.train_step(batches)), 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def run_variant(name: str, seed: int, args: argparse.Namespace) -> pathlib.Path:
     from pipeline.experiment import is_finished
     from pipeline.train import train
@@ -212,12 +269,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="runs go to OUT/runs; results.json to OUT")
     parser.add_argument("--table", help="also write the markdown table here")
     parser.add_argument("--report-only", action="store_true", help="train nothing; tabulate the finished runs")
+    parser.add_argument("--trace", type=int, metavar="STEPS",
+                        help="instead: the first STEPS steps of each variant and seed, one JSON line per step, "
+                             "also written to OUT/traces/<variant>-seed<seed>.jsonl")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.trace:
+        folder = pathlib.Path(args.out) / "traces"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            for seed in seeds:
+                rows = trace(name, seed, args.trace, args)
+                (folder / f"{name}-seed{seed}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return 0
     results: dict[str, dict[int, dict]] = {}
     for name in names:
         for seed in seeds:
