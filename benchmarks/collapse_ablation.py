@@ -233,7 +233,8 @@ def read_run(run_dir: pathlib.Path) -> dict:
         history = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(file)]
     summary = json.loads((run_dir / "summary.json").read_text())
     first, last = history[0], history[-1]
-    return {"first_epoch_loss": first["loss"], "epoch1_val_loss": first["val_loss"],
+    return {"first_epoch_loss": first["loss"], "first_epoch_accuracy": first["accuracy"],
+            "epoch1_val_loss": first["val_loss"],
             "epoch1_val_accuracy": first["val_accuracy"], "final_val_accuracy": last["val_accuracy"],
             "final_test_accuracy": summary["final"].get("test_accuracy"), "epochs": len(history),
             "learning_rate": summary["learning_rate"], "shortcut": summary.get("shortcut", "projection"),
@@ -247,12 +248,14 @@ def _values(rows: list[dict], key: str, digits: int) -> str:
 
 
 def table(results: dict[str, dict[int, dict]]) -> str:
-    lines = ["| variant | change against the baseline | seeds | loss at initialisation | first-epoch train loss "
-             "| val loss after epoch 1 | final val accuracy |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | change against the baseline | seeds | pooled-feature RMS at initialisation "
+             "| loss at initialisation | first-epoch train loss | first-epoch train accuracy "
+             "| val loss after epoch 1 | final val accuracy |", "|---|---|---|---|---|---|---|---|---|"]
     for name, by_seed in results.items():
         rows = [by_seed[s] for s in sorted(by_seed)]
         lines.append(f"| `{name}` | {VARIANTS[name].description} | {', '.join(map(str, sorted(by_seed)))} | "
-                     f"{_values(rows, 'initial_loss', 2)} | {_values(rows, 'first_epoch_loss', 2)} | "
+                     f"{_values(rows, 'initial_feature_rms', 2)} | {_values(rows, 'initial_loss', 2)} | "
+                     f"{_values(rows, 'first_epoch_loss', 2)} | {_values(rows, 'first_epoch_accuracy', 3)} | "
                      f"{_values(rows, 'epoch1_val_loss', 1)} | "
                      f"{_values(rows, 'final_val_accuracy', 3)} |")
     return "\n".join(lines) + "\n"

@@ -31,7 +31,8 @@ def test_a_variant_changes_its_settings_for_its_run_only():
 
 
 def test_table_lists_every_seed_and_the_mean():
-    row = {"initial_loss": 2.5, "first_epoch_loss": 3.0, "epoch1_val_loss": 7.0, "final_val_accuracy": 0.1}
+    row = {"initial_feature_rms": 2.6, "initial_loss": 2.5, "first_epoch_loss": 3.0, "first_epoch_accuracy": 0.1,
+           "epoch1_val_loss": 7.0, "final_val_accuracy": 0.1}
     other = {**row, "first_epoch_loss": 2.0, "final_val_accuracy": 0.3}
     table = collapse_ablation.table({"baseline": {0: row, 1: other}})
     assert "| `baseline` |" in table and "| 0, 1 |" in table
