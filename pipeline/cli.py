@@ -28,6 +28,14 @@ def _recipes_help() -> str:
     return "; ".join(f"{r.name}: {r.description}" for r in cfg.RECIPES.values()).replace("%", "%%")
 
 
+def _add_shortcut_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shortcut", choices=cfg.SHORTCUTS,
+                        help="where a block changes shape: projection (1x1 conv, no BN: option B as the Keras "
+                             "example builds it), projection-bn (1x1 conv and BN), padding (He et al.'s option A "
+                             "for CIFAR: subsampled identity with zero channels, no parameters) (default: the "
+                             "recipe's: padding for he2016 and he2016-subset, else projection)")
+
+
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", choices=cfg.ARCHES, default="accumulated",
                         help="plain ResNet v1 or the accumulated ResNet; beyond the paper: wide (WRN) and "
@@ -44,8 +52,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                         help="fraction of the training split held out for validation "
                              "(default: the source's validation split, else 0.1: 45k/5k on CIFAR)")
     parser.add_argument("--train-images", type=int,
-                        help="train on the first N images of the training split only (default: the recipe's, "
-                             "else all)")
+                        help="train on N images of the training split only, a fixed choice with as many of "
+                             "each class as it holds (default: the recipe's, else all)")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="skip unreadable files of a folder: dataset (counted in the log) instead of failing")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
@@ -58,6 +66,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                         help="images per replica per step (default: the recipe's). The global batch is "
                              "this times the number of replicas, and the learning rate follows it "
                              "linearly: recipe rate x global batch / recipe batch")
+    _add_shortcut_flag(parser)
     parser.add_argument("--model-dir", required=True,
                         help="checkpoints, logs, history.csv and summary.json; a run started again "
                              "with the same flags resumes from its last finished epoch")
@@ -85,7 +94,7 @@ def train_config_from_args(args: argparse.Namespace) -> cfg.TrainConfig:
                             augment=args.augment, skip_bad_images=args.skip_bad_images,
                             train_images=args.train_images),
         recipe=args.recipe, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
-        width=args.width, cardinality=args.cardinality,
+        shortcut=args.shortcut, width=args.width, cardinality=args.cardinality,
         seed=args.seed, devices=args.devices, mixed_precision=args.mixed_precision, jit=args.jit,
         deterministic=args.deterministic, progress=args.progress,
     )
@@ -135,7 +144,8 @@ def _run_experiment(args: argparse.Namespace) -> int:
         out_dir=args.out, arches=tuple(a.strip() for a in args.arches.split(",") if a.strip()), depth=args.depth,
         seeds=parse_seeds(args.seeds), recipe=args.recipe, dataset=args.dataset, data_dir=args.data_dir,
         epochs=args.epochs, batch_size=args.batch_size, width=args.width, cardinality=args.cardinality,
-        train_images=args.train_images, devices=args.devices, mixed_precision=args.mixed_precision)
+        train_images=args.train_images, devices=args.devices, mixed_precision=args.mixed_precision,
+        shortcut=args.shortcut)
     run_experiment(config, announce=lambda line: print(line, flush=True))
     print((pathlib.Path(args.out) / "table.md").read_text())
     return 0
@@ -239,9 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--recipe", choices=tuple(cfg.RECIPES), default="paper50", help=_recipes_help())
     experiment.add_argument("--dataset", default="cifar10", metavar="SPEC", help=DATASET_HELP)
     experiment.add_argument("--data-dir", help="TensorFlow Datasets data directory")
-    experiment.add_argument("--train-images", type=int, help="train on the first N training images only")
+    experiment.add_argument("--train-images", type=int, help="train on N training images only, as many of each class")
     experiment.add_argument("--epochs", type=int, help="epochs per run (default: the recipe's)")
     experiment.add_argument("--batch-size", type=int, help="images per replica per step (default: the recipe's)")
+    _add_shortcut_flag(experiment)
     experiment.add_argument("--devices", type=int, help="replicas on this machine")
     experiment.add_argument("--mixed-precision", action="store_true")
     experiment.add_argument("--out", required=True, help="the experiment's folder (runs/, results, table, figures)")

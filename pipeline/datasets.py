@@ -120,7 +120,7 @@ def load(config: DataConfig) -> ImageData:
     source = readers[kind]()
     train, validation = _split_validation(source, config.val_split)
     if config.train_images is not None and config.train_images < len(train):
-        train = train.take(np.arange(config.train_images))
+        train = _class_balanced_subset(train, config.train_images)
     if len(train) == 0:
         raise DatasetError(f"{config.spec}: no training images")
     data = ImageData(config.spec, source.class_names, train, validation, source.test)
@@ -137,6 +137,25 @@ def _split_validation(source: _Source, fraction: float | None) -> tuple[Split, S
         return source.train, None
     order = np.random.default_rng(SPLIT_SEED).permutation(len(source.train))
     return source.train.take(np.sort(order[count:])), source.train.take(np.sort(order[:count]))
+
+
+def _class_balanced_subset(split: Split, count: int) -> Split:
+    """`count` images of the split, a fixed random choice spread evenly over the classes.
+
+    Folder and binary sources list their images class by class, so the first
+    N images would be a few classes only (the first 4000 of the CIFAR-10
+    folder subset are 4.4 of its 10 classes). Images are dealt out round-robin
+    over the classes, each class in a fixed random order, and keep their order
+    in the split.
+    """
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(split))
+    labels = split.labels[order]
+    rank_in_class = np.empty(len(order), np.int64)
+    for label in np.unique(labels):
+        members = labels == label
+        rank_in_class[members] = np.arange(members.sum())
+    chosen = order[np.argsort(rank_in_class, kind="stable")[:count]]
+    return split.take(np.sort(chosen))
 
 
 # --- synthetic -------------------------------------------------------------

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 # Settings an existing output folder must agree with (arches and seeds may grow).
 FIXED_SETTINGS = ("depth", "recipe", "dataset", "data_dir", "epochs", "batch_size", "width", "cardinality",
-                  "train_images", "mixed_precision")
+                  "train_images", "mixed_precision", "shortcut")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,7 @@ class ExperimentConfig:
     train_images: int | None = None
     devices: int | None = None
     mixed_precision: bool = False
+    shortcut: str | None = None  # None: the recipe's
 
     def __post_init__(self):
         if not self.arches or not self.seeds:
@@ -55,7 +56,8 @@ class ExperimentConfig:
         return TrainConfig(
             model_dir=str(self.run_dir(arch, seed)), arch=arch, depth=self.depth,
             data=DataConfig(self.dataset, data_dir=self.data_dir, train_images=self.train_images),
-            recipe=self.recipe, epochs=self.epochs, batch_size=self.batch_size, seed=seed, devices=self.devices,
+            recipe=self.recipe, epochs=self.epochs, batch_size=self.batch_size, shortcut=self.shortcut,
+            seed=seed, devices=self.devices,
             mixed_precision=self.mixed_precision, width=self.width, cardinality=self.cardinality, progress=False)
 
 
@@ -129,6 +131,7 @@ def run_experiment(config: ExperimentConfig, announce=print) -> dict:
     context = {
         "title": f"{label}: depth {config.depth} on {config.dataset}",
         "dataset": config.dataset, "depth": config.depth, "recipe": config.recipe,
+        "shortcut": first.get("shortcut", "projection"),
         "epochs": first["epochs"], "global_batch": first["global_batch"], "train_images": config.train_images,
         "width": config.width, "cardinality": config.cardinality, "arches": list(config.arches),
         "seeds": list(config.seeds),

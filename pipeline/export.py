@@ -244,7 +244,8 @@ def restore_trained_model(model_dir: str | os.PathLike) -> tuple[keras.Model, li
     # Serve in float32 whatever the training precision: the weights are float32 anyway.
     with precision_policy("float32"):
         model = build_model(ModelConfig(run["arch"], run["depth"], run["num_classes"], width=run.get("width"),
-                                        cardinality=run.get("cardinality")))
+                                        cardinality=run.get("cardinality"),
+                                        shortcut=run.get("shortcut", "projection")))
     status = tf.train.Checkpoint(model=model).restore(checkpoint_path)
     status.expect_partial().assert_existing_objects_matched()
     log.info("restored %s", checkpoint_path)

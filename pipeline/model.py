@@ -2,9 +2,17 @@
 
 Block i computes the residual branch F_i(x) = BN(conv3x3(ReLU(BN(conv3x3(x))))).
 
-    plain:        y_i = ReLU(F_i(x_i) + s_i),  s_i = x_i or the projection P_i(x_i)
-    accumulated:  y_i = ReLU(F_i(x_i) + A_i),  A_i = N_i(P_i(x_i))       where the shape changes
+    plain:        y_i = ReLU(F_i(x_i) + s_i),  s_i = x_i or the shortcut S_i(x_i)
+    accumulated:  y_i = ReLU(F_i(x_i) + A_i),  A_i = N_i(S_i(x_i))       where the shape changes
                                                A_i = A_{i-1} + N_i(x_i)  otherwise, A_0 = 0
+
+where the shape changes, S_i is one of (ModelConfig.shortcut):
+
+    projection     P_i(x), a 1x1 convolution (He et al.'s option B, as the Keras
+                   cifar10_resnet example builds it: no BN after it)
+    projection-bn  BN(P_i(x)) (option B as in He et al.'s ImageNet nets)
+    padding        x subsampled by the stride, zero channels appended (He et
+                   al.'s option A for CIFAR: no parameters)
 
 N_i is a BatchNormalization of the block's own, so the accumulated net has
 exactly one more BN per block than the plain one and the same convolutions.
@@ -33,6 +41,12 @@ STAGE_FILTERS = (16, 32, 64)
 # 0.99 leaves the moving statistics behind in runs of a few hundred steps.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+# Initialisers of the classifier and of the projection shortcut (the Keras
+# example's he_normal), and L2 on BN's gamma and beta (none, as there). Module
+# settings so that benchmarks/collapse_ablation.py can vary them.
+CLASSIFIER_INITIALIZER = "he_normal"
+PROJECTION_INITIALIZER = "he_normal"
+BN_WEIGHT_DECAY = 0.0
 
 
 @keras.saving.register_keras_serializable(package="accresnet")
@@ -67,17 +81,48 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return outputs
 
 
-def _batch_norm(name: str, fused: bool = True) -> layers.BatchNormalization:
+def _batch_norm(name: str, fused: bool = True, gamma_initializer="ones") -> layers.BatchNormalization:
     kind = FusedBatchNormalization if fused else layers.BatchNormalization
-    return kind(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
+    decay = keras.regularizers.L2(BN_WEIGHT_DECAY) if BN_WEIGHT_DECAY else None
+    return kind(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, gamma_initializer=gamma_initializer,
+                gamma_regularizer=decay, beta_regularizer=decay, name=name)
 
 
 def _conv(filters: int, kernel_size: int, strides: int, weight_decay: float, name: str,
-          groups: int = 1) -> layers.Conv2D:
+          groups: int = 1, initializer: str = "he_normal") -> layers.Conv2D:
     return layers.Conv2D(
         filters, kernel_size, strides=strides, padding="same", use_bias=False, groups=groups,
-        kernel_initializer="he_normal", kernel_regularizer=keras.regularizers.L2(weight_decay), name=name,
+        kernel_initializer=initializer, kernel_regularizer=keras.regularizers.L2(weight_decay), name=name,
     )
+
+
+@keras.saving.register_keras_serializable(package="accresnet")
+class PaddingShortcut(layers.Layer):
+    """He et al.'s option A: the identity where the shape changes, without parameters.
+
+    Subsamples by `strides` (the pixels a stride-2 1x1 projection would read)
+    and appends zero channels up to `filters`.
+    """
+
+    def __init__(self, filters: int, strides: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.strides = filters, strides
+
+    def call(self, x):
+        if self.strides > 1:
+            x = x[:, ::self.strides, ::self.strides, :]
+        extra = self.filters - x.shape[-1]
+        if extra < 0:
+            raise ValueError(f"option A pads channels, it cannot drop them: {x.shape[-1]} -> {self.filters}")
+        return ops.pad(x, [[0, 0], [0, 0], [0, 0], [0, extra]]) if extra else x
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, _ = input_shape
+        shrink = lambda size: None if size is None else -(-size // self.strides)
+        return batch, shrink(height), shrink(width), self.filters
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "strides": self.strides}
 
 
 @keras.saving.register_keras_serializable(package="accresnet")
@@ -122,24 +167,27 @@ class _ConvUnit(layers.Layer):
     """
 
     def __init__(self, filters: int, strides: int = 1, weight_decay: float = 1e-4, fused_batch_norm: bool = True,
-                 style: str = "basic", bottleneck: int = 0, groups: int = 1, **kwargs):
+                 style: str = "basic", bottleneck: int = 0, groups: int = 1, shortcut: str = "projection",
+                 zero_init_residual: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.strides, self.weight_decay = filters, strides, weight_decay
         self.fused_batch_norm, self.style = fused_batch_norm, style
-        self.bottleneck, self.groups = bottleneck, groups
+        self.bottleneck, self.groups, self.shortcut = bottleneck, groups, shortcut
+        self.zero_init_residual = zero_init_residual
 
-    def _norm(self, name: str) -> layers.BatchNormalization:
-        return _batch_norm(name, self.fused_batch_norm)
+    def _norm(self, name: str, gamma_initializer="ones") -> layers.BatchNormalization:
+        return _batch_norm(name, self.fused_batch_norm, gamma_initializer)
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "strides": self.strides,
                 "weight_decay": self.weight_decay, "fused_batch_norm": self.fused_batch_norm,
-                "style": self.style, "bottleneck": self.bottleneck, "groups": self.groups}
+                "style": self.style, "bottleneck": self.bottleneck, "groups": self.groups, "shortcut": self.shortcut,
+                "zero_init_residual": self.zero_init_residual}
 
     def _unit_config(self) -> dict:
         return dict(filters=self.filters, strides=self.strides, weight_decay=self.weight_decay,
                     fused_batch_norm=self.fused_batch_norm, style=self.style, bottleneck=self.bottleneck,
-                    groups=self.groups)
+                    groups=self.groups, shortcut=self.shortcut, zero_init_residual=self.zero_init_residual)
 
 
 @keras.saving.register_keras_serializable(package="accresnet")
@@ -163,7 +211,9 @@ class ResidualBranch(_ConvUnit):
             self.conv1 = _conv(self.filters, 3, self.strides, decay, "conv1")
             self.conv2 = _conv(self.filters, 3, 1, decay, "conv2")
         self.bn1 = self._norm("bn1")
-        self.bn2 = None if self.style == "preact" else self._norm("bn2")
+        # zero_init_residual: F(x) = 0 at the start, so every block starts as its shortcut.
+        gamma = "zeros" if self.zero_init_residual else "ones"
+        self.bn2 = None if self.style == "preact" else self._norm("bn2", gamma)
 
     def call(self, x, training=None):
         if self.style == "bottleneck":
@@ -174,21 +224,35 @@ class ResidualBranch(_ConvUnit):
 
 class _Block(_ConvUnit):
     """What both blocks share: the branch, a pre-activation for the preact
-    style, and a 1x1 projection where the shape changes."""
+    style, and the shortcut S(x) where the shape changes."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.branch = ResidualBranch(**self._unit_config(), name="branch")
         self.preactivation = self._norm("preact_bn") if self.style == "preact" else None
-        self.projection = None
+        self.projection = self.projection_norm = self.padding = None
 
     def _build_projection(self, input_shape) -> None:
-        if self.strides != 1 or input_shape[-1] != self.filters:
-            self.projection = _conv(self.filters, 1, self.strides, self.weight_decay, "projection")
+        if self.strides == 1 and input_shape[-1] == self.filters:
+            return
+        if self.shortcut == "padding":
+            self.padding = PaddingShortcut(self.filters, self.strides, name="padding")
+            return
+        self.projection = _conv(self.filters, 1, self.strides, self.weight_decay, "projection",
+                                initializer=PROJECTION_INITIALIZER)
+        if self.shortcut == "projection-bn":
+            self.projection_norm = self._norm("projection_bn")
 
     @property
     def changes_shape(self) -> bool:
-        return self.projection is not None
+        return self.projection is not None or self.padding is not None
+
+    def _shortcut(self, x, training):
+        """S(x): P(x), BN(P(x)) or the zero-padded identity."""
+        if self.padding is not None:
+            return self.padding(x)
+        x = self.projection(x)
+        return x if self.projection_norm is None else self.projection_norm(x, training=training)
 
     def _residual(self, x, training) -> tuple:
         """F(x), and the block input as the plain shortcut takes it."""
@@ -205,14 +269,19 @@ class _Block(_ConvUnit):
 
 @keras.saving.register_keras_serializable(package="accresnet")
 class ResidualBlock(_Block):
-    """y = ReLU(F(x) + s) (preact: F(x) + s), s = x or P(x): option B shortcut, no BN."""
+    """y = ReLU(F(x) + s) (preact: F(x) + s), s = x or S(x) where the shape changes."""
 
     def build(self, input_shape):
         self._build_projection(input_shape)
 
     def call(self, x, training=None):
         residual, shortcut_input = self._residual(x, training)
-        shortcut = self.projection(shortcut_input) if self.projection is not None else x
+        if self.padding is not None:
+            shortcut = self.padding(x)  # an identity: the raw input, as in the blocks that keep the shape
+        elif self.projection is not None:
+            shortcut = self._shortcut(shortcut_input, training)
+        else:
+            shortcut = x
         return self._output(residual, shortcut)
 
 
@@ -220,7 +289,7 @@ class ResidualBlock(_Block):
 class AccumulatedBlock(_Block):
     """(x, A_prev) -> (y, A) with y = ReLU(F(x) + A) (preact: F(x) + A).
 
-    A = N(P(x)) where the block changes shape (the accumulator restarts),
+    A = N(S(x)) where the block changes shape (the accumulator restarts),
     else A = A_prev + N(x), where a missing A_prev (the first block) is zero.
     """
 
@@ -232,8 +301,8 @@ class AccumulatedBlock(_Block):
         self._build_projection(x_shape)
 
     def call(self, x, accumulator=None, training=None):
-        if self.projection is not None:
-            accumulator = self.accumulator_norm(self.projection(x), training=training)
+        if self.changes_shape:
+            accumulator = self.accumulator_norm(self._shortcut(x, training), training=training)
         elif accumulator is None:
             accumulator = self.accumulator_norm(x, training=training)
         else:
@@ -285,7 +354,9 @@ def build_model(config: ModelConfig) -> keras.Model:
             strides = 2 if stage_number > 1 and block_number == 1 else 1
             settings = dict(filters=stage.filters, strides=strides, weight_decay=config.weight_decay,
                             fused_batch_norm=config.fused_batch_norm, style=style, bottleneck=stage.bottleneck,
-                            groups=stage.groups, name=block_name(stage_number, block_number))
+                            groups=stage.groups, shortcut=config.shortcut,
+                            zero_init_residual=config.zero_init_residual,
+                            name=block_name(stage_number, block_number))
             if is_accumulated(config.arch):
                 # A stage's first block projects and restarts the accumulator
                 # (the block would ignore an A_prev; not passing one keeps the
@@ -298,7 +369,7 @@ def build_model(config: ModelConfig) -> keras.Model:
         x = layers.ReLU(name="final_relu")(_batch_norm("final_bn", config.fused_batch_norm)(x))
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     # Softmax in float32 under mixed precision, for a stable loss.
-    probabilities = layers.Dense(config.num_classes, activation="softmax", kernel_initializer="he_normal",
+    probabilities = layers.Dense(config.num_classes, activation="softmax", kernel_initializer=CLASSIFIER_INITIALIZER,
                                  dtype="float32", name="probabilities")(x)
     return keras.Model(images, probabilities, name=name)
 

@@ -132,10 +132,11 @@ def table_markdown(results: dict) -> str:
         f"# {context['title']}",
         "",
         f"Dataset `{context['dataset']}`, depth {context['depth']}, recipe `{context['recipe']}`, "
-        f"{context['epochs']} epochs, seeds {', '.join(map(str, seeds))}. Top-1 error in %: the minimum and the "
-        "mean over each run's epochs of the validation error (the paper's two columns), and the test error after "
-        "the last epoch; mean ± std over seeds. Differences are paired by seed (same data order), with a "
-        "Student-t 95% confidence interval and two-sided p-value.",
+        f"{context.get('shortcut', 'projection')} shortcuts, {context['epochs']} epochs, "
+        f"seeds {', '.join(map(str, seeds))}. Top-1 error in %: the minimum and the mean over each run's epochs of "
+        "the validation error (the paper's two columns), and the test error after the last epoch; mean ± std over "
+        "seeds. Differences are paired by seed (same data order), with a Student-t 95% confidence interval and "
+        "two-sided p-value.",
         "",
         "| | min top-1 val error | avg top-1 val error (over epochs) | final test error |",
         "|---|---|---|---|",

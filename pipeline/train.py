@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
 # Settings that must match for a model directory to be resumed.
-RESUME_KEYS = ("arch", "depth", "width", "cardinality", "dataset", "num_classes", "seed", "recipe")
+RESUME_KEYS = ("arch", "depth", "width", "cardinality", "dataset", "num_classes", "seed", "recipe", "shortcut")
+# What a run.json written before a key existed meant by it.
+RESUME_DEFAULTS = {"shortcut": "projection"}
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -281,6 +283,7 @@ def check_resumable(files: RunFiles, settings: dict) -> None:
     if not files.run.exists():
         return
     previous = json.loads(files.run.read_text())
+    previous = {**RESUME_DEFAULTS, **previous}
     differing = {k: (previous.get(k), settings[k]) for k in RESUME_KEYS if previous.get(k) != settings[k]}
     if differing:
         detail = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in differing.items())
@@ -340,9 +343,11 @@ def train(config: TrainConfig) -> dict:
     length = run_length(recipe, len(data.train), global_batch, config.epochs, config.steps)
     learning_rate = scaled_learning_rate(recipe, global_batch)
     model_config = ModelConfig(config.arch, config.depth, data.num_classes, width=config.width,
-                               cardinality=config.cardinality)
+                               cardinality=config.cardinality, shortcut=config.shortcut or recipe.shortcut,
+                               zero_init_residual=recipe.zero_init_residual)
     settings = {
         "arch": config.arch, "depth": config.depth, "width": config.width, "cardinality": config.cardinality,
+        "shortcut": model_config.shortcut, "zero_init_residual": model_config.zero_init_residual,
         "dataset": config.data.spec,
         "num_classes": data.num_classes, "class_names": list(data.class_names), "seed": config.seed,
         "recipe": recipe.name, "replicas": replicas, "workers": cluster.num_workers,

@@ -18,7 +18,7 @@ def test_help_answers_without_loading_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     for flag in ("--arch", "--depth", "--dataset", "--recipe", "--devices", "--mixed-precision", "--jit",
-                 "--val-split", "--seed", "--epochs", "--steps", "--batch-size", "--model-dir"):
+                 "--val-split", "--seed", "--epochs", "--steps", "--batch-size", "--model-dir", "--shortcut"):
         assert flag in result.stdout
     assert "global batch" in result.stdout and "linearly" in result.stdout
 
@@ -55,3 +55,16 @@ def test_a_killed_run_resumes_from_its_last_epoch(tmp_path):
     assert summary["initial_epoch"] >= 1 and summary["epochs_completed"] == 4
     with open(tmp_path / "history.csv", newline="") as file:
         assert [int(row["epoch"]) for row in csv.DictReader(file)] == [1, 2, 3, 4]
+
+
+def test_shortcut_flag_reaches_the_train_and_experiment_settings():
+    from pipeline import cli
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "--model-dir", "m", "--shortcut", "padding"])
+    assert cli.train_config_from_args(args).shortcut == "padding"
+    args = parser.parse_args(["train", "--model-dir", "m", "--recipe", "he2016-subset"])
+    assert cli.train_config_from_args(args).shortcut is None  # left to the recipe
+    assert parser.parse_args(["experiment", "--out", "o", "--shortcut", "projection-bn"]).shortcut == "projection-bn"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--model-dir", "m", "--shortcut", "identity"])

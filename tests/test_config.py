@@ -53,3 +53,34 @@ def test_learning_rate_follows_the_global_batch_linearly():
     assert cfg.scaled_learning_rate(recipe, 128) == pytest.approx(0.1)
     assert cfg.scaled_learning_rate(recipe, 256) == pytest.approx(0.2)
     assert cfg.scaled_learning_rate(recipe, 64) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("name, optimizer, rate, batch, shortcut, zero_init", [
+    ("he2016", "sgd", 0.1, 128, "padding", True),
+    ("he2016-subset", "sgd", 0.1, 128, "padding", True),
+    ("paper50", "sgd", 0.1, 128, "padding", True),
+    ("keras", "adam", 1e-3, 32, "projection", False),
+    ("keras-subset", "adam", 1e-3, 32, "projection", False),
+])
+def test_recipes_read_their_sources(name, optimizer, rate, batch, shortcut, zero_init):
+    recipe = cfg.get_recipe(name)
+    assert (recipe.optimizer, recipe.learning_rate, recipe.batch_size, recipe.shortcut) == \
+        (optimizer, rate, batch, shortcut)
+    assert recipe.zero_init_residual is zero_init
+    if optimizer == "sgd":
+        assert recipe.momentum == 0.9
+
+
+def test_subset_recipes_keep_their_sources_schedules_in_fewer_epochs():
+    for full, subset in (("he2016", "he2016-subset"), ("keras", "keras-subset")):
+        assert cfg.get_recipe(subset).boundaries == cfg.get_recipe(full).boundaries
+        assert cfg.get_recipe(subset).factors == cfg.get_recipe(full).factors
+        assert cfg.get_recipe(subset).epochs == cfg.SUBSET_EPOCHS
+
+
+def test_shortcut_setting_is_checked():
+    assert cfg.TrainConfig(model_dir="m").shortcut is None  # the recipe's
+    assert cfg.TrainConfig(model_dir="m", shortcut="padding").shortcut == "padding"
+    with pytest.raises(cfg.ConfigError, match="unknown shortcut 'B'"):
+        cfg.TrainConfig(model_dir="m", shortcut="B")
+    assert cfg.ModelConfig().shortcut == "projection"

@@ -1,3 +1,4 @@
+import pathlib
 import tarfile
 
 import numpy as np
@@ -8,6 +9,9 @@ from PIL import Image
 from pipeline import datasets, synthetic
 from pipeline.config import DataConfig
 from pipeline.datasets import DatasetError
+
+# Real CIFAR-10 photographs as JPEG folders, where the machine has them (never needed).
+SUBSET = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
 
 
 def load(spec, **kwargs):
@@ -118,6 +122,24 @@ def test_folder_needs_two_classes(tmp_path):
     _save(tmp_path / "only" / "a.png", Image.new("RGB", (8, 8)), "PNG")
     with pytest.raises(DatasetError, match="at least two"):
         load(f"folder:{tmp_path}")
+
+
+def test_train_images_takes_every_class_not_the_first_folders(tmp_path):
+    # Folders are read class by class: the first 9 of 30 would be class "a" only.
+    for name in ("a", "b", "c"):
+        for i in range(10):
+            _save(tmp_path / name / f"{i}.png", Image.new("RGB", (8, 8), (i, 0, 0)), "PNG")
+    data = load(f"folder:{tmp_path}", val_split=0.0, train_images=9)
+    assert list(np.bincount(data.train.labels, minlength=3)) == [3, 3, 3]
+    again = load(f"folder:{tmp_path}", val_split=0.0, train_images=9)
+    np.testing.assert_array_equal(data.train.images, again.train.images)
+    assert len(load(f"folder:{tmp_path}", val_split=0.0, train_images=10).train) == 10
+
+
+@pytest.mark.skipif(not SUBSET.is_dir(), reason="the CIFAR-10 folder subset is not on this machine")
+def test_train_images_of_the_cifar10_folder_subset_are_balanced():
+    data = load(f"folder:{SUBSET}", train_images=4000)
+    assert list(np.bincount(data.train.labels, minlength=10)) == [400] * 10
 
 
 # --- cifar-bin: -----------------------------------------------------------------------

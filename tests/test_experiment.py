@@ -110,3 +110,12 @@ def test_seeds_flag():
     assert parse_seeds("3") == (0, 1, 2) and parse_seeds("4,7") == (4, 7)
     with pytest.raises(ConfigError):
         parse_seeds("three")
+
+
+def test_shortcut_goes_to_every_run_and_is_a_fixed_setting(tmp_path):
+    from pipeline.experiment import FIXED_SETTINGS
+
+    config = tiny(tmp_path, shortcut="padding")
+    assert {config.train_config(arch, 0).shortcut for arch in config.arches} == {"padding"}
+    assert tiny(tmp_path).train_config("resnet", 0).shortcut is None  # the recipe's
+    assert "shortcut" in FIXED_SETTINGS

@@ -177,3 +177,94 @@ def test_wider_variants_train_a_step_and_round_trip(arch, depth, tmp_path):
     model.save(tmp_path / "model.keras")
     restored = keras.models.load_model(tmp_path / "model.keras")
     np.testing.assert_allclose(np.asarray(restored(images())), np.asarray(model(images())), rtol=1e-5, atol=1e-6)
+
+
+# --- the shortcut where a block changes shape ----------------------------------------------------
+
+
+def test_padding_shortcut_is_the_subsampled_identity_with_zero_channels():
+    from pipeline.model import PaddingShortcut
+
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 16)).astype(np.float32)
+    layer = PaddingShortcut(32, strides=2)
+    y = np.asarray(layer(x))
+    assert y.shape == (2, 4, 4, 32) == layer.compute_output_shape(x.shape)
+    np.testing.assert_array_equal(y[..., :16], x[:, ::2, ::2, :])
+    assert not y[..., 16:].any()
+    assert not layer.weights
+    assert PaddingShortcut.from_config(layer.get_config()).get_config() == layer.get_config()
+
+
+@pytest.mark.parametrize("arch", ["resnet", "accumulated"])
+def test_option_a_has_no_shortcut_parameters(arch):
+    projection = build_model(ModelConfig(arch, 32, shortcut="projection"))
+    padding = build_model(ModelConfig(arch, 32, shortcut="padding"))
+    # The two 1x1 projections, 16 -> 32 and 32 -> 64 channels, are all that goes.
+    assert trainable_count(projection) - trainable_count(padding) == 16 * 32 + 32 * 64
+    assert not [l for l in padding._flatten_layers() if l.name == "projection"]
+    assert count_batch_norms(padding) == count_batch_norms(projection)
+    if arch == "resnet":  # He et al.'s 0.46M for ResNet-32 counts option A
+        assert trainable_count(padding) == 464_154
+
+
+@pytest.mark.parametrize("arch", ["resnet", "accumulated"])
+def test_projection_bn_adds_a_batch_norm_per_shape_change(arch):
+    projection = build_model(ModelConfig(arch, 8))
+    with_bn = build_model(ModelConfig(arch, 8, shortcut="projection-bn"))
+    assert count_batch_norms(with_bn) - count_batch_norms(projection) == 2
+    assert trainable_count(with_bn) - trainable_count(projection) == 2 * (32 + 64)
+
+
+@pytest.mark.parametrize("shortcut", ["padding", "projection-bn"])
+def test_plain_and_accumulated_blocks_add_their_shortcut(shortcut):
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 16)).astype(np.float32)
+    if shortcut == "padding":
+        shortcut_of = lambda block: np.pad(x[:, ::2, ::2, :], [(0, 0), (0, 0), (0, 0), (0, 16)])
+    else:
+        shortcut_of = lambda block: np.asarray(block.projection_norm(block.projection(x), training=False))
+    plain = build_model(ModelConfig("resnet", 8, shortcut=shortcut))
+    _randomize_batch_norms(plain)
+    block = plain.get_layer("stage2_block1")
+    branch = np.asarray(block.branch(x, training=False))
+    np.testing.assert_allclose(np.asarray(block(x, training=False)), np.maximum(branch + shortcut_of(block), 0),
+                               rtol=1e-4, atol=1e-4)
+    accumulated = build_model(ModelConfig("accumulated", 8, shortcut=shortcut))
+    _randomize_batch_norms(accumulated)
+    block = accumulated.get_layer("stage2_block1")
+    y, accumulator = (np.asarray(v) for v in block(x, training=False))
+    expected = np.asarray(block.accumulator_norm(shortcut_of(block), training=False))  # A = N(S(x))
+    np.testing.assert_allclose(accumulator, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, np.maximum(np.asarray(block.branch(x, training=False)) + expected, 0),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["resnet", "accumulated"])
+def test_padding_nets_round_trip_through_get_config(arch, tmp_path):
+    model = build_model(ModelConfig(arch, 8, shortcut="padding"))
+    _randomize_batch_norms(model)
+    model.save(tmp_path / "model.keras")
+    restored = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(np.asarray(restored(images())), np.asarray(model(images())), rtol=1e-5, atol=1e-6)
+    assert restored.get_layer("stage3_block1").get_config()["shortcut"] == "padding"
+
+
+def test_unknown_shortcut_is_a_clear_error():
+    with pytest.raises(ConfigError, match="unknown shortcut 'identity'.*padding"):
+        ModelConfig("resnet", 8, shortcut="identity")
+
+
+@pytest.mark.parametrize("arch", ["resnet", "accumulated"])
+def test_zero_init_residual_starts_every_block_as_its_shortcut(arch):
+    model = build_model(ModelConfig(arch, 8, shortcut="padding", zero_init_residual=True))
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 16)).astype(np.float32)
+    block = model.get_layer("stage2_block1")
+    assert not np.asarray(block.branch(x, training=True)).any()  # F(x) = 0
+    assert np.all(np.asarray(block.branch.bn1.gamma) == 1)  # only the branch's last BN starts at zero
+    shortcut = np.pad(x[:, ::2, ::2, :], [(0, 0), (0, 0), (0, 0), (0, 16)])
+    if arch == "resnet":  # y = ReLU(S(x))
+        np.testing.assert_allclose(np.asarray(block(x, training=True)), np.maximum(shortcut, 0), atol=1e-6)
+    else:  # y = ReLU(A), A = N(S(x))
+        y, accumulator = (np.asarray(v) for v in block(x, training=True))
+        np.testing.assert_allclose(y, np.maximum(accumulator, 0), atol=1e-6)
+    default = build_model(ModelConfig(arch, 8))
+    assert np.all(np.asarray(default.get_layer("stage2_block1").branch.bn2.gamma) == 1)

@@ -162,3 +162,30 @@ def test_batch_norm_statistics_agree_across_replicas_after_a_sync(split_factory)
     synced = [c.numpy() for c in model.get_layer("stem_bn").moving_mean.value.values]
     np.testing.assert_array_equal(synced[0], synced[1])
     np.testing.assert_allclose(synced[0], (copies[0] + copies[1]) / 2, rtol=1e-6)
+
+
+def test_the_recipes_shortcut_is_trained_recorded_and_exported(tmp_path):
+    from pipeline.export import restore_trained_model
+    from pipeline.model import PaddingShortcut
+
+    model_dir = tmp_path / "run"
+    summary = training.train(tiny_config(model_dir, arch="resnet", recipe="he2016-subset", epochs=1, devices=1,
+                                         data=DataConfig("synthetic:200")))
+    assert summary["shortcut"] == "padding" and summary["zero_init_residual"] is True
+    assert json.loads((model_dir / "run.json").read_text())["shortcut"] == "padding"
+    model, _ = restore_trained_model(model_dir)
+    assert isinstance(model.get_layer("stage2_block1").padding, PaddingShortcut)
+    with pytest.raises(training.ResumeMismatch, match=r"shortcut 'padding' -> 'projection'"):
+        training.train(tiny_config(model_dir, arch="resnet", recipe="he2016-subset", epochs=1, devices=1,
+                                   data=DataConfig("synthetic:200"), shortcut="projection"))
+
+
+def test_runs_recorded_before_the_shortcut_setting_resume_as_projection(finished_run, tmp_path):
+    model_dir, _ = finished_run
+    recorded = json.loads((model_dir / "run.json").read_text())
+    assert recorded.pop("shortcut") == "projection"
+    (tmp_path / "run.json").write_text(json.dumps(recorded))  # as written before the setting existed
+    files = training.RunFiles(tmp_path, True, 0)
+    training.check_resumable(files, {**recorded, "shortcut": "projection"})
+    with pytest.raises(training.ResumeMismatch, match="shortcut"):
+        training.check_resumable(files, {**recorded, "shortcut": "padding"})

@@ -1,0 +1,54 @@
+"""The benchmark scripts' own logic: the collapse ablation's variants and table, the GPU estimate's counts."""
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import collapse_ablation  # noqa: E402
+import gpu_estimate  # noqa: E402
+from pipeline import config as cfg  # noqa: E402
+from pipeline import model as model_module  # noqa: E402
+from pipeline import train as train_module  # noqa: E402
+
+
+def test_a_variant_changes_its_settings_for_its_run_only():
+    build = train_module.build_model
+    with collapse_ablation._applied(collapse_ablation.VARIANTS["bn-l2"]) as recipe:
+        assert model_module.BN_WEIGHT_DECAY == 1e-4 and recipe == "cpu-small"
+    assert model_module.BN_WEIGHT_DECAY == 0.0
+    with collapse_ablation._applied(collapse_ablation.VARIANTS["zero-gamma"]):
+        model = train_module.build_model(cfg.ModelConfig("resnet", 8))
+        assert not model.get_layer("stage1_block1").branch.bn2.gamma.numpy().any()
+    assert train_module.build_model is build
+    with collapse_ablation._applied(collapse_ablation.VARIANTS["warmup"]) as recipe:
+        warmup = cfg.get_recipe(recipe)
+    assert warmup.learning_rate == 0.01 and warmup.factors == (10.0, 1.0, 0.1)
+    assert warmup.boundaries == (0.25, 0.5, 0.75) and warmup.momentum == 0.9
+
+
+def test_table_lists_every_seed_and_the_mean():
+    row = {"initial_feature_rms": 2.6, "initial_loss": 2.5, "first_epoch_loss": 3.0, "first_epoch_accuracy": 0.1,
+           "epoch1_val_loss": 7.0, "final_val_accuracy": 0.1}
+    other = {**row, "first_epoch_loss": 2.0, "final_val_accuracy": 0.3}
+    table = collapse_ablation.table({"baseline": {0: row, 1: other}})
+    assert "| `baseline` |" in table and "| 0, 1 |" in table
+    assert "3.00 / 2.00 (mean 2.50)" in table and "0.100 / 0.300 (mean 0.200)" in table
+
+
+def test_resnet32_training_flops_are_three_forward_passes_of_he_et_als_count():
+    flops = gpu_estimate.training_flops_per_image("resnet", 32)
+    # 68.9M multiply-adds forward: He et al.'s "0.07 GFLOPs"-class ResNet-32.
+    assert flops == pytest.approx(3 * 2 * 68.86e6, rel=1e-3)
+
+
+def test_estimate_reads_measured_rates(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"runs": [{"arch": "resnet", "train_images_per_sec": 40.0},
+                                            {"arch": "accumulated", "train_images_per_sec": 30.0}]}))
+    assert gpu_estimate.main(["--results", str(results)]) == 0
+    output = capsys.readouterr().out
+    assert "median 40.0 images/s over 1 runs" in output and "| V100 (SXM2) | 15.7 |" in output
