@@ -161,7 +161,7 @@ def trace(name: str, seed: int, steps: int, args: argparse.Namespace, images: in
     import keras
     import numpy as np
 
-    from pipeline import data as input_pipeline
+    from pipeline import input_pipeline
     from pipeline.distribute import Cluster, make_strategy
     from pipeline.model import set_pixel_mean
     from pipeline.train import Trainer, learning_rate_schedule, make_optimizer

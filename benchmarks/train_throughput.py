@@ -32,8 +32,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pipeline import data as input_pipeline  # noqa: E402
-from pipeline import datasets  # noqa: E402
+from pipeline import datasets, input_pipeline  # noqa: E402
 from pipeline.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.train import train  # noqa: E402

@@ -11,7 +11,7 @@ A spec names a source:
 
 Every source is decoded once into uint8 [N, 32, 32, 3] arrays: a 32x32 image
 is 3 KiB, so even CIFAR's 60k images take 180 MiB, and training then reads
-them at memory speed through tf.data (see data.py).
+them at memory speed through tf.data (see input_pipeline.py).
 """
 
 from __future__ import annotations

@@ -32,8 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import data as input_pipeline
-from pipeline import datasets
+from pipeline import datasets, input_pipeline
 from pipeline.config import (ModelConfig, Recipe, RunLength, TrainConfig, UserError, get_recipe, run_length,
                              scaled_learning_rate)
 from pipeline.distribute import Cluster, make_strategy

@@ -146,7 +146,7 @@ def test_schedules_follow_the_recipes():
 
 
 def test_batch_norm_statistics_agree_across_replicas_after_a_sync(split_factory):
-    from pipeline import data as input_pipeline
+    from pipeline import input_pipeline
 
     trainer = two_replica_trainer("accumulated", global_batch=32)
     model, strategy = trainer.model, trainer.strategy

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import data
+from pipeline import input_pipeline
 
 
 def take(dataset, count):
@@ -11,7 +11,7 @@ def take(dataset, count):
 
 def test_train_batches_shapes_and_dtypes(split_factory):
     split = split_factory(100)
-    images, labels = take(data.train_dataset(split, batch_size=16, seed=0, start_epoch=0, steps_per_epoch=6), 1)[0]
+    images, labels = take(input_pipeline.train_dataset(split, batch_size=16, seed=0, start_epoch=0, steps_per_epoch=6), 1)[0]
     assert images.shape == (16, 32, 32, 3) and images.dtype == np.uint8
     assert labels.shape == (16,) and labels.dtype == np.int32
 
@@ -32,7 +32,7 @@ def _crop_kind(original, augmented):
 
 def test_augmentation_is_a_padded_crop_with_flips(split_factory):
     images = split_factory(64).images
-    augmented = data.augment_batch(tf.constant(images), tf.constant([1, 2])).numpy()
+    augmented = input_pipeline.augment_batch(tf.constant(images), tf.constant([1, 2])).numpy()
     assert augmented.shape == images.shape and augmented.dtype == np.uint8
     kinds = [_crop_kind(o, a) for o, a in zip(images, augmented)]
     assert None not in kinds
@@ -43,7 +43,7 @@ def test_augmentation_is_a_padded_crop_with_flips(split_factory):
 
 def test_no_augmentation_passes_images_through(split_factory):
     split = split_factory(40)
-    images, labels = take(data.train_dataset(split, batch_size=40, seed=0, start_epoch=0, steps_per_epoch=1,
+    images, labels = take(input_pipeline.train_dataset(split, batch_size=40, seed=0, start_epoch=0, steps_per_epoch=1,
                                              augment=False), 1)[0]
     # A permutation of the split, image and label kept together.
     order = [int(np.flatnonzero((split.images == image).all(axis=(1, 2, 3)))[0]) for image in images]
@@ -55,7 +55,7 @@ def test_same_seed_same_stream_other_seed_other_stream(split_factory):
     split = split_factory(64)
 
     def stream(seed):
-        return take(data.train_dataset(split, batch_size=8, seed=seed, start_epoch=0, steps_per_epoch=8), 12)
+        return take(input_pipeline.train_dataset(split, batch_size=8, seed=seed, start_epoch=0, steps_per_epoch=8), 12)
 
     first, again, other = stream(1), stream(1), stream(2)
     for (a, la), (b, lb) in zip(first, again):
@@ -67,8 +67,8 @@ def test_same_seed_same_stream_other_seed_other_stream(split_factory):
 def test_epochs_reshuffle_and_a_resumed_stream_matches(split_factory):
     split = split_factory(64)
     kwargs = dict(batch_size=16, seed=3, steps_per_epoch=4)
-    whole = take(data.train_dataset(split, start_epoch=0, **kwargs), 8)
-    resumed = take(data.train_dataset(split, start_epoch=1, **kwargs), 4)
+    whole = take(input_pipeline.train_dataset(split, start_epoch=0, **kwargs), 8)
+    resumed = take(input_pipeline.train_dataset(split, start_epoch=1, **kwargs), 4)
     for (a, la), (b, lb) in zip(whole[4:], resumed):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(la, lb)
@@ -85,7 +85,7 @@ def test_worker_shards_are_disjoint_and_cover_the_epoch(split_factory):
     for worker in range(2):
         context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker,
                                              num_replicas_in_sync=2)
-        dataset = data.train_dataset(split, batch_size=8, seed=0, start_epoch=0, steps_per_epoch=3,
+        dataset = input_pipeline.train_dataset(split, batch_size=8, seed=0, start_epoch=0, steps_per_epoch=3,
                                      global_batch=16, input_context=context, augment=False)
         shards.append(np.concatenate([labels for _, labels in take(dataset, 3)]))
     assert not set(shards[0]) & set(shards[1])
@@ -94,8 +94,8 @@ def test_worker_shards_are_disjoint_and_cover_the_epoch(split_factory):
 
 def test_eval_pads_to_whole_global_batches_with_zero_weights(split_factory):
     split = split_factory(21)
-    batches = take(data.eval_dataset(split, batch_size=8), 10)
-    assert len(batches) == data.eval_steps(21, 8) == 3
+    batches = take(input_pipeline.eval_dataset(split, batch_size=8), 10)
+    assert len(batches) == input_pipeline.eval_steps(21, 8) == 3
     weights = np.concatenate([w for _, _, w in batches])
     assert weights.sum() == 21 and list(weights[21:]) == [0, 0, 0]
     labels = np.concatenate([l for _, l, _ in batches])[:21]
@@ -104,4 +104,4 @@ def test_eval_pads_to_whole_global_batches_with_zero_weights(split_factory):
 
 def test_too_many_steps_for_the_split(split_factory):
     with pytest.raises(ValueError, match="need 160 images; the split has 100"):
-        data.train_dataset(split_factory(100), batch_size=16, seed=0, start_epoch=0, steps_per_epoch=10)
+        input_pipeline.train_dataset(split_factory(100), batch_size=16, seed=0, start_epoch=0, steps_per_epoch=10)
