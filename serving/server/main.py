@@ -4,13 +4,13 @@
         --model_name=accresnet --model_base_path=/models/accresnet
 
 SIGTERM or SIGINT stops it gracefully: it reports NOT_SERVING, stops taking
-requests, lets the ones in flight finish, then exits.
+requests, lets the ones in flight finish (for at most --drain_timeout_seconds),
+then exits.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
@@ -22,8 +22,6 @@ from concurrent import futures
 import grpc
 
 log = logging.getLogger("serving.server")
-
-GRACE_SECONDS = 30
 
 
 class RunningServer:
@@ -87,41 +85,31 @@ class RunningServer:
     # --- REST on its own event loop ------------------------------------------------------------
 
     def _start_rest(self) -> None:
-        from aiohttp import web
+        from serving.server.rest_api import RestApi, RestLimits, RestServer, ssl_context
 
-        from serving.server.rest_api import RestApi
-
-        self.rest = RestApi(self.model_server, self.metrics, self.options.rest_api_num_threads,
-                            self.options.rest_api_timeout_in_ms, self.options.metrics_path)
-        self.loop = asyncio.new_event_loop()
-        started = threading.Event()
-
-        async def start():
-            self.runner = web.AppRunner(self.rest.app(), shutdown_timeout=GRACE_SECONDS, access_log=None)
-            await self.runner.setup()
-            site = web.TCPSite(self.runner, "0.0.0.0", self.options.rest_api_port)
-            await site.start()
-            self.rest_port = self.options.rest_api_port
-
-        def run():
-            asyncio.set_event_loop(self.loop)
-            try:
-                self.loop.run_until_complete(start())
-            except Exception:
-                log.exception("could not start the REST API")
-                started.set()
-                return
-            started.set()
-            self.loop.run_forever()
-
-        thread = threading.Thread(target=run, name="rest", daemon=True)
-        thread.start()
-        started.wait()
-        if self.rest_port is None:
-            raise OSError(f"could not start the REST API on port {self.options.rest_api_port}")
-        log.info("Exporting HTTP/REST API at:localhost:%d ...", self.rest_port)
-        if self.options.metrics_path:
-            log.info("Prometheus metrics at http://localhost:%d%s", self.rest_port, self.options.metrics_path)
+        options = self.options
+        limits = RestLimits(max_body_bytes=options.rest_api_max_body_bytes,
+                            max_json_depth=options.rest_api_max_json_depth,
+                            read_timeout=options.rest_api_read_timeout_seconds,
+                            max_connections=options.rest_api_max_connections)
+        self.rest = RestApi(self.model_server, self.metrics, options.rest_api_num_threads,
+                            options.rest_api_timeout_in_ms, options.metrics_path, limits)
+        try:
+            # With TLS on gRPC, REST serves the same certificate and verifies clients as gRPC does:
+            # never plain HTTP beside a mutual-TLS gRPC port.
+            tls = ssl_context(options.ssl_config) if options.ssl_config is not None else None
+            self.rest_server = RestServer(self.rest, tls, drain_seconds=options.drain_timeout_seconds)
+            host, self.rest_port = self.rest_server.start(options.rest_api_bind_address, options.rest_api_port)
+        except OSError as error:  # ssl.SSLError included
+            self.grpc_server.stop(0).wait(5)
+            self.manager.stop()
+            if self.batcher is not None:
+                self.batcher.close()
+            raise OSError(f"cannot start the REST API: {error}") from None
+        url = f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{self.rest_port}"
+        log.info("Exporting HTTP/REST API at:%s ...", url.split("://", 1)[1])
+        if options.metrics_path:
+            log.info("Prometheus metrics at %s%s", url, options.metrics_path)
 
     # --- background duties --------------------------------------------------------------------------
 
@@ -151,16 +139,17 @@ class RunningServer:
 
     # --- shutdown ------------------------------------------------------------------------------------
 
-    def stop(self, grace: float = GRACE_SECONDS) -> None:
-        """Refuse new requests, finish the ones in flight, then stop everything."""
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new requests, finish the ones in flight for at most `grace` seconds
+        (--drain_timeout_seconds by default), then stop everything."""
         if self._stopped.is_set():
             return
         self._stopped.set()
         self.health.shutdown()
+        grace = self.options.drain_timeout_seconds if grace is None else grace
         done = self.grpc_server.stop(grace)
-        if getattr(self, "runner", None) is not None:
-            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(grace + 5)
-            self.loop.call_soon_threadsafe(self.loop.stop)
+        if getattr(self, "rest_server", None) is not None:
+            self.rest_server.stop(grace)  # at most `grace`: then open connections are closed
         done.wait(grace + 5)
         self.manager.stop()
         if self.batcher is not None:

@@ -35,12 +35,21 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+# REST limits and drain (flags of their own: TF Serving has none of these).
+DEFAULT_REST_MAX_BODY_BYTES = 64 << 20
+DEFAULT_REST_MAX_JSON_DEPTH = 64
+DEFAULT_REST_READ_TIMEOUT_SECONDS = 30.0
+DEFAULT_REST_MAX_CONNECTIONS = 1024
+DEFAULT_DRAIN_TIMEOUT_SECONDS = 30.0
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--port", type=int, default=8500, help="gRPC port (default: %(default)s)")
     add("--rest_api_port", type=int, default=0, help="HTTP/REST port; 0 turns REST off (default: %(default)s)")
     add("--rest_api_num_threads", type=int, default=16, help="threads for REST requests (default: %(default)s)")
     add("--rest_api_timeout_in_ms", type=int, default=30000, help="REST call timeout (default: %(default)s)")
+    _add_rest_flags(add)
     add("--model_name", default="default", help="name of the model (ignored with --model_config_file)")
     add("--model_base_path", default="", help="folder of numbered versions (ignored with --model_config_file)")
     add("--model_config_file", default="", help="ASCII ModelServerConfig proto: several models, version policies "
@@ -82,6 +91,13 @@ class ServerOptions:
     rest_api_port: int = 0
     rest_api_num_threads: int = 16
     rest_api_timeout_in_ms: int = 30000
+    # REST hardening (not TF Serving flags): where REST listens and what one client may cost.
+    rest_api_bind_address: str = "0.0.0.0"
+    rest_api_max_body_bytes: int = DEFAULT_REST_MAX_BODY_BYTES
+    rest_api_max_json_depth: int = DEFAULT_REST_MAX_JSON_DEPTH
+    rest_api_read_timeout_seconds: float = DEFAULT_REST_READ_TIMEOUT_SECONDS
+    rest_api_max_connections: int = DEFAULT_REST_MAX_CONNECTIONS
+    drain_timeout_seconds: float = DEFAULT_DRAIN_TIMEOUT_SECONDS
     model_configs: tuple = ()
     model_config_file: str = ""
     model_config_file_poll_wait_seconds: int = 0
@@ -143,6 +159,50 @@ def _reload_roots(args: argparse.Namespace, models: list) -> tuple[str, ...] | N
     return tuple(dict.fromkeys(roots))
 
 
+# --- REST limits, bind address and drain -------------------------------------------------------------
+
+def _add_rest_flags(add) -> None:
+    add("--rest_api_bind_address", default="0.0.0.0",
+        help="address the REST API listens on; 0.0.0.0, as TF Serving, is every interface (default: %(default)s)")
+    add("--rest_api_max_body_bytes", type=int, default=DEFAULT_REST_MAX_BODY_BYTES,
+        help="largest REST request body; larger ones get 413 (default: %(default)s, 64 MiB)")
+    add("--rest_api_max_json_depth", type=int, default=DEFAULT_REST_MAX_JSON_DEPTH,
+        help="deepest nesting of a REST request's JSON; deeper ones get 400 (default: %(default)s)")
+    add("--rest_api_read_timeout_seconds", type=float, default=DEFAULT_REST_READ_TIMEOUT_SECONDS,
+        help="a REST connection that has not sent a request's headers within this time, or then its body "
+             "within this time again, is dropped (default: %(default)s)")
+    add("--rest_api_max_connections", type=int, default=0,
+        help="open REST connections beyond which new ones get 503 and are closed; 0: a quarter of the "
+             f"open-file limit, at most {DEFAULT_REST_MAX_CONNECTIONS} (default: %(default)s)")
+    add("--drain_timeout_seconds", type=float, default=DEFAULT_DRAIN_TIMEOUT_SECONDS,
+        help="on SIGTERM, how long requests in flight may take to finish before the server closes what is "
+             "still open and exits (default: %(default)s)")
+
+
+def _default_rest_connections() -> int:
+    """A quarter of the descriptors, so that REST clients alone cannot starve gRPC and model files."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return DEFAULT_REST_MAX_CONNECTIONS
+    return max(1, min(DEFAULT_REST_MAX_CONNECTIONS, soft // 4))
+
+
+def _rest_options(args: argparse.Namespace) -> dict:
+    for flag in ("rest_api_max_body_bytes", "rest_api_max_json_depth", "rest_api_read_timeout_seconds"):
+        if getattr(args, flag) <= 0:
+            raise OptionsError(f"--{flag} must be positive")
+    if args.rest_api_max_connections < 0 or args.drain_timeout_seconds < 0:
+        raise OptionsError("--rest_api_max_connections and --drain_timeout_seconds cannot be negative")
+    return dict(rest_api_bind_address=args.rest_api_bind_address,
+                rest_api_max_body_bytes=args.rest_api_max_body_bytes,
+                rest_api_max_json_depth=args.rest_api_max_json_depth,
+                rest_api_read_timeout_seconds=args.rest_api_read_timeout_seconds,
+                rest_api_max_connections=args.rest_api_max_connections or _default_rest_connections(),
+                drain_timeout_seconds=args.drain_timeout_seconds)
+
+
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
     if args.model_config_file:
         models = read_model_config_file(args.model_config_file)
@@ -191,4 +251,5 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         max_request_tensor_bytes=args.max_request_tensor_bytes, grpc_bind_address=args.grpc_bind_address,
         reload_roots=_reload_roots(args, models), max_num_load_retries=args.max_num_load_retries,
         load_retry_interval_micros=args.load_retry_interval_micros,
+        **_rest_options(args),
     )
