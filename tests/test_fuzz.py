@@ -1,5 +1,5 @@
 """Property-based fuzzing of what a client controls: TensorProtos of any dtype,
-shape and contents. Whatever arrives, decoding gives the declared array within
+shape and contents, and REST bodies (any JSON, request-shaped or mangled). Whatever arrives, decoding gives the declared array within
 the size bound or refuses it with INVALID_ARGUMENT / RESOURCE_EXHAUSTED; it
 never raises anything else, and never allocates past the bound.
 
@@ -9,6 +9,7 @@ suite's time stays bounded on a slow machine.
 
 import grpc
 import numpy as np
+import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
@@ -93,3 +94,75 @@ def test_a_declared_size_past_the_bound_is_refused_whatever_values_it_carries(ro
         assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     else:
         raise AssertionError(f"{rows}x1024x1024 float32 is more than {LIMIT} bytes")
+
+
+# --- REST bodies -------------------------------------------------------------------------------
+
+from serving.server import rest_json  # noqa: E402
+from serving.server.rest_api import parse_predict_body  # noqa: E402
+from serving.server.servable import PREDICT_METHOD, Signature, TensorInfo  # noqa: E402
+
+SIGNATURES = [
+    Signature("serving_default", PREDICT_METHOD, {"images": TensorInfo(tf.uint8, (None, 32, 32, 3))}, {}),
+    Signature("serving_bytes", PREDICT_METHOD, {"image_bytes": TensorInfo(tf.string, (None,))}, {}),
+    Signature("two", PREDICT_METHOD, {"x": TensorInfo(tf.float32, None), "y": TensorInfo(tf.int64, (None,))}, {}),
+]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=60)
+# Bodies shaped like requests, so the fuzzing reaches past the first check.
+REQUEST_BODIES = st.fixed_dictionaries({}, optional={
+    "instances": JSON_VALUES, "inputs": JSON_VALUES, "signature_name": JSON_VALUES,
+    "extra": JSON_VALUES}) | JSON_VALUES
+
+
+def _mutated(data: bytes, cuts: list[int], junk: bytes) -> bytes:
+    for cut in cuts:
+        position = cut % (len(data) + 1)
+        data = data[:position] + junk + data[position + 1:]
+    return data
+
+
+@BUDGET
+@given(JSON_VALUES, st.integers(2, 40))
+def test_json_decoded_in_pieces_equals_json_loads(value, chunk):
+    import json
+
+    data = json.dumps(value).encode()
+    saved = rest_json.CHUNK_CHARS
+    rest_json.CHUNK_CHARS = chunk  # small pieces, so the piecewise path runs on small documents
+    try:
+        decoded = rest_json.decode(data, max_depth=1000)
+    finally:
+        rest_json.CHUNK_CHARS = saved
+    assert decoded == json.loads(data)
+
+
+@BUDGET
+@given(REQUEST_BODIES, st.lists(st.integers(0, 10_000), max_size=3), st.binary(max_size=3),
+       st.sampled_from(SIGNATURES), st.integers(2, 64))
+def test_any_rest_body_gives_arrays_or_a_clean_refusal(body, cuts, junk, signature, chunk):
+    import json
+
+    data = _mutated(json.dumps(body).encode(), cuts, junk) if cuts else json.dumps(body).encode()
+    saved = rest_json.CHUNK_CHARS
+    rest_json.CHUNK_CHARS = chunk
+    try:
+        decoded = rest_json.decode(data, max_depth=16, numeric_rows=True)
+    except ValueError:  # TooDeep, JSONDecodeError, UnicodeDecodeError: the server answers 400
+        return
+    finally:
+        rest_json.CHUNK_CHARS = saved
+    if not isinstance(decoded, dict):
+        return  # the server answers 400 "expects a JSON object"
+    try:
+        arrays, _ = parse_predict_body(decoded, signature)
+    except ServingError as error:
+        assert error.code in REFUSALS, error
+        return
+    for alias, array in arrays.items():
+        assert isinstance(array, np.ndarray)
+        expected = signature.inputs[alias].dtype
+        assert array.dtype == expected.as_numpy_dtype or (expected == tf.string and array.dtype == object)
