@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import functools
 import json
@@ -34,6 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from pipeline import config as cfg  # noqa: E402
+from pipeline.rundir import RunDir  # noqa: E402
 
 BASE_RECIPE = "cpu-small"
 
@@ -211,34 +211,31 @@ def trace(name: str, seed: int, steps: int, args: argparse.Namespace, images: in
 
 
 def run_variant(name: str, seed: int, args: argparse.Namespace) -> pathlib.Path:
-    from pipeline.experiment import is_finished
     from pipeline.train import train
 
     variant = VARIANTS[name]
     run_dir = pathlib.Path(args.out) / "runs" / f"{name}-seed{seed}"
-    if is_finished(run_dir):
+    if RunDir(run_dir).is_finished():
         print(f"{name} seed {seed}: finished earlier, kept", flush=True)
         return run_dir
     print(f"{name} seed {seed}: training in {run_dir}", flush=True)
     with _applied(variant) as recipe:
         train(cfg.TrainConfig(
-            model_dir=str(run_dir), arch=variant.arch, depth=args.depth,
+            model_dir=str(run_dir), net=cfg.NetConfig(variant.arch, args.depth, shortcut=variant.shortcut),
             data=cfg.DataConfig(args.dataset, train_images=args.train_images), recipe=recipe,
-            epochs=args.epochs, shortcut=variant.shortcut, seed=seed, progress=False))
+            epochs=args.epochs, seed=seed, progress=False))
     return run_dir
 
 
 def read_run(run_dir: pathlib.Path) -> dict:
-    with open(run_dir / "history.csv", newline="") as file:
-        history = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(file)]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run = RunDir(run_dir)
+    history, summary = run.read_history(), run.read_summary()
     first, last = history[0], history[-1]
-    return {"first_epoch_loss": first["loss"], "first_epoch_accuracy": first["accuracy"],
-            "epoch1_val_loss": first["val_loss"],
-            "epoch1_val_accuracy": first["val_accuracy"], "final_val_accuracy": last["val_accuracy"],
-            "final_test_accuracy": summary["final"].get("test_accuracy"), "epochs": len(history),
-            "learning_rate": summary["learning_rate"], "shortcut": summary.get("shortcut", "projection"),
-            "images_per_sec": summary["train_images_per_sec"], "wall_time_sec": summary["wall_time_sec"]}
+    return {"first_epoch_loss": first.loss, "first_epoch_accuracy": first.accuracy, "epoch1_val_loss": first.val_loss,
+            "epoch1_val_accuracy": first.val_accuracy, "final_val_accuracy": last.val_accuracy,
+            "final_test_accuracy": summary.final.get("test_accuracy"), "epochs": len(history),
+            "learning_rate": summary.settings.learning_rate, "shortcut": summary.settings.shortcut,
+            "images_per_sec": summary.train_images_per_sec, "wall_time_sec": summary.wall_time_sec}
 
 
 def _values(rows: list[dict], key: str, digits: int) -> str:
@@ -295,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = pathlib.Path(args.out) / "runs" / f"{name}-seed{seed}"
             if not args.report_only:
                 run_variant(name, seed, args)
-            if (run_dir / "summary.json").exists():
+            if RunDir(run_dir).read_summary() is not None:
                 start_file = run_dir / "initial_state.json"
                 if not start_file.exists():
                     start_file.write_text(json.dumps(initial_state(name, seed, args), indent=2) + "\n")

@@ -32,7 +32,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pipeline import datasets, input_pipeline  # noqa: E402
+from pipeline import datasets, flags, input_pipeline  # noqa: E402
 from pipeline.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.train import train  # noqa: E402
@@ -80,11 +80,12 @@ def baseline_fit(split: datasets.Split, arch: str, depth: int, steps: int) -> fl
 
 
 def trainer_run(spec: str, arch: str, depth: int, steps: int | None = None, epochs: int | None = None,
-                **flags) -> dict:
+                **settings):
     with tempfile.TemporaryDirectory() as model_dir:
-        config = TrainConfig(model_dir=model_dir, arch=arch, depth=depth, data=DataConfig(spec, val_split=0.0),
-                             recipe="quick", steps=steps, epochs=epochs, batch_size=BATCH, progress=False,
-                             warmup_steps=WARMUP_STEPS, **flags)
+        config = flags.build(TrainConfig, dict(model_dir=model_dir, arch=arch, depth=depth, dataset=spec,
+                                               val_split=0.0, recipe="quick", steps=steps, epochs=epochs,
+                                               batch_size=BATCH, progress=False, untimed_steps=WARMUP_STEPS,
+                                               **settings))
         return train(config)
 
 
@@ -120,11 +121,11 @@ def main() -> None:
     measurements = {
         "baseline: keras model.fit + augmentation layers": lambda: baseline_fit(split, "accumulated", args.depth,
                                                                                 args.steps),
-        "trainer float32": lambda: trainer_run(spec, "accumulated", args.depth, steps)["train_images_per_sec"],
+        "trainer float32": lambda: trainer_run(spec, "accumulated", args.depth, steps).train_images_per_sec,
         "trainer --mixed-precision": lambda: trainer_run(spec, "accumulated", args.depth, steps,
-                                                         mixed_precision=True)["train_images_per_sec"],
-        "trainer --jit": lambda: trainer_run(spec, "accumulated", args.depth, steps, jit=True)["train_images_per_sec"],
-        "trainer float32, plain ResNet": lambda: trainer_run(spec, "resnet", args.depth, steps)["train_images_per_sec"],
+                                                         mixed_precision=True).train_images_per_sec,
+        "trainer --jit": lambda: trainer_run(spec, "accumulated", args.depth, steps, jit=True).train_images_per_sec,
+        "trainer float32, plain ResNet": lambda: trainer_run(spec, "resnet", args.depth, steps).train_images_per_sec,
         "input pipeline alone (augmentation on)": lambda: input_pipeline_rate(split),
     }
     best = {name: 0.0 for name in measurements}
@@ -147,12 +148,12 @@ def main() -> None:
 
     if args.accuracy_epochs:
         results = {}
-        for label, flags in (("float32", {}), ("mixed bfloat16", {"mixed_precision": True})):
+        for label, precision in (("float32", {}), ("mixed bfloat16", {"mixed_precision": True})):
             with tempfile.TemporaryDirectory() as model_dir:
-                config = TrainConfig(model_dir=model_dir, arch="accumulated", depth=args.depth,
-                                     data=DataConfig(spec), recipe="quick", epochs=args.accuracy_epochs,
-                                     batch_size=BATCH, progress=False, **flags)
-                results[label] = train(config)["final"]
+                config = flags.build(TrainConfig, dict(model_dir=model_dir, arch="accumulated", depth=args.depth,
+                                                       dataset=spec, recipe="quick", epochs=args.accuracy_epochs,
+                                                       batch_size=BATCH, progress=False, **precision))
+                results[label] = train(config).final
         print(f"\naccuracy after {args.accuracy_epochs} epochs of {spec} (quick recipe, seed 0):")
         for label, final in results.items():
             print(f"  {label}: val_accuracy {final['val_accuracy']:.4f}, test_accuracy {final['test_accuracy']:.4f}")

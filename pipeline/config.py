@@ -10,6 +10,8 @@ import dataclasses
 import math
 from typing import Literal
 
+from pipeline.flags import setting
+
 ARCHES = ("resnet", "accumulated", "wrn", "accumulated-wrn", "resnext", "accumulated-resnext")
 # Depth as a function of n, the blocks per stage, in each family.
 _DEPTH_RULES = {
@@ -116,19 +118,39 @@ def check_architecture(arch: str, depth: int, width: int | None = None, cardinal
         raise ConfigError("--cardinality (>= 1) is the number of groups of a ResNeXt block")
 
 
+# Every dataset spec and what it reads: the one list, for --help, the errors and the docs.
+DATASET_SPECS = (
+    ("synthetic[:N]", "built in and offline; N training images (default 10000)"),
+    ("synthetic-hard[:N]", "the same classes under heavy noise, clutter and occlusion"),
+    ("cifar10", "CIFAR-10 from TensorFlow Datasets (--data-dir)"),
+    ("cifar100", "CIFAR-100 from TensorFlow Datasets (--data-dir)"),
+    ("tfds:NAME", "any TensorFlow Datasets image classification set"),
+    ("folder:PATH", "one subfolder per class, or PATH/train and PATH/test of those"),
+    ("cifar-bin:PATH", "the CIFAR-10/100 binary release, folder or .tar.gz"),
+)
+DATASET_SPECS_LIST = ", ".join(spec for spec, _ in DATASET_SPECS)
+
+
+def _datasets_help() -> str:
+    return "; ".join(f"{spec}: {meaning}" for spec, meaning in DATASET_SPECS)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the images come from and how they are split and fed."""
 
-    spec: str = "synthetic"
-    data_dir: str | None = None
-    # Fraction of the training split held out for validation; None takes the
-    # source's own default (He et al.'s 5k of 50k for CIFAR, 10% otherwise).
-    val_split: float | None = None
-    augment: bool = True
-    skip_bad_images: bool = False
-    # Keep N images of the training split, as many of each class (None: all).
-    train_images: int | None = None
+    spec: str = setting("synthetic", flag="--dataset", metavar="SPEC", help=_datasets_help())
+    data_dir: str | None = setting(None, help="TensorFlow Datasets data directory for cifar10, cifar100 and tfds:")
+    # None takes the source's own split (He et al.'s 5k of 50k for CIFAR, 10% otherwise).
+    val_split: float | None = setting(
+        None, help="fraction of the training split held out for validation",
+        unset="the source's validation split, else 0.1: 45k/5k on CIFAR")
+    augment: bool = setting(True, flag="--no-augment", help="turn off pad-crop-flip augmentation of the training images")
+    skip_bad_images: bool = setting(
+        False, help="skip unreadable files of a folder: dataset (counted in the log) instead of failing")
+    train_images: int | None = setting(
+        None, help="train on N images of the training split only, a fixed choice with as many of each class "
+                   "as it holds", unset="the recipe's, else all")
 
     def __post_init__(self):
         if self.val_split is not None and not 0.0 <= self.val_split < 1.0:
@@ -282,44 +304,101 @@ def get_recipe(name: str) -> Recipe:
         raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}") from None
 
 
+def _recipes_help() -> str:
+    return "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values())
+
+
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    model_dir: str
-    arch: str = "accumulated"
-    depth: int = 32
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    recipe: str = "quick"
-    # Run length; at most one is set, else the recipe's default applies.
-    epochs: int | None = None
-    steps: int | None = None
-    # Images per replica per step; None takes the recipe's batch size.
-    batch_size: int | None = None
-    # The shortcut where a block changes shape (SHORTCUTS); None takes the recipe's.
-    shortcut: str | None = None
-    seed: int = 0
-    # Logical CPU devices (or GPUs) for MirroredStrategy; None uses all GPUs or one CPU.
-    devices: int | None = None
-    mixed_precision: bool = False
-    jit: bool = False
-    width: int | None = None
-    cardinality: int | None = None
-    # Deterministic kernels (tf.config.experimental.enable_op_determinism):
-    # bit-identical reruns, at some cost in speed.
-    deterministic: bool = False
-    # Steps excluded from the throughput measurement (tracing, warm caches).
-    warmup_steps: int = 3
-    progress: bool | None = None  # None: a bar on a terminal, log lines otherwise
+class NetConfig:
+    """The network as chosen on the command line; ModelConfig adds what the data
+    (the class count) and the recipe (shortcut and initialisation) decide."""
+
+    arch: str = setting("accumulated", choices=ARCHES,
+                        help="plain ResNet v1 or the accumulated ResNet; beyond the paper: wide (WRN) and "
+                             "aggregated (ResNeXt) nets, plain or accumulated")
+    depth: int = setting(32, help="resnet/accumulated: 6n+2 (20, 32, 44, 56, 110); wrn: 6n+4 (16, 28, 40); "
+                                  "resnext: 9n+2 (11, 29)")
+    width: int | None = setting(None, help="wrn: the widening factor k; resnext: the width d of a group",
+                                unset="4")
+    cardinality: int | None = setting(None, help="resnext: the number of groups C", unset="8")
+    shortcut: str | None = setting(
+        None, choices=SHORTCUTS,
+        help="where a block changes shape: projection (1x1 conv, no BN: option B as the Keras example builds "
+             "it), projection-bn (1x1 conv and BN), padding (He et al.'s option A for CIFAR: subsampled "
+             "identity with zero channels, no parameters)",
+        unset="the recipe's: padding for he2016, he2016-subset and paper50, else projection")
 
     def __post_init__(self):
         check_architecture(self.arch, self.depth, self.width, self.cardinality)
         check_shortcut(self.shortcut)
-        get_recipe(self.recipe)
+
+    def model_config(self, num_classes: int, recipe: Recipe) -> ModelConfig:
+        return ModelConfig(self.arch, self.depth, num_classes, width=self.width, cardinality=self.cardinality,
+                           shortcut=self.shortcut or recipe.shortcut, zero_init_residual=recipe.zero_init_residual)
+
+
+def _recipe_name(recipe: Recipe) -> str:
+    return recipe.name
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run: where it goes, the network, the data, the recipe and the devices.
+
+    Every field with a flag is a setting of `accresnet train` (pipeline/flags.py
+    derives the flags); experiment and demo nest a TrainConfig as their runs'
+    template.
+    """
+
+    model_dir: str | None = setting(
+        None, help="checkpoints, logs, history.csv and summary.json; a run started again with the same flags "
+                   "resumes from its last finished epoch")
+    net: NetConfig = dataclasses.field(default_factory=NetConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    # A recipe's name is enough where one is given (TrainConfig(recipe="he2016")).
+    recipe: Recipe = setting(RECIPES["quick"], choices=tuple(RECIPES), help=_recipes_help(), parse=get_recipe,
+                             show=_recipe_name)
+    # Run length; at most one is set, else the recipe's applies.
+    epochs: int | None = setting(None, exclusive="length",
+                                 help="train this many epochs (the schedule is stretched to fit)", unset="the recipe's")
+    steps: int | None = setting(None, exclusive="length",
+                                help="train this many steps (the schedule is stretched to fit)")
+    batch_size: int | None = setting(
+        None, help="images per replica per step. The global batch is this times the number of replicas, and the "
+                   "learning rate follows it linearly: recipe rate x global batch / recipe batch",
+        unset="the recipe's")
+    seed: int = setting(0, help="weights, data order and augmentation")
+    devices: int | None = setting(None, help="replicas on this machine: N GPUs, or the CPU split into N "
+                                             "logical devices", unset="all GPUs, else one CPU")
+    mixed_precision: bool = setting(False, help="bfloat16 compute on CPU, float16 with loss scaling on GPU")
+    jit: bool = setting(False, help="compile the forward and backward pass with XLA")
+    deterministic: bool = setting(False, help="deterministic kernels for bit-identical reruns (slower)")
+    progress: bool | None = setting(None, help="a progress bar even when not on a terminal",
+                                    negative=("--no-progress", "plain log lines even on a terminal"))
+    # Steps left out of the images/s measurement (tracing, warm caches); not
+    # Recipe.warmup, the learning rate's warm-up. No flag.
+    untimed_steps: int = 3
+
+    def __post_init__(self):
+        if isinstance(self.recipe, str):
+            object.__setattr__(self, "recipe", get_recipe(self.recipe))
         if self.epochs is not None and self.steps is not None:
             raise ConfigError("give --epochs or --steps, not both")
         for flag, value in (("--epochs", self.epochs), ("--steps", self.steps),
                             ("--batch-size", self.batch_size), ("--devices", self.devices)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be a positive integer; got {value}")
+
+    @property
+    def per_replica_batch(self) -> int:
+        return self.batch_size or self.recipe.batch_size
+
+    @property
+    def resolved_data(self) -> DataConfig:
+        """The data as the recipe completes it (a subset recipe's image count)."""
+        if self.data.train_images is None and self.recipe.train_images is not None:
+            return dataclasses.replace(self.data, train_images=self.recipe.train_images)
+        return self.data
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,13 +1,6 @@
 """Dataset specs -> decoded images in memory, split into train/validation/test.
 
-A spec names a source:
-
-    synthetic[:N]      built in, offline; N training images (default 10000)
-    synthetic-hard[:N] the same classes with heavy noise, clutter and occlusion
-    cifar10, cifar100  TensorFlow Datasets (downloaded when missing and online)
-    tfds:NAME          any TensorFlow Datasets image classification set
-    folder:PATH        one subfolder per class (or PATH/train, PATH/test of those)
-    cifar-bin:PATH     the CIFAR-10 (or CIFAR-100) binary release, directory or .tar.gz
+A spec names a source; config.DATASET_SPECS lists them all, with what each reads.
 
 Every source is decoded once into uint8 [N, 32, 32, 3] arrays: a 32x32 image
 is 3 KiB, so even CIFAR's 60k images take 180 MiB, and training then reads
@@ -30,7 +23,7 @@ import numpy as np
 
 from serving import images as image_files
 from pipeline import synthetic
-from pipeline.config import DataConfig, UserError
+from pipeline.config import DATASET_SPECS_LIST, DataConfig, UserError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +34,6 @@ DEFAULT_VAL_SPLIT = 0.1
 # The validation split does not move with --seed, so runs with different
 # seeds are evaluated on the same images.
 SPLIT_SEED = 0
-SPECS_HELP = "synthetic[:N], synthetic-hard[:N], cifar10, cifar100, tfds:NAME, folder:PATH, cifar-bin:PATH"
 
 
 class DatasetError(UserError, ValueError):
@@ -114,7 +106,7 @@ def load(config: DataConfig) -> ImageData:
         "cifar-bin": lambda: _read_cifar_binary(argument),
     }
     if kind not in readers or (kind in ("cifar10", "cifar100") and argument):
-        raise DatasetError(f"unknown dataset {config.spec!r}; expected one of {SPECS_HELP}")
+        raise DatasetError(f"unknown dataset {config.spec!r}; expected one of {DATASET_SPECS_LIST}")
     if kind in ("tfds", "folder", "cifar-bin") and not argument:
         raise DatasetError(f"dataset {kind}: needs a {'NAME' if kind == 'tfds' else 'PATH'}, e.g. {kind}:...")
     source = readers[kind]()

@@ -19,29 +19,26 @@ import pathlib
 import signal
 import socket
 import subprocess
-import sys
 import time
 
+from pipeline.config import TrainConfig
+from pipeline.flags import nested, setting
 from serving.deployment import MODEL_NAME
 
 log = logging.getLogger(__name__)
 
 
+# The demo's settings of its training run, taken as flags.
+RUN_FLAGS = ("dataset", "data_dir", "arch", "depth", "width", "cardinality", "epochs", "batch_size", "devices")
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    output_dir: str = "demo-output"
-    # Sized for a 2-core CPU: 3000 built-in images, 3 epochs of batch 64, about two
-    # minutes of training; --dataset and --epochs make it bigger.
-    dataset: str = "synthetic:3000"
-    data_dir: str | None = None
-    arch: str = "accumulated"
-    depth: int = 32
-    width: int | None = None
-    cardinality: int | None = None
-    epochs: int | None = None
-    batch_size: int = 64
-    devices: int | None = None
-    held_out: int = 200
+    output_dir: str = setting("demo-output", help="where everything goes")
+    # Sized for a 2-core CPU: 3000 built-in images, 3 epochs of batch 64 with
+    # the quick recipe, about two minutes of training.
+    run: TrainConfig = nested(TrainConfig, dataset="synthetic:3000", batch_size=64, recipe="quick")
+    held_out: int = setting(200, help="test images to classify")
     examples: int = 8
 
 
@@ -75,7 +72,6 @@ def wait_until_available(address: str, timeout: float, process: subprocess.Popen
 
 def run_demo(config: DemoConfig) -> int:
     from pipeline import datasets, export, train
-    from pipeline.config import DataConfig, TrainConfig
     from pipeline.prepare import write_held_out
     from serving.client import Classifier
     from serving.deployment import local_deployed_server, server_command
@@ -85,22 +81,19 @@ def run_demo(config: DemoConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model_dir, models_dir = out / "run", out / "models"
     base_path = models_dir / MODEL_NAME
-    data_config = DataConfig(config.dataset, data_dir=config.data_dir)
+    run = dataclasses.replace(config.run, model_dir=str(model_dir))
 
-    print(f"== 1/4 train {config.arch} ResNet-{config.depth} on {config.dataset} (quick recipe) -> {model_dir}")
-    summary = train.train(TrainConfig(model_dir=str(model_dir), arch=config.arch, depth=config.depth,
-                                      width=config.width, cardinality=config.cardinality, data=data_config,
-                                      recipe="quick", epochs=config.epochs, batch_size=config.batch_size,
-                                      devices=config.devices))
-    final = summary["final"]
-    print(f"   {summary['epochs_completed']} epochs, val accuracy {final.get('val_accuracy', float('nan')):.4f}, "
-          f"{summary['train_images_per_sec'] or 0:.0f} images/s")
+    print(f"== 1/4 train {run.net.arch} ResNet-{run.net.depth} on {run.data.spec} ({run.recipe.name} recipe) "
+          f"-> {model_dir}")
+    summary = train.train(run)
+    print(f"   {summary.epochs_completed} epochs, val accuracy {summary.final.get('val_accuracy', float('nan')):.4f}, "
+          f"{summary.train_images_per_sec or 0:.0f} images/s")
 
     print(f"== 2/4 export -> {base_path}")
     version = export.export_run(model_dir, base_path)
     print(f"   {version}")
 
-    data = datasets.load(data_config)
+    data = datasets.load(run.data)
     held_out = write_held_out(data, out / "held-out", config.held_out)
     # The server starts exactly as the Kubernetes Deployment starts TF Serving
     # (shipped configs, batching on); only paths and ports are mapped.

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import logging
 import os
 import pathlib
@@ -47,9 +46,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.config import ModelConfig, UserError
+from pipeline.config import UserError
 from pipeline.image_decoding import decode_images
 from pipeline.model import build_model, precision_policy
+from pipeline.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -235,21 +235,18 @@ def _write_warmup_requests(path: pathlib.Path) -> None:
 
 def restore_trained_model(model_dir: str | os.PathLike) -> tuple[keras.Model, list[str]]:
     """The float32 model of a training run's latest checkpoint, and its class names."""
-    model_dir = pathlib.Path(model_dir)
-    run_file = model_dir / "run.json"
-    checkpoint_path = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
-    if not run_file.exists() or checkpoint_path is None:
-        raise ExportError(f"{model_dir} holds no finished epoch of a training run (run.json and checkpoints/)")
-    run = json.loads(run_file.read_text())
+    run = RunDir(pathlib.Path(model_dir))
+    settings = run.read_settings()
+    checkpoint_path = tf.train.latest_checkpoint(str(run.checkpoints))
+    if settings is None or checkpoint_path is None:
+        raise ExportError(f"{run.path} holds no finished epoch of a training run (run.json and checkpoints/)")
     # Serve in float32 whatever the training precision: the weights are float32 anyway.
     with precision_policy("float32"):
-        model = build_model(ModelConfig(run["arch"], run["depth"], run["num_classes"], width=run.get("width"),
-                                        cardinality=run.get("cardinality"),
-                                        shortcut=run.get("shortcut", "projection")))
+        model = build_model(settings.model_config())
     status = tf.train.Checkpoint(model=model).restore(checkpoint_path)
     status.expect_partial().assert_existing_objects_matched()
     log.info("restored %s", checkpoint_path)
-    return model, list(run["class_names"])
+    return model, list(settings.class_names)
 
 
 def export_run(model_dir: str | os.PathLike, export_base: str | os.PathLike, top_k: int = DEFAULT_TOP_K) -> str:

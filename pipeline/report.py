@@ -18,6 +18,7 @@ import pathlib
 import statistics
 
 from pipeline.config import is_accumulated, plain_counterpart
+from pipeline.rundir import HistoryRow, RunSummary
 
 # Saraiya 2018, Table 1: CIFAR-10, depth 32, 50 epochs, one run each.
 PAPER_TABLE1 = {"resnet": {"min_val_error": 13.92, "mean_val_error": 19.9},
@@ -38,20 +39,20 @@ DISPLAY_NAMES = {"resnet": "ResNet", "accumulated": "Accumulated", "wrn": "WRN",
 class Run:
     arch: str
     seed: int
-    history: list[dict[str, float]]  # history.csv rows, as numbers
-    summary: dict
+    history: list[HistoryRow]
+    summary: RunSummary
 
 
 def run_metrics(run: Run) -> dict:
-    val_errors = [100 * (1 - row["val_accuracy"]) for row in run.history]
-    final = run.summary.get("final", {})
+    val_errors = [100 * (1 - row.val_accuracy) for row in run.history]
+    final = run.summary.final
     return {
         "arch": run.arch, "seed": run.seed, "epochs": len(run.history),
         "min_val_error": min(val_errors), "mean_val_error": statistics.fmean(val_errors),
         "final_val_error": val_errors[-1],
         "final_test_error": 100 * (1 - final["test_accuracy"]) if "test_accuracy" in final else None,
-        "wall_time_sec": run.summary.get("wall_time_sec"),
-        "train_images_per_sec": run.summary.get("train_images_per_sec"),
+        "wall_time_sec": run.summary.wall_time_sec,
+        "train_images_per_sec": run.summary.train_images_per_sec,
     }
 
 
@@ -175,7 +176,7 @@ def write_figures(runs: list[Run], out_dir: pathlib.Path) -> list[pathlib.Path]:
     for filename, key, label in FIGURES:
         figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
         for arch in arches:
-            curves = [[row[key] for row in r.history] for r in runs if r.arch == arch]
+            curves = [[getattr(row, key) for row in r.history] for r in runs if r.arch == arch]
             epochs = min(len(c) for c in curves)
             values = np.array([c[:epochs] for c in curves])
             x = np.arange(1, epochs + 1)

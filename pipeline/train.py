@@ -6,53 +6,38 @@ Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy
 `tf.nn.compute_average_loss` and Keras 3 layers, optimizer and metrics
 inside. The same loop runs one CPU, N logical CPUs, N GPUs or N workers.
 
-Files written to the model directory (by the chief only, under several workers):
-
-    checkpoints/    model, optimizer, epoch (the data position), every epoch
-    logs/           TensorBoard summaries (train/, validation/)
-    history.csv     epoch, loss, accuracy, val_loss, val_accuracy, lr
-    summary.json    what ran, where it started, final metrics, images/s
-    run.json        the settings a resume must agree with
+The epoch loop only steps; at its seams it calls small hooks (step timing,
+the NaN stop, progress, history, checkpoints, TensorBoard, the epoch's log
+line), each of which can be made and tested alone. What a run writes, and
+where, is pipeline/rundir.py's.
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
+import hashlib
 import logging
 import math
-import os
 import pathlib
 import shutil
 import sys
 import time
+from collections.abc import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from pipeline import datasets, input_pipeline
-from pipeline.config import (ModelConfig, Recipe, RunLength, TrainConfig, UserError, get_recipe, run_length,
-                             scaled_learning_rate)
+from pipeline.config import ConfigError, Recipe, RunLength, TrainConfig, UserError, run_length, scaled_learning_rate
 from pipeline.distribute import Cluster, make_strategy
 from pipeline.model import build_model, precision_policy, set_pixel_mean
+from pipeline.rundir import HistoryRow, RunDir, RunSettings, RunSummary, WorkerRecord
 
 log = logging.getLogger(__name__)
-
-HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
-# Settings that must match for a model directory to be resumed.
-RESUME_KEYS = ("arch", "depth", "width", "cardinality", "dataset", "num_classes", "seed", "recipe", "shortcut")
-# What a run.json written before a key existed meant by it.
-RESUME_DEFAULTS = {"shortcut": "projection"}
 
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class ResumeMismatch(UserError, ValueError):
-    """The model directory holds a run with other settings."""
 
 
 # --- recipe -> optimizer ------------------------------------------------------------
@@ -89,7 +74,7 @@ def mixed_precision_policy(enabled: bool) -> str:
     return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
 
 
-# --- the loop ----------------------------------------------------------------------------
+# --- distributed steps ----------------------------------------------------------------------
 
 
 class Trainer:
@@ -214,273 +199,305 @@ class Trainer:
         return float(rate(self.optimizer.iterations) if callable(rate) else rate)
 
 
-# --- files of a run ------------------------------------------------------------------------
+# --- hooks: what happens around the steps -------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class RunFiles:
-    """Where a worker writes; non-chief workers write checkpoints to a scratch
-    folder (saving is collective, so every worker saves) and nothing else."""
+class Hook:
+    """Called by the loop at its seams; a method not overridden does nothing.
+    Epochs and steps count from 1."""
 
-    model_dir: pathlib.Path
-    is_chief: bool
-    task_id: int
+    def on_epoch_begin(self, epoch: int, steps: int) -> None:
+        pass
 
-    @property
-    def checkpoints(self) -> pathlib.Path:
-        return self.model_dir / "checkpoints"
+    def on_step(self, epoch: int, step: int, loss: float, seconds: float) -> None:
+        pass
 
-    @property
-    def write_checkpoints(self) -> pathlib.Path:
-        if self.is_chief:
-            return self.checkpoints
-        return self.model_dir / ".workers" / f"worker-{self.task_id}" / "checkpoints"
-
-    @property
-    def history(self) -> pathlib.Path:
-        return self.model_dir / "history.csv"
-
-    @property
-    def summary(self) -> pathlib.Path:
-        return self.model_dir / "summary.json"
-
-    @property
-    def run(self) -> pathlib.Path:
-        return self.model_dir / "run.json"
-
-    @property
-    def logs(self) -> pathlib.Path:
-        return self.model_dir / "logs"
+    def on_epoch_end(self, row: HistoryRow) -> None:
+        """The epoch is over: BN statistics synced across replicas, its metrics measured."""
 
 
-def read_history(path: pathlib.Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as file:
-        return list(csv.DictReader(file))
+class StepTimer(Hook):
+    """Training throughput, leaving out the first `untimed` steps (tracing, warm caches)."""
+
+    def __init__(self, untimed: int, global_batch: int):
+        self.untimed, self.global_batch = untimed, global_batch
+        self.steps_run, self.timed_steps, self.seconds = 0, 0, 0.0
+
+    def on_step(self, epoch: int, step: int, loss: float, seconds: float) -> None:
+        self.steps_run += 1
+        if self.steps_run > self.untimed:
+            self.timed_steps += 1
+            self.seconds += seconds
+
+    def images_per_sec(self) -> float | None:
+        return self.timed_steps * self.global_batch / self.seconds if self.seconds else None
 
 
-def write_history(path: pathlib.Path, rows: list[dict]) -> None:
-    """Rewrite history.csv atomically (replace, never a half-written file)."""
-    scratch = path.with_suffix(".csv.tmp")
-    with scratch.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=HISTORY_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: row.get(key, "") for key in HISTORY_FIELDS})
-    os.replace(scratch, path)
+class StopOnDivergence(Hook):
+    """A NaN or infinite loss stops the run; the checkpoints of the finished epochs stay."""
 
+    def __init__(self, checkpoints: pathlib.Path):
+        self.checkpoints = checkpoints
 
-def write_json(path: pathlib.Path, value: dict) -> None:
-    scratch = path.with_suffix(".json.tmp")
-    scratch.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
-    os.replace(scratch, path)
-
-
-def check_resumable(files: RunFiles, settings: dict) -> None:
-    """Refuse to resume a model directory that holds a run with other settings."""
-    if not files.run.exists():
-        return
-    previous = json.loads(files.run.read_text())
-    previous = {**RESUME_DEFAULTS, **previous}
-    differing = {k: (previous.get(k), settings[k]) for k in RESUME_KEYS if previous.get(k) != settings[k]}
-    if differing:
-        detail = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in differing.items())
-        raise ResumeMismatch(
-            f"{files.model_dir} holds a run with other settings ({detail}); "
-            "resume with the same flags or choose a new --model-dir"
+    def on_step(self, epoch: int, step: int, loss: float, seconds: float) -> None:
+        if math.isfinite(loss):
+            return
+        kept = (f"Checkpoints up to epoch {epoch - 1} are kept in {self.checkpoints}." if epoch > 1
+                else "No epoch had finished, so there is no checkpoint.")
+        raise TrainingDiverged(
+            f"the loss became {loss} at epoch {epoch}, step {step}; training stopped. {kept} "
+            "Lower the learning rate (a smaller --batch-size scales it down) or check the data."
         )
 
 
-# --- progress ----------------------------------------------------------------------------
-
-
-class Progress:
+class Progress(Hook):
     """A Keras progress bar on a terminal, a few plain log lines per epoch otherwise."""
 
-    def __init__(self, enabled: bool | None):
+    def __init__(self, enabled: bool | None, trainer: Trainer, epochs: int):
         self.bar_enabled = sys.stdout.isatty() if enabled is None else enabled
-        self.bar = None
+        self.trainer, self.epochs, self.bar = trainer, epochs, None
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        self.steps, self.epoch = steps, epoch
-        self.every = max(1, steps // 4)
+    def on_epoch_begin(self, epoch: int, steps: int) -> None:
+        self.steps, self.every = steps, max(1, steps // 4)
         if self.bar_enabled:
-            print(f"Epoch {epoch}/{epochs}", flush=True)
+            print(f"Epoch {epoch}/{self.epochs}", flush=True)
             self.bar = keras.utils.Progbar(steps, stateful_metrics=["loss", "accuracy"])
 
-    def step(self, step: int, metrics: dict[str, float]) -> None:
+    def on_step(self, epoch: int, step: int, loss: float, seconds: float) -> None:
+        metrics = self.trainer.train_metrics()
         if self.bar is not None:
             self.bar.update(step, list(metrics.items()))
         elif step % self.every == 0 or step == self.steps:
             log.info("epoch %d step %d/%d loss %.4f accuracy %.4f",
-                     self.epoch, step, self.steps, metrics["loss"], metrics["accuracy"])
+                     epoch, step, self.steps, metrics["loss"], metrics["accuracy"])
+
+
+class History(Hook):
+    """history.csv, rewritten whole after every epoch (by the chief)."""
+
+    def __init__(self, run: RunDir, rows: list[HistoryRow], write: bool):
+        self.run, self.rows, self.write = run, rows, write
+
+    def on_epoch_end(self, row: HistoryRow) -> None:
+        self.rows.append(row)
+        if self.write:
+            self.run.write_history(self.rows)
+
+
+class Checkpoints(Hook):
+    """Model, optimizer and epoch (the data position) after every epoch.
+
+    Every worker saves, since saving is collective; a non-chief worker's copy
+    goes to its scratch folder, removed at once.
+    """
+
+    def __init__(self, manager: tf.train.CheckpointManager, epoch: tf.Variable, scratch: pathlib.Path | None):
+        self.manager, self.epoch, self.scratch = manager, epoch, scratch
+
+    def on_epoch_end(self, row: HistoryRow) -> None:
+        self.epoch.assign(row.epoch)
+        self.manager.save(checkpoint_number=row.epoch)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+class TensorBoard(Hook):
+    """Per-epoch scalars under logs/train and logs/validation; None writes nothing (a non-chief worker)."""
+
+    def __init__(self, logs: pathlib.Path | None, timer: StepTimer):
+        self.timer = timer
+        self.writers = {name: tf.summary.create_file_writer(str(logs / name)) if logs else
+                        tf.summary.create_noop_writer() for name in ("train", "validation")}
+
+    def on_epoch_end(self, row: HistoryRow) -> None:
+        images_per_sec = self.timer.images_per_sec()
+        with self.writers["train"].as_default(step=row.epoch):
+            for key in ("loss", "accuracy", "lr"):
+                tf.summary.scalar(key, getattr(row, key))
+            if images_per_sec:
+                tf.summary.scalar("images_per_sec", images_per_sec)
+        with self.writers["validation"].as_default(step=row.epoch):
+            for key in ("loss", "accuracy"):
+                if getattr(row, f"val_{key}") is not None:
+                    tf.summary.scalar(key, getattr(row, f"val_{key}"))
+        for writer in self.writers.values():
+            writer.flush()
+
+
+class EpochLog(Hook):
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_epoch_end(self, row: HistoryRow) -> None:
+        log.info("epoch %d/%d: %s", row.epoch, self.epochs, " ".join(f"{k} {v:.4g}" for k, v in row.metrics().items()))
+
+
+def validation(trainer: Trainer, split: datasets.Split | None) -> Callable[[], dict[str, float]]:
+    """The validation metrics of an epoch's end; none without a validation split."""
+    if split is None:
+        return dict
+    return lambda: {f"val_{k}": v for k, v in trainer.evaluate(split).items()}
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+def run_epochs(trainer: Trainer, batches, length: RunLength, start_epoch: int,
+               evaluate: Callable[[], dict[str, float]], hooks: list[Hook]) -> HistoryRow | None:
+    """Train epochs start_epoch + 1 to the last; the hooks run in their order. Returns the last row."""
+    row = None
+    for epoch in range(start_epoch + 1, length.epochs + 1):
+        steps = length.steps_in_epoch(epoch - 1)
+        trainer.reset_train_metrics()
+        for hook in hooks:
+            hook.on_epoch_begin(epoch, steps)
+        for step in range(1, steps + 1):
+            started = time.perf_counter()
+            loss = float(trainer.train_step(batches))
+            seconds = time.perf_counter() - started
+            for hook in hooks:
+                hook.on_step(epoch, step, loss, seconds)
+        # Evaluation and checkpoints read the BN statistics: one copy for all replicas first.
+        trainer.sync_batch_norm_statistics()
+        row = HistoryRow(epoch=epoch, **trainer.train_metrics(), **evaluate(), lr=trainer.learning_rate())
+        for hook in hooks:
+            hook.on_epoch_end(row)
+    return row
 
 
 # --- train -------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: TrainConfig) -> RunSummary:
     """Train (or resume) a run as configured; returns the summary also written to summary.json."""
     started = time.monotonic()
     cluster = Cluster.from_environment()
     strategy = make_strategy(cluster, config.devices)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    files = RunFiles(pathlib.Path(config.model_dir), cluster.is_chief, cluster.task_id)
+    if not config.model_dir:
+        raise ConfigError("a training run needs a --model-dir")
+    run = RunDir(pathlib.Path(config.model_dir))
     if cluster.is_chief:
-        files.model_dir.mkdir(parents=True, exist_ok=True)
-
-    recipe = get_recipe(config.recipe)
-    data_config = config.data
-    if data_config.train_images is None and recipe.train_images is not None:
-        data_config = dataclasses.replace(data_config, train_images=recipe.train_images)
-    data = datasets.load(data_config)
-    replicas = strategy.num_replicas_in_sync
-    per_replica_batch = config.batch_size or recipe.batch_size
-    global_batch = per_replica_batch * replicas
-    length = run_length(recipe, len(data.train), global_batch, config.epochs, config.steps)
-    learning_rate = scaled_learning_rate(recipe, global_batch)
-    model_config = ModelConfig(config.arch, config.depth, data.num_classes, width=config.width,
-                               cardinality=config.cardinality, shortcut=config.shortcut or recipe.shortcut,
-                               zero_init_residual=recipe.zero_init_residual)
-    settings = {
-        "arch": config.arch, "depth": config.depth, "width": config.width, "cardinality": config.cardinality,
-        "shortcut": model_config.shortcut, "zero_init_residual": model_config.zero_init_residual,
-        "dataset": config.data.spec,
-        "num_classes": data.num_classes, "class_names": list(data.class_names), "seed": config.seed,
-        "recipe": recipe.name, "replicas": replicas, "workers": cluster.num_workers,
-        "per_replica_batch": per_replica_batch, "global_batch": global_batch, "learning_rate": learning_rate,
-        "total_steps": length.total_steps, "steps_per_epoch": length.steps_per_epoch, "epochs": length.epochs,
-        "mixed_precision": config.mixed_precision, "jit": config.jit,
-    }
-    check_resumable(files, settings)
+        run.path.mkdir(parents=True, exist_ok=True)
+    data = datasets.load(config.resolved_data)
+    settings, length = resolve(config, data, strategy.num_replicas_in_sync, cluster)
+    run.check_resumable(settings)
     log.info("training %s-%d on %s: %d replica(s) on %d worker(s), global batch %d, lr %.4g, "
-             "%d steps (%d epochs of %d)", config.arch, config.depth, data.describe(), replicas,
-             cluster.num_workers, global_batch, learning_rate, length.total_steps, length.epochs,
+             "%d steps (%d epochs of %d)", settings.arch, settings.depth, data.describe(), settings.replicas,
+             settings.workers, settings.global_batch, settings.learning_rate, length.total_steps, length.epochs,
              length.steps_per_epoch)
-
     policy = mixed_precision_policy(config.mixed_precision)
     with precision_policy(policy):
-        with strategy.scope():
-            keras.utils.set_random_seed(config.seed)
-            model = build_model(model_config)
-            set_pixel_mean(model, data.pixel_mean())
-            schedule = learning_rate_schedule(recipe, learning_rate, length.total_steps)
-            optimizer = make_optimizer(recipe, schedule, loss_scaling=policy == "mixed_float16")
-        trainer = Trainer(strategy, model, optimizer, global_batch, jit=config.jit, cluster=cluster)
-        with strategy.scope():
-            epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_variable)
-        latest = tf.train.latest_checkpoint(files.checkpoints)
-        if latest:
-            checkpoint.restore(latest).assert_existing_objects_matched()
-            log.info("resuming from %s", latest)
-        manager = tf.train.CheckpointManager(checkpoint, files.write_checkpoints, max_to_keep=3)
-        initial_epoch = int(epoch_variable.numpy())
-        return _run_epochs(config, trainer, data, files, manager, epoch_variable, length,
-                           initial_epoch, settings, cluster, started)
-
-
-def _run_epochs(config: TrainConfig, trainer: Trainer, data: datasets.ImageData, files: RunFiles,
-                manager: tf.train.CheckpointManager, epoch_variable: tf.Variable, length: RunLength,
-                initial_epoch: int, settings: dict, cluster: Cluster, started: float) -> dict:
-    global_batch = trainer.global_batch
-    history = [row for row in read_history(files.history) if int(row["epoch"]) <= initial_epoch]
-    if cluster.is_chief:
-        write_json(files.run, settings)
-        # Rows past the checkpoint belong to an epoch that is about to be redone.
-        write_history(files.history, history)
-    dataset = trainer.distribute(
-        lambda context: input_pipeline.train_dataset(
-            data.train, batch_size=context.get_per_replica_batch_size(global_batch), seed=config.seed,
-            start_epoch=initial_epoch, steps_per_epoch=length.steps_per_epoch, end_epoch=length.epochs,
-            augment=config.data.augment,
-            global_batch=global_batch, input_context=context))
-    iterator = iter(dataset)
-    writers = _summary_writers(files, cluster.is_chief)
-    progress = Progress(config.progress)
-    timed_steps, timed_seconds, steps_run = 0, 0.0, 0
-    final: dict[str, float] = {}
-    for epoch in range(initial_epoch, length.epochs):
-        steps = length.steps_in_epoch(epoch)
-        trainer.reset_train_metrics()
-        progress.start_epoch(epoch + 1, length.epochs, steps)
-        for step in range(1, steps + 1):
-            step_started = time.perf_counter()
-            loss = float(trainer.train_step(iterator))
-            if steps_run >= config.warmup_steps:
-                timed_seconds += time.perf_counter() - step_started
-                timed_steps += 1
-            steps_run += 1
-            if not math.isfinite(loss):
-                kept = (f"Checkpoints up to epoch {epoch} are kept in {files.checkpoints}." if epoch
-                        else "No epoch had finished, so there is no checkpoint.")
-                raise TrainingDiverged(
-                    f"the loss became {loss} at epoch {epoch + 1}, step {step}; training stopped. {kept} "
-                    "Lower the learning rate (a smaller --batch-size scales it down) or check the data."
-                )
-            progress.step(step, trainer.train_metrics())
-        metrics = trainer.train_metrics()
-        trainer.sync_batch_norm_statistics()
-        if data.validation is not None:
-            metrics.update({f"val_{k}": v for k, v in trainer.evaluate(data.validation).items()})
-        metrics["lr"] = trainer.learning_rate()
-        epoch_variable.assign(epoch + 1)
-        history.append({"epoch": epoch + 1, **metrics})
-        if cluster.is_chief:
-            write_history(files.history, history)
-        manager.save(checkpoint_number=epoch + 1)
-        if not cluster.is_chief:
-            shutil.rmtree(files.write_checkpoints.parent, ignore_errors=True)
-        images_per_sec = timed_steps * global_batch / timed_seconds if timed_seconds else None
-        _write_scalars(writers, epoch + 1, metrics, images_per_sec)
-        log.info("epoch %d/%d: %s", epoch + 1, length.epochs,
-                 " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        final = metrics
-    if data.test is not None and (final or initial_epoch == length.epochs):
-        final.update({f"test_{k}": v for k, v in trainer.evaluate(data.test).items()})
-    if not final and history:
-        final = {k: float(v) for k, v in history[-1].items() if k != "epoch" and v != ""}
-    summary = {
-        **settings,
-        "initial_epoch": initial_epoch,
-        "epochs_completed": int(epoch_variable.numpy()),
-        "steps_completed": int(trainer.optimizer.iterations.numpy()),
-        "final": final,
-        "wall_time_sec": round(time.monotonic() - started, 2),
-        "train_images_per_sec": round(timed_steps * global_batch / timed_seconds, 1) if timed_seconds else None,
-        "timed_steps": timed_steps,
-        "parameters": trainer.model.count_params(),
-        "model_dir": str(files.model_dir),
-        "is_chief": cluster.is_chief,
-    }
-    if cluster.is_chief:
-        write_json(files.summary, summary)
-    log.info("weights checksum %.6f", weights_checksum(trainer.model))
+        trainer, checkpoint, epoch = build_trainer(config, settings, length, data, strategy, cluster, policy)
+        history = restore(run, checkpoint, epoch, settings, cluster)
+        start_epoch, timer = int(epoch.numpy()), StepTimer(config.untimed_steps, settings.global_batch)
+        hooks = [timer, StopOnDivergence(run.checkpoints), Progress(config.progress, trainer, length.epochs),
+                 History(run, history, write=cluster.is_chief),
+                 Checkpoints(tf.train.CheckpointManager(checkpoint, run.checkpoints_of(cluster.is_chief,
+                                                                                      cluster.task_id), max_to_keep=3),
+                             epoch, None if cluster.is_chief else run.scratch(cluster.task_id)),
+                 TensorBoard(run.logs if cluster.is_chief else None, timer), EpochLog(length.epochs)]
+        batches = iter(train_batches(trainer, data.train, config, length, start_epoch))
+        last = run_epochs(trainer, batches, length, start_epoch, validation(trainer, data.validation), hooks)
+        summary = RunSummary(
+            settings=settings, initial_epoch=start_epoch, epochs_completed=int(epoch.numpy()),
+            steps_completed=int(trainer.optimizer.iterations.numpy()),
+            final=final_metrics(trainer, data.test, last or (history[-1] if history else None)),
+            wall_time_sec=round(time.monotonic() - started, 2),
+            train_images_per_sec=round(timer.images_per_sec(), 1) if timer.images_per_sec() else None,
+            timed_steps=timer.timed_steps, parameters=trainer.model.count_params(), model_dir=str(run.path),
+            is_chief=cluster.is_chief)
+    record(run, summary, trainer.model, cluster)
     return summary
 
 
-def weights_checksum(model: keras.Model) -> float:
-    """Sum of |w| over all weights: equal on every worker of a synchronous run."""
-    return float(sum(np.abs(np.asarray(w, np.float64)).sum() for w in model.get_weights()))
+def resolve(config: TrainConfig, data: datasets.ImageData, replicas: int, cluster: Cluster
+            ) -> tuple[RunSettings, RunLength]:
+    """The run's settings once the data and the devices are known: batch, learning rate, length."""
+    recipe, net = config.recipe, config.net
+    global_batch = config.per_replica_batch * replicas
+    length = run_length(recipe, len(data.train), global_batch, config.epochs, config.steps)
+    model = net.model_config(data.num_classes, recipe)
+    settings = RunSettings(
+        arch=net.arch, depth=net.depth, width=net.width, cardinality=net.cardinality,
+        shortcut=model.shortcut, zero_init_residual=model.zero_init_residual,
+        dataset=config.data.spec, num_classes=data.num_classes, class_names=tuple(data.class_names),
+        seed=config.seed, recipe=recipe.name, replicas=replicas, workers=cluster.num_workers,
+        per_replica_batch=config.per_replica_batch, global_batch=global_batch,
+        learning_rate=scaled_learning_rate(recipe, global_batch), total_steps=length.total_steps,
+        steps_per_epoch=length.steps_per_epoch, epochs=length.epochs, mixed_precision=config.mixed_precision,
+        jit=config.jit)
+    return settings, length
 
 
-def _summary_writers(files: RunFiles, is_chief: bool) -> dict:
-    if not is_chief:
-        return {"train": tf.summary.create_noop_writer(), "validation": tf.summary.create_noop_writer()}
-    return {name: tf.summary.create_file_writer(str(files.logs / name)) for name in ("train", "validation")}
+def build_trainer(config: TrainConfig, settings: RunSettings, length: RunLength, data: datasets.ImageData,
+                  strategy: tf.distribute.Strategy, cluster: Cluster, policy: str
+                  ) -> tuple[Trainer, tf.train.Checkpoint, tf.Variable]:
+    """The model, its optimizer and the epoch counter, seeded, and the checkpoint that holds them."""
+    recipe = config.recipe
+    with strategy.scope():
+        keras.utils.set_random_seed(config.seed)
+        model = build_model(settings.model_config())
+        set_pixel_mean(model, data.pixel_mean())
+        schedule = learning_rate_schedule(recipe, settings.learning_rate, length.total_steps)
+        optimizer = make_optimizer(recipe, schedule, loss_scaling=policy == "mixed_float16")
+    trainer = Trainer(strategy, model, optimizer, settings.global_batch, jit=config.jit, cluster=cluster)
+    with strategy.scope():
+        epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    return trainer, tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch), epoch
 
 
-def _write_scalars(writers: dict, epoch: int, metrics: dict[str, float], images_per_sec: float | None) -> None:
-    with writers["train"].as_default(step=epoch):
-        for key in ("loss", "accuracy", "lr"):
-            tf.summary.scalar(key, metrics[key])
-        if images_per_sec:
-            tf.summary.scalar("images_per_sec", images_per_sec)
-    with writers["validation"].as_default(step=epoch):
-        for key in ("loss", "accuracy"):
-            if f"val_{key}" in metrics:
-                tf.summary.scalar(key, metrics[f"val_{key}"])
-    for writer in writers.values():
-        writer.flush()
+def restore(run: RunDir, checkpoint: tf.train.Checkpoint, epoch: tf.Variable, settings: RunSettings,
+            cluster: Cluster) -> list[HistoryRow]:
+    """Resume from the last checkpoint, if any; returns the history up to it.
+    The chief records the settings and cuts the history back to the checkpoint."""
+    latest = tf.train.latest_checkpoint(run.checkpoints)
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+        log.info("resuming from %s", latest)
+    # Rows past the checkpoint belong to an epoch that is about to be redone.
+    history = [row for row in run.read_history() if row.epoch <= int(epoch.numpy())]
+    if cluster.is_chief:
+        run.write_settings(settings)
+        run.write_history(history)
+    return history
+
+
+def final_metrics(trainer: Trainer, test: datasets.Split | None, last: HistoryRow | None) -> dict[str, float]:
+    """The last epoch's metrics, and the test split's."""
+    if last is None:
+        return {}
+    final = last.metrics()
+    if test is not None:
+        final.update({f"test_{k}": v for k, v in trainer.evaluate(test).items()})
+    return final
+
+
+def train_batches(trainer: Trainer, split: datasets.Split, config: TrainConfig, length: RunLength,
+                  start_epoch: int):
+    """The training batches from `start_epoch` on, as the strategy's steps take them."""
+    global_batch = trainer.global_batch
+    return trainer.distribute(
+        lambda context: input_pipeline.train_dataset(
+            split, batch_size=context.get_per_replica_batch_size(global_batch), seed=config.seed,
+            start_epoch=start_epoch, steps_per_epoch=length.steps_per_epoch, end_epoch=length.epochs,
+            augment=config.data.augment, global_batch=global_batch, input_context=context))
+
+
+def record(run: RunDir, summary: RunSummary, model: keras.Model, cluster: Cluster) -> None:
+    """summary.json (the chief), and each worker's record of its final weights under several workers."""
+    if cluster.is_chief:
+        run.write_summary(summary)
+    if cluster.is_multi_worker:
+        run.write_worker_record(WorkerRecord(task_type=cluster.task_type, task_id=cluster.task_id,
+                                             steps_completed=summary.steps_completed,
+                                             weights_sha256=weights_sha256(model)))
+
+
+def weights_sha256(model: keras.Model) -> str:
+    """A digest of every weight's bytes, in the model's order."""
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()

@@ -33,12 +33,14 @@ def split_factory():
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A finished tiny training run (accumulated ResNet-8, synthetic data): its model dir."""
-    from pipeline.config import DataConfig, TrainConfig
+    from pipeline import flags
+    from pipeline.config import TrainConfig
     from pipeline.train import train
 
     model_dir = tmp_path_factory.mktemp("trained")
-    train(TrainConfig(model_dir=str(model_dir), arch="accumulated", depth=8, data=DataConfig("synthetic:400"),
-                      recipe="quick", epochs=2, batch_size=32, progress=False))
+    train(flags.build(TrainConfig, dict(model_dir=str(model_dir), arch="accumulated", depth=8,
+                                        dataset="synthetic:400", recipe="quick", epochs=2, batch_size=32,
+                                        progress=False)))
     return model_dir
 
 

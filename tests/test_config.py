@@ -79,8 +79,8 @@ def test_subset_recipes_keep_their_sources_schedules_in_fewer_epochs():
 
 
 def test_shortcut_setting_is_checked():
-    assert cfg.TrainConfig(model_dir="m").shortcut is None  # the recipe's
-    assert cfg.TrainConfig(model_dir="m", shortcut="padding").shortcut == "padding"
+    assert cfg.TrainConfig(model_dir="m").net.shortcut is None  # the recipe's
+    assert cfg.NetConfig(shortcut="padding").shortcut == "padding"
     with pytest.raises(cfg.ConfigError, match="unknown shortcut 'B'"):
-        cfg.TrainConfig(model_dir="m", shortcut="B")
+        cfg.NetConfig(shortcut="B")
     assert cfg.ModelConfig().shortcut == "projection"

@@ -5,7 +5,6 @@ Dockerfile lints clean."""
 
 import json
 import os
-import pathlib
 import re
 import shutil
 import subprocess

@@ -12,7 +12,7 @@ import copy
 
 import kubernetes_validate
 
-from manifests import (KSERVE_CONTAINER, KSERVE_MODEL_FIELDS, KSERVE_PREDICTOR_FIELDS, KSERVE_SPEC_FIELDS,
+from manifests import (KSERVE_MODEL_FIELDS, KSERVE_PREDICTOR_FIELDS, KSERVE_SPEC_FIELDS,
                        KUBERNETES_VERSION, ROOT, objects, one, predictor_pod_spec)
 from serving import deployment
 

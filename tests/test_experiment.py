@@ -8,16 +8,17 @@ import pytest
 from PIL import Image
 from scipy import stats
 
+from pipeline import flags
 from pipeline.config import ConfigError
 from pipeline.experiment import ExperimentConfig, parse_seeds, run_experiment
 from pipeline.report import FIGURES, paired_difference
 
 
 def tiny(out, **overrides):
-    settings = dict(out_dir=str(out), arches=("resnet", "accumulated"), depth=8, seeds=(0, 1), recipe="quick",
+    settings = dict(out=str(out), arches=("resnet", "accumulated"), depth=8, seeds=(0, 1), recipe="quick",
                     dataset="synthetic:400", epochs=2, batch_size=32)
     settings.update(overrides)
-    return ExperimentConfig(**settings)
+    return flags.build(ExperimentConfig, settings)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,6 @@ def test_shortcut_goes_to_every_run_and_is_a_fixed_setting(tmp_path):
     from pipeline.experiment import FIXED_SETTINGS
 
     config = tiny(tmp_path, shortcut="padding")
-    assert {config.train_config(arch, 0).shortcut for arch in config.arches} == {"padding"}
-    assert tiny(tmp_path).train_config("resnet", 0).shortcut is None  # the recipe's
+    assert {config.train_config(arch, 0).net.shortcut for arch in config.arches} == {"padding"}
+    assert tiny(tmp_path).train_config("resnet", 0).net.shortcut is None  # the recipe's
     assert "shortcut" in FIXED_SETTINGS

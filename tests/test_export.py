@@ -197,11 +197,13 @@ def test_export_to_an_object_store_path(trained_run):
 
 
 def test_a_wide_accumulated_net_exports_like_the_others(tmp_path):
-    from pipeline.config import DataConfig, TrainConfig
+    from pipeline import flags
+    from pipeline.config import TrainConfig
     from pipeline.train import train
 
-    train(TrainConfig(model_dir=str(tmp_path / "run"), arch="accumulated-wrn", depth=10, width=2,
-                      data=DataConfig("synthetic:200"), recipe="quick", epochs=1, batch_size=32, progress=False))
+    train(flags.build(TrainConfig, dict(model_dir=str(tmp_path / "run"), arch="accumulated-wrn", depth=10, width=2,
+                                        dataset="synthetic:200", recipe="quick", epochs=1, batch_size=32,
+                                        progress=False)))
     path = export.export_run(tmp_path / "run", tmp_path / "models")
     model, _ = export.restore_trained_model(tmp_path / "run")
     assert model.name == "accumulated-wrn-10-2"

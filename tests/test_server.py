@@ -29,7 +29,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
-from helpers import deployed_server, free_ports
+from helpers import free_ports
 from serving.deployment import local_deployed_server
 from serving.server.main import RunningServer, build_parser
 from serving.server.options import options_from_args
@@ -240,7 +240,7 @@ def test_batching_refuses_what_tf_serving_refuses(tmp_path):
             with pytest.raises(grpc.RpcError) as raised:
                 clients.predictions.Predict(request, timeout=30)
             assert raised.value.code() == code and message in raised.value.details(), signature
-            status, body = clients.json(f"/v1/models/u:predict", {"signature_name": signature, "inputs": {
+            status, body = clients.json("/v1/models/u:predict", {"signature_name": signature, "inputs": {
                 alias: value.tolist() for alias, value in inputs.items()}})
             assert status == 400 and message in body["error"], (signature, body)
     finally:

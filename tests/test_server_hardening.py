@@ -3,7 +3,6 @@ before allocation, one client's bad request never fails another's, abandoned
 work dropped, administration locked down, no second server on a used port."""
 
 import io
-import resource
 import shutil
 import threading
 import time
@@ -16,7 +15,6 @@ from PIL import Image
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
 
-from helpers import free_ports
 from test_server import Clients, images, predict_request, start_server
 
 

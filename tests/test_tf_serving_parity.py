@@ -12,7 +12,6 @@ import pathlib
 import shutil
 import urllib.request
 
-import grpc
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import train as training
-from pipeline.config import DataConfig, ModelConfig, TrainConfig
+from pipeline import flags, train as training
+from pipeline.config import ModelConfig, RunLength, TrainConfig
 from pipeline.distribute import Cluster, make_strategy
 from pipeline.model import build_model
+from pipeline.rundir import HISTORY_FIELDS, HistoryRow, ResumeMismatch, RunDir, RunSettings
 
 
 def tiny_config(model_dir, **overrides):
-    settings = dict(model_dir=str(model_dir), arch="accumulated", depth=8,
-                    data=DataConfig("synthetic:400"), recipe="quick", epochs=3, batch_size=32,
-                    devices=2, progress=False, warmup_steps=1)
+    settings = dict(model_dir=str(model_dir), arch="accumulated", depth=8, dataset="synthetic:400", recipe="quick",
+                    epochs=3, batch_size=32, devices=2, progress=False, untimed_steps=1)
     settings.update(overrides)
-    return TrainConfig(**settings)
+    return flags.build(TrainConfig, settings)
 
 
 def history_rows(model_dir):
@@ -33,17 +33,19 @@ def finished_run(tmp_path_factory):
 
 def test_two_replicas_train_and_write_their_records(finished_run):
     model_dir, summary = finished_run
-    assert summary["replicas"] == 2 and summary["workers"] == 1
-    assert summary["global_batch"] == 64 and summary["learning_rate"] == pytest.approx(0.05)
-    assert summary["initial_epoch"] == 0 and summary["epochs_completed"] == 3
-    assert summary["steps_completed"] == 3 * (360 // 64)
-    assert np.isfinite(summary["final"]["loss"]) and 0 <= summary["final"]["val_accuracy"] <= 1
-    assert "test_accuracy" in summary["final"]
-    assert summary["train_images_per_sec"] > 0 and summary["timed_steps"] == summary["steps_completed"] - 1
-    assert json.loads((model_dir / "summary.json").read_text()) == summary
+    assert summary.settings.replicas == 2 and summary.settings.workers == 1
+    assert summary.settings.global_batch == 64 and summary.settings.learning_rate == pytest.approx(0.05)
+    assert summary.initial_epoch == 0 and summary.epochs_completed == 3
+    assert summary.steps_completed == 3 * (360 // 64)
+    assert np.isfinite(summary.final["loss"]) and 0 <= summary.final["val_accuracy"] <= 1
+    assert "test_accuracy" in summary.final
+    assert summary.train_images_per_sec > 0 and summary.timed_steps == summary.steps_completed - 1
+    assert RunDir(model_dir).read_summary() == summary
+    written = json.loads((model_dir / "summary.json").read_text())  # one flat object, as scripts read it
+    assert written["replicas"] == 2 and written["final"] == summary.final
     rows = history_rows(model_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert list(rows[0]) == list(training.HISTORY_FIELDS)
+    assert list(rows[0]) == list(HISTORY_FIELDS)
     assert float(rows[-1]["lr"]) < float(rows[0]["lr"])  # cosine decay
     assert tf.train.latest_checkpoint(model_dir / "checkpoints").endswith("ckpt-3")
     assert list((model_dir / "logs" / "train").iterdir())
@@ -52,8 +54,9 @@ def test_two_replicas_train_and_write_their_records(finished_run):
 def test_a_finished_run_started_again_trains_nothing(finished_run):
     model_dir, summary = finished_run
     again = training.train(tiny_config(model_dir))
-    assert again["initial_epoch"] == again["epochs_completed"] == 3
-    assert again["steps_completed"] == summary["steps_completed"]
+    assert again.initial_epoch == again.epochs_completed == 3
+    assert again.steps_completed == summary.steps_completed
+    assert again.final["loss"] == summary.final["loss"] and "test_accuracy" in again.final
     assert len(history_rows(model_dir)) == 3
 
 
@@ -76,14 +79,14 @@ def _interrupt_after(monkeypatch, steps):
 
 def test_an_interrupted_run_resumes_where_it_stopped(finished_run, tmp_path, monkeypatch):
     reference_dir, reference = finished_run
-    steps_per_epoch = reference["steps_per_epoch"]
+    steps_per_epoch = reference.settings.steps_per_epoch
     with monkeypatch.context() as patch:
         _interrupt_after(patch, steps_per_epoch + 2)  # dies inside epoch 2
         with pytest.raises(Interrupt):
             training.train(tiny_config(tmp_path))
     assert [int(r["epoch"]) for r in history_rows(tmp_path)] == [1]
     resumed = training.train(tiny_config(tmp_path))
-    assert resumed["initial_epoch"] == 1 and resumed["epochs_completed"] == 3
+    assert resumed.initial_epoch == 1 and resumed.epochs_completed == 3
     rows, expected = history_rows(tmp_path), history_rows(reference_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     # Same data order, same optimizer state: the resumed run retraces the uninterrupted one.
@@ -110,7 +113,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoints(tmp_path, monkeypatch)
 
 def test_resuming_with_other_settings_is_refused(finished_run):
     model_dir, _ = finished_run
-    with pytest.raises(training.ResumeMismatch, match=r"arch 'accumulated' -> 'resnet'"):
+    with pytest.raises(ResumeMismatch, match=r"arch 'accumulated' -> 'resnet'"):
         training.train(tiny_config(model_dir, arch="resnet"))
 
 
@@ -149,7 +152,7 @@ def test_batch_norm_statistics_agree_across_replicas_after_a_sync(split_factory)
     from pipeline import input_pipeline
 
     trainer = two_replica_trainer("accumulated", global_batch=32)
-    model, strategy = trainer.model, trainer.strategy
+    model = trainer.model
     split = split_factory(128)
     dataset = trainer.distribute(lambda context: input_pipeline.train_dataset(
         split, batch_size=16, seed=0, start_epoch=0, steps_per_epoch=4, global_batch=32, input_context=context))
@@ -170,14 +173,14 @@ def test_the_recipes_shortcut_is_trained_recorded_and_exported(tmp_path):
 
     model_dir = tmp_path / "run"
     summary = training.train(tiny_config(model_dir, arch="resnet", recipe="he2016-subset", epochs=1, devices=1,
-                                         data=DataConfig("synthetic:200")))
-    assert summary["shortcut"] == "padding" and summary["zero_init_residual"] is True
+                                         dataset="synthetic:200"))
+    assert summary.settings.shortcut == "padding" and summary.settings.zero_init_residual is True
     assert json.loads((model_dir / "run.json").read_text())["shortcut"] == "padding"
     model, _ = restore_trained_model(model_dir)
     assert isinstance(model.get_layer("stage2_block1").padding, PaddingShortcut)
-    with pytest.raises(training.ResumeMismatch, match=r"shortcut 'padding' -> 'projection'"):
+    with pytest.raises(ResumeMismatch, match=r"shortcut 'padding' -> 'projection'"):
         training.train(tiny_config(model_dir, arch="resnet", recipe="he2016-subset", epochs=1, devices=1,
-                                   data=DataConfig("synthetic:200"), shortcut="projection"))
+                                   dataset="synthetic:200", shortcut="projection"))
 
 
 def test_runs_recorded_before_the_shortcut_setting_resume_as_projection(finished_run, tmp_path):
@@ -185,7 +188,94 @@ def test_runs_recorded_before_the_shortcut_setting_resume_as_projection(finished
     recorded = json.loads((model_dir / "run.json").read_text())
     assert recorded.pop("shortcut") == "projection"
     (tmp_path / "run.json").write_text(json.dumps(recorded))  # as written before the setting existed
-    files = training.RunFiles(tmp_path, True, 0)
-    training.check_resumable(files, {**recorded, "shortcut": "projection"})
-    with pytest.raises(training.ResumeMismatch, match="shortcut"):
-        training.check_resumable(files, {**recorded, "shortcut": "padding"})
+    run = RunDir(tmp_path)
+    assert run.read_settings().shortcut == "projection"
+    run.check_resumable(RunSettings.from_json({**recorded, "shortcut": "projection"}))
+    with pytest.raises(ResumeMismatch, match="shortcut"):
+        run.check_resumable(RunSettings.from_json({**recorded, "shortcut": "padding"}))
+
+
+# --- the loop and its hooks, each alone ------------------------------------------------------
+
+
+class FakeTrainer:
+    """The loop's view of a Trainer: steps that return a loss, metrics, a BN sync."""
+
+    def __init__(self, losses):
+        self.losses, self.events = iter(losses), []
+
+    def reset_train_metrics(self):
+        self.events.append("reset")
+
+    def train_step(self, batches):
+        return next(self.losses)
+
+    def sync_batch_norm_statistics(self):
+        self.events.append("sync")
+
+    def train_metrics(self):
+        return {"loss": 1.0, "accuracy": 0.5}
+
+    def learning_rate(self):
+        return 0.1
+
+
+class Recorder(training.Hook):
+    def __init__(self, events):
+        self.events = events
+
+    def on_epoch_begin(self, epoch, steps):
+        self.events.append(("begin", epoch, steps))
+
+    def on_step(self, epoch, step, loss, seconds):
+        self.events.append(("step", epoch, step, loss))
+
+    def on_epoch_end(self, row):
+        self.events.append(("end", row))
+
+
+def test_the_loop_steps_and_calls_its_hooks_at_the_seams():
+    trainer = FakeTrainer([2.0, 1.5, 1.0])
+    events = trainer.events
+    last = training.run_epochs(trainer, None, RunLength(steps_per_epoch=2, total_steps=3), start_epoch=0,
+                               evaluate=lambda: {"val_loss": 3.0, "val_accuracy": 0.25}, hooks=[Recorder(events)])
+    row = lambda epoch: HistoryRow(epoch=epoch, loss=1.0, accuracy=0.5, val_loss=3.0, val_accuracy=0.25, lr=0.1)
+    assert events == ["reset", ("begin", 1, 2), ("step", 1, 1, 2.0), ("step", 1, 2, 1.5), "sync", ("end", row(1)),
+                      "reset", ("begin", 2, 1), ("step", 2, 1, 1.0), "sync", ("end", row(2))]
+    assert last == row(2)
+
+
+def test_a_resumed_loop_starts_after_the_checkpoint_and_a_finished_one_trains_nothing():
+    trainer = FakeTrainer([1.0] * 3)
+    length = RunLength(steps_per_epoch=1, total_steps=3)
+    assert training.run_epochs(trainer, None, length, 2, dict, [Recorder(trainer.events)]).epoch == 3
+    assert training.run_epochs(trainer, None, length, 3, dict, []) is None
+
+
+def test_the_step_timer_leaves_out_the_untimed_steps():
+    timer = training.StepTimer(untimed=2, global_batch=64)
+    for step, seconds in enumerate([9.0, 9.0, 0.5, 0.5], start=1):
+        timer.on_step(1, step, 1.0, seconds)
+    assert timer.timed_steps == 2 and timer.images_per_sec() == pytest.approx(128)
+    assert training.StepTimer(untimed=3, global_batch=64).images_per_sec() is None
+
+
+def test_a_nan_loss_names_the_step_and_what_is_kept(tmp_path):
+    stop = training.StopOnDivergence(tmp_path / "checkpoints")
+    stop.on_step(2, 3, 0.7, 0.1)
+    with pytest.raises(training.TrainingDiverged, match=r"nan at epoch 2, step 3.*up to epoch 1 are kept in"):
+        stop.on_step(2, 3, float("nan"), 0.1)
+    with pytest.raises(training.TrainingDiverged, match="no checkpoint"):
+        stop.on_step(1, 1, float("inf"), 0.1)
+
+
+def test_the_history_hook_rewrites_history_csv_after_each_epoch(tmp_path):
+    run = RunDir(tmp_path)
+    kept = [HistoryRow(epoch=1, loss=2.0, accuracy=0.1, lr=0.1)]  # no validation split: empty cells
+    history = training.History(run, list(kept), write=True)
+    history.on_epoch_end(HistoryRow(epoch=2, loss=1.0, accuracy=0.2, val_loss=1.5, val_accuracy=0.3, lr=0.05))
+    assert run.read_history() == [*kept, HistoryRow(epoch=2, loss=1.0, accuracy=0.2, val_loss=1.5, val_accuracy=0.3,
+                                                    lr=0.05)]
+    assert history_rows(tmp_path)[0]["val_loss"] == ""
+    training.History(RunDir(tmp_path / "other"), [], write=False).on_epoch_end(kept[0])  # not the chief
+    assert not (tmp_path / "other").exists()

@@ -49,8 +49,3 @@ def invalid(message: str) -> ServingError:
 
 def not_found(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.NOT_FOUND, message)
-
-
-def status_code_name(code: grpc.StatusCode) -> str:
-    """"INVALID_ARGUMENT" and so on, as TF Serving's JSON and metrics spell codes."""
-    return code.name

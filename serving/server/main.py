@@ -21,6 +21,8 @@ from concurrent import futures
 
 import grpc
 
+from serving.server.flags import add_flags
+
 log = logging.getLogger("serving.server")
 
 
@@ -161,8 +163,6 @@ class RunningServer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from serving.server.options import add_flags
-
     parser = argparse.ArgumentParser(
         prog="accresnet serve",
         description="A model server compatible with TF Serving: PredictionService and ModelService over gRPC, "
@@ -173,11 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run until SIGTERM/SIGINT with flags parsed by `add_flags`; the exit status."""
+    """Run until SIGTERM/SIGINT with flags parsed by `add_flags`; the exit status. Logging is the caller's."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     from serving.server.options import OptionsError, options_from_args
 
     try:
@@ -200,4 +197,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m serving.server`: the server alone, without the accresnet command."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return serve(build_parser().parse_args(argv))

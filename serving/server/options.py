@@ -16,73 +16,15 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving.server import protos
 from serving.server.batching import BatchingOptions
+from serving.server.flags import (DEFAULT_DRAIN_TIMEOUT_SECONDS, DEFAULT_MAX_REQUEST_TENSOR_BYTES,
+                                  DEFAULT_REST_MAX_BODY_BYTES, DEFAULT_REST_MAX_CONNECTIONS,
+                                  DEFAULT_REST_MAX_JSON_DEPTH, DEFAULT_REST_READ_TIMEOUT_SECONDS)
 
 DEFAULT_GRPC_MAX_MESSAGE = 2**31 - 1  # TF Serving accepts messages up to INT_MAX
-# What a request's tensors may declare once decoded: 256 MiB, some 80,000 32x32 RGB images.
-DEFAULT_MAX_REQUEST_TENSOR_BYTES = 256 << 20
 
 
 class OptionsError(ValueError):
     """Flags or configuration files the server cannot start with."""
-
-
-def _bool(value: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
-# REST limits and drain (flags of their own: TF Serving has none of these).
-DEFAULT_REST_MAX_BODY_BYTES = 64 << 20
-DEFAULT_REST_MAX_JSON_DEPTH = 64
-DEFAULT_REST_READ_TIMEOUT_SECONDS = 30.0
-DEFAULT_REST_MAX_CONNECTIONS = 1024
-DEFAULT_DRAIN_TIMEOUT_SECONDS = 30.0
-
-
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--port", type=int, default=8500, help="gRPC port (default: %(default)s)")
-    add("--rest_api_port", type=int, default=0, help="HTTP/REST port; 0 turns REST off (default: %(default)s)")
-    add("--rest_api_num_threads", type=int, default=16, help="threads for REST requests (default: %(default)s)")
-    add("--rest_api_timeout_in_ms", type=int, default=30000, help="REST call timeout (default: %(default)s)")
-    _add_rest_flags(add)
-    add("--model_name", default="default", help="name of the model (ignored with --model_config_file)")
-    add("--model_base_path", default="", help="folder of numbered versions (ignored with --model_config_file)")
-    add("--model_config_file", default="", help="ASCII ModelServerConfig proto: several models, version policies "
-                                                 "and labels")
-    add("--model_config_file_poll_wait_seconds", type=int, default=0,
-        help="re-read --model_config_file this often; 0 reads it once (default: %(default)s)")
-    add("--file_system_poll_wait_seconds", type=int, default=1,
-        help="look for new versions this often; 0 looks once (default: %(default)s)")
-    add("--enable_batching", type=_bool, nargs="?", const=True, default=False, help="batch concurrent requests")
-    add("--batching_parameters_file", default="", help="ASCII BatchingParameters proto")
-    add("--monitoring_config_file", default="", help="ASCII MonitoringConfig proto (Prometheus endpoint)")
-    add("--ssl_config_file", default="", help="ASCII SSLConfig proto: gRPC over TLS")
-    add("--grpc_channel_arguments", default="",
-        help="comma-separated gRPC server arguments, e.g. grpc.max_receive_message_length=1048576")
-    add("--enable_model_warmup", type=_bool, nargs="?", const=True, default=True,
-        help="replay assets.extra/tf_serving_warmup_requests before a version goes live (default: true)")
-    add("--grpc_max_threads", type=int, default=32, help="threads serving gRPC requests (default: %(default)s)")
-    add("--max_num_load_retries", type=int, default=5,
-        help="tries after a version fails to load, --load_retry_interval_micros apart; a version whose files "
-             "change is tried again at once (default: %(default)s)")
-    add("--load_retry_interval_micros", type=int, default=60_000_000,
-        help="wait between load tries, in microseconds (default: %(default)s)")
-    add("--grpc_bind_address", default="0.0.0.0",
-        help="address the gRPC API listens on; 0.0.0.0, as TF Serving, is every interface (default: %(default)s)")
-    add("--enable_model_reload_rpc", type=_bool, nargs="?", const=True, default=False,
-        help="allow ModelService.HandleReloadConfigRequest, which replaces the served models; off by default, "
-             "since any client that reaches the port could then unload models or load any SavedModel")
-    add("--model_reload_allowed_roots", default="",
-        help="with --enable_model_reload_rpc: comma-separated folders (or gs://... prefixes) under which a "
-             "reloaded model's base_path must lie (default: the folders of the models configured at start)")
-    add("--max_request_tensor_bytes", type=int, default=DEFAULT_MAX_REQUEST_TENSOR_BYTES,
-        help="bytes a Predict request's tensors may declare once decoded, checked before they are "
-             "(default: %(default)s, 256 MiB)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,26 +99,6 @@ def _reload_roots(args: argparse.Namespace, models: list) -> tuple[str, ...] | N
     if not roots:
         roots = [model.base_path.rstrip("/").rsplit("/", 1)[0] or "/" for model in models]
     return tuple(dict.fromkeys(roots))
-
-
-# --- REST limits, bind address and drain -------------------------------------------------------------
-
-def _add_rest_flags(add) -> None:
-    add("--rest_api_bind_address", default="0.0.0.0",
-        help="address the REST API listens on; 0.0.0.0, as TF Serving, is every interface (default: %(default)s)")
-    add("--rest_api_max_body_bytes", type=int, default=DEFAULT_REST_MAX_BODY_BYTES,
-        help="largest REST request body; larger ones get 413 (default: %(default)s, 64 MiB)")
-    add("--rest_api_max_json_depth", type=int, default=DEFAULT_REST_MAX_JSON_DEPTH,
-        help="deepest nesting of a REST request's JSON; deeper ones get 400 (default: %(default)s)")
-    add("--rest_api_read_timeout_seconds", type=float, default=DEFAULT_REST_READ_TIMEOUT_SECONDS,
-        help="a REST connection that has not sent a request's headers within this time, or then its body "
-             "within this time again, is dropped (default: %(default)s)")
-    add("--rest_api_max_connections", type=int, default=0,
-        help="open REST connections beyond which new ones get 503 and are closed; 0: a quarter of the "
-             f"open-file limit, at most {DEFAULT_REST_MAX_CONNECTIONS} (default: %(default)s)")
-    add("--drain_timeout_seconds", type=float, default=DEFAULT_DRAIN_TIMEOUT_SECONDS,
-        help="on SIGTERM, how long requests in flight may take to finish before the server closes what is "
-             "still open and exits (default: %(default)s)")
 
 
 def _default_rest_connections() -> int:

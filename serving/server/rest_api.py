@@ -56,7 +56,7 @@ from serving.server import rest_json
 from serving.server.calls import Call
 from serving.server.errors import ServingError, invalid
 from serving.server.metrics import ServingMetrics
-from serving.server.options import (
+from serving.server.flags import (
     DEFAULT_DRAIN_TIMEOUT_SECONDS,
     DEFAULT_REST_MAX_BODY_BYTES,
     DEFAULT_REST_MAX_CONNECTIONS,

@@ -31,7 +31,7 @@ from serving.server import tensors
 from serving.server.calls import NO_CALL, Call
 from serving.server.errors import ServingError, invalid
 from serving.server.manager import ModelManager
-from serving.server.options import DEFAULT_MAX_REQUEST_TENSOR_BYTES
+from serving.server.flags import DEFAULT_MAX_REQUEST_TENSOR_BYTES
 from serving.server.servable import (
     CLASSIFY_METHOD,
     PREDICT_METHOD,

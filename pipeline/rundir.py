@@ -1,0 +1,247 @@
+"""A training run's directory: its layout, and typed records written and read only here.
+
+    run.json       RunSettings: what the run is; a resume must find the same
+    history.csv    one HistoryRow per finished epoch
+    summary.json   RunSummary: the settings, where the run started, final metrics, images/s
+    checkpoints/   model, optimizer and epoch after every epoch (TensorFlow's format)
+    logs/          TensorBoard summaries (train/, validation/)
+    workers/       one WorkerRecord per worker of a multi-worker run: its final weights' digest
+    .workers/      each non-chief worker's scratch checkpoints, removed once written
+
+Under several workers only the chief writes the run's files; saving a
+checkpoint is collective, so the others save to their scratch folders.
+Files are replaced whole (written beside, then renamed), never left half
+written. Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+from pipeline.config import ModelConfig, UserError
+
+HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
+# Settings that must match for a model directory to be resumed.
+RESUME_KEYS = ("arch", "depth", "width", "cardinality", "dataset", "num_classes", "seed", "recipe", "shortcut")
+
+
+class ResumeMismatch(UserError, ValueError):
+    """The model directory holds a run with other settings."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """run.json: the run as it was resolved, model, data, recipe and devices."""
+
+    arch: str
+    depth: int
+    width: int | None
+    cardinality: int | None
+    # Runs recorded before these settings existed had the values given here.
+    shortcut: str = "projection"
+    zero_init_residual: bool = False
+    dataset: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    seed: int
+    recipe: str
+    replicas: int
+    workers: int
+    per_replica_batch: int
+    global_batch: int
+    learning_rate: float
+    total_steps: int
+    steps_per_epoch: int
+    epochs: int
+    mixed_precision: bool
+    jit: bool
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(self.arch, self.depth, self.num_classes, width=self.width, cardinality=self.cardinality,
+                           shortcut=self.shortcut, zero_init_residual=self.zero_init_residual)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "class_names": list(self.class_names)}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> RunSettings:
+        known = {field.name for field in dataclasses.fields(cls)}
+        values = {k: v for k, v in record.items() if k in known}
+        return cls(**{**values, "class_names": tuple(values["class_names"])})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HistoryRow:
+    """One finished epoch: training metrics, validation metrics (when there is a
+    validation split) and the learning rate at its end."""
+
+    epoch: int
+    loss: float
+    accuracy: float
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    lr: float
+
+    def metrics(self) -> dict[str, float]:
+        """The measured values by name, in the history's order."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "epoch" and v is not None}
+
+    @classmethod
+    def from_csv(cls, row: dict[str, str]) -> HistoryRow:
+        return cls(epoch=int(row["epoch"]),
+                   **{k: float(row[k]) if row.get(k) else None for k in HISTORY_FIELDS if k != "epoch"})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunSummary:
+    """summary.json: the settings, where this session of the run started and
+    what it ended with. `final` holds the last epoch's metrics, and test_loss
+    and test_accuracy where the data has a test split."""
+
+    settings: RunSettings
+    initial_epoch: int
+    epochs_completed: int
+    steps_completed: int
+    final: dict[str, float]
+    wall_time_sec: float
+    train_images_per_sec: float | None
+    timed_steps: int
+    parameters: int
+    model_dir: str
+    is_chief: bool
+
+    @property
+    def is_finished(self) -> bool:
+        return self.epochs_completed >= self.settings.epochs
+
+    def to_json(self) -> dict[str, Any]:
+        # One flat object, as scripts read it: the settings, then what happened.
+        rest = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "settings"}
+        return {**self.settings.to_json(), **rest}
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> RunSummary:
+        own = {f.name for f in dataclasses.fields(cls)} - {"settings"}
+        return cls(settings=RunSettings.from_json(record), **{k: record[k] for k in own})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkerRecord:
+    """What one worker ended with: in a synchronous run, the same weights on every worker."""
+
+    task_type: str
+    task_id: int
+    steps_completed: int
+    weights_sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    path: pathlib.Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", pathlib.Path(self.path))
+
+    @property
+    def checkpoints(self) -> pathlib.Path:
+        return self.path / "checkpoints"
+
+    @property
+    def logs(self) -> pathlib.Path:
+        return self.path / "logs"
+
+    def scratch(self, task_id: int) -> pathlib.Path:
+        """A non-chief worker's own folder, removed after each checkpoint."""
+        return self.path / ".workers" / f"worker-{task_id}"
+
+    def checkpoints_of(self, is_chief: bool, task_id: int) -> pathlib.Path:
+        """Where a worker saves checkpoints (every worker saves: saving is collective)."""
+        return self.checkpoints if is_chief else self.scratch(task_id) / "checkpoints"
+
+    # --- run.json ---
+
+    @property
+    def _settings_file(self) -> pathlib.Path:
+        return self.path / "run.json"
+
+    def read_settings(self) -> RunSettings | None:
+        if not self._settings_file.exists():
+            return None
+        return RunSettings.from_json(json.loads(self._settings_file.read_text()))
+
+    def write_settings(self, settings: RunSettings) -> None:
+        _write_json(self._settings_file, settings.to_json())
+
+    def check_resumable(self, settings: RunSettings) -> None:
+        """Refuse to resume a model directory that holds a run with other settings."""
+        previous = self.read_settings()
+        if previous is None:
+            return
+        differing = {k: (getattr(previous, k), getattr(settings, k)) for k in RESUME_KEYS
+                     if getattr(previous, k) != getattr(settings, k)}
+        if differing:
+            detail = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in differing.items())
+            raise ResumeMismatch(f"{self.path} holds a run with other settings ({detail}); "
+                                 "resume with the same flags or choose a new --model-dir")
+
+    # --- history.csv ---
+
+    @property
+    def _history_file(self) -> pathlib.Path:
+        return self.path / "history.csv"
+
+    def read_history(self) -> list[HistoryRow]:
+        if not self._history_file.exists():
+            return []
+        with self._history_file.open(newline="") as file:
+            return [HistoryRow.from_csv(row) for row in csv.DictReader(file)]
+
+    def write_history(self, rows: list[HistoryRow]) -> None:
+        scratch = self._history_file.with_suffix(".csv.tmp")
+        with scratch.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=HISTORY_FIELDS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: "" if v is None else v for k, v in dataclasses.asdict(row).items()})
+        os.replace(scratch, self._history_file)
+
+    # --- summary.json ---
+
+    @property
+    def _summary_file(self) -> pathlib.Path:
+        return self.path / "summary.json"
+
+    def read_summary(self) -> RunSummary | None:
+        if not self._summary_file.exists():
+            return None
+        return RunSummary.from_json(json.loads(self._summary_file.read_text()))
+
+    def write_summary(self, summary: RunSummary) -> None:
+        _write_json(self._summary_file, summary.to_json())
+
+    def is_finished(self) -> bool:
+        """A summary says every epoch of the run is done."""
+        summary = self.read_summary()
+        return summary is not None and summary.is_finished
+
+    # --- workers/ ---
+
+    def write_worker_record(self, record: WorkerRecord) -> None:
+        folder = self.path / "workers"
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / f"{record.task_type}-{record.task_id}.json", dataclasses.asdict(record))
+
+    def read_worker_records(self) -> list[WorkerRecord]:
+        return [WorkerRecord(**json.loads(path.read_text()))
+                for path in sorted((self.path / "workers").glob("*.json"))]
+
+
+def _write_json(path: pathlib.Path, value: dict) -> None:
+    scratch = path.with_suffix(".json.tmp")
+    scratch.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(scratch, path)
