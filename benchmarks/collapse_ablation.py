@@ -160,6 +160,7 @@ def trace(name: str, seed: int, steps: int, args: argparse.Namespace, images: in
     predicted as, and the smallest gamma and beta of any BN."""
     import keras
     import numpy as np
+    import tensorflow as tf
 
     from pipeline import input_pipeline
     from pipeline.distribute import Cluster, make_strategy
@@ -204,7 +205,7 @@ def trace(name: str, seed: int, steps: int, args: argparse.Namespace, images: in
                "min_gamma": round(float(min(np.min(n.gamma) for n in norms)), 3),
                "min_beta": round(float(min(np.min(n.beta) for n in norms)), 3)}
         if step < steps:
-            row["batch_loss"] = round(float(trainer.train_step(batches)), 3)
+            row["batch_loss"] = round(float(trainer.train_step(batches, tf.constant(0.0))[0]), 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

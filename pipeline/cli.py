@@ -225,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except UserError as error:
         print(f"accresnet {args.verb}: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ValueError) else 1
+        # Bad flags or data (2) are worth no retry; a preemption (143) or a lost peer (144) are.
+        return getattr(error, "exit_status", 2 if isinstance(error, ValueError) else 1)
 
 
 if __name__ == "__main__":

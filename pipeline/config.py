@@ -352,7 +352,7 @@ class TrainConfig:
 
     model_dir: str | None = setting(
         None, help="checkpoints, logs, history.csv and summary.json; a run started again with the same flags "
-                   "resumes from its last finished epoch")
+                   "resumes from its last checkpoint")
     net: NetConfig = dataclasses.field(default_factory=NetConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     # A recipe's name is enough where one is given (TrainConfig(recipe="he2016")).
@@ -373,6 +373,10 @@ class TrainConfig:
     mixed_precision: bool = setting(False, help="bfloat16 compute on CPU, float16 with loss scaling on GPU")
     jit: bool = setting(False, help="compile the forward and backward pass with XLA")
     deterministic: bool = setting(False, help="deterministic kernels for bit-identical reruns (slower)")
+    checkpoint_every_steps: int | None = setting(
+        None, help="also save a checkpoint every N steps (the last 3 checkpoints are kept), for clusters that kill "
+                   "without a grace period; SIGTERM always saves at the next step",
+        unset="after every epoch only")
     progress: bool | None = setting(None, help="a progress bar even when not on a terminal",
                                     negative=("--no-progress", "plain log lines even on a terminal"))
     # Steps left out of the images/s measurement (tracing, warm caches); not
@@ -385,7 +389,8 @@ class TrainConfig:
         if self.epochs is not None and self.steps is not None:
             raise ConfigError("give --epochs or --steps, not both")
         for flag, value in (("--epochs", self.epochs), ("--steps", self.steps),
-                            ("--batch-size", self.batch_size), ("--devices", self.devices)):
+                            ("--batch-size", self.batch_size), ("--devices", self.devices),
+                            ("--checkpoint-every-steps", self.checkpoint_every_steps)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be a positive integer; got {value}")
 

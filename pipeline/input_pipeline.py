@@ -59,13 +59,16 @@ def train_dataset(
     seed: int,
     start_epoch: int,
     steps_per_epoch: int,
+    start_step: int = 0,
     end_epoch: int | None = None,
     augment: bool = True,
     global_batch: int | None = None,
     input_context: tf.distribute.InputContext | None = None,
 ) -> tf.data.Dataset:
     """(uint8 images [b, 32, 32, 3], int32 labels [b]) batches of epochs
-    `start_epoch` to `end_epoch` (exclusive; None: endless).
+    `start_epoch` to `end_epoch` (exclusive; None: endless), starting at step
+    `start_step` of the first: a run resumed mid-epoch sees the batches an
+    uninterrupted run would have seen.
 
     `batch_size` is this pipeline's batch (the per-replica batch under a
     distribution strategy). Each epoch takes a fresh seeded permutation of the
@@ -98,6 +101,7 @@ def train_dataset(
 
     # A run's stream ends with its last epoch, so nothing is prefetched past it.
     dataset = tf.data.Dataset.range(start_epoch, end_epoch or tf.int64.max).flat_map(epoch_batches)
+    dataset = dataset.skip(start_step)  # indices only: nothing is gathered or augmented for the skipped steps
     dataset = dataset.map(gather, num_parallel_calls=PARALLEL_CALLS)
     return _with_options(dataset).prefetch(PREFETCH_BATCHES)
 

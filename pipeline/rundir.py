@@ -105,6 +105,7 @@ class RunSummary:
 
     settings: RunSettings
     initial_epoch: int
+    initial_step: int = 0  # the global step this session started at (mid-epoch after a SIGTERM)
     epochs_completed: int
     steps_completed: int
     final: dict[str, float]
@@ -127,7 +128,7 @@ class RunSummary:
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> RunSummary:
         own = {f.name for f in dataclasses.fields(cls)} - {"settings"}
-        return cls(settings=RunSettings.from_json(record), **{k: record[k] for k in own})
+        return cls(settings=RunSettings.from_json(record), **{k: record[k] for k in own if k in record})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -19,7 +19,9 @@ import logging
 import math
 import pathlib
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -38,6 +40,57 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# Exit statuses a job controller can act on. 143 (128 + SIGTERM) is what a
+# process stopped by SIGTERM reports; both are retriable for Kubeflow's
+# ExitCode restart policy (128-255), and the Indexed Job ignores 143 (its
+# podFailurePolicy) since a preemption is nobody's failure.
+EXIT_PREEMPTED = 143
+EXIT_PEER_LOST = 144
+
+
+class Preempted(UserError, RuntimeError):
+    """SIGTERM: a checkpoint was saved at a step all workers agreed on, and the run stopped."""
+
+    exit_status = EXIT_PREEMPTED
+
+
+class PeerLost(UserError, RuntimeError):
+    """Another worker vanished or stopped answering; the last checkpoint stays."""
+
+    exit_status = EXIT_PEER_LOST
+
+
+class StopRequest:
+    """SIGTERM asks the run to stop at the next step boundary.
+
+    The request travels as a vote in the step's own all-reduce, so every
+    worker learns of it after the same step, whichever worker got the signal.
+    Installed after the strategy is made: TensorFlow's coordination service
+    installs a SIGTERM handler of its own, which would otherwise swallow it.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._votes = (tf.constant(0.0), tf.constant(1.0))
+        self._previous = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def __exit__(self, *exception) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_signal(self, signal_number, frame) -> None:
+        self.requested = True
+        log.warning("SIGTERM: the run stops after the next step, once its checkpoint is saved")
+
+    def vote(self) -> tf.Tensor:
+        return self._votes[self.requested]
 
 
 # --- recipe -> optimizer ------------------------------------------------------------
@@ -110,12 +163,13 @@ class Trainer:
             scaled = self.optimizer.scale_loss(loss)
         return tape.gradient(scaled, self.model.trainable_variables), per_example, probabilities
 
-    def _replica_train_step(self, images, labels):
+    def _replica_train_step(self, images, labels, stop_vote):
         gradients, per_example, probabilities = self._gradients(images, labels)
         self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
         self.train_loss.update_state(per_example)
         self.train_accuracy.update_state(labels, probabilities)
-        return tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
+        loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
+        return tf.stack([loss, stop_vote])
 
     def distribute(self, dataset_fn):
         """`dataset_fn(input_context)` as the input of this strategy's steps.
@@ -139,10 +193,20 @@ class Trainer:
         return self.strategy.distribute_datasets_from_function(dataset_fn, options)
 
     @tf.function
-    def train_step(self, iterator) -> tf.Tensor:
-        """One global step; returns the batch's mean cross-entropy."""
-        per_replica = self.strategy.run(self._replica_train_step, args=next(iterator))
+    def train_step(self, iterator, stop_vote: tf.Tensor) -> tf.Tensor:
+        """One global step; returns [the batch's mean cross-entropy, the replicas that vote to stop].
+
+        The vote rides on the loss's all-reduce: every worker gets the same sum.
+        """
+        images, labels = next(iterator)
+        per_replica = self.strategy.run(self._replica_train_step, args=(images, labels, stop_vote))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    def checkpointed_state(self) -> dict:
+        """What a checkpoint holds besides the model and optimizer: the epoch's running
+        training metrics, so that an epoch resumed mid-way reports all its steps."""
+        return {"train_metrics": [variable.value for metric in (self.train_loss, self.train_accuracy)
+                                  for variable in metric.variables]}
 
     @tf.function
     def sync_batch_norm_statistics(self) -> None:
@@ -215,6 +279,9 @@ class Hook:
     def on_epoch_end(self, row: HistoryRow) -> None:
         """The epoch is over: BN statistics synced across replicas, its metrics measured."""
 
+    def on_stop(self, epoch: int, step: int) -> None:
+        """Every worker agreed to stop after this step (SIGTERM), mid-epoch."""
+
 
 class StepTimer(Hook):
     """Training throughput, leaving out the first `untimed` steps (tracing, warm caches)."""
@@ -285,20 +352,40 @@ class History(Hook):
 
 
 class Checkpoints(Hook):
-    """Model, optimizer and epoch (the data position) after every epoch.
+    """Model, optimizer (its step count is the data position), finished epochs and the
+    epoch's running metrics: after every epoch, every `every_steps` steps if set, and
+    when the workers agree to stop. Numbered by global step; the last 3 are kept.
 
     Every worker saves, since saving is collective; a non-chief worker's copy
     goes to its scratch folder, removed at once.
     """
 
-    def __init__(self, manager: tf.train.CheckpointManager, epoch: tf.Variable, scratch: pathlib.Path | None):
-        self.manager, self.epoch, self.scratch = manager, epoch, scratch
+    def __init__(self, manager: tf.train.CheckpointManager, trainer: Trainer, epoch: tf.Variable,
+                 scratch: pathlib.Path | None, every_steps: int | None = None):
+        self.manager, self.trainer, self.epoch, self.scratch = manager, trainer, epoch, scratch
+        self.every_steps = every_steps
+
+    def save(self) -> None:
+        self.manager.save(checkpoint_number=int(self.trainer.optimizer.iterations.numpy()))
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def on_epoch_begin(self, epoch: int, steps: int) -> None:
+        self.steps = steps
+
+    def on_step(self, epoch: int, step: int, loss: float, seconds: float) -> None:
+        global_step = int(self.trainer.optimizer.iterations.numpy())
+        if self.every_steps and global_step % self.every_steps == 0 and step < self.steps:
+            self.on_stop(epoch, step)
+
+    def on_stop(self, epoch: int, step: int) -> None:
+        # Checkpoints hold one copy of the BN statistics: the replicas' mean (see sync_batch_norm_statistics).
+        self.trainer.sync_batch_norm_statistics()
+        self.save()
 
     def on_epoch_end(self, row: HistoryRow) -> None:
         self.epoch.assign(row.epoch)
-        self.manager.save(checkpoint_number=row.epoch)
-        if self.scratch is not None:
-            shutil.rmtree(self.scratch, ignore_errors=True)
+        self.save()
 
 
 class TensorBoard(Hook):
@@ -342,26 +429,37 @@ def validation(trainer: Trainer, split: datasets.Split | None) -> Callable[[], d
 # --- the loop ----------------------------------------------------------------------------------
 
 
-def run_epochs(trainer: Trainer, batches, length: RunLength, start_epoch: int,
-               evaluate: Callable[[], dict[str, float]], hooks: list[Hook]) -> HistoryRow | None:
-    """Train epochs start_epoch + 1 to the last; the hooks run in their order. Returns the last row."""
-    row = None
-    for epoch in range(start_epoch + 1, length.epochs + 1):
-        steps = length.steps_in_epoch(epoch - 1)
-        trainer.reset_train_metrics()
+def run_epochs(trainer: Trainer, batches, length: RunLength, start: int, evaluate: Callable[[], dict[str, float]],
+               hooks: list[Hook], stop: StopRequest) -> HistoryRow | None:
+    """Train from global step `start` (mid-epoch, too) to the run's end; the hooks run in
+    their order. Returns the last epoch's row; raises Preempted once every worker has
+    agreed to stop and the hooks have saved."""
+    row, stopping = None, False
+    for epoch in range(start // length.steps_per_epoch + 1, length.epochs + 1 if start < length.total_steps else 0):
+        steps, done = length.steps_in_epoch(epoch - 1), max(0, start - (epoch - 1) * length.steps_per_epoch)
+        if not done:  # a resumed epoch keeps its running metrics (they are checkpointed)
+            trainer.reset_train_metrics()
         for hook in hooks:
             hook.on_epoch_begin(epoch, steps)
-        for step in range(1, steps + 1):
+        for step in range(done + 1, steps + 1):
             started = time.perf_counter()
-            loss = float(trainer.train_step(batches))
+            loss, votes = trainer.train_step(batches, stop.vote()).numpy()
             seconds = time.perf_counter() - started
             for hook in hooks:
-                hook.on_step(epoch, step, loss, seconds)
+                hook.on_step(epoch, step, float(loss), seconds)
+            stopping = votes > 0
+            if stopping and step < steps:
+                for hook in hooks:
+                    hook.on_stop(epoch, step)
+                raise Preempted(f"stopped by SIGTERM after step {step} of epoch {epoch}; its checkpoint is saved: "
+                                "start the run again to resume there")
         # Evaluation and checkpoints read the BN statistics: one copy for all replicas first.
         trainer.sync_batch_norm_statistics()
         row = HistoryRow(epoch=epoch, **trainer.train_metrics(), **evaluate(), lr=trainer.learning_rate())
         for hook in hooks:
             hook.on_epoch_end(row)
+        if stopping:
+            raise Preempted(f"stopped by SIGTERM at the end of epoch {epoch}; start the run again to resume there")
     return row
 
 
@@ -369,10 +467,43 @@ def run_epochs(trainer: Trainer, batches, length: RunLength, start_epoch: int,
 
 
 def train(config: TrainConfig) -> RunSummary:
-    """Train (or resume) a run as configured; returns the summary also written to summary.json."""
+    """Train (or resume) a run as configured; returns the summary also written to summary.json.
+
+    SIGTERM stops it after the next step with a checkpoint there (Preempted); a lost peer
+    stops it with PeerLost. Started again, it resumes at the checkpoint's step.
+    """
     started = time.monotonic()
     cluster = Cluster.from_environment()
     strategy = make_strategy(cluster, config.devices)
+    with StopRequest() as stop:
+        try:
+            return _train(config, cluster, strategy, stop, started)
+        except tf.errors.OpError as error:
+            if not cluster.is_multi_worker or not isinstance(error, PEER_ERRORS):
+                raise
+            raise PeerLost(f"lost another worker ({peer_error_summary(error)}); the last checkpoint stays: start "
+                           "every worker again to resume there") from None
+
+
+# What a collective op raises on the survivors when a peer dies or stops answering.
+PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+               tf.errors.DeadlineExceededError, tf.errors.InternalError, tf.errors.UnknownError,
+               tf.errors.FailedPreconditionError)
+
+
+def peer_error_summary(error: tf.errors.OpError) -> str:
+    """The line of a collective's error that says what happened to the peer."""
+    lines = [line.strip() for line in str(error.message).splitlines() if line.strip()]
+    telling = [line for line in lines if any(clue in line.lower() for clue in PEER_CLUES)]
+    return (telling or lines or [type(error).__name__])[0][:300]
+
+
+PEER_CLUES = ("unhealthy", "heartbeat", "reset by peer", "socket closed", "connection refused", "failed to connect",
+              "unavailable", "deadline")
+
+
+def _train(config: TrainConfig, cluster: Cluster, strategy: tf.distribute.Strategy, stop: StopRequest,
+           started: float) -> RunSummary:
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     if not config.model_dir:
@@ -391,17 +522,19 @@ def train(config: TrainConfig) -> RunSummary:
     with precision_policy(policy):
         trainer, checkpoint, epoch = build_trainer(config, settings, length, data, strategy, cluster, policy)
         history = restore(run, checkpoint, epoch, settings, cluster)
-        start_epoch, timer = int(epoch.numpy()), StepTimer(config.untimed_steps, settings.global_batch)
+        start, timer = int(trainer.optimizer.iterations.numpy()), StepTimer(config.untimed_steps, settings.global_batch)
+        manager = tf.train.CheckpointManager(checkpoint, run.checkpoints_of(cluster.is_chief, cluster.task_id),
+                                             max_to_keep=3)
         hooks = [timer, StopOnDivergence(run.checkpoints), Progress(config.progress, trainer, length.epochs),
                  History(run, history, write=cluster.is_chief),
-                 Checkpoints(tf.train.CheckpointManager(checkpoint, run.checkpoints_of(cluster.is_chief,
-                                                                                      cluster.task_id), max_to_keep=3),
-                             epoch, None if cluster.is_chief else run.scratch(cluster.task_id)),
+                 Checkpoints(manager, trainer, epoch, None if cluster.is_chief else run.scratch(cluster.task_id),
+                             config.checkpoint_every_steps),
                  TensorBoard(run.logs if cluster.is_chief else None, timer), EpochLog(length.epochs)]
-        batches = iter(train_batches(trainer, data.train, config, length, start_epoch))
-        last = run_epochs(trainer, batches, length, start_epoch, validation(trainer, data.validation), hooks)
+        batches = iter(train_batches(trainer, data.train, config, length, start))
+        last = run_epochs(trainer, batches, length, start, validation(trainer, data.validation), hooks, stop)
         summary = RunSummary(
-            settings=settings, initial_epoch=start_epoch, epochs_completed=int(epoch.numpy()),
+            settings=settings, initial_epoch=start // length.steps_per_epoch, initial_step=start,
+            epochs_completed=int(epoch.numpy()),
             steps_completed=int(trainer.optimizer.iterations.numpy()),
             final=final_metrics(trainer, data.test, last or (history[-1] if history else None)),
             wall_time_sec=round(time.monotonic() - started, 2),
@@ -445,7 +578,8 @@ def build_trainer(config: TrainConfig, settings: RunSettings, length: RunLength,
     trainer = Trainer(strategy, model, optimizer, settings.global_batch, jit=config.jit, cluster=cluster)
     with strategy.scope():
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    return trainer, tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch), epoch
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch, **trainer.checkpointed_state())
+    return trainer, checkpoint, epoch
 
 
 def restore(run: RunDir, checkpoint: tf.train.Checkpoint, epoch: tf.Variable, settings: RunSettings,
@@ -474,15 +608,16 @@ def final_metrics(trainer: Trainer, test: datasets.Split | None, last: HistoryRo
     return final
 
 
-def train_batches(trainer: Trainer, split: datasets.Split, config: TrainConfig, length: RunLength,
-                  start_epoch: int):
-    """The training batches from `start_epoch` on, as the strategy's steps take them."""
+def train_batches(trainer: Trainer, split: datasets.Split, config: TrainConfig, length: RunLength, start: int):
+    """The training batches from global step `start` on, as the strategy's steps take them."""
     global_batch = trainer.global_batch
+    start_epoch, start_step = divmod(start, length.steps_per_epoch)
     return trainer.distribute(
         lambda context: input_pipeline.train_dataset(
             split, batch_size=context.get_per_replica_batch_size(global_batch), seed=config.seed,
-            start_epoch=start_epoch, steps_per_epoch=length.steps_per_epoch, end_epoch=length.epochs,
-            augment=config.data.augment, global_batch=global_batch, input_context=context))
+            start_epoch=start_epoch, start_step=start_step, steps_per_epoch=length.steps_per_epoch,
+            end_epoch=length.epochs, augment=config.data.augment, global_batch=global_batch,
+            input_context=context))
 
 
 def record(run: RunDir, summary: RunSummary, model: keras.Model, cluster: Cluster) -> None:

@@ -44,7 +44,7 @@ def test_a_killed_run_resumes_from_its_last_epoch(tmp_path):
             "--model-dir", tmp_path, "--no-progress"]
     process = accresnet(*args)
     deadline = time.monotonic() + 240
-    while not (tmp_path / "checkpoints" / "ckpt-1.index").exists():
+    while not (tmp_path / "checkpoints" / "checkpoint").exists():  # the state file, written after the data
         assert process.poll() is None, process.communicate()[0]
         assert time.monotonic() < deadline
         time.sleep(0.05)

@@ -53,7 +53,16 @@ def test_training_is_an_indexed_job_whose_pods_find_each_other(overlay, workers)
     job = one(overlay, "Job", "accresnet-train")
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == workers
-    assert pod["restartPolicy"] == "OnFailure"  # a failed worker restarts and resumes from the checkpoint
+    # A failed or preempted worker is replaced and resumes from the checkpoint; preemptions and
+    # their agreed save-and-stop (143) do not count against backoffLimit, bad flags (2) end the job.
+    from pipeline.train import EXIT_PREEMPTED
+
+    assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 60
+    rules = {(rule["action"], tuple(rule["onExitCodes"]["values"]) if "onExitCodes" in rule else
+              rule["onPodConditions"][0]["type"]) for rule in spec["podFailurePolicy"]["rules"]}
+    assert rules == {("FailJob", (2,)), ("Ignore", (EXIT_PREEMPTED,)), ("Ignore", "DisruptionTarget")}
+    assert all(rule["onExitCodes"]["containerName"] == pod["containers"][0]["name"]
+               for rule in spec["podFailurePolicy"]["rules"] if "onExitCodes" in rule)
     service = one(overlay, "Service", pod["subdomain"])
     assert service["spec"]["clusterIP"] == "None"
     labels = job["spec"]["template"]["metadata"]["labels"]
@@ -126,6 +135,11 @@ def test_overlays_change_what_they_promise():
     worker = tfjob["spec"]["tfReplicaSpecs"]["Worker"]
     assert worker["replicas"] >= 2 and worker["template"]["spec"]["containers"][0]["name"] == "tensorflow"
     assert worker["template"]["spec"]["containers"][0]["image"] == "accresnet-trainer:0.1.0"
+    # The operator's ExitCode policy restarts 128-255: the save-and-stop (143) and a lost peer (144).
+    from pipeline.train import EXIT_PEER_LOST, EXIT_PREEMPTED
+
+    assert worker["restartPolicy"] == "ExitCode" and min(EXIT_PREEMPTED, EXIT_PEER_LOST) >= 128
+    assert worker["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
     gcs_trainer = one("overlays/gcs", "Job", "accresnet-train")["spec"]["template"]["spec"]["containers"][0]
     assert [a for a in gcs_trainer["args"] if a.startswith("--export-base")] == [
         "--export-base=gs://BUCKET/models/accresnet"]

@@ -47,7 +47,7 @@ def test_two_replicas_train_and_write_their_records(finished_run):
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert list(rows[0]) == list(HISTORY_FIELDS)
     assert float(rows[-1]["lr"]) < float(rows[0]["lr"])  # cosine decay
-    assert tf.train.latest_checkpoint(model_dir / "checkpoints").endswith("ckpt-3")
+    assert tf.train.latest_checkpoint(model_dir / "checkpoints").endswith(f"ckpt-{summary.steps_completed}")
     assert list((model_dir / "logs" / "train").iterdir())
 
 
@@ -68,11 +68,11 @@ def _interrupt_after(monkeypatch, steps):
     original = training.Trainer.train_step
     calls = {"n": 0}
 
-    def step(self, iterator):
+    def step(self, iterator, stop_vote):
         calls["n"] += 1
         if calls["n"] > steps:
             raise Interrupt()
-        return original(self, iterator)
+        return original(self, iterator, stop_vote)
 
     monkeypatch.setattr(training.Trainer, "train_step", step)
 
@@ -99,15 +99,15 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoints(tmp_path, monkeypatch)
     original = training.Trainer.train_step
     calls = {"n": 0}
 
-    def step(self, iterator):
+    def step(self, iterator, stop_vote):
         calls["n"] += 1
-        loss = original(self, iterator)
-        return loss if calls["n"] <= 5 else loss * float("nan")  # 5 steps per epoch
+        loss_and_votes = original(self, iterator, stop_vote)
+        return loss_and_votes if calls["n"] <= 5 else loss_and_votes * float("nan")  # 5 steps per epoch
 
     monkeypatch.setattr(training.Trainer, "train_step", step)
     with pytest.raises(training.TrainingDiverged, match=r"loss became nan at epoch 2, step 1.*up to epoch 1 are kept"):
         training.train(tiny_config(tmp_path))
-    assert tf.train.latest_checkpoint(tmp_path / "checkpoints").endswith("ckpt-1")
+    assert tf.train.latest_checkpoint(tmp_path / "checkpoints").endswith("ckpt-5")  # numbered by step
     assert len(history_rows(tmp_path)) == 1
 
 
@@ -158,7 +158,7 @@ def test_batch_norm_statistics_agree_across_replicas_after_a_sync(split_factory)
         split, batch_size=16, seed=0, start_epoch=0, steps_per_epoch=4, global_batch=32, input_context=context))
     iterator = iter(dataset)
     for _ in range(3):
-        trainer.train_step(iterator)
+        trainer.train_step(iterator, tf.constant(0.0))
     copies = [c.numpy() for c in model.get_layer("stem_bn").moving_mean.value.values]
     assert not np.array_equal(*copies)  # each replica saw other images
     trainer.sync_batch_norm_statistics()
@@ -201,14 +201,16 @@ def test_runs_recorded_before_the_shortcut_setting_resume_as_projection(finished
 class FakeTrainer:
     """The loop's view of a Trainer: steps that return a loss, metrics, a BN sync."""
 
-    def __init__(self, losses):
-        self.losses, self.events = iter(losses), []
+    def __init__(self, losses, stop_after=None):
+        self.losses, self.events, self.stop_after, self.steps = iter(losses), [], stop_after, 0
 
     def reset_train_metrics(self):
         self.events.append("reset")
 
-    def train_step(self, batches):
-        return next(self.losses)
+    def train_step(self, batches, stop_vote):
+        self.steps += 1
+        votes = float(stop_vote) + (self.steps == self.stop_after)  # another worker's vote
+        return tf.constant([next(self.losses), votes])
 
     def sync_batch_norm_statistics(self):
         self.events.append("sync")
@@ -233,12 +235,21 @@ class Recorder(training.Hook):
     def on_epoch_end(self, row):
         self.events.append(("end", row))
 
+    def on_stop(self, epoch, step):
+        self.events.append(("stop", epoch, step))
+
+
+class NoStop:
+    def vote(self):
+        return tf.constant(0.0)
+
 
 def test_the_loop_steps_and_calls_its_hooks_at_the_seams():
     trainer = FakeTrainer([2.0, 1.5, 1.0])
     events = trainer.events
-    last = training.run_epochs(trainer, None, RunLength(steps_per_epoch=2, total_steps=3), start_epoch=0,
-                               evaluate=lambda: {"val_loss": 3.0, "val_accuracy": 0.25}, hooks=[Recorder(events)])
+    last = training.run_epochs(trainer, None, RunLength(steps_per_epoch=2, total_steps=3), start=0,
+                               evaluate=lambda: {"val_loss": 3.0, "val_accuracy": 0.25}, hooks=[Recorder(events)],
+                               stop=NoStop())
     row = lambda epoch: HistoryRow(epoch=epoch, loss=1.0, accuracy=0.5, val_loss=3.0, val_accuracy=0.25, lr=0.1)
     assert events == ["reset", ("begin", 1, 2), ("step", 1, 1, 2.0), ("step", 1, 2, 1.5), "sync", ("end", row(1)),
                       "reset", ("begin", 2, 1), ("step", 2, 1, 1.0), "sync", ("end", row(2))]
@@ -248,8 +259,45 @@ def test_the_loop_steps_and_calls_its_hooks_at_the_seams():
 def test_a_resumed_loop_starts_after_the_checkpoint_and_a_finished_one_trains_nothing():
     trainer = FakeTrainer([1.0] * 3)
     length = RunLength(steps_per_epoch=1, total_steps=3)
-    assert training.run_epochs(trainer, None, length, 2, dict, [Recorder(trainer.events)]).epoch == 3
-    assert training.run_epochs(trainer, None, length, 3, dict, []) is None
+    assert training.run_epochs(trainer, None, length, 2, dict, [Recorder(trainer.events)], NoStop()).epoch == 3
+    assert training.run_epochs(trainer, None, length, 3, dict, [], NoStop()) is None
+
+
+def test_a_loop_resumed_mid_epoch_keeps_the_epochs_running_metrics():
+    trainer = FakeTrainer([1.0] * 4)
+    events = trainer.events
+    training.run_epochs(trainer, None, RunLength(steps_per_epoch=3, total_steps=6), 2, dict, [Recorder(events)],
+                        NoStop())
+    assert events[:4] == [("begin", 1, 3), ("step", 1, 3, 1.0), "sync", ("end", HistoryRow(
+        epoch=1, loss=1.0, accuracy=0.5, lr=0.1))]  # no reset: steps 1 and 2 are in the restored metrics
+    assert events[4:6] == ["reset", ("begin", 2, 3)]
+
+
+def test_a_vote_to_stop_saves_at_that_step_and_raises_preempted():
+    trainer = FakeTrainer([1.0] * 6, stop_after=2)  # another worker got SIGTERM during step 2
+    events = trainer.events
+    with pytest.raises(training.Preempted, match="after step 2 of epoch 1"):
+        training.run_epochs(trainer, None, RunLength(steps_per_epoch=3, total_steps=6), 0, dict, [Recorder(events)],
+                            NoStop())
+    assert events == ["reset", ("begin", 1, 3), ("step", 1, 1, 1.0), ("step", 1, 2, 1.0), ("stop", 1, 2)]
+    # At an epoch's last step the epoch ends as usual (evaluation, history, checkpoint) before the stop.
+    trainer = FakeTrainer([1.0] * 6, stop_after=3)
+    with pytest.raises(training.Preempted, match="end of epoch 1"):
+        training.run_epochs(trainer, None, RunLength(steps_per_epoch=3, total_steps=6), 0, dict,
+                            [Recorder(trainer.events)], NoStop())
+    assert trainer.events[-2:] == ["sync", ("end", HistoryRow(epoch=1, loss=1.0, accuracy=0.5, lr=0.1))]
+
+
+def test_sigterm_turns_into_a_vote_and_the_previous_handler_comes_back():
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with training.StopRequest() as stop:
+        assert float(stop.vote()) == 0.0
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and float(stop.vote()) == 1.0
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_the_step_timer_leaves_out_the_untimed_steps():
@@ -279,3 +327,10 @@ def test_the_history_hook_rewrites_history_csv_after_each_epoch(tmp_path):
     assert history_rows(tmp_path)[0]["val_loss"] == ""
     training.History(RunDir(tmp_path / "other"), [], write=False).on_epoch_end(kept[0])  # not the chief
     assert not (tmp_path / "other").exists()
+
+
+def test_step_checkpoints_come_every_n_steps_besides_the_epochs(tmp_path):
+    training.train(tiny_config(tmp_path, epochs=1, devices=1, checkpoint_every_steps=2))
+    state = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints"))
+    # 11 steps of 32 of 360 images: saves at 2, 4, ..., 10 and the epoch's end; the last 3 are kept.
+    assert [path.rsplit("-", 1)[1] for path in state.all_model_checkpoint_paths] == ["8", "10", "11"]
