@@ -48,5 +48,6 @@ EXPOSE 8500 8501
 ENTRYPOINT ["/usr/bin/tensorflow_model_server"]
 CMD ["--port=8500", "--rest_api_port=8501", \
      "--model_config_file=/config/models.config", "--file_system_poll_wait_seconds=30", \
+     "--model_config_file_poll_wait_seconds=30", "--allow_version_labels_for_unavailable_models=true", \
      "--enable_batching=true", "--batching_parameters_file=/config/batching.config", \
      "--monitoring_config_file=/config/monitoring.config"]

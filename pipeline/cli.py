@@ -145,6 +145,66 @@ def run_demo(args: argparse.Namespace) -> int:
     return run(flags.build(DemoConfig, vars(args)))
 
 
+def add_validate_flags(parser: argparse.ArgumentParser) -> None:
+    from pipeline.validate import ValidateConfig
+
+    flags.add_flags(parser, ValidateConfig, ("candidate", "dataset", "data_dir", "eval_images", "current_server",
+                                             "current_label", "model", "min_accuracy", "max_accuracy_drop",
+                                             "latency_budget_ms"))
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from pipeline.validate import BLESSING_FILE, ValidateConfig, validate
+
+    config = flags.build(ValidateConfig, vars(args))
+    record = validate(config, announce=lambda line: print(line, flush=True))
+    metrics, current = record["candidate_metrics"], record["current"]["metrics"]
+    if metrics:
+        print(f"candidate accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} on {metrics['images']} images"
+              + (f"; served {current['accuracy']:.4f}" if current else "; no served version to compare with"))
+    print(f"{record['verdict']}: {pathlib.Path(config.candidate) / BLESSING_FILE}")
+    for reason in record["reasons"]:
+        print(f"  refused: {reason}")
+    return 0 if record["verdict"] == "blessed" else 1
+
+
+def add_push_flags(parser: argparse.ArgumentParser) -> None:
+    from pipeline.push import PushConfig
+
+    flags.add_flags(parser, PushConfig)
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from pipeline.push import PushConfig, push
+
+    path, labels = push(flags.build(PushConfig, vars(args)))
+    print(path + (f" (labels: {_labels_text(labels)})" if labels else ""))
+    return 0
+
+
+def _labels_text(labels: dict[str, int]) -> str:
+    return ", ".join(f"{label} -> {version}" for label, version in sorted(labels.items()))
+
+
+def add_label_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-config-file", required=True, help="the servers' model config file")
+    parser.add_argument("--model", default="accresnet", help="the model's name in it (default: %(default)s)")
+
+
+def run_promote(args: argparse.Namespace) -> int:
+    from serving import labels
+
+    print(_labels_text(labels.promote(args.model_config_file, args.model)))
+    return 0
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    from serving import labels
+
+    print(_labels_text(labels.rollback(args.model_config_file, args.model)))
+    return 0
+
+
 VERBS = (
     Verb("train", "train a model with a distribution strategy",
          "Train the plain or accumulated CIFAR ResNet with MirroredStrategy (local devices) or "
@@ -177,6 +237,23 @@ VERBS = (
          "layout) and figures 3-6 as PNG. Run it again to resume: finished runs are kept, interrupted ones "
          "resume from their checkpoints.",
          "pipeline.cli:add_experiment_flags", "pipeline.cli:run_experiment"),
+    Verb("validate", "check that a candidate export loads, answers and is at least as good as the served one",
+         "Start a model server on the candidate as the Deployment starts one, check its gRPC and REST answers and "
+         "latency, evaluate it through that server and compare it with the version a server now serves (over "
+         "gRPC); write blessing.json and confusion.png into the candidate. Exit status 0 when blessed, 1 when "
+         "refused.",
+         "pipeline.cli:add_validate_flags", "pipeline.cli:run_validate"),
+    Verb("push", "publish a blessed candidate as the next served version (optionally as canary)",
+         "Copy a candidate that validate blessed to the served base path as the next version, appearing whole; "
+         "with --model-config-file, label it canary there (stable stays on the version served until then).",
+         "pipeline.cli:add_push_flags", "pipeline.cli:run_push"),
+    Verb("promote", "move the stable label to the canary",
+         "In the servers' model config file: stable moves to the canary's version, rollback keeps the old one.",
+         "pipeline.cli:add_label_flags", "pipeline.cli:run_promote"),
+    Verb("rollback", "move the stable label back to the version before the last promotion",
+         "In the servers' model config file: stable moves back to the rollback label's version; the demoted "
+         "version is no longer loaded.",
+         "pipeline.cli:add_label_flags", "pipeline.cli:run_rollback"),
     Verb("tf-config", "print the TF_CONFIG this process would train with",
          "TF_CONFIG as set, or derived for a pod of a Kubernetes Indexed Job from JOB_COMPLETION_INDEX, "
          "ACCRESNET_NUM_WORKERS, ACCRESNET_JOB_NAME, ACCRESNET_WORKER_SERVICE and ACCRESNET_WORKER_PORT "

@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import pathlib
-import signal
-import socket
-import subprocess
 import time
 
 from pipeline.config import TrainConfig
@@ -42,39 +38,11 @@ class DemoConfig:
     examples: int = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_available(address: str, timeout: float, process: subprocess.Popen) -> None:
-    import grpc
-    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
-
-    request = get_model_status_pb2.GetModelStatusRequest()
-    request.model_spec.name = MODEL_NAME
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = model_service_pb2_grpc.ModelServiceStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the model server exited with status {process.returncode}")
-            try:
-                statuses = stub.GetModelStatus(request, timeout=2).model_version_status
-                if any(s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE for s in statuses):
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    raise RuntimeError(f"model {MODEL_NAME} did not become available at {address} within {timeout:.0f}s")
-
-
 def run_demo(config: DemoConfig) -> int:
     from pipeline import datasets, export, train
     from pipeline.prepare import write_held_out
     from serving.client import Classifier
-    from serving.deployment import local_deployed_server, server_command
+    from serving.deployment import serving_locally
 
     started = time.monotonic()
     out = pathlib.Path(config.output_dir)
@@ -97,31 +65,17 @@ def run_demo(config: DemoConfig) -> int:
     held_out = write_held_out(data, out / "held-out", config.held_out)
     # The server starts exactly as the Kubernetes Deployment starts TF Serving
     # (shipped configs, batching on); only paths and ports are mapped.
-    local = local_deployed_server(models_dir.resolve(), (out / "server-config").resolve(), _free_port(), _free_port())
-    command, stand_in = server_command(local.flags)
-    grpc_port = local.grpc_port
-    print(f"== 3/4 serve as deployed: {' '.join(command)}")
-    for mapping in [*local.mappings, *filter(None, [stand_in])]:
-        print(f"   mapped {mapping}")
-    log_file = open(out / "server.log", "w")
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(pathlib.Path(__file__).parents[1]),
-                                                                             os.environ.get("PYTHONPATH")]))}
-    server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment)
-    try:
-        wait_until_available(f"localhost:{grpc_port}", 180, server)
-        print(f"== 4/4 classify {len(held_out)} held-out images through gRPC at localhost:{grpc_port}")
+    with serving_locally(models_dir, out / "server-config", out / "server.log") as server:
+        print(f"== 3/4 serve as deployed: {' '.join(server.command)}")
+        for mapping in server.mappings:
+            print(f"   mapped {mapping}")
+        print(f"== 4/4 classify {len(held_out)} held-out images through gRPC at {server.grpc_address}")
         truth = dict(held_out)
         classify_started = time.monotonic()
-        with Classifier(f"localhost:{grpc_port}", MODEL_NAME) as classifier:
+        with Classifier(server.grpc_address, MODEL_NAME) as classifier:
             predictions = list(classifier.classify_files([path for path, _ in held_out], top_k=3))
         seconds = time.monotonic() - classify_started
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log_file.close()
+        flags, grpc_port = server.server.flags, server.server.grpc_port
     correct = sum(p.class_name == truth[p.path] for p in predictions)
     accuracy = correct / len(predictions)
     print(f"\n{'image':<44} {'true class':<20} {'predicted':<20} {'prob':>6}")
@@ -131,7 +85,7 @@ def run_demo(config: DemoConfig) -> int:
     print(f"\nheld-out accuracy through the server: {correct}/{len(predictions)} = {accuracy:.4f} "
           f"({len(predictions) / seconds:.0f} images/s over gRPC)")
     print(f"server stopped; total {time.monotonic() - started:.0f}s. Try it yourself:\n"
-          f"  accresnet serve {' '.join(local.flags)}\n"
+          f"  accresnet serve {' '.join(flags)}\n"
           f"  accresnet classify --server localhost:{grpc_port} {out / 'held-out'}")
     chance = 1 / data.num_classes
     return 0 if accuracy > chance else 1

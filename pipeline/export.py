@@ -41,6 +41,7 @@ import pathlib
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -173,6 +174,22 @@ def export_saved_model(model: keras.Model, class_names: list[str], export_base: 
         return str(_rename_to_next_version(staging, local_base))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_as_next_version(saved_model: str | os.PathLike, export_base: str | os.PathLike,
+                            ignore: Callable[[str, list[str]], set[str]] | None = None) -> str:
+    """A copy of the SavedModel folder `saved_model` as the next version under `export_base`,
+    appearing whole (as exports do); returns its path."""
+    if is_remote(export_base):
+        return _upload_as_next_version(pathlib.Path(saved_model), str(export_base))
+    base = pathlib.Path(export_base)
+    base.mkdir(parents=True, exist_ok=True)
+    staging = base / f".push-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(saved_model, staging, ignore=ignore)
+        return str(_rename_to_next_version(staging, base))
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 

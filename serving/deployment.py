@@ -15,11 +15,17 @@ change is returned as a `Mapping` for the caller to print.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import pathlib
 import shutil
+import signal
+import socket
+import subprocess
 import sys
-from collections.abc import Mapping as MappingType, Sequence
+import time
+from collections.abc import Iterator, Mapping as MappingType, Sequence
 
 # serving/config/ is what the serving image copies to /config.
 SHIPPED_CONFIG_DIR = pathlib.Path(__file__).parent / "config"
@@ -31,12 +37,18 @@ DEPLOYED_FLAGS = (
     "--rest_api_port=8501",
     f"--model_config_file={CONFIG_DIR}/models.config",
     "--file_system_poll_wait_seconds=30",
+    # Labels (serving/labels.py): the model config is re-read, and a canary may be labelled while it loads.
+    "--model_config_file_poll_wait_seconds=30",
+    "--allow_version_labels_for_unavailable_models=true",
     "--enable_batching=true",
     f"--batching_parameters_file={CONFIG_DIR}/batching.config",
     f"--monitoring_config_file={CONFIG_DIR}/monitoring.config",
 )
 PORT_FLAGS = ("--port", "--rest_api_port")
 MODEL_CONFIG_FLAG = "--model_config_file"
+# Flags that only mean something with a model config file (KServe's runtime passes a base path instead).
+MODEL_CONFIG_FLAGS = (MODEL_CONFIG_FLAG, "--model_config_file_poll_wait_seconds",
+                      "--allow_version_labels_for_unavailable_models")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,3 +152,72 @@ def server_command(flags: Sequence[str]) -> tuple[list[str], Mapping | None]:
         return [binary, *flags], None
     return ([sys.executable, "-m", "serving.server", *flags],
             Mapping("model server", "tensorflow_model_server", "accresnet serve (no tensorflow_model_server on PATH)"))
+
+
+# --- the deployed server as a local process ------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningLocally:
+    server: LocalServer
+    command: list[str]
+    mappings: list[Mapping]  # everything changed from the deployed flags, for the caller to print
+    process: subprocess.Popen
+
+    @property
+    def grpc_address(self) -> str:
+        return f"localhost:{self.server.grpc_port}"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving_locally(models_dir: pathlib.Path, scratch: pathlib.Path, log_path: pathlib.Path,
+                    timeout: float = 180) -> Iterator[RunningLocally]:
+    """The deployed server (DEPLOYED_FLAGS, shipped configs, `models_dir` as the model
+    volume) started as a process on free ports, once a version of MODEL_NAME is
+    available; stopped with SIGTERM on leaving."""
+    local = local_deployed_server(models_dir.resolve(), scratch.resolve(), free_port(), free_port())
+    command, stand_in = server_command(local.flags)
+    repository = str(pathlib.Path(__file__).resolve().parents[1])
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repository,
+                                                                             os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment)
+        try:
+            running = RunningLocally(local, command, [*local.mappings, *filter(None, [stand_in])], process)
+            wait_until_available(running.grpc_address, MODEL_NAME, timeout, process)
+            yield running
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_until_available(address: str, model: str, timeout: float, process: subprocess.Popen) -> None:
+    import grpc
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = model
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the model server exited with status {process.returncode}")
+            try:
+                statuses = stub.GetModelStatus(request, timeout=2).model_version_status
+                if any(s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE for s in statuses):
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    raise RuntimeError(f"model {model} did not become available at {address} within {timeout:.0f}s")

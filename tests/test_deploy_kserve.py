@@ -78,7 +78,7 @@ def test_it_serves_the_training_exports_on_the_shared_volume_with_tf_serving():
 
 def test_its_tf_serving_args_are_the_deployed_flags_the_runtime_does_not_set():
     args = model_container()["args"]
-    runtime_set = {flag_name(f) for f in RUNTIME_FLAGS} | {deployment.MODEL_CONFIG_FLAG}
+    runtime_set = {flag_name(f) for f in RUNTIME_FLAGS} | set(deployment.MODEL_CONFIG_FLAGS)
     expected = [f for f in deployment.DEPLOYED_FLAGS if flag_name(f) not in runtime_set]
     assert args == expected
     for flag in ("--enable_batching", "--batching_parameters_file", "--monitoring_config_file"):

@@ -127,12 +127,14 @@ class RunningServer:
     def _config_loop(self) -> None:
         from serving.server.options import OptionsError, read_model_config_file
 
-        path, previous = self.options.model_config_file, None
+        # Compared with what the server started with: a change made before the first poll counts too.
+        path = self.options.model_config_file
+        previous = [m.SerializeToString() for m in self.options.model_configs]
         while not self._stopped.wait(self.options.model_config_file_poll_wait_seconds):
             try:
                 models = read_model_config_file(path)
                 text = [m.SerializeToString() for m in models]
-                if text != previous and previous is not None:
+                if text != previous:
                     log.info("%s changed; applying it", path)
                     self.manager.set_config(models)
                 previous = text

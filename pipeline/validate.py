@@ -1,0 +1,277 @@
+"""`accresnet validate`: may a candidate export be served?
+
+A candidate is a SavedModel written outside the served base path (`accresnet
+export --export-base STAGING`). It is blessed only if
+
+1. it loads and answers in a model server started for the check exactly as
+   the Kubernetes Deployment starts one (deployed flags, shipped configs,
+   batching and warm-up on; `tensorflow_model_server` where it is on PATH,
+   else `accresnet serve`): over gRPC and over REST (the same answers), with
+   a median batch-1 latency within the budget;
+2. its accuracy on the evaluation set, measured through that server, is at
+   least the minimum (better than chance by default);
+3. it is not worse than the version now served by more than the allowed
+   drop, measured over gRPC from that server (TF Serving or `accresnet
+   serve`), on the same images. Without a served version there is nothing to
+   compare with, and the check passes.
+
+The verdict, both models' metrics (accuracy, loss, per-class accuracy,
+confusion matrix) and the thresholds are written to `blessing.json` in the
+candidate's folder, and the confusion matrices to `confusion.png` beside it;
+`accresnet push` publishes only what is blessed.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import logging
+import pathlib
+import shutil
+import statistics
+import tempfile
+import time
+import urllib.request
+from typing import TYPE_CHECKING
+
+from pipeline.config import DataConfig, UserError
+from pipeline.flags import nested, setting
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where used: `accresnet --help` stays light
+
+log = logging.getLogger(__name__)
+
+BLESSING_FILE = "blessing.json"
+CONFUSION_FILE = "confusion.png"
+MODEL_NAME = "accresnet"
+LATENCY_REQUESTS = 20
+SAMPLE_IMAGES = 8
+
+
+class ValidationError(UserError, RuntimeError):
+    """The candidate cannot be validated at all (no SavedModel, no evaluation data)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateConfig:
+    candidate: str = setting(help="the candidate SavedModel folder, written outside the served base path")
+    data: DataConfig = nested(DataConfig, dataset="synthetic")
+    eval_images: int = setting(1000, help="images of the evaluation set's test split (else its validation split)")
+    current_server: str | None = setting(
+        None, help="gRPC address HOST:PORT of the server now serving the model, to compare with",
+        unset="no comparison")
+    current_label: str | None = setting(None, help="the served version to compare with, by label (e.g. stable)",
+                                        unset="the latest available")
+    model: str = setting(MODEL_NAME, help="the model's name on the servers")
+    min_accuracy: float | None = setting(None, help="refuse a candidate whose accuracy is below this",
+                                         unset="better than chance")
+    max_accuracy_drop: float = setting(
+        0.01, help="refuse a candidate whose accuracy is below the served version's by more than this")
+    latency_budget_ms: float = setting(1000.0, help="refuse a candidate whose median batch-1 gRPC latency is "
+                                                    "above this, in milliseconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Metrics:
+    images: int
+    accuracy: float
+    loss: float
+    per_class_accuracy: list[float]
+    confusion: list[list[int]]  # rows: true class, columns: predicted class
+
+    @classmethod
+    def of(cls, probabilities: np.ndarray, labels: np.ndarray) -> Metrics:
+        import numpy as np
+
+        classes = probabilities.shape[1]
+        predicted = probabilities.argmax(axis=1)
+        confusion = np.zeros((classes, classes), np.int64)
+        np.add.at(confusion, (labels, predicted), 1)
+        per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+        true_probability = probabilities[np.arange(len(labels)), labels]
+        return cls(len(labels), float(np.mean(predicted == labels)),
+                   float(np.mean(-np.log(np.maximum(true_probability, 1e-12)))),
+                   [round(float(a), 4) for a in per_class], confusion.tolist())
+
+
+def evaluate_over_grpc(address: str, model: str, images: np.ndarray, labels: np.ndarray,
+                       label: str | None = None, batch_size: int = 64) -> Metrics:
+    """The metrics of a served model (any TF Serving) on the images, through gRPC Predict."""
+    import numpy as np
+
+    from serving.client import Classifier
+
+    with Classifier(address, model, label=label) as classifier:
+        probabilities = np.concatenate([classifier.predict(images[i:i + batch_size])
+                                        for i in range(0, len(images), batch_size)])
+    return Metrics.of(probabilities, labels)
+
+
+def evaluation_set(config: ValidateConfig) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    import numpy as np
+
+    from pipeline import datasets
+
+    data = datasets.load(config.data)
+    split = data.test if data.test is not None else data.validation
+    if split is None:
+        raise ValidationError(f"{config.data.spec} has neither a test nor a validation split to evaluate on")
+    pick = np.sort(np.random.default_rng(0).permutation(len(split))[:config.eval_images])
+    return split.images[pick], split.labels[pick], data.class_names
+
+
+# --- infra validation -------------------------------------------------------------------------------
+
+
+def _png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _rest_probabilities(rest_port: int, model: str, images: np.ndarray) -> np.ndarray:
+    """The serving_bytes signature over REST, on the images as PNG files."""
+    import numpy as np
+
+    body = {"signature_name": "serving_bytes",
+            "instances": [{"b64": base64.b64encode(_png(image)).decode("ascii")} for image in images]}
+    request = urllib.request.Request(f"http://127.0.0.1:{rest_port}/v1/models/{model}:predict",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        predictions = json.loads(reply.read())["predictions"]
+    return np.array([row["probabilities"] for row in predictions])
+
+
+def check_answers(address: str, rest_port: int, model: str, images: np.ndarray) -> dict:
+    """gRPC and REST answer, alike; and the median batch-1 gRPC latency."""
+    import numpy as np
+
+    from serving.client import Classifier
+
+    with Classifier(address, model) as classifier:
+        over_grpc = classifier.predict(images)
+        latencies = []
+        for i in range(LATENCY_REQUESTS):
+            started = time.perf_counter()
+            classifier.predict(images[i % len(images)][None])
+            latencies.append(1000 * (time.perf_counter() - started))
+    over_rest = _rest_probabilities(rest_port, model, images)
+    return {"grpc_rows": int(over_grpc.shape[0]), "rest_rows": int(over_rest.shape[0]),
+            "grpc_rest_max_difference": float(np.max(np.abs(over_grpc - over_rest))),
+            "rows_sum_to_one": bool(np.allclose(over_grpc.sum(axis=1), 1.0, atol=1e-3)),
+            "latency_ms_p50": round(statistics.median(latencies), 2),
+            "latency_ms_max": round(max(latencies), 2)}
+
+
+# --- the verdict --------------------------------------------------------------------------------------
+
+
+def verdict(config: ValidateConfig, infra: dict, candidate: Metrics | None, current: Metrics | None,
+            chance: float) -> list[str]:
+    """Why the candidate is refused; empty when it is blessed."""
+    if "error" in infra:
+        return [f"it does not load or answer in a model server: {infra['error']}"]
+    reasons = []
+    if infra["grpc_rows"] != infra["rest_rows"] or infra["grpc_rest_max_difference"] > 1e-3:
+        reasons.append(f"gRPC and REST disagree (max difference {infra['grpc_rest_max_difference']:.3g})")
+    if not infra["rows_sum_to_one"]:
+        reasons.append("its probabilities do not sum to one")
+    if infra["latency_ms_p50"] > config.latency_budget_ms:
+        reasons.append(f"median latency {infra['latency_ms_p50']:.1f} ms is above the budget of "
+                       f"{config.latency_budget_ms:.0f} ms")
+    if config.min_accuracy is None and candidate.accuracy <= chance:
+        reasons.append(f"accuracy {candidate.accuracy:.4f} is no better than chance ({chance:.4f})")
+    elif config.min_accuracy is not None and candidate.accuracy < config.min_accuracy:
+        reasons.append(f"accuracy {candidate.accuracy:.4f} is below the minimum {config.min_accuracy:.4f}")
+    if current is not None and candidate.accuracy < current.accuracy - config.max_accuracy_drop:
+        reasons.append(f"accuracy {candidate.accuracy:.4f} is below the served version's {current.accuracy:.4f} "
+                       f"by more than {config.max_accuracy_drop}")
+    return reasons
+
+
+def validate(config: ValidateConfig, announce=print) -> dict:
+    """Check the candidate, write blessing.json and confusion.png into it; returns the record."""
+    from serving.deployment import serving_locally
+
+    candidate_dir = pathlib.Path(config.candidate)
+    if not (candidate_dir / "saved_model.pb").exists():
+        raise ValidationError(f"{candidate_dir} is not a SavedModel folder (no saved_model.pb)")
+    images, labels, class_names = evaluation_set(config)
+    chance = 1 / len(class_names)
+    candidate = current = None
+    with tempfile.TemporaryDirectory(prefix="accresnet-validate-") as scratch:
+        scratch = pathlib.Path(scratch)
+        # The candidate as version 1 of the model on a volume of its own.
+        shutil.copytree(candidate_dir, scratch / "models" / config.model / "1",
+                        ignore=shutil.ignore_patterns(BLESSING_FILE, CONFUSION_FILE))
+        announce(f"starting a model server on the candidate {candidate_dir}")
+        try:
+            with serving_locally(scratch / "models", scratch / "config", scratch / "server.log", 300) as server:
+                infra = check_answers(server.grpc_address, server.server.rest_port, config.model,
+                                      images[:SAMPLE_IMAGES])
+                announce(f"it answers over gRPC and REST; median latency {infra['latency_ms_p50']} ms")
+                candidate = evaluate_over_grpc(server.grpc_address, config.model, images, labels)
+        except Exception as error:  # a server that never comes up, a refused request: the candidate's fault
+            log_tail = (scratch / "server.log").read_text()[-2000:] if (scratch / "server.log").exists() else ""
+            infra = {"error": f"{type(error).__name__}: {error}", "server_log_tail": log_tail}
+    if config.current_server:
+        try:
+            current = evaluate_over_grpc(config.current_server, config.model, images, labels, config.current_label)
+        except Exception as error:
+            announce(f"no served version to compare with at {config.current_server} ({error})")
+    reasons = verdict(config, infra, candidate, current, chance)
+    record = {
+        "candidate": str(candidate_dir.resolve()), "verdict": "refused" if reasons else "blessed",
+        "reasons": reasons, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "dataset": config.data.spec, "class_names": list(class_names),
+        "thresholds": {"min_accuracy": config.min_accuracy if config.min_accuracy is not None else chance,
+                       "max_accuracy_drop": config.max_accuracy_drop,
+                       "latency_budget_ms": config.latency_budget_ms},
+        "infra": infra,
+        "candidate_metrics": dataclasses.asdict(candidate) if candidate else None,
+        "current": {"server": config.current_server, "label": config.current_label,
+                    "metrics": dataclasses.asdict(current) if current else None},
+    }
+    (candidate_dir / BLESSING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    if candidate is not None:
+        plot_confusion(candidate_dir / CONFUSION_FILE, class_names, candidate, current)
+    return record
+
+
+def read_blessing(candidate: str | pathlib.Path) -> dict | None:
+    path = pathlib.Path(candidate) / BLESSING_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def plot_confusion(path: pathlib.Path, class_names: tuple[str, ...], candidate: Metrics,
+                   current: Metrics | None) -> None:
+    import numpy as np
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("candidate", candidate)] + ([("served", current)] if current else [])
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5), squeeze=False)
+    for axis, (title, metrics) in zip(axes[0], panels):
+        confusion = np.array(metrics.confusion)
+        axis.imshow(confusion, cmap="Blues")
+        axis.set_title(f"{title}: accuracy {metrics.accuracy:.3f}")
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("true")
+        ticks = range(len(class_names))
+        axis.set_xticks(ticks, class_names, rotation=90, fontsize=7)
+        axis.set_yticks(ticks, class_names, fontsize=7)
+        for (row, column), count in np.ndenumerate(confusion):
+            if count:
+                axis.text(column, row, str(count), ha="center", va="center", fontsize=6,
+                          color="white" if count > confusion.max() / 2 else "black")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
