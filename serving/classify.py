@@ -10,7 +10,10 @@ import sys
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR",
                         help="image files (any format Pillow opens) or folders of them")
-    parser.add_argument("--server", default="localhost:8500", help="gRPC address HOST:PORT (default: %(default)s)")
+    parser.add_argument("--server", default="localhost:8500",
+                        help="HOST:PORT of the gRPC port, or of the REST port with --rest (default: %(default)s)")
+    parser.add_argument("--rest", action="store_true",
+                        help="talk to the REST API (--rest_api_port) instead of gRPC; versions and labels alike")
     parser.add_argument("--model", default="accresnet", help="model name on the server (default: %(default)s)")
     version = parser.add_mutually_exclusive_group()
     version.add_argument("--version", type=int, help="a model version (default: the latest available)")
@@ -51,7 +54,7 @@ def _table_row(prediction, width: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from serving.client import Classifier, ClientError, image_files
+    from serving.client import Classifier, ClientError, RestClassifier, image_files
 
     if args.top_k < 1 or args.batch_size < 1:
         print("accresnet classify: error: --top-k and --batch-size must be positive", file=sys.stderr)
@@ -69,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     progress = _Progress(len(files), sys.stderr.isatty() and not args.json and len(files) > args.batch_size)
     width = min(max(len(f) for f in files), 60)
     try:
-        with Classifier(args.server, args.model, args.signature, args.version, args.label, args.timeout,
-                        args.retries, args.tls_ca) as classifier:
+        client = RestClassifier if args.rest else Classifier
+        with client(args.server, args.model, args.signature, args.version, args.label, args.timeout,
+                    args.retries, args.tls_ca) as classifier:
             if not args.json:
                 print(f"{'image':<{width}}  {'class':<20} {'prob':>7}   top-{args.top_k}")
             for prediction in classifier.classify_files(files, args.batch_size, args.top_k, on_error,

@@ -1,4 +1,5 @@
-"""Classify image files through a model server's gRPC PredictionService.
+"""Classify image files through a model server's gRPC PredictionService (or its
+REST API: RestClassifier).
 
 Works against TF Serving or `accresnet serve`. The client opens any image
 file with Pillow and converts it to 32x32 RGB the way the trainer reads
@@ -261,3 +262,95 @@ def image_files(arguments: Iterable[str]) -> list[str]:
         else:
             files.append(argument)
     return files
+
+
+class RestClassifier(Classifier):
+    """The same client over TF Serving's REST API (`--rest_api_port`): metadata and
+    columnar Predict requests, versions and labels in the URL."""
+
+    def __init__(self, server: str, model: str = "accresnet", signature: str = "serving_default",
+                 version: int | None = None, label: str | None = None, timeout: float = 30.0,
+                 retries: int = 3, tls_ca: str | None = None):
+        import ssl
+
+        if version is not None and label:
+            raise ValueError("give a version or a label, not both")
+        self.server, self.model, self.signature = server, model, signature
+        self.version, self.label = version, label
+        self.timeout, self.retries = timeout, retries
+        self._context = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
+        path = f"/v1/models/{model}" + (f"/versions/{version}" if version is not None else
+                                        f"/labels/{label}" if label else "")
+        self._url = f"{'https' if tls_ca else 'http'}://{server}{path}"
+        self._input = None
+
+    def close(self) -> None:
+        pass
+
+    def _request(self, suffix: str, body: dict | None = None) -> dict:
+        """GET (or POST `body`) with retries while the server is unreachable; errors as ClientError."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        data = json.dumps(body).encode() if body is not None else None
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(self._url + suffix, data=data,
+                                             headers={"Content-Type": "application/json"} if data else {})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout, context=self._context) as reply:
+                    return json.loads(reply.read())
+            except urllib.error.HTTPError as error:
+                try:
+                    message = json.loads(error.read()).get("error", error.reason)
+                except ValueError:
+                    message = error.reason
+                code = _GRPC_CODE_OF_HTTP.get(error.code, grpc.StatusCode.UNKNOWN)
+                raise ClientError(f"{self.server}: HTTP {error.code}: {message}", code) from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+                if attempt == self.retries:
+                    raise ClientError(f"{self.server}: UNAVAILABLE: {error}", grpc.StatusCode.UNAVAILABLE) from None
+                log.info("%s unavailable (%s); retrying in %.1fs", self.server, error, delay)
+                time.sleep(delay)
+                delay *= 2
+
+    def signature_input(self) -> _SignatureInput:
+        if self._input is None:
+            signatures = self._request("/metadata")["metadata"]["signature_def"]["signature_def"]
+            definition = signatures.get(self.signature)
+            if definition is None:
+                raise ClientError(f"model {self.model} has no signature {self.signature!r} "
+                                  f"(it has {', '.join(sorted(signatures))})")
+            inputs, outputs = definition.get("inputs", {}), definition.get("outputs", {})
+            if len(inputs) != 1 or PROBABILITIES not in outputs:
+                raise ClientError(f"signature {self.signature!r} must take one input and output '{PROBABILITIES}'")
+            (alias, info), = inputs.items()
+            if info.get("dtype") not in ("DT_STRING", "DT_UINT8"):
+                raise ClientError(f"signature {self.signature!r} takes {info.get('dtype')}; "
+                                  "the client sends uint8 pixels or encoded image bytes")
+            self._input = _SignatureInput(alias, info["dtype"] == "DT_STRING",
+                                          TOP_K_NAMES in outputs and TOP_K_PROBABILITIES in outputs)
+        return self._input
+
+    def answer(self, batch) -> Answer:
+        import base64
+
+        signature_input = self.signature_input()
+        if signature_input.takes_bytes:
+            values = [{"b64": base64.b64encode(item).decode("ascii")} for item in batch]
+        else:
+            values = np.asarray(batch).tolist()
+        outputs = self._request(":predict", {"signature_name": self.signature,
+                                             "inputs": {signature_input.alias: values}})["outputs"]
+        probabilities = np.asarray(outputs[PROBABILITIES], np.float32)
+        if not signature_input.names_top_k:
+            return Answer(probabilities, None, None)
+        return Answer(probabilities, outputs[TOP_K_NAMES], np.asarray(outputs[TOP_K_PROBABILITIES], np.float32))
+
+
+# TF Serving's REST statuses back to the gRPC codes they stand for.
+_GRPC_CODE_OF_HTTP = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+                      408: grpc.StatusCode.DEADLINE_EXCEEDED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
+                      504: grpc.StatusCode.DEADLINE_EXCEEDED}

@@ -170,6 +170,7 @@ def test_promote_and_rollback_flip_what_stable_answers_with_no_failed_request(tr
                 break
             except grpc.RpcError:
                 time.sleep(0.2)
+        check_labels_reach_the_same_versions_over_grpc_and_rest(server, tmp_path)
         for thread in threads:
             thread.start()
         first = wait_for(1)
@@ -186,3 +187,32 @@ def test_promote_and_rollback_flip_what_stable_answers_with_no_failed_request(tr
     assert not failures, failures[:3]
     assert (first, promoted, rolled_back) == (1, 2, 1) and seen[-1] == 1
     assert len(seen) > 20 and 2 in seen and np.all(np.isin(seen, [1, 2]))
+
+
+def check_labels_reach_the_same_versions_over_grpc_and_rest(server, tmp_path):
+    """stable is version 1 and canary version 2, by gRPC and by REST, through the client."""
+    from PIL import Image
+
+    from serving.client import Classifier, RestClassifier
+
+    pixels = images(4, seed=3)
+    grpc_address, rest_address = f"localhost:{server.port}", f"localhost:{server.rest_port}"
+    by_version = {}
+    for version in (1, 2):
+        with Classifier(grpc_address, MODEL_NAME, version=version) as client:
+            by_version[version] = client.predict(pixels)
+    assert not np.allclose(by_version[1], by_version[2], atol=1e-3)  # the labels must be told apart
+    for label, version in (("stable", 1), ("canary", 2)):
+        for client_class, address in ((Classifier, grpc_address), (RestClassifier, rest_address)):
+            with client_class(address, MODEL_NAME, label=label) as client:
+                np.testing.assert_allclose(client.predict(pixels), by_version[version], atol=1e-5,
+                                           err_msg=f"{client_class.__name__} --label {label}")
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i, image in enumerate(pixels[:2]):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    code, output = run_accresnet("classify", "--rest", "--server", rest_address, "--label", "canary",
+                                 "--signature", "serving_bytes", "--json", folder)
+    assert code == 0, output
+    answers = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert [a["class_id"] for a in answers] == list(by_version[2][:2].argmax(axis=1)), output
