@@ -241,3 +241,25 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded(served):
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "more pixels than" in raised.value.details()
     assert rss_mib() - before < 100
+
+
+def test_a_queue_that_is_always_full_does_not_starve_the_others():
+    """Ready queues are served oldest task first: with one batch thread, gRPC requests
+    that keep one queue full must leave room for REST requests, which ask for other
+    outputs and so wait in another queue (the soak benchmark found them starved)."""
+    import concurrent.futures
+
+    from serving.server.batching import Batcher, BatchingOptions, _Queue, _Task
+
+    batcher = Batcher.__new__(Batcher)  # no batch threads: _take_batch is called by hand
+    batcher.options, batcher._queues, batcher._closed = BatchingOptions(max_batch_size=2,
+                                                                        num_batch_threads=1), {}, False
+
+    def task(enqueued):
+        return _Task({}, 1, enqueued, concurrent.futures.Future())
+
+    busy = _Queue(None, None, ["probabilities"], [task(1.0), task(2.0), task(3.0), task(4.0)])
+    other = _Queue(None, None, [], [task(1.5)])
+    batcher._queues = {"busy": busy, "other": other}
+    taken = [batcher._take_batch()[0] for _ in range(3)]
+    assert taken == [busy, other, busy]

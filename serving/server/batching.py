@@ -167,21 +167,29 @@ class Batcher:
     # --- batch threads -------------------------------------------------------------------------
 
     def _take_batch(self) -> tuple[_Queue, list[_Task]] | None:
-        """Under the lock: the tasks of a queue that is full or timed out, or None."""
+        """Under the lock: the tasks of a queue that is full or timed out, or None.
+
+        Of several such queues, the one whose oldest task has waited longest: a
+        queue that is always full (one busy client kind) must not starve the
+        others (e.g. REST requests, which ask for other outputs than gRPC ones).
+        """
         timeout = self.options.batch_timeout_micros / 1e6
         now = time.monotonic()
+        ready = []
         for key, queue in list(self._queues.items()):
             if not queue.tasks:
                 del self._queues[key]
-                continue
-            if queue.rows >= self.options.max_batch_size or now - queue.tasks[0].enqueued >= timeout \
+            elif queue.rows >= self.options.max_batch_size or now - queue.tasks[0].enqueued >= timeout \
                     or self._closed:
-                taken, rows = [], 0
-                while queue.tasks and rows + queue.tasks[0].rows <= self.options.max_batch_size:
-                    rows += queue.tasks[0].rows
-                    taken.append(queue.tasks.pop(0))
-                return queue, taken
-        return None
+                ready.append(queue)
+        if not ready:
+            return None
+        queue = min(ready, key=lambda q: q.tasks[0].enqueued)
+        taken, rows = [], 0
+        while queue.tasks and rows + queue.tasks[0].rows <= self.options.max_batch_size:
+            rows += queue.tasks[0].rows
+            taken.append(queue.tasks.pop(0))
+        return queue, taken
 
     def _next_deadline(self) -> float | None:
         oldest = [queue.tasks[0].enqueued for queue in self._queues.values() if queue.tasks]
