@@ -522,7 +522,8 @@ def _train(config: TrainConfig, cluster: Cluster, strategy: tf.distribute.Strate
     with precision_policy(policy):
         trainer, checkpoint, epoch = build_trainer(config, settings, length, data, strategy, cluster, policy)
         history = restore(run, checkpoint, epoch, settings, cluster)
-        start, timer = int(trainer.optimizer.iterations.numpy()), StepTimer(config.untimed_steps, settings.global_batch)
+        start, initial_epoch = int(trainer.optimizer.iterations.numpy()), int(epoch.numpy())
+        timer = StepTimer(config.untimed_steps, settings.global_batch)
         manager = tf.train.CheckpointManager(checkpoint, run.checkpoints_of(cluster.is_chief, cluster.task_id),
                                              max_to_keep=3)
         hooks = [timer, StopOnDivergence(run.checkpoints), Progress(config.progress, trainer, length.epochs),
@@ -533,7 +534,7 @@ def _train(config: TrainConfig, cluster: Cluster, strategy: tf.distribute.Strate
         batches = iter(train_batches(trainer, data.train, config, length, start))
         last = run_epochs(trainer, batches, length, start, validation(trainer, data.validation), hooks, stop)
         summary = RunSummary(
-            settings=settings, initial_epoch=start // length.steps_per_epoch, initial_step=start,
+            settings=settings, initial_epoch=initial_epoch, initial_step=start,
             epochs_completed=int(epoch.numpy()),
             steps_completed=int(trainer.optimizer.iterations.numpy()),
             final=final_metrics(trainer, data.test, last or (history[-1] if history else None)),

@@ -150,7 +150,9 @@ def test_a_large_body_does_not_stall_other_requests(served):
     poller.join()
     assert status == 400 and "alias not found" in answer["error"]
     assert parse > 0.5, "the body was too quick to parse to tell"
-    assert len(latencies) > 5 and max(latencies) < max(0.5, parse / 4), (max(latencies), parse)
+    # Held up for the whole parse, a status GET would wait about as long as the parse itself;
+    # decoded in pieces, the worst wait is a fraction of it (a shared 2-core machine adds noise).
+    assert len(latencies) > 5 and max(latencies) < max(0.5, parse / 2), (max(latencies), parse)
 
 
 # --- point 10: statuses, with JSON bodies -------------------------------------------------------------------
