@@ -201,49 +201,55 @@ class Recipe:
 # CIFAR-10 folder subset take about 25 minutes per ResNet-32 run on one core.
 SUBSET_EPOCHS = 5
 
+HE2016 = Recipe(
+    name="he2016",
+    optimizer="sgd",
+    learning_rate=0.1,
+    momentum=0.9,
+    batch_size=128,
+    boundaries=(32_000 / 64_000, 48_000 / 64_000),
+    factors=(0.1, 0.01),
+    steps=64_000,
+    shortcut="padding",
+    zero_init_residual=True,
+    description="He et al. 2016 Sec. 4.2: option A shortcuts, SGD momentum 0.9, batch 128, lr 0.1 "
+    "divided by 10 at 32k and 48k of 64k iterations; residual branches start at zero (not in He et al.)",
+)
+
+KERAS = Recipe(
+    name="keras",
+    optimizer="adam",
+    learning_rate=1e-3,
+    batch_size=32,
+    boundaries=(80 / 200, 120 / 200, 160 / 200, 180 / 200),
+    factors=(1e-1, 1e-2, 1e-3, 0.5e-3),
+    epochs=200,
+    description="the Keras cifar10_resnet example: projection shortcuts, Adam 1e-3, batch 32, lr x0.1 at "
+    "epoch 80, x0.01 at 120, x0.001 at 160, x0.0005 at 180 of 200",
+)
+
+
+# The shortened recipes are their sources with another length (and name).
 RECIPES: dict[str, Recipe] = {
-    "he2016": Recipe(
-        name="he2016",
-        optimizer="sgd",
-        learning_rate=0.1,
-        momentum=0.9,
-        batch_size=128,
-        boundaries=(32_000 / 64_000, 48_000 / 64_000),
-        factors=(0.1, 0.01),
-        steps=64_000,
-        shortcut="padding",
-        zero_init_residual=True,
-        description="He et al. 2016 Sec. 4.2: option A shortcuts, SGD momentum 0.9, batch 128, lr 0.1 "
-        "divided by 10 at 32k and 48k of 64k iterations; residual branches start at zero (not in He et al.)",
-    ),
-    "he2016-subset": Recipe(
+    "he2016": HE2016,
+    "he2016-subset": dataclasses.replace(
+        HE2016,
         name="he2016-subset",
-        optimizer="sgd",
-        learning_rate=0.1,
-        momentum=0.9,
-        batch_size=128,
-        boundaries=(0.5, 0.75),
-        factors=(0.1, 0.01),
+        steps=None,
         epochs=SUBSET_EPOCHS,
-        shortcut="padding",
-        zero_init_residual=True,
         description=f"he2016 shortened for a CIFAR-10 subset on a CPU: option A shortcuts, SGD momentum 0.9, "
         f"batch 128, lr 0.1 divided by 10 at 50% and 75% of {SUBSET_EPOCHS} epochs (He et al.: of 182); "
         "residual branches start at zero",
     ),
-    "paper50": Recipe(
+    "paper50": dataclasses.replace(
+        HE2016,
         name="paper50",
-        optimizer="sgd",
-        learning_rate=0.1,
-        momentum=0.9,
-        batch_size=128,
         # He et al.'s drops at 32k and 48k iterations lie beyond 50 epochs of
         # 45k images at batch 128 (17.6k iterations): the paper's runs kept 0.1.
+        boundaries=(),
         step_boundaries=(32_000, 48_000),
-        factors=(0.1, 0.01),
+        steps=None,
         epochs=50,
-        shortcut="padding",
-        zero_init_residual=True,
         description="Saraiya 2018's runs: he2016 for 50 epochs (lr 0.1 throughout: the drops at 32k and 48k "
         "iterations come later)",
     ),
@@ -260,24 +266,10 @@ RECIPES: dict[str, Recipe] = {
         description="a reduced protocol for 2 CPU cores: at most 10k training images, 15 epochs, SGD momentum "
         "0.9, lr 0.1 divided by 10 at 50% and 75%",
     ),
-    "keras": Recipe(
-        name="keras",
-        optimizer="adam",
-        learning_rate=1e-3,
-        batch_size=32,
-        boundaries=(80 / 200, 120 / 200, 160 / 200, 180 / 200),
-        factors=(1e-1, 1e-2, 1e-3, 0.5e-3),
-        epochs=200,
-        description="the Keras cifar10_resnet example: projection shortcuts, Adam 1e-3, batch 32, lr x0.1 at "
-        "epoch 80, x0.01 at 120, x0.001 at 160, x0.0005 at 180 of 200",
-    ),
-    "keras-subset": Recipe(
+    "keras": KERAS,
+    "keras-subset": dataclasses.replace(
+        KERAS,
         name="keras-subset",
-        optimizer="adam",
-        learning_rate=1e-3,
-        batch_size=32,
-        boundaries=(80 / 200, 120 / 200, 160 / 200, 180 / 200),
-        factors=(1e-1, 1e-2, 1e-3, 0.5e-3),
         epochs=SUBSET_EPOCHS,
         description=f"keras shortened for a CIFAR-10 subset on a CPU: projection shortcuts, Adam 1e-3, batch 32, "
         f"the same lr steps at 40%, 60%, 80% and 90% of {SUBSET_EPOCHS} epochs (the example: of 200)",
