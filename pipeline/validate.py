@@ -23,7 +23,6 @@ candidate's folder, and the confusion matrices to `confusion.png` beside it;
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import io
 import json
@@ -33,7 +32,6 @@ import shutil
 import statistics
 import tempfile
 import time
-import urllib.request
 from typing import TYPE_CHECKING
 
 from pipeline.config import DataConfig, UserError
@@ -134,24 +132,11 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _rest_probabilities(rest_port: int, model: str, images: np.ndarray) -> np.ndarray:
-    """The serving_bytes signature over REST, on the images as PNG files."""
-    import numpy as np
-
-    body = {"signature_name": "serving_bytes",
-            "instances": [{"b64": base64.b64encode(_png(image)).decode("ascii")} for image in images]}
-    request = urllib.request.Request(f"http://127.0.0.1:{rest_port}/v1/models/{model}:predict",
-                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as reply:
-        predictions = json.loads(reply.read())["predictions"]
-    return np.array([row["probabilities"] for row in predictions])
-
-
 def check_answers(address: str, rest_port: int, model: str, images: np.ndarray) -> dict:
     """gRPC and REST answer, alike; and the median batch-1 gRPC latency."""
     import numpy as np
 
-    from serving.client import Classifier
+    from serving.client import Classifier, RestClassifier
 
     with Classifier(address, model) as classifier:
         over_grpc = classifier.predict(images)
@@ -160,7 +145,9 @@ def check_answers(address: str, rest_port: int, model: str, images: np.ndarray) 
             started = time.perf_counter()
             classifier.predict(images[i % len(images)][None])
             latencies.append(1000 * (time.perf_counter() - started))
-    over_rest = _rest_probabilities(rest_port, model, images)
+    # serving_bytes over REST, on the images as PNG files.
+    with RestClassifier(f"127.0.0.1:{rest_port}", model, signature="serving_bytes") as client:
+        over_rest = client.predict([_png(image) for image in images])
     return {"grpc_rows": int(over_grpc.shape[0]), "rest_rows": int(over_rest.shape[0]),
             "grpc_rest_max_difference": float(np.max(np.abs(over_grpc - over_rest))),
             "rows_sum_to_one": bool(np.allclose(over_grpc.sum(axis=1), 1.0, atol=1e-3)),

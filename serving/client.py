@@ -82,11 +82,7 @@ class Classifier:
     def __init__(self, server: str, model: str = "accresnet", signature: str = "serving_default",
                  version: int | None = None, label: str | None = None, timeout: float = 30.0,
                  retries: int = 3, tls_ca: str | None = None):
-        if version is not None and label:
-            raise ValueError("give a version or a label, not both")
-        self.server, self.model, self.signature = server, model, signature
-        self.version, self.label = version, label
-        self.timeout, self.retries = timeout, retries
+        self._remember(server, model, signature, version, label, timeout, retries)
         options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
         if tls_ca:
             with open(tls_ca, "rb") as file:
@@ -97,6 +93,15 @@ class Classifier:
         from tensorflow_serving.apis import prediction_service_pb2_grpc
 
         self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+
+    def _remember(self, server: str, model: str, signature: str, version: int | None, label: str | None,
+                  timeout: float, retries: int) -> None:
+        """The target and the call settings, whatever the transport."""
+        if version is not None and label:
+            raise ValueError("give a version or a label, not both")
+        self.server, self.model, self.signature = server, model, signature
+        self.version, self.label = version, label
+        self.timeout, self.retries = timeout, retries
         self._input: _SignatureInput | None = None
 
     def __enter__(self) -> Classifier:
@@ -273,16 +278,11 @@ class RestClassifier(Classifier):
                  retries: int = 3, tls_ca: str | None = None):
         import ssl
 
-        if version is not None and label:
-            raise ValueError("give a version or a label, not both")
-        self.server, self.model, self.signature = server, model, signature
-        self.version, self.label = version, label
-        self.timeout, self.retries = timeout, retries
+        self._remember(server, model, signature, version, label, timeout, retries)
         self._context = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
         path = f"/v1/models/{model}" + (f"/versions/{version}" if version is not None else
                                         f"/labels/{label}" if label else "")
         self._url = f"{'https' if tls_ca else 'http'}://{server}{path}"
-        self._input = None
 
     def close(self) -> None:
         pass
