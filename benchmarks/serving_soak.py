@@ -30,8 +30,8 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: E402
 
-from serving_throughput import MODEL, export_model, free_ports, percentile, request, start_server  # noqa: E402
-from serving.deployment import local_deployed_server  # noqa: E402
+from serving_throughput import MODEL, export_model, percentile, request, start_server  # noqa: E402
+from serving.deployment import free_ports, local_deployed_server  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:

@@ -40,22 +40,10 @@ sys.path.insert(0, str(REPO))
 from pipeline.config import ModelConfig  # noqa: E402
 from pipeline.export import export_saved_model  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
-from serving.deployment import local_deployed_server  # noqa: E402
+from serving.deployment import free_ports, local_deployed_server  # noqa: E402
 from serving.server.servable import Servable  # noqa: E402
 
 MODEL = "accresnet"
-
-
-def free_ports(count: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def export_model(depth: int, root: pathlib.Path) -> pathlib.Path:

@@ -169,10 +169,16 @@ class RunningLocally:
         return f"localhost:{self.server.grpc_port}"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports (all bound at once, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for probe in sockets:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in sockets]
+    finally:
+        for probe in sockets:
+            probe.close()
 
 
 @contextlib.contextmanager
@@ -181,7 +187,7 @@ def serving_locally(models_dir: pathlib.Path, scratch: pathlib.Path, log_path: p
     """The deployed server (DEPLOYED_FLAGS, shipped configs, `models_dir` as the model
     volume) started as a process on free ports, once a version of MODEL_NAME is
     available; stopped with SIGTERM on leaving."""
-    local = local_deployed_server(models_dir.resolve(), scratch.resolve(), free_port(), free_port())
+    local = local_deployed_server(models_dir.resolve(), scratch.resolve(), *free_ports(2))
     command, stand_in = server_command(local.flags)
     repository = str(pathlib.Path(__file__).resolve().parents[1])
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repository,

@@ -1,21 +1,12 @@
 """Helpers for tests that run the `accresnet` command in subprocesses."""
 
 import os
-import socket
 import subprocess
 import sys
 
+from serving.deployment import free_ports  # noqa: F401 (the tests' port helper)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def accresnet(*args, env=None, **kwargs):
