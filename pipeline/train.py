@@ -374,8 +374,9 @@ class Checkpoints(Hook):
         self.steps = steps
 
     def on_step(self, epoch: int, step: int, loss: float, seconds: float) -> None:
-        global_step = int(self.trainer.optimizer.iterations.numpy())
-        if self.every_steps and global_step % self.every_steps == 0 and step < self.steps:
+        if not self.every_steps or step == self.steps:  # no step checkpoints, or the epoch's own comes next
+            return
+        if int(self.trainer.optimizer.iterations.numpy()) % self.every_steps == 0:
             self.on_stop(epoch, step)
 
     def on_stop(self, epoch: int, step: int) -> None:
