@@ -38,16 +38,19 @@ CMD ["--help"]
 # --- serving ---------------------------------------------------------------------------------
 FROM tensorflow/serving:${TF_SERVING_TAG} AS serving
 
-# A model baked in at build time (an export base with numbered versions), if any.
+# A model baked in at build time (an export base with numbered versions), if any, and the
+# model config beside it. A volume mounted at /models (Kubernetes) brings its own, which
+# `accresnet push`, `promote` and `rollback` write.
 ARG MODEL_DIR=serving/models
-COPY serving/config/models.config serving/config/batching.config serving/config/monitoring.config /config/
+COPY serving/config/batching.config serving/config/monitoring.config /config/
+COPY serving/config/models.config /models/models.config
 COPY ${MODEL_DIR} /models/accresnet/
 
 USER 10001:10001
 EXPOSE 8500 8501
 ENTRYPOINT ["/usr/bin/tensorflow_model_server"]
 CMD ["--port=8500", "--rest_api_port=8501", \
-     "--model_config_file=/config/models.config", "--file_system_poll_wait_seconds=30", \
+     "--model_config_file=/models/models.config", "--file_system_poll_wait_seconds=30", \
      "--model_config_file_poll_wait_seconds=30", "--allow_version_labels_for_unavailable_models=true", \
      "--enable_batching=true", "--batching_parameters_file=/config/batching.config", \
      "--monitoring_config_file=/config/monitoring.config"]

@@ -149,12 +149,12 @@ def add_validate_flags(parser: argparse.ArgumentParser) -> None:
     from pipeline.validate import ValidateConfig
 
     flags.add_flags(parser, ValidateConfig, ("candidate", "dataset", "data_dir", "eval_images", "current_server",
-                                             "current_label", "model", "min_accuracy", "max_accuracy_drop",
+                                             "current_label", "served_base", "model", "min_accuracy", "max_accuracy_drop",
                                              "latency_budget_ms"))
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from pipeline.validate import BLESSING_FILE, ValidateConfig, validate
+    from pipeline.validate import BLESSING_FILE, REFUSED, ValidateConfig, validate
 
     config = flags.build(ValidateConfig, vars(args))
     record = validate(config, announce=lambda line: print(line, flush=True))
@@ -162,10 +162,10 @@ def run_validate(args: argparse.Namespace) -> int:
     if metrics:
         print(f"candidate accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} on {metrics['images']} images"
               + (f"; served {current['accuracy']:.4f}" if current else "; no served version to compare with"))
-    print(f"{record['verdict']}: {pathlib.Path(config.candidate) / BLESSING_FILE}")
+    print(f"{record['verdict']}: {pathlib.Path(record['candidate']) / BLESSING_FILE}")
     for reason in record["reasons"]:
         print(f"  refused: {reason}")
-    return 0 if record["verdict"] == "blessed" else 1
+    return 0 if record["verdict"] == "blessed" else REFUSED
 
 
 def add_push_flags(parser: argparse.ArgumentParser) -> None:
@@ -240,7 +240,7 @@ VERBS = (
     Verb("validate", "check that a candidate export loads, answers and is at least as good as the served one",
          "Start a model server on the candidate as the Deployment starts one, check its gRPC and REST answers and "
          "latency, evaluate it through that server and compare it with the version a server now serves (over "
-         "gRPC); write blessing.json and confusion.png into the candidate. Exit status 0 when blessed, 1 when "
+         "gRPC); write blessing.json and confusion.png into the candidate. Exit status 0 when blessed, 3 when "
          "refused.",
          "pipeline.cli:add_validate_flags", "pipeline.cli:run_validate"),
     Verb("push", "publish a blessed candidate as the next served version (optionally as canary)",

@@ -14,16 +14,19 @@ import pathlib
 
 from pipeline.config import UserError
 from pipeline.flags import setting
-from pipeline.validate import MODEL_NAME, read_blessing
+from pipeline.validate import MODEL_NAME, REFUSED, candidate_folder, read_blessing
 
 
 class PushRefused(UserError, RuntimeError):
     """The candidate was not blessed by `accresnet validate`."""
 
+    exit_status = REFUSED
+
 
 @dataclasses.dataclass(frozen=True)
 class PushConfig:
-    candidate: str = setting(help="the candidate SavedModel folder that `accresnet validate` blessed")
+    candidate: str = setting(help="the candidate SavedModel folder that `accresnet validate` blessed, or its "
+                                  "staging base path (the latest version)")
     export_base: str = setting(help="the model's served base path (numbered versions)")
     model_config_file: str | None = setting(
         None, help="the servers' model config file: label the new version canary there (stable stays)",
@@ -36,15 +39,16 @@ def push(config: PushConfig) -> tuple[str, dict[str, int] | None]:
     """The new version's path, and the model's labels afterwards (None without a model config file)."""
     from pipeline.export import existing_versions, publish_as_next_version
 
-    blessing = read_blessing(config.candidate)
+    candidate = candidate_folder(config.candidate)
+    blessing = read_blessing(candidate)
     if not config.force:
         if blessing is None:
-            raise PushRefused(f"{config.candidate} has no blessing record: run `accresnet validate` on it first "
+            raise PushRefused(f"{candidate} has no blessing record: run `accresnet validate` on it first "
                               "(or push --force)")
         if blessing["verdict"] != "blessed":
-            raise PushRefused(f"{config.candidate} was refused by validate: {'; '.join(blessing['reasons'])}")
+            raise PushRefused(f"{candidate} was refused by validate: {'; '.join(blessing['reasons'])}")
     served = (existing_versions(config.export_base) or [None])[-1]
-    path = publish_as_next_version(config.candidate, config.export_base)
+    path = publish_as_next_version(candidate, config.export_base)
     if config.model_config_file is None:
         return path, None
     from serving import labels

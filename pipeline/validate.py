@@ -1,7 +1,8 @@
 """`accresnet validate`: may a candidate export be served?
 
 A candidate is a SavedModel written outside the served base path (`accresnet
-export --export-base STAGING`). It is blessed only if
+export --export-base STAGING`): its folder, or the staging base path, whose
+latest version is then the candidate. It is blessed only if
 
 1. it loads and answers in a model server started for the check exactly as
    the Kubernetes Deployment starts one (deployed flags, shipped configs,
@@ -12,8 +13,11 @@ export --export-base STAGING`). It is blessed only if
    least the minimum (better than chance by default);
 3. it is not worse than the version now served by more than the allowed
    drop, measured over gRPC from that server (TF Serving or `accresnet
-   serve`), on the same images. Without a served version there is nothing to
-   compare with, and the check passes.
+   serve`), on the same images. Only a server that answers it has no version
+   of the model (NOT_FOUND), or a served base path (--served-base) that holds
+   no version yet, means there is nothing to compare with; a server that
+   cannot be reached while versions are served refuses the candidate, since
+   its quality relative to them is unknown.
 
 The verdict, both models' metrics (accuracy, loss, per-class accuracy,
 confusion matrix) and the thresholds are written to `blessing.json` in the
@@ -47,10 +51,27 @@ CONFUSION_FILE = "confusion.png"
 MODEL_NAME = "accresnet"
 LATENCY_REQUESTS = 20
 SAMPLE_IMAGES = 8
+# The exit status of validate and push for a refused candidate: a verdict, which no retry changes
+# (a Kubernetes podFailurePolicy fails the release Job on it at once).
+REFUSED = 3
 
 
 class ValidationError(UserError, RuntimeError):
     """The candidate cannot be validated at all (no SavedModel, no evaluation data)."""
+
+
+def candidate_folder(path: str | pathlib.Path) -> pathlib.Path:
+    """The SavedModel folder `path` names: itself, or the latest version under a staging base path."""
+    from pipeline.export import existing_versions
+
+    path = pathlib.Path(path)
+    if (path / "saved_model.pb").exists():
+        return path
+    versions = existing_versions(path)
+    if versions and (path / str(versions[-1]) / "saved_model.pb").exists():
+        return path / str(versions[-1])
+    raise ValidationError(f"{path} is neither a SavedModel folder (no saved_model.pb) nor a base path whose "
+                          "latest numbered version is one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +84,9 @@ class ValidateConfig:
         unset="no comparison")
     current_label: str | None = setting(None, help="the served version to compare with, by label (e.g. stable)",
                                         unset="the latest available")
+    served_base: str | None = setting(
+        None, help="the served base path: while it holds no version, an unreachable --current-server is no "
+                   "reason to refuse (the first release)", unset="an unreachable server refuses")
     model: str = setting(MODEL_NAME, help="the model's name on the servers")
     min_accuracy: float | None = setting(None, help="refuse a candidate whose accuracy is below this",
                                          unset="better than chance")
@@ -185,9 +209,8 @@ def validate(config: ValidateConfig, announce=print) -> dict:
     """Check the candidate, write blessing.json and confusion.png into it; returns the record."""
     from serving.deployment import serving_locally
 
-    candidate_dir = pathlib.Path(config.candidate)
-    if not (candidate_dir / "saved_model.pb").exists():
-        raise ValidationError(f"{candidate_dir} is not a SavedModel folder (no saved_model.pb)")
+    candidate_dir = candidate_folder(config.candidate)
+    announce(f"candidate: {candidate_dir}")
     images, labels, class_names = evaluation_set(config)
     chance = 1 / len(class_names)
     candidate = current = None
@@ -206,12 +229,12 @@ def validate(config: ValidateConfig, announce=print) -> dict:
         except Exception as error:  # a server that never comes up, a refused request: the candidate's fault
             log_tail = (scratch / "server.log").read_text()[-2000:] if (scratch / "server.log").exists() else ""
             infra = {"error": f"{type(error).__name__}: {error}", "server_log_tail": log_tail}
+    unreachable = None
     if config.current_server:
-        try:
-            current = evaluate_over_grpc(config.current_server, config.model, images, labels, config.current_label)
-        except Exception as error:
-            announce(f"no served version to compare with at {config.current_server} ({error})")
+        current, unreachable = _served_metrics(config, images, labels, announce)
     reasons = verdict(config, infra, candidate, current, chance)
+    if unreachable:
+        reasons.append(unreachable)
     record = {
         "candidate": str(candidate_dir.resolve()), "verdict": "refused" if reasons else "blessed",
         "reasons": reasons, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -228,6 +251,29 @@ def validate(config: ValidateConfig, announce=print) -> dict:
     if candidate is not None:
         plot_confusion(candidate_dir / CONFUSION_FILE, class_names, candidate, current)
     return record
+
+
+def _served_metrics(config: ValidateConfig, images: np.ndarray, labels: np.ndarray, announce
+                    ) -> tuple[Metrics | None, str | None]:
+    """The served version's metrics, or None; and why the candidate cannot be compared, if it cannot."""
+    import grpc
+
+    from serving.client import ClientError
+
+    try:
+        return evaluate_over_grpc(config.current_server, config.model, images, labels, config.current_label), None
+    except ClientError as error:
+        status, details = error.code, str(error)
+    if status == grpc.StatusCode.NOT_FOUND:
+        announce(f"no served version to compare with ({details})")
+        return None, None
+    from pipeline.export import existing_versions  # gs:// and s3:// too
+
+    if config.served_base is not None and not existing_versions(config.served_base):
+        announce(f"no answer ({details}), and {config.served_base} holds no version yet: the first release, "
+                 "nothing to compare with")
+        return None, None
+    return None, f"the served version could not be compared with: {details}"
 
 
 def read_blessing(candidate: str | pathlib.Path) -> dict | None:

@@ -2,8 +2,12 @@
 
 `DEPLOYED_FLAGS` are the flags the Kubernetes serving Deployment
 (k8s/base/serving-deployment.yaml), the serving image's CMD (Dockerfile) and
-the README start `tensorflow_model_server` with: the shipped model config,
-batching and monitoring files under /config, the model volume under /models.
+the README start `tensorflow_model_server` with: the shipped batching and
+monitoring files under /config, the model volume under /models with the
+model config beside the versions (/models/models.config), where `accresnet
+push`, `promote` and `rollback` move the version labels and the servers
+re-read them. Where no release wrote that file yet, it starts as the shipped
+template (serving/config/models.config).
 Tests render every kustomization and fail when a manifest drifts from them.
 
 `make demo`, the end-to-end tests and the local-overlay harness start
@@ -29,13 +33,15 @@ from collections.abc import Iterator, Mapping as MappingType, Sequence
 
 # serving/config/ is what the serving image copies to /config.
 SHIPPED_CONFIG_DIR = pathlib.Path(__file__).parent / "config"
+# The model config a model volume starts with: the release Job's push writes it there.
+MODEL_CONFIG_TEMPLATE = SHIPPED_CONFIG_DIR / "models.config"
 CONFIG_DIR = "/config"
 MODELS_DIR = "/models"
 MODEL_NAME = "accresnet"
 DEPLOYED_FLAGS = (
     "--port=8500",
     "--rest_api_port=8501",
-    f"--model_config_file={CONFIG_DIR}/models.config",
+    f"--model_config_file={MODELS_DIR}/models.config",
     "--file_system_poll_wait_seconds=30",
     # Labels (serving/labels.py): the model config is re-read, and a canary may be labelled while it loads.
     "--model_config_file_poll_wait_seconds=30",
@@ -137,11 +143,29 @@ def map_to_local(flags: Sequence[str], paths: MappingType[str, pathlib.Path], sc
     return LocalServer(local_flags, mappings, grpc_port, rest_port if serves_rest else None)
 
 
+def ensure_model_config(path: str | os.PathLike) -> bool:
+    """Write the shipped template to `path` unless a model config is there; whether it was written."""
+    path = pathlib.Path(path)
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.tmp")
+    shutil.copyfile(MODEL_CONFIG_TEMPLATE, scratch)
+    os.replace(scratch, path)  # a server polling the file never reads half of it
+    return True
+
+
 def local_deployed_server(models_dir: pathlib.Path, scratch: pathlib.Path, grpc_port: int, rest_port: int
                           ) -> LocalServer:
-    """DEPLOYED_FLAGS with the shipped config files and `models_dir` as the model volume."""
-    return map_to_local(DEPLOYED_FLAGS, {CONFIG_DIR: SHIPPED_CONFIG_DIR, MODELS_DIR: models_dir}, scratch,
-                        grpc_port, rest_port)
+    """DEPLOYED_FLAGS with the shipped config files and `models_dir` as the model volume (its
+    model config started from the template when no release wrote one)."""
+    seeded = ensure_model_config(pathlib.Path(models_dir) / "models.config")
+    local = map_to_local(DEPLOYED_FLAGS, {CONFIG_DIR: SHIPPED_CONFIG_DIR, MODELS_DIR: models_dir}, scratch,
+                         grpc_port, rest_port)
+    if seeded:
+        local.mappings.insert(0, Mapping("model config on the volume (no release wrote one)",
+                                         f"{MODELS_DIR}/models.config", f"copied from {MODEL_CONFIG_TEMPLATE}"))
+    return local
 
 
 def server_command(flags: Sequence[str]) -> tuple[list[str], Mapping | None]:

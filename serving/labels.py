@@ -69,7 +69,11 @@ def _set(path: str | os.PathLike, name: str, new_labels: dict[str, int]) -> dict
 
 
 def label_canary(path: str | os.PathLike, name: str, version: int, served: int | None) -> dict[str, int]:
-    """`version` (just pushed) becomes the canary; stable stays, or starts on `served`."""
+    """`version` (just pushed) becomes the canary; stable stays, or starts on `served`. A model
+    volume without a model config gets the shipped one first."""
+    from serving.deployment import ensure_model_config
+
+    ensure_model_config(path)
     current = labels(path, name)
     stable = current.get(STABLE, served if served is not None else version)
     return _set(path, name, {**{k: v for k, v in current.items() if k != CANARY}, STABLE: stable, CANARY: version})

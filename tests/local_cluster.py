@@ -76,6 +76,7 @@ class Pod:
     ports: dict[str, int]  # container port name or number -> local port
     process: subprocess.Popen | None = None
     log: pathlib.Path | None = None
+    init: list[Pod] = dataclasses.field(default_factory=list)  # init containers, run to completion first
 
     def output(self) -> str:
         return self.log.read_text() if self.log and self.log.exists() else ""
@@ -149,7 +150,15 @@ class LocalCluster:
         return command, image, program == MODEL_SERVER
 
     def pod(self, pod_name: str, pod: dict, extra_env: dict[str, str] | None = None) -> Pod:
+        """The pod's container, after its init containers (run in order, as the kubelet does)."""
         (container,) = pod["containers"]
+        main = self._container(pod_name, pod, container, extra_env)
+        main.init = [self._container(pod_name, pod, init, extra_env, f"{pod_name}-{init['name']}")
+                     for init in pod.get("initContainers", [])]
+        return main
+
+    def _container(self, pod_name: str, pod: dict, container: dict, extra_env: dict[str, str] | None,
+                   name: str | None = None) -> Pod:
         command, image, is_model_server = self._command(pod_name, container)
         paths = {**image.files, **self._mount_paths(pod_name, pod, container)}
         for deployed, local in image.files.items():
@@ -172,11 +181,19 @@ class LocalCluster:
             args = local.flags
         else:
             args = [self._map_value(arg, paths, f"{pod_name} arg") for arg in args]
-        return Pod(pod_name, [*command, *args], env, local_ports)
+        return Pod(name or pod_name, [*command, *args], env, local_ports)
 
     # --- workloads -------------------------------------------------------------------------
 
-    def start(self, pod: Pod) -> Pod:
+    def start(self, pod: Pod, init_timeout: float = 600) -> Pod:
+        for init in pod.init:
+            self.start(init)
+            try:
+                init.process.wait(timeout=init_timeout)
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise AssertionError(f"{init.name} did not finish in {init_timeout:.0f}s:\n{init.output()[-3000:]}")
+            assert init.process.returncode == 0, f"{init.name} failed:\n{init.output()[-3000:]}"
         pod.log = self.root / "logs" / f"{pod.name}.log"
         pod.log.parent.mkdir(parents=True, exist_ok=True)
         with pod.log.open("w") as log:
@@ -211,8 +228,8 @@ class LocalCluster:
     def run_job(self, name: str, timeout: float) -> list[Pod]:
         """Start every pod of the Job and wait for all to succeed."""
         started = time.monotonic()
-        pods = [self.start(pod) for pod in self.job_pods(name)]
         deadline = started + timeout
+        pods = [self.start(pod, init_timeout=timeout) for pod in self.job_pods(name)]
         for pod in pods:
             try:
                 pod.process.wait(timeout=max(deadline - time.monotonic(), 1))

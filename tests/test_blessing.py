@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from helpers import deployed_server, run_accresnet
+from helpers import deployed_server, free_ports, run_accresnet
 from pipeline import export
 from pipeline.push import PushConfig, PushRefused, push
 from pipeline.validate import BLESSING_FILE, CONFUSION_FILE, ValidateConfig, validate
@@ -92,8 +92,13 @@ def test_a_broken_candidate_is_refused_and_cannot_be_pushed(candidate, tmp_path)
     with pytest.raises(PushRefused, match="refused by validate: it does not load"):
         push(PushConfig(candidate=str(broken), export_base=str(tmp_path / "models")))
     assert not (tmp_path / "models").exists()
-    code, output = run_accresnet("push", "--candidate", tmp_path / "unvalidated", "--export-base", tmp_path / "m")
-    assert code == 1 and "no blessing record" in output, output
+    unvalidated = tmp_path / "staging" / "3"  # a staging base path: push takes its latest version
+    shutil.copytree(candidate, unvalidated, ignore=shutil.ignore_patterns(BLESSING_FILE))
+    code, output = run_accresnet("push", "--candidate", unvalidated.parent, "--export-base", tmp_path / "m")
+    assert code == 3 and f"{unvalidated} has no blessing record" in output, output
+    code, output = run_accresnet("push", "--candidate", tmp_path / "nothing", "--export-base", tmp_path / "m")
+    assert code == 1 and "neither a SavedModel folder" in output, output
+    assert not (tmp_path / "m").exists()
 
 
 def test_a_worse_candidate_is_refused_by_the_comparison_with_the_served_version(class_names, good_run, tmp_path):
@@ -117,6 +122,24 @@ def test_a_worse_candidate_is_refused_by_the_comparison_with_the_served_version(
     assert sorted(p.name for p in served_base.iterdir()) == ["1"]  # never reached the served base path
 
 
+def test_an_unreachable_server_refuses_the_candidate_unless_nothing_was_released_yet(tmp_path):
+    from pipeline.validate import _served_metrics
+
+    (port,) = free_ports(1)  # nobody listens there
+    images, image_labels = np.zeros((2, 32, 32, 3), np.uint8), np.zeros(2, np.int64)
+    served = tmp_path / "models" / MODEL_NAME
+    config = validate_config(tmp_path, current_server=f"127.0.0.1:{port}", served_base=str(served))
+    said = []
+    assert _served_metrics(config, images, image_labels, said.append) == (None, None)  # the first release
+    assert "holds no version yet" in said[-1]
+    (served / "1").mkdir(parents=True)
+    current, reason = _served_metrics(config, images, image_labels, said.append)
+    assert current is None and reason.startswith("the served version could not be compared with") and (
+        "UNAVAILABLE" in reason), reason
+    without_base = validate_config(tmp_path, current_server=f"127.0.0.1:{port}")
+    assert "UNAVAILABLE" in _served_metrics(without_base, images, image_labels, said.append)[1]
+
+
 def test_labels_move_as_push_promote_and_rollback_say(tmp_path):
     config = tmp_path / "models.config"
     config.write_text('model_config_list { config { name: "m" base_path: "/models/m" model_platform: "tensorflow" '
@@ -131,6 +154,10 @@ def test_labels_move_as_push_promote_and_rollback_say(tmp_path):
         labels.rollback(config, "m")
     with pytest.raises(labels.LabelError, match="no canary"):
         labels.promote(config, "m")
+    # A model volume without a model config (the first release) gets the shipped one, then the labels.
+    fresh = tmp_path / "volume" / "models.config"
+    assert labels.label_canary(fresh, MODEL_NAME, 1, served=None) == {"stable": 1, "canary": 1}
+    assert 'base_path: "/models/accresnet"' in fresh.read_text()
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ def test_every_container_is_non_root_read_only_and_bounded(overlay):
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
         assert pod.get("automountServiceAccountToken") is False
-        for container in pod["containers"]:
+        for container in pod.get("initContainers", []) + pod["containers"]:
             where = f"{workload['kind']}/{workload['metadata']['name']}/{container['name']}"
             security = container["securityContext"]
             assert security["allowPrivilegeEscalation"] is False, where
@@ -88,16 +88,24 @@ def test_model_server_is_tf_serving_polling_the_shared_volume():
     (container,) = pod["containers"]
     assert container["image"].rsplit(":", 1)[0].endswith("accresnet-serving")
     assert {p["containerPort"] for p in container["ports"]} == {8500, 8501}
-    assert "--model_config_file=/config/models.config" in container["args"]
+    assert "--model_config_file=/models/models.config" in container["args"]
     assert any(a.startswith("--file_system_poll_wait_seconds=") for a in container["args"])
     assert container["readinessProbe"]["httpGet"]["path"] == "/v1/models/accresnet/metadata"
     assert "tcpSocket" in container["livenessProbe"]
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/models")
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     assert volume["persistentVolumeClaim"]["claimName"] == "accresnet-data" and mount["readOnly"]
-    # The training Job exports where the server looks: /data/models/accresnet is /models/accresnet.
+    # The release Job pushes where the server looks (/data/models/accresnet is /models/accresnet) and
+    # writes the labels where it reads them; the training Job exports only candidates, elsewhere.
+    assert mount["subPath"] == "models"
     trainer = one("base", "Job", "accresnet-train")["spec"]["template"]["spec"]["containers"][0]
-    assert "--export-base=/data/models/accresnet" in trainer["args"] and mount["subPath"] == "models"
+    assert "--export-base=/data/staging/accresnet" in trainer["args"]
+    release = one("base", "Job", "accresnet-release")["spec"]["template"]["spec"]
+    (validate,), (push,) = release["initContainers"], release["containers"]
+    assert "--candidate=/data/staging/accresnet" in validate["args"] and validate["args"][0] == "validate"
+    assert push["args"][:2] == ["push", "--candidate=/data/staging/accresnet"]
+    assert "--export-base=/data/models/accresnet" in push["args"]
+    assert "--model-config-file=/data/models/models.config" in push["args"]
     models_config = (ROOT / "serving" / "config" / "models.config").read_text()
     assert 'base_path: "/models/accresnet"' in models_config
 
@@ -117,6 +125,11 @@ def test_autoscaling_disruption_budget_and_network_policy():
     client = one("base", "Job", "accresnet-classify")["spec"]["template"]
     assert client["metadata"]["labels"]["accresnet-client"] == "true"
     assert client["spec"]["containers"][0]["args"][:2] == ["classify", "--server=accresnet-serving:8500"]
+    assert "--label=stable" in client["spec"]["containers"][0]["args"]
+    # validate compares with the served version: the release pod is a client of the servers too.
+    release = one("base", "Job", "accresnet-release")["spec"]["template"]
+    assert release["metadata"]["labels"]["accresnet-client"] == "true"
+    assert "--current-server=accresnet-serving:8500" in release["spec"]["initContainers"][0]["args"]
 
 
 def test_overlays_change_what_they_promise():
@@ -128,7 +141,10 @@ def test_overlays_change_what_they_promise():
     assert gpu_server["image"].rsplit(":", 1)[0].endswith("-gpu")
     local = one("overlays/local", "PersistentVolumeClaim", "accresnet-data")
     assert local["spec"]["accessModes"] == ["ReadWriteOnce"]
-    local_images = {c["image"] for _, pod in pod_specs("overlays/local") for c in pod["containers"]}
+    local_images = {c["image"] for _, pod in pod_specs("overlays/local")
+                    for c in pod.get("initContainers", []) + pod["containers"]}
+    assert all(c["imagePullPolicy"] == "IfNotPresent" for _, pod in pod_specs("overlays/local")
+               for c in pod.get("initContainers", []) + pod["containers"])
     assert local_images == {"accresnet-trainer:dev", "accresnet-serving:dev"}
     tfjob = one("overlays/tfjob", "TFJob", "accresnet-train")
     assert not [d for d in objects("overlays/tfjob", "Job") if d["metadata"]["name"] == "accresnet-train"]
@@ -140,9 +156,12 @@ def test_overlays_change_what_they_promise():
 
     assert worker["restartPolicy"] == "ExitCode" and min(EXIT_PREEMPTED, EXIT_PEER_LOST) >= 128
     assert worker["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
-    gcs_trainer = one("overlays/gcs", "Job", "accresnet-train")["spec"]["template"]["spec"]["containers"][0]
-    assert [a for a in gcs_trainer["args"] if a.startswith("--export-base")] == [
+    gcs_push = one("overlays/gcs", "Job", "accresnet-release")["spec"]["template"]["spec"]["containers"][0]
+    assert [a for a in gcs_push["args"] if a.startswith("--export-base")] == [
         "--export-base=gs://BUCKET/models/accresnet"]
+    # A ConfigMap cannot take labels: nothing writes or asks for them there.
+    gcs_client = one("overlays/gcs", "Job", "accresnet-classify")["spec"]["template"]["spec"]["containers"][0]
+    assert not [a for a in gcs_push["args"] + gcs_client["args"] if "label" in a or "model-config" in a]
     (config_map,) = objects("overlays/gcs", "ConfigMap")
     assert 'base_path: "gs://BUCKET/models/accresnet"' in config_map["data"]["models.config"]
 

@@ -61,11 +61,11 @@ def test_it_serves_the_training_exports_on_the_shared_volume_with_tf_serving():
     assert service["metadata"]["name"] == deployment.MODEL_NAME
     model = service["spec"]["predictor"]["model"]
     assert model["modelFormat"]["name"] == "tensorflow" and model["runtime"] == RUNTIME
-    # pvc://<claim>/<folder>: the folder the trainer exports to, on the claim it mounts.
-    trainer = one("base", "Job", "accresnet-train")["spec"]["template"]["spec"]
-    (export_base,) = [a.split("=", 1)[1] for a in trainer["containers"][0]["args"] if a.startswith("--export-base=")]
-    mount = next(m for m in trainer["containers"][0]["volumeMounts"] if export_base.startswith(m["mountPath"] + "/"))
-    claim = next(v for v in trainer["volumes"] if v["name"] == mount["name"])["persistentVolumeClaim"]["claimName"]
+    # pvc://<claim>/<folder>: the folder the release Job pushes to, on the claim it mounts.
+    release = one("overlays/kserve", "Job", "accresnet-release")["spec"]["template"]["spec"]
+    (export_base,) = [a.split("=", 1)[1] for a in release["containers"][0]["args"] if a.startswith("--export-base=")]
+    mount = next(m for m in release["containers"][0]["volumeMounts"] if export_base.startswith(m["mountPath"] + "/"))
+    claim = next(v for v in release["volumes"] if v["name"] == mount["name"])["persistentVolumeClaim"]["claimName"]
     folder = export_base[len(mount["mountPath"]) + 1:]
     assert model["storageUri"] == f"pvc://{claim}/{folder}" == "pvc://accresnet-data/models/accresnet"
     # The project's serving image: the official TF Serving with our config files in /config.
@@ -156,6 +156,11 @@ def test_ports_probes_and_metrics_are_the_runtimes():
     assert annotations == {**raw, "prometheus.io/port": str(RUNTIME_REST_PORT)}
 
 
+def policy_peers(overlay):
+    (rule,) = one(overlay, "NetworkPolicy", "accresnet-serving-clients")["spec"]["ingress"]
+    return rule["from"]
+
+
 def test_the_client_job_reaches_the_predictors_grpc_port_through_the_network_policy():
     service = inference_service()
     client = one(OVERLAY, "Job", "accresnet-classify")["spec"]["template"]
@@ -164,7 +169,14 @@ def test_the_client_job_reaches_the_predictors_grpc_port_through_the_network_pol
     assert args[1] == f"--server={service['metadata']['name']}-predictor:{RUNTIME_GRPC_PORT}"
     assert f"--model={deployment.MODEL_NAME}" in args
     base_args = one("base", "Job", "accresnet-classify")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[:1] + args[2:] == base_args[:1] + base_args[2:]
+    # Otherwise as in the base, but without a version label: KServe's runtime reads no model config.
+    assert args[:1] + args[2:] == [a for a in base_args[:1] + base_args[2:] if not a.startswith("--label=")]
+    release = one(OVERLAY, "Job", "accresnet-release")["spec"]["template"]
+    validate_args, push_args = release["spec"]["initContainers"][0]["args"], release["spec"]["containers"][0]["args"]
+    assert f"--current-server={service['metadata']['name']}-predictor:{RUNTIME_GRPC_PORT}" in validate_args
+    assert not [a for a in validate_args + push_args if "label" in a or "model-config" in a]
+    assert all(release["metadata"]["labels"].get(k) == v
+               for peer in policy_peers(OVERLAY) for k, v in peer["podSelector"]["matchLabels"].items())
     pod_labels = service["spec"]["predictor"]["labels"]
     policy = one(OVERLAY, "NetworkPolicy", "accresnet-serving-clients")["spec"]
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()

@@ -177,7 +177,7 @@ def test_the_local_overlay_sets_one_server_through_the_autoscaler():
 # --- GPU images ------------------------------------------------------------------------------
 
 def images(overlay) -> set[str]:
-    return {image_name(c["image"]) for _, pod in pod_specs(overlay) for c in pod["containers"]}
+    return {image_name(c["image"]) for _, pod in pod_specs(overlay) for c in pod.get("initContainers", []) + pod["containers"]}
 
 
 def test_the_gpu_overlay_runs_only_gpu_images():
@@ -207,19 +207,20 @@ def test_the_dockerfile_says_how_to_build_the_gpu_images_under_their_names():
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_guides_apply_steps_take_every_object_once_in_dependency_order(overlay):
     slices = apply_slices()
-    assert len(slices) == 4, slices
+    assert len(slices) == 5, slices
     step = {}
     for doc in objects(overlay):
         key = (doc["kind"], doc["metadata"]["name"])
         hits = [i for i, selector in enumerate(slices) if selects(selector, doc["metadata"].get("labels", {}))]
         assert len(hits) == 1, (key, hits)
         step[key] = hits[0]
-    # 1 data (with what everything needs first), 2 training, 3 serving, 4 client.
+    # 1 data (with what everything needs first), 2 training, 3 release, 4 serving, 5 client.
     assert step[("Namespace", "accresnet")] == step[("PersistentVolumeClaim", "accresnet-data")] == 0
     assert step[("Job", "accresnet-prepare-data")] == 0
     assert all(step[k] == 0 for k in step if k[0] == "NetworkPolicy")  # guards up before the pods
     assert {step[k] for k in step if k[1] in ("accresnet-train", "accresnet-workers")} == {1}
+    assert step[("Job", "accresnet-release")] == 2
     serving = [k for k in step if k in (("Deployment", "accresnet-serving"), ("InferenceService", "accresnet"))]
-    assert len(serving) == 1 and step[serving[0]] == 2
-    assert all(step[k] == 2 for k in step if k[0] in ("HorizontalPodAutoscaler", "PodDisruptionBudget"))
-    assert step[("Job", "accresnet-classify")] == 3
+    assert len(serving) == 1 and step[serving[0]] == 3
+    assert all(step[k] == 3 for k in step if k[0] in ("HorizontalPodAutoscaler", "PodDisruptionBudget"))
+    assert step[("Job", "accresnet-classify")] == 4

@@ -33,7 +33,7 @@ def test_the_gcs_overlay_changes_only_the_model_config():
     _, container = serving_container("overlays/gcs")
     changed = [(a, b) for a, b in zip(container["args"], deployment.DEPLOYED_FLAGS) if a != b]
     assert len(container["args"]) == len(deployment.DEPLOYED_FLAGS)
-    assert [b for _, b in changed] == [f"--model_config_file={deployment.CONFIG_DIR}/models.config"]
+    assert [b for _, b in changed] == [f"--model_config_file={deployment.MODELS_DIR}/models.config"]
 
 
 @pytest.mark.parametrize("overlay", SERVING_OVERLAYS)
@@ -55,8 +55,12 @@ def test_the_serving_image_starts_with_the_deployed_flags_and_files():
                          .group(1).replace("\\\n", ""))
     assert tuple(command) == deployment.DEPLOYED_FLAGS
     copied = re.search(r"^COPY (.*) /config/$", serving_stage, re.MULTILINE).group(1).split()
+    # The model config comes to /models beside the baked-in model; a mounted volume brings its own.
+    template = re.search(r"^COPY (\S+) /models/models.config$", serving_stage, re.MULTILINE).group(1)
+    assert ROOT / template == deployment.MODEL_CONFIG_TEMPLATE
     config_files = {arg.split("=", 1)[1] for arg in deployment.DEPLOYED_FLAGS if arg.split("=", 1)[0].endswith("_file")}
-    assert {f"{deployment.CONFIG_DIR}/{path.rsplit('/', 1)[1]}" for path in copied} == config_files
+    assert {f"{deployment.CONFIG_DIR}/{path.rsplit('/', 1)[1]}" for path in copied} | {
+        f"{deployment.MODELS_DIR}/models.config"} == config_files
     for path in copied:
         assert (ROOT / path).is_file()
 
@@ -86,6 +90,11 @@ def test_local_mapping_changes_only_paths_and_ports(tmp_path):
     assert f'base_path: "{tmp_path / "volume" / "accresnet"}"' in open(models_config).read()
     described = [str(m) for m in local.mappings]
     assert f"model accresnet base_path: /models/accresnet -> {tmp_path / 'volume' / 'accresnet'}" in described
+    # No release wrote a model config on this volume: it starts as the shipped one, and says so.
+    assert (tmp_path / "volume" / "models.config").read_text() == deployment.MODEL_CONFIG_TEMPLATE.read_text()
+    assert any(m.what.startswith("model config on the volume") for m in local.mappings)
+    again = deployment.local_deployed_server(tmp_path / "volume", tmp_path / "scratch", 18500, 18501)
+    assert not any(m.what.startswith("model config on the volume") for m in again.mappings)
     assert "--port (port): 8500 -> 127.0.0.1:18500" in described
 
 

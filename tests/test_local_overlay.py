@@ -1,8 +1,10 @@
 """The Kubernetes local overlay, run as local processes (tests/local_cluster.py) in
 the order of docs/deployment.md: the data Job writes the images, two training
-workers train and export to the shared volume, the model server started with
-the Deployment's args loads the version, and the client Job classifies the
-images on the volume."""
+workers train and export a candidate to the volume's staging folder, the
+release Job validates it and pushes it as the first served version (labelled
+stable and canary), the model server started with the Deployment's args loads
+it, and the client Job classifies the images on the volume with the stable
+version."""
 
 import collections
 import json
@@ -11,6 +13,7 @@ import pytest
 
 from local_cluster import LocalCluster, dockerfile_images
 from manifests import one
+from serving import labels
 
 OVERLAY = "overlays/local"
 
@@ -27,15 +30,25 @@ def test_the_local_overlay_runs_end_to_end(tmp_path):
     cluster = LocalCluster(OVERLAY, tmp_path)
     try:
         pods = cluster.apply_in_guide_order({"accresnet-prepare-data": 120, "accresnet-train": 600,
-                                             "accresnet-serving": 120, "accresnet-classify": 300})
+                                             "accresnet-release": 300, "accresnet-serving": 120,
+                                             "accresnet-classify": 300})
     finally:
         cluster.stop()
         print("\n".join(str(m) for m in cluster.mappings))
-    assert list(pods) == ["accresnet-prepare-data", "accresnet-train", "accresnet-serving", "accresnet-classify"]
+    assert list(pods) == ["accresnet-prepare-data", "accresnet-train", "accresnet-release", "accresnet-serving",
+                          "accresnet-classify"]
     assert len(pods["accresnet-train"]) == one(OVERLAY, "Job", "accresnet-train")["spec"]["completions"] == 2
+    # The release: validated (nothing served yet to compare with), pushed whole, labelled.
+    volume = tmp_path / "volumes" / "accresnet-data"
+    (release,) = pods["accresnet-release"]
+    (validate,) = release.init
+    assert "blessed:" in validate.output() and "holds no version yet" in validate.output(), validate.output()[-2000:]
+    blessing = json.loads((volume / "models" / "accresnet" / "1" / "blessing.json").read_text())
+    assert blessing["verdict"] == "blessed" and blessing["candidate"] == str(volume / "staging" / "accresnet" / "1")
+    assert labels.labels(volume / "models" / "models.config", "accresnet") == {"stable": 1, "canary": 1}
     (client,) = pods["accresnet-classify"]
     predictions = [json.loads(line) for line in client.output().splitlines() if line.startswith("{")]
-    images = sorted((tmp_path / "volumes" / "accresnet-data" / "images").rglob("*.png"))
+    images = sorted((volume / "images").rglob("*.png"))
     assert len(predictions) == len(images) > 0
     truth = {str(path): path.parent.name for path in images}
     correct = sum(p["class_name"] == truth[p["path"]] for p in predictions)
