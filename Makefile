@@ -20,7 +20,7 @@ $(CHECKOV):
 	$(CHECKOV_VENV)/bin/python -m pip install --quiet checkov
 
 test: $(STAMP) $(CHECKOV)
-	CHECKOV=$(CHECKOV) $(BIN)/python -m pytest -q
+	CHECKOV=$(CHECKOV) $(BIN)/python -m pytest -q --durations=25
 
 demo: $(STAMP)
 	$(BIN)/accresnet demo
