@@ -149,8 +149,8 @@ def add_validate_flags(parser: argparse.ArgumentParser) -> None:
     from pipeline.validate import ValidateConfig
 
     flags.add_flags(parser, ValidateConfig, ("candidate", "dataset", "data_dir", "eval_images", "current_server",
-                                             "current_label", "served_base", "model", "min_accuracy", "max_accuracy_drop",
-                                             "latency_budget_ms"))
+                                             "current_label", "served_base", "model", "min_accuracy",
+                                             "max_accuracy_drop", "latency_budget_ms"))
 
 
 def run_validate(args: argparse.Namespace) -> int:

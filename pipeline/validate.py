@@ -264,6 +264,8 @@ def _served_metrics(config: ValidateConfig, images: np.ndarray, labels: np.ndarr
         return evaluate_over_grpc(config.current_server, config.model, images, labels, config.current_label), None
     except ClientError as error:
         status, details = error.code, str(error)
+    except Exception as error:  # it answers, but not comparably (other classes, other outputs)
+        return None, f"the served version could not be compared with: {type(error).__name__}: {error}"
     if status == grpc.StatusCode.NOT_FOUND:
         announce(f"no served version to compare with ({details})")
         return None, None

@@ -177,7 +177,8 @@ def test_the_local_overlay_sets_one_server_through_the_autoscaler():
 # --- GPU images ------------------------------------------------------------------------------
 
 def images(overlay) -> set[str]:
-    return {image_name(c["image"]) for _, pod in pod_specs(overlay) for c in pod.get("initContainers", []) + pod["containers"]}
+    return {image_name(c["image"]) for _, pod in pod_specs(overlay)
+            for c in pod.get("initContainers", []) + pod["containers"]}
 
 
 def test_the_gpu_overlay_runs_only_gpu_images():
