@@ -232,9 +232,13 @@ def serving_locally(models_dir: pathlib.Path, scratch: pathlib.Path, log_path: p
 
 
 def wait_until_available(address: str, model: str, timeout: float, process: subprocess.Popen) -> None:
+    """Until a version of `model` is AVAILABLE. The model folder is complete before the server
+    starts, so a version whose load failed (END with an error) fails the wait at once: a retry
+    of the same files, minutes later, cannot do better."""
     import grpc
     from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
+    states = get_model_status_pb2.ModelVersionStatus
     request = get_model_status_pb2.GetModelStatusRequest()
     request.model_spec.name = model
     deadline = time.monotonic() + timeout
@@ -245,9 +249,13 @@ def wait_until_available(address: str, model: str, timeout: float, process: subp
                 raise RuntimeError(f"the model server exited with status {process.returncode}")
             try:
                 statuses = stub.GetModelStatus(request, timeout=2).model_version_status
-                if any(s.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE for s in statuses):
-                    return
             except grpc.RpcError:
-                pass
+                statuses = []
+            if any(s.state == states.AVAILABLE for s in statuses):
+                return
+            failed = [s for s in statuses if s.state == states.END and s.status.error_code != 0]
+            if failed and len(failed) == len(statuses):
+                raise RuntimeError(f"model {model} version {failed[0].version} failed to load: "
+                                   f"{failed[0].status.error_message}")
             time.sleep(0.5)
     raise RuntimeError(f"model {model} did not become available at {address} within {timeout:.0f}s")
