@@ -291,6 +291,10 @@ def _error(status: int, message: str) -> web.Response:
     return _json_response(_json_bytes({"error": message}), status)
 
 
+# The answer to a REST request that outlives --rest_api_timeout_in_ms.
+TIMED_OUT = "Request timed out"
+
+
 class _Refused(Exception):
     """A request answered before it reaches the model server."""
 
@@ -395,9 +399,11 @@ class RestApi:
         try:
             future = asyncio.get_running_loop().run_in_executor(self.executor, self._respond, api, spec, body, call)
             status, code, payload = await asyncio.wait_for(future, self.timeout)
+            if code == "DEADLINE_EXCEEDED" and call.expired:  # the REST timeout, seen first by the batcher
+                status, payload = 504, _json_bytes({"error": TIMED_OUT})
         except asyncio.TimeoutError:
             call.cancel()  # answered 504: the model must not run it any more
-            status, code, payload = 504, "DEADLINE_EXCEEDED", _json_bytes({"error": "Request timed out"})
+            status, code, payload = 504, "DEADLINE_EXCEEDED", _json_bytes({"error": TIMED_OUT})
         except BaseException:
             call.cancel()
             raise
