@@ -629,7 +629,7 @@ def test_the_shipped_tf_serving_configs_parse_and_serve(exported_model, tmp_path
         "--enable_batching", f"--batching_parameters_file={config_dir / 'batching.config'}",
         f"--monitoring_config_file={config_dir / 'monitoring.config'}", "--file_system_poll_wait_seconds=0"])
     options = options_from_args(args)
-    assert options.batching.max_batch_size == 64 and options.batching.allowed_batch_sizes == (8, 16, 32, 64)
+    assert options.batching.max_batch_size == 64 and options.batching.allowed_batch_sizes == ()
     assert options.metrics_path == "/monitoring/prometheus/metrics"
     server = RunningServer(options)
     try:
