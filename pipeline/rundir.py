@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
-import os
 import pathlib
 from typing import Any
 
 from pipeline.config import ModelConfig, UserError
+from serving.atomic import write_atomically
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
 # Settings that must match for a model directory to be resumed.
@@ -203,13 +204,12 @@ class RunDir:
             return [HistoryRow.from_csv(row) for row in csv.DictReader(file)]
 
     def write_history(self, rows: list[HistoryRow]) -> None:
-        scratch = self._history_file.with_suffix(".csv.tmp")
-        with scratch.open("w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=HISTORY_FIELDS)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: "" if v is None else v for k, v in dataclasses.asdict(row).items()})
-        os.replace(scratch, self._history_file)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in dataclasses.asdict(row).items()})
+        write_atomically(self._history_file, text.getvalue())
 
     # --- summary.json ---
 
@@ -243,6 +243,4 @@ class RunDir:
 
 
 def _write_json(path: pathlib.Path, value: dict) -> None:
-    scratch = path.with_suffix(".json.tmp")
-    scratch.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(scratch, path)
+    write_atomically(path, json.dumps(value, indent=2) + "\n")

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import DataConfig, UserError
 from pipeline.flags import nested, setting
+from serving.atomic import write_atomically
 
 if TYPE_CHECKING:
     import numpy as np  # imported where used: `accresnet --help` stays light
@@ -247,7 +248,7 @@ def validate(config: ValidateConfig, announce=print) -> dict:
         "current": {"server": config.current_server, "label": config.current_label,
                     "metrics": dataclasses.asdict(current) if current else None},
     }
-    (candidate_dir / BLESSING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_atomically(candidate_dir / BLESSING_FILE, json.dumps(record, indent=2) + "\n")
     if candidate is not None:
         plot_confusion(candidate_dir / CONFUSION_FILE, class_names, candidate, current)
     return record

@@ -31,6 +31,8 @@ import sys
 import time
 from collections.abc import Iterator, Mapping as MappingType, Sequence
 
+from serving.atomic import write_atomically
+
 # serving/config/ is what the serving image copies to /config.
 SHIPPED_CONFIG_DIR = pathlib.Path(__file__).parent / "config"
 # The model config a model volume starts with: the release Job's push writes it there.
@@ -149,9 +151,7 @@ def ensure_model_config(path: str | os.PathLike) -> bool:
     if path.exists():
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_name(f".{path.name}.tmp")
-    shutil.copyfile(MODEL_CONFIG_TEMPLATE, scratch)
-    os.replace(scratch, path)  # a server polling the file never reads half of it
+    write_atomically(path, MODEL_CONFIG_TEMPLATE.read_text())  # a server may poll the file already
     return True
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import pathlib
 
+from serving.atomic import write_atomically
+
 CANARY, STABLE, ROLLBACK = "canary", "stable", "rollback"
 
 
@@ -39,9 +41,7 @@ def _read(path: pathlib.Path):
 def _write(path: pathlib.Path, config) -> None:
     from google.protobuf import text_format
 
-    scratch = path.with_name(f".{path.name}.tmp")
-    scratch.write_text(text_format.MessageToString(config))
-    os.replace(scratch, path)
+    write_atomically(path, text_format.MessageToString(config))
 
 
 def _model(config, name: str):

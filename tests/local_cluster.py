@@ -188,12 +188,7 @@ class LocalCluster:
     def start(self, pod: Pod, init_timeout: float = 600) -> Pod:
         for init in pod.init:
             self.start(init)
-            try:
-                init.process.wait(timeout=init_timeout)
-            except subprocess.TimeoutExpired:
-                self.stop()
-                raise AssertionError(f"{init.name} did not finish in {init_timeout:.0f}s:\n{init.output()[-3000:]}")
-            assert init.process.returncode == 0, f"{init.name} failed:\n{init.output()[-3000:]}"
+            self._wait_for(init, time.monotonic() + init_timeout)
         pod.log = self.root / "logs" / f"{pod.name}.log"
         pod.log.parent.mkdir(parents=True, exist_ok=True)
         with pod.log.open("w") as log:
@@ -231,14 +226,18 @@ class LocalCluster:
         deadline = started + timeout
         pods = [self.start(pod, init_timeout=timeout) for pod in self.job_pods(name)]
         for pod in pods:
-            try:
-                pod.process.wait(timeout=max(deadline - time.monotonic(), 1))
-            except subprocess.TimeoutExpired:
-                self.stop()
-                raise AssertionError(f"{pod.name} did not finish in {timeout:.0f}s:\n{pod.output()[-3000:]}")
-            assert pod.process.returncode == 0, f"{pod.name} failed:\n{pod.output()[-3000:]}"
+            self._wait_for(pod, deadline)
         self.announce(f"Job {name} succeeded in {time.monotonic() - started:.0f}s")
         return pods
+
+    def _wait_for(self, pod: Pod, deadline: float) -> None:
+        """Until the pod's process ends, which it must do by `deadline` and with status 0."""
+        try:
+            pod.process.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"{pod.name} did not finish in time:\n{pod.output()[-3000:]}") from None
+        assert pod.process.returncode == 0, f"{pod.name} failed:\n{pod.output()[-3000:]}"
 
     def start_deployment(self, name: str) -> Pod:
         """One replica of the Deployment, reachable through every Service that selects it."""
