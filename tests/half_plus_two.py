@@ -10,6 +10,8 @@ elementwise.
 
 import tensorflow as tf
 
+from tf1_model import save_v1
+
 
 def build_half_plus_two(path: str) -> None:
     v1 = tf.compat.v1
@@ -26,8 +28,4 @@ def build_half_plus_two(path: str) -> None:
             "classify_x_to_y": v1.saved_model.classification_signature_def(serialized, None, y_examples),
             "regress_x_to_y": v1.saved_model.regression_signature_def(serialized, y_examples),
         }
-        builder = v1.saved_model.Builder(path)
-        with v1.Session() as session:
-            session.run(v1.global_variables_initializer())
-            builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map=signatures)
-        builder.save()
+        save_v1(path, signatures)

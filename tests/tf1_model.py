@@ -36,11 +36,17 @@ def build_tf1_saved_model(path: str) -> None:
             "classify": v1.saved_model.classification_signature_def(serialized, classes, scores),
             "regress": v1.saved_model.regression_signature_def(serialized, y_examples),
         }
-        builder = v1.saved_model.Builder(path)
-        with v1.Session() as session:
-            session.run(v1.global_variables_initializer())
-            builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map=signatures)
-        builder.save()
+        save_v1(path, signatures)
+
+
+def save_v1(path: str, signatures: dict) -> None:
+    """The current graph's variables, initialised, and `signatures` as a SavedModel tagged "serve"."""
+    v1 = tf.compat.v1
+    builder = v1.saved_model.Builder(path)
+    with v1.Session() as session:
+        session.run(v1.global_variables_initializer())
+        builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map=signatures)
+    builder.save()
 
 
 def example(x0: float, x1: float) -> tf.train.Example:
