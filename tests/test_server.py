@@ -649,7 +649,48 @@ def test_bad_server_flags_are_explained(tmp_path):
              ([f"--model_config_file={bad}"], "needs a name and a base_path"),
              ([f"--model_config_file={tmp_path / 'missing'}"], "cannot read"),
              (["--model_base_path=/m", "--port=9000", "--rest_api_port=9000"], "must differ"),
-             (["--model_base_path=/m", "--grpc_channel_arguments=nonsense"], "not key=value")]
+             (["--model_base_path=/m", "--grpc_channel_arguments=nonsense"], "not key=value"),
+             (["--model_base_path=/m", "--tensorflow_session_parallelism=2", "--tensorflow_intra_op_parallelism=2",
+               "--tensorflow_inter_op_parallelism=2"], "not all three"),
+             (["--model_base_path=/m", "--tensorflow_inter_op_parallelism=-1"], "cannot be negative"),
+             (["--model_base_path=/m", f"--tensorflow_session_config_file={bad}"],
+              "not a valid tensorflow.ConfigProto")]
     for flags, message in cases:
         with pytest.raises(OptionsError, match=message):
             options_from_args(build_parser().parse_args(flags))
+
+
+def test_session_config_is_tf_servings_file_with_the_flags_thread_counts(tmp_path):
+    """As in TF Serving: the file's settings, its thread counts replaced by the flags'."""
+    config_file = tmp_path / "session.config"
+    config_file.write_text("intra_op_parallelism_threads: 7 experimental { disable_thread_spinning: true }")
+    base = ["--model_base_path=/m", f"--tensorflow_session_config_file={config_file}"]
+
+    def threads(*flags):
+        config = options_from_args(build_parser().parse_args(base + list(flags))).session_config
+        assert config.experimental.disable_thread_spinning
+        return config.intra_op_parallelism_threads, config.inter_op_parallelism_threads
+
+    assert threads() == (0, 0)
+    assert threads("--tensorflow_session_parallelism=3") == (3, 3)
+    assert threads("--tensorflow_intra_op_parallelism=2") == (2, 0)
+    assert threads("--tensorflow_intra_op_parallelism=2", "--tensorflow_inter_op_parallelism=1") == (2, 1)
+    assert threads("--tensorflow_session_parallelism=5", "--tensorflow_inter_op_parallelism=1") == (0, 1)
+
+
+def test_every_version_runs_in_a_session_of_the_configured_config(exported_model, tmp_path):
+    from tensorflow.core.protobuf import config_pb2
+
+    from serving.server.manager import ModelManager
+
+    shutil.copytree(exported_model, tmp_path / "m" / "1")
+    wanted = config_pb2.ConfigProto(intra_op_parallelism_threads=1)
+    wanted.experimental.disable_thread_spinning = True
+    manager = ModelManager([model_server_config_pb2.ModelConfig(name="m", base_path=str(tmp_path / "m"))],
+                           poll_seconds=0, session_config=wanted)
+    manager.start()
+    servable = manager.servable("m")
+    assert servable.session._config == wanted  # the config tf.compat.v1.Session was created with
+    signature = servable.signature("")
+    outputs = servable.run(signature, {"images": images(2)}, sorted(signature.outputs))
+    assert outputs["probabilities"].shape[0] == 2

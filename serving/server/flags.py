@@ -71,6 +71,16 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     add("--model_reload_allowed_roots", default="",
         help="with --enable_model_reload_rpc: comma-separated folders (or gs://... prefixes) under which a "
              "reloaded model's base_path must lie (default: the folders of the models configured at start)")
+    add("--tensorflow_session_parallelism", type=int, default=0,
+        help="threads of both of TensorFlow's pools (intra-op and inter-op); 0 lets TensorFlow choose. Not "
+             "together with both of the next two (default: %(default)s)")
+    add("--tensorflow_intra_op_parallelism", type=int, default=0,
+        help="threads one op may use; 0 lets TensorFlow choose (default: %(default)s)")
+    add("--tensorflow_inter_op_parallelism", type=int, default=0,
+        help="ops run at once; 0 lets TensorFlow choose (default: %(default)s)")
+    add("--tensorflow_session_config_file", default="",
+        help="ASCII tensorflow.ConfigProto for every model's session; as in TF Serving, its thread counts "
+             "are always those of the three flags above")
     add("--max_request_tensor_bytes", type=int, default=DEFAULT_MAX_REQUEST_TENSOR_BYTES,
         help="bytes a Predict request's tensors may declare once decoded, checked before they are "
              "(default: %(default)s, 256 MiB)")

@@ -44,7 +44,8 @@ class RunningServer:
                                     warm_up=self.model_server.warm_up if options.enable_model_warmup else None,
                                     poll_seconds=options.file_system_poll_wait_seconds,
                                     retries=LoadRetries(options.max_num_load_retries,
-                                                        options.load_retry_interval_micros / 1e6))
+                                                        options.load_retry_interval_micros / 1e6),
+                                    session_config=options.session_config)
         self.metrics = ServingMetrics(is_configured=self.manager.knows)
         self.model_server.manager = self.manager
         self.health = Health()

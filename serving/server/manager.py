@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import grpc
 import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -102,8 +103,9 @@ class ModelManager:
 
     def __init__(self, configs: list[model_server_config_pb2.ModelConfig],
                  warm_up: Callable[[Servable], None] | None = None, poll_seconds: float = 1.0,
-                 retries: LoadRetries = LoadRetries()):
+                 retries: LoadRetries = LoadRetries(), session_config: config_pb2.ConfigProto | None = None):
         self._warm_up = warm_up
+        self._session_config = session_config
         self._retries = retries
         self._poll_seconds = poll_seconds
         self._lock = threading.Lock()
@@ -205,7 +207,7 @@ class ModelManager:
             record = state.versions[version] = VersionRecord(version, State.LOADING, fingerprint=fingerprint,
                                                              failed_loads=failed_loads)
         try:
-            servable = Servable(name, version, path)
+            servable = Servable(name, version, path, self._session_config)
             if self._warm_up is not None:
                 self._warm_up(servable)
         except Exception as error:  # any broken folder: log it and keep serving the others

@@ -56,6 +56,8 @@ class ServerOptions:
     load_retry_interval_micros: int = 60_000_000
     # Roots under which HandleReloadConfigRequest may load base paths; None turns the RPC off.
     reload_roots: tuple[str, ...] | None = None
+    # The tensorflow.ConfigProto every model version's session is created with; None: TensorFlow's defaults.
+    session_config: object | None = None
 
 
 def _read_text_proto(path: str, message, what: str):
@@ -88,6 +90,28 @@ def _grpc_arguments(text: str) -> tuple[tuple[str, object], ...]:
             raise OptionsError(f"--grpc_channel_arguments: {item!r} is not key=value")
         arguments.append((key.strip(), int(value) if value.strip().lstrip("-").isdigit() else value.strip()))
     return tuple(arguments)
+
+
+def session_config(args: argparse.Namespace):
+    """The sessions' tensorflow.ConfigProto as TF Serving builds it: the file's, then its thread
+    counts replaced by the flags (either the per-pool flags or --tensorflow_session_parallelism)."""
+    from tensorflow.core.protobuf import config_pb2  # imports TensorFlow: not before the flags are read
+
+    config = config_pb2.ConfigProto()
+    if args.tensorflow_session_config_file:
+        config = _read_text_proto(args.tensorflow_session_config_file, config, "tensorflow.ConfigProto")
+    intra, inter, both = (args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism,
+                          args.tensorflow_session_parallelism)
+    if intra > 0 and inter > 0 and both > 0:
+        raise OptionsError("give either --tensorflow_session_parallelism or --tensorflow_intra_op_parallelism "
+                           "and --tensorflow_inter_op_parallelism, not all three")
+    if min(intra, inter, both) < 0:
+        raise OptionsError("the --tensorflow_*_parallelism flags cannot be negative")
+    if intra > 0 or inter > 0:
+        config.intra_op_parallelism_threads, config.inter_op_parallelism_threads = intra, inter
+    else:
+        config.intra_op_parallelism_threads = config.inter_op_parallelism_threads = both
+    return config
 
 
 def _reload_roots(args: argparse.Namespace, models: list) -> tuple[str, ...] | None:
@@ -172,6 +196,6 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         enable_model_warmup=args.enable_model_warmup, grpc_max_threads=args.grpc_max_threads,
         max_request_tensor_bytes=args.max_request_tensor_bytes, grpc_bind_address=args.grpc_bind_address,
         reload_roots=_reload_roots(args, models), max_num_load_retries=args.max_num_load_retries,
-        load_retry_interval_micros=args.load_retry_interval_micros,
+        load_retry_interval_micros=args.load_retry_interval_micros, session_config=session_config(args),
         **_rest_options(args),
     )

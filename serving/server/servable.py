@@ -81,10 +81,10 @@ def read_meta_graph(path: str) -> meta_graph_pb2.MetaGraphDef:
 class Servable:
     """A version loaded into its own graph and session; TF1 and TF2 SavedModels alike."""
 
-    def __init__(self, name: str, version: int, path: str):
+    def __init__(self, name: str, version: int, path: str, session_config: config_pb2.ConfigProto | None = None):
         self.name, self.version, self.path = name, version, str(path)
         self.graph = tf.Graph()
-        self.session = tf.compat.v1.Session(graph=self.graph)
+        self.session = tf.compat.v1.Session(graph=self.graph, config=session_config)
         with self.graph.as_default():
             self.meta_graph = tf.compat.v1.saved_model.loader.load(self.session, [SERVE_TAG], self.path)
         self.signatures: dict[str, Signature] = {
