@@ -3,13 +3,18 @@
 Measured in one run, on this machine, against baselines measured here too:
 
 - raw: the SavedModel's serving_default called in-process at batch 16 (a
-  session callable, as TF Serving runs it), images/s;
+  session callable, as TF Serving runs it), images/s, measured before and
+  after the served run; the higher of the two is the baseline, since this
+  machine's rate moves from minute to minute;
 - served, batching on: `accresnet serve` started with the deployed flags and
   configs (serving/deployment.py), 16 concurrent clients each sending batch-1
   gRPC Predict requests, images/s; the ratio served/raw;
 - unbatched overhead: `accresnet serve` without batching, one client sending
   batch-1 requests one after another; its p50 latency minus the in-process
-  batch-1 p50.
+  batch-1 p50 (calls back to back);
+- the same, paired: in-process and served batch-1 calls taken in turn, so
+  that both see the same state of the machine and the same idle gap before
+  each call; the median of the differences.
 
     python benchmarks/serving_throughput.py [--depth 32] [--seconds 20]
 """
@@ -51,20 +56,46 @@ def export_model(depth: int, root: pathlib.Path) -> pathlib.Path:
     return pathlib.Path(export_saved_model(model, [f"class{i}" for i in range(10)], root / "models" / MODEL))
 
 
-def in_process(version: pathlib.Path, batch: int, seconds: float) -> tuple[float, list[float]]:
-    """images/s and per-call latencies (s) of serving_default called in-process."""
-    servable = Servable(MODEL, 1, str(version))
+OUTPUTS = ["probabilities", "top_k_class_names", "top_k_probabilities"]
+
+
+def in_process_call(servable: Servable, batch: int):
+    """A function calling serving_default in-process on `batch` images; returns its latency (s)."""
     signature = servable.signature("serving_default")
-    images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
-    outputs = ["probabilities", "top_k_class_names", "top_k_probabilities"]
+    images = np.random.default_rng(batch).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+
+    def call() -> float:
+        started = time.perf_counter()
+        servable.run(signature, {"images": images}, OUTPUTS)
+        return time.perf_counter() - started
+    return call
+
+
+def in_process(servable: Servable, batch: int, seconds: float) -> tuple[float, list[float]]:
+    """images/s and per-call latencies (s) of serving_default called in-process, back to back."""
+    call = in_process_call(servable, batch)
     for _ in range(3):
-        servable.run(signature, {"images": images}, outputs)
+        call()
     latencies, started = [], time.perf_counter()
     while time.perf_counter() - started < seconds:
-        call = time.perf_counter()
-        servable.run(signature, {"images": images}, outputs)
-        latencies.append(time.perf_counter() - call)
+        latencies.append(call())
     return batch * len(latencies) / sum(latencies), latencies
+
+
+def paired(servable: Servable, grpc_port: int, seconds: float) -> tuple[list[float], list[float]]:
+    """Latencies (s) of batch-1 calls in-process and served, taken in turn."""
+    local = in_process_call(servable, 1)
+    message = request(1)
+    local_latencies, served_latencies = [], []
+    with grpc.insecure_channel(f"localhost:{grpc_port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        stop = time.perf_counter() + seconds
+        while time.perf_counter() < stop:
+            local_latencies.append(local())
+            started = time.perf_counter()
+            stub.Predict(message, timeout=30)
+            served_latencies.append(time.perf_counter() - started)
+    return local_latencies, served_latencies
 
 
 def start_server(flags: list[str], grpc_port: int) -> subprocess.Popen:
@@ -89,7 +120,7 @@ def request(batch: int) -> predict_pb2.PredictRequest:
     message.model_spec.name = MODEL
     images = np.random.default_rng(batch).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
     message.inputs["images"].CopyFrom(tf.make_tensor_proto(images))
-    message.output_filter.extend(["probabilities", "top_k_class_names", "top_k_probabilities"])
+    message.output_filter.extend(OUTPUTS)
     return message
 
 
@@ -141,10 +172,11 @@ def main() -> None:
 
     root = pathlib.Path(tempfile.mkdtemp(prefix="serving-bench-"))
     version = export_model(args.depth, root)
-    raw, _ = in_process(version, args.clients, args.seconds)
-    _, single = in_process(version, 1, args.seconds)
-    print(f"in-process, batch {args.clients}: {raw:.0f} images/s; batch 1 p50 {1e3 * statistics.median(single):.2f} ms",
-          flush=True)
+    servable = Servable(MODEL, 1, str(version))
+    raw_before, _ = in_process(servable, args.clients, args.seconds)
+    _, single = in_process(servable, 1, args.seconds)
+    print(f"in-process, batch {args.clients}: {raw_before:.0f} images/s; "
+          f"batch 1 p50 {1e3 * statistics.median(single):.2f} ms", flush=True)
 
     grpc_port, rest_port = free_ports(2)
     deployed = local_deployed_server(root / "models", root / "config", grpc_port, rest_port)
@@ -158,6 +190,9 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(60)
+    raw_after, _ = in_process(servable, args.clients, args.seconds)
+    raw = max(raw_before, raw_after)
+    print(f"in-process again, batch {args.clients}: {raw_after:.0f} images/s", flush=True)
     print(f"served, batching on, {args.clients} clients: {served:.0f} images/s ({served / raw:.2f}x raw), "
           f"p50 {1e3 * percentile(batched_latencies, 50):.1f} ms, p99 {1e3 * percentile(batched_latencies, 99):.1f} ms, "
           f"{errors} errors", flush=True)
@@ -170,18 +205,26 @@ def main() -> None:
     try:
         load(grpc_port, 1, 2)
         _, unbatched, errors = load(grpc_port, 1, args.seconds)
+        local, served_in_turn = paired(servable, grpc_port, args.seconds)
     finally:
         server.terminate()
         server.wait(60)
     overhead = statistics.median(unbatched) - statistics.median(single)
+    paired_overhead = statistics.median(s - i for s, i in zip(served_in_turn, local))
     print(f"unbatched batch 1: p50 {1e3 * statistics.median(unbatched):.2f} ms, overhead over in-process "
           f"{1e3 * overhead:.2f} ms, {errors} errors", flush=True)
-    print(json.dumps({"raw_images_per_sec": raw, "served_images_per_sec": served, "served_over_raw": served / raw,
+    print(f"taken in turn: in-process p50 {1e3 * statistics.median(local):.2f} ms, served p50 "
+          f"{1e3 * statistics.median(served_in_turn):.2f} ms, overhead (median of the differences) "
+          f"{1e3 * paired_overhead:.2f} ms", flush=True)
+    print(json.dumps({"raw_images_per_sec": raw, "raw_before": raw_before, "raw_after": raw_after, "served_images_per_sec": served, "served_over_raw": served / raw,
                       "batched_p50_ms": 1e3 * percentile(batched_latencies, 50),
                       "batched_p99_ms": 1e3 * percentile(batched_latencies, 99),
                       "unbatched_p50_ms": 1e3 * statistics.median(unbatched),
                       "in_process_batch1_p50_ms": 1e3 * statistics.median(single),
-                      "unbatched_overhead_ms": 1e3 * overhead}))
+                      "unbatched_overhead_ms": 1e3 * overhead,
+                      "paired_in_process_p50_ms": 1e3 * statistics.median(local),
+                      "paired_served_p50_ms": 1e3 * statistics.median(served_in_turn),
+                      "paired_overhead_ms": 1e3 * paired_overhead}))
 
 
 if __name__ == "__main__":
