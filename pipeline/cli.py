@@ -60,7 +60,11 @@ def run_train(args: argparse.Namespace) -> int:
     if args.export_base and summary.is_chief:
         from pipeline import export
 
-        print(export.export_run(args.model_dir, args.export_base))
+        print(export.export_run(args.model_dir, args.export_base), flush=True)
+    if summary.settings.workers > 1:
+        from pipeline.distribute import leave_together
+
+        leave_together("accresnet-train-done")
     return 0
 
 

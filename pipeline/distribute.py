@@ -169,3 +169,13 @@ def make_strategy(cluster: Cluster, devices: int | None):
         # state that a second strategy in the same process could clash with.
         return tf.distribute.MirroredStrategy(names, cross_device_ops=tf.distribute.ReductionToOneDevice())
     return tf.distribute.MirroredStrategy(names)
+
+
+def leave_together(barrier: str, timeout_seconds: float = 3600.0) -> None:
+    """Wait until every worker of the cluster reaches `barrier`. A worker that exits while
+    the chief still works (exporting, after training) stops sending heartbeats, and
+    TensorFlow's coordination service then reports it crashed and aborts the chief's
+    collectives; leaving together ends a multi-worker run cleanly."""
+    from tensorflow.python.eager import context
+
+    context.context().wait_at_barrier(barrier, int(timeout_seconds * 1000))
