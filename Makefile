@@ -19,8 +19,10 @@ $(CHECKOV):
 	$(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/python -m pip install --quiet checkov
 
+# Two processes: most tests wait on a subprocess importing TensorFlow or on a
+# server, so two of them share two cores well (17 minutes down to 11 here).
 test: $(STAMP) $(CHECKOV)
-	CHECKOV=$(CHECKOV) $(BIN)/python -m pytest -q --durations=25
+	CHECKOV=$(CHECKOV) $(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=25
 
 demo: $(STAMP)
 	$(BIN)/accresnet demo
