@@ -216,7 +216,8 @@ def main() -> None:
     print(f"taken in turn: in-process p50 {1e3 * statistics.median(local):.2f} ms, served p50 "
           f"{1e3 * statistics.median(served_in_turn):.2f} ms, overhead (median of the differences) "
           f"{1e3 * paired_overhead:.2f} ms", flush=True)
-    print(json.dumps({"raw_images_per_sec": raw, "raw_before": raw_before, "raw_after": raw_after, "served_images_per_sec": served, "served_over_raw": served / raw,
+    print(json.dumps({"raw_images_per_sec": raw, "raw_before": raw_before, "raw_after": raw_after,
+                      "served_images_per_sec": served, "served_over_raw": served / raw,
                       "batched_p50_ms": 1e3 * percentile(batched_latencies, 50),
                       "batched_p99_ms": 1e3 * percentile(batched_latencies, 99),
                       "unbatched_p50_ms": 1e3 * statistics.median(unbatched),
