@@ -49,8 +49,10 @@ import tensorflow as tf
 
 from pipeline.config import UserError
 from pipeline.image_decoding import decode_images
+from pipeline.input_contract import checked_batch
 from pipeline.model import build_model, precision_policy
 from pipeline.rundir import RunDir
+from serving.contract import version_number
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +105,17 @@ class ServingModule(tf.Module):
                 "top_k_class_names": tf.gather(self._class_names, top_ids),
                 "top_k_probabilities": top_probabilities}
 
+    # Each signature checks its inputs first (pipeline/input_contract.py): TF Serving does not.
     def _serve_images(self, images):
-        return self._outputs(images)
+        return self._outputs(checked_batch(images, "images", IMAGE_SHAPE))
 
     def _serve_bytes(self, image_bytes):
-        return self._outputs(decode_images(image_bytes))
+        return self._outputs(decode_images(checked_batch(image_bytes, "image_bytes"), "image_bytes"))
 
     def _serve_examples(self, inputs):
-        features = tf.io.parse_example(inputs, {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)})
-        outputs = self._outputs(decode_images(features[IMAGE_FEATURE]))
+        features = tf.io.parse_example(checked_batch(inputs, "inputs"),
+                                       {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)})
+        outputs = self._outputs(decode_images(features[IMAGE_FEATURE], f"inputs ({IMAGE_FEATURE})"))
         return {"classes": outputs["top_k_class_names"], "scores": outputs["top_k_probabilities"]}
 
     def signatures(self) -> dict:
@@ -151,8 +155,9 @@ def existing_versions(export_base: str | os.PathLike) -> list[int]:
     base = str(export_base)
     if not tf.io.gfile.isdir(base):
         return []
-    names = (name.rstrip("/") for name in tf.io.gfile.listdir(base))
-    return sorted(int(n) for n in names if n.isdigit() and tf.io.gfile.isdir(tf.io.gfile.join(base, n)))
+    numbered = ((name, version_number(name)) for name in tf.io.gfile.listdir(base))
+    return sorted({number for name, number in numbered
+                   if number is not None and tf.io.gfile.isdir(tf.io.gfile.join(base, name.rstrip("/")))})
 
 
 def export_saved_model(model: keras.Model, class_names: list[str], export_base: str | os.PathLike,

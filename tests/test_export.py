@@ -8,6 +8,7 @@ import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import prediction_log_pb2
 
+from hostile_files import gif_hiding_a_frame, gif_of_frames, gif_of_sub_blocks, jpeg_declaring, png_declaring
 from pipeline import export
 from pipeline.synthetic import CLASS_NAMES
 from serving.server.servable import read_meta_graph
@@ -150,8 +151,7 @@ def test_bytes_signature_decodes_any_format_size_and_mode(exported_model):
 
 
 def test_serving_bytes_refuses_what_would_decode_too_large_or_is_no_known_format(exported_model):
-    from pipeline.image_decoding import MAX_DECODED_PIXELS
-    from test_server_hardening import png_declaring
+    from pipeline.image_headers import MAX_DECODED_PIXELS
 
     serve = tf.saved_model.load(str(exported_model)).signatures["serving_bytes"]
     side = int(MAX_DECODED_PIXELS ** 0.5)
@@ -161,9 +161,52 @@ def test_serving_bytes_refuses_what_would_decode_too_large_or_is_no_known_format
     Image.fromarray(images(1)[0]).save(webp, format="WEBP")
     with pytest.raises(tf.errors.InvalidArgumentError, match="unsupported image format"):
         serve(image_bytes=tf.constant([webp.getvalue()]))
-    # A large photo is fine: JPEGs are decoded at a reduced scale.
+    # A large photo is fine: JPEGs are decoded at a reduced scale ...
     photo = np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)
     assert serve(image_bytes=tf.constant([encode(photo, "JPEG")]))["probabilities"].shape == (1, 10)
+    # ... but not one whose full size a progressive decode could not hold.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more pixels than"):
+        serve(image_bytes=tf.constant([jpeg_declaring(60000, 60000)]))
+
+
+def test_every_frame_of_a_gif_counts(exported_model):
+    from pipeline.image_headers import MAX_GIF_BLOCKS, MAX_GIF_BYTES
+
+    serve = tf.saved_model.load(str(exported_model)).signatures["serving_bytes"]
+    # A 1x1 screen hiding an 8000x8000 frame; 2000 frames of 100x100 (20M pixels in all).
+    for hostile in (gif_hiding_a_frame(), gif_of_frames(2000, (100, 100))):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="more pixels than"):
+            serve(image_bytes=tf.constant([hostile]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"at most {MAX_GIF_BYTES} bytes and {MAX_GIF_BLOCKS}"):
+        serve(image_bytes=tf.constant([gif_of_frames(MAX_GIF_BLOCKS)]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"at most {MAX_GIF_BYTES} bytes"):
+        serve(image_bytes=tf.constant([gif_of_sub_blocks(MAX_GIF_BYTES // 2)]))
+    # Animations within the bounds decode (the first frame), however their data is cut.
+    frames = [images(1, seed)[0] for seed in range(3)]
+    animation = io.BytesIO()
+    Image.fromarray(frames[0]).save(animation, format="GIF", save_all=True,
+                                    append_images=[Image.fromarray(f) for f in frames[1:]])
+    small = [animation.getvalue(), gif_of_frames(100), gif_of_sub_blocks(5000)]
+    assert serve(image_bytes=tf.constant(small))["probabilities"].shape == (3, 10)
+
+
+@pytest.mark.parametrize("signature, name, value", [
+    ("serving_default", "images", np.zeros((1, 3), np.uint8)),
+    ("serving_default", "images", np.zeros((32, 32, 3), np.uint8)),
+    ("serving_default", "images", np.zeros((1, 1, 1, 3), np.uint8)),
+    ("serving_default", "images", np.zeros((0, 32, 32, 3), np.uint8)),
+    ("serving_default", "images", np.zeros((1025, 32, 32, 3), np.uint8)),
+    ("serving_bytes", "image_bytes", np.array(b"x", object)),
+    ("serving_bytes", "image_bytes", np.array([[b"x"]], object)),
+    ("classify", "inputs", np.array([[b""]], object)),
+])
+def test_every_signature_checks_the_shape_it_declares(exported_model, signature, name, value):
+    # Through a TF1 session, as TF Serving runs a signature: nothing checks the fed shape but the graph.
+    from serving.server.servable import Servable
+
+    servable = Servable("m", 1, str(exported_model))
+    with pytest.raises(Exception, match=f"input {name} must have shape .* with 1 to 1024 rows"):
+        servable.run(servable.signature(signature), {name: value}, sorted(servable.signature(signature).outputs))
 
 
 def test_versions_count_up_and_concurrent_exports_never_collide(trained_run, tmp_path):

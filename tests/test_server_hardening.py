@@ -15,6 +15,7 @@ from PIL import Image
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
 
+from hostile_files import png_declaring
 from test_server import Clients, images, predict_request, start_server
 
 
@@ -214,19 +215,6 @@ def test_a_failed_load_is_tried_again_after_the_interval(tmp_path, caplog):
     failures = [r for r in caplog.records if "could not load m version 1" in r.getMessage()]
     assert len(failures) == 3
     assert "tried again only when its files change" in failures[-1].getMessage()
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A small PNG whose header declares width x height pixels (a decompression bomb's header)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 65536, 9))
-            + chunk(b"IEND", b""))
 
 
 def test_a_decompression_bomb_is_refused_before_it_is_decoded(served):
