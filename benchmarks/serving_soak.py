@@ -3,11 +3,14 @@
 `accresnet serve` starts with the deployed flags and configs
 (serving/deployment.py, batching on); 16 gRPC clients send batch-1 Predict
 requests and 8 REST clients send batch-1 `:predict` requests, each in a loop,
-for --minutes, all on loopback. Printed: requests, errors, p50/p99 latency per
-API, and the server's resident memory at the start, at the end and its peak.
-The soak stops by itself.
+for --minutes, all on loopback; 2 hostile clients send, in turn, the requests
+of benchmarks/hostile_mix.py (wrong ranks, expanding strings and contexts,
+hidden GIF frames, a gzip bomb, ...). Printed: requests, errors, p50/p99
+latency per API, each hostile request's answers (any that is not a refusal of
+the client's fault is an error), and the server's resident memory at the
+start, at the end and its peak. The soak stops by itself.
 
-    python benchmarks/serving_soak.py [--minutes 10] [--depth 32]
+    python benchmarks/serving_soak.py [--minutes 10] [--depth 32] [--hostile-clients 2]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: E402
 
+from hostile_mix import REFUSALS, hostile_requests  # noqa: E402
 from serving_throughput import MODEL, export_model, percentile, request, start_server  # noqa: E402
 from serving.deployment import free_ports, local_deployed_server  # noqa: E402
 
@@ -45,6 +49,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=32)
     parser.add_argument("--grpc-clients", type=int, default=16)
     parser.add_argument("--rest-clients", type=int, default=8)
+    parser.add_argument("--hostile-clients", type=int, default=2)
     args = parser.parse_args()
 
     root = pathlib.Path(tempfile.mkdtemp(prefix="serving-soak-"))
@@ -88,6 +93,22 @@ def main() -> None:
                 with lock:
                     errors["rest"] += 1
 
+    hostile = hostile_requests(MODEL, grpc_port, rest_port)
+    answers: dict[str, dict[str, int]] = {name: {} for name in hostile}
+
+    def hostile_client(offset: int):
+        names = list(hostile)
+        turn = offset
+        while time.monotonic() < stop:
+            name = names[turn % len(names)]
+            turn += 1
+            try:
+                status = hostile[name]()
+            except OSError as error:  # the connection itself failed: the server's fault here
+                status = f"connection failed: {type(error).__name__}"
+            with lock:
+                answers[name][status] = answers[name].get(status, 0) + 1
+
     def watch_memory():
         while time.monotonic() < stop:
             rss["peak"] = max(rss["peak"], rss_mib(server.pid))
@@ -95,6 +116,7 @@ def main() -> None:
 
     threads = ([threading.Thread(target=grpc_client) for _ in range(args.grpc_clients)]
                + [threading.Thread(target=rest_client) for _ in range(args.rest_clients)]
+               + [threading.Thread(target=hostile_client, args=(i * 5,)) for i in range(args.hostile_clients)]
                + [threading.Thread(target=watch_memory)])
     started = time.monotonic()
     for thread in threads:
@@ -114,6 +136,11 @@ def main() -> None:
                         "p99_ms": round(1e3 * percentile(latencies, 99), 1)}
         print(f"{api}: {len(latencies)} requests ({len(latencies) / seconds:.1f}/s), {errors[api]} errors, "
               f"p50 {1e3 * percentile(latencies, 50):.1f} ms, p99 {1e3 * percentile(latencies, 99):.1f} ms")
+    unexpected = {name: {s: n for s, n in counts.items() if s not in REFUSALS} for name, counts in answers.items()}
+    summary["hostile"] = {"answers": answers, "not_refusals": {k: v for k, v in unexpected.items() if v}}
+    for name, counts in answers.items():
+        print(f"hostile: {name}: " + ", ".join(f"{status} x{count}" for status, count in sorted(counts.items())))
+    print(f"hostile requests not refused as the client's fault: {sum(sum(v.values()) for v in unexpected.values())}")
     print(f"server RSS: {rss['start']:.0f} MiB at the start, {rss['end']:.0f} MiB at the end, {rss['peak']:.0f} MiB peak")
     print(json.dumps(summary))
 

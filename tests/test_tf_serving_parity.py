@@ -1,5 +1,7 @@
 """What TF Serving's own documentation shows works the same on `accresnet serve`,
-started with the deployed flags (batching on).
+started with the deployed flags (batching on) and --check_input_shapes=false: TF
+Serving's quickstart feeds half_plus_two a shape its signature does not declare,
+which this server refuses by default.
 
 The rebuilt half_plus_two model stands in for TF Serving's testdata; set
 TF_SERVING_TESTDATA to a checkout's tensorflow_serving/servables/tensorflow/testdata
@@ -36,7 +38,7 @@ def half_plus_two(request, tmp_path_factory):
         shutil.copytree(pathlib.Path(TESTDATA) / "saved_model_half_plus_two_cpu", root / "half_plus_two")
     else:
         build_half_plus_two(str(root / "half_plus_two" / "123"))
-    server = start_server(root, {"half_plus_two": root / "half_plus_two"})
+    server = start_server(root, {"half_plus_two": root / "half_plus_two"}, "--check_input_shapes=false")
     yield Clients(server)
     server.stop(grace=2)
 
@@ -66,3 +68,15 @@ def test_regress_and_classify_on_tf_examples(half_plus_two):
     status, body = half_plus_two.json("/v1/models/half_plus_two:classify",
                                       {"signature_name": "classify_x_to_y", "examples": [{"x": 2.0}]})
     assert status == 200 and body == {"results": [[["", 3.0]]]}
+
+
+def test_by_default_an_undeclared_shape_is_refused_with_the_declared_one(tmp_path):
+    build_half_plus_two(str(tmp_path / "half_plus_two" / "123"))
+    server = start_server(tmp_path, {"half_plus_two": tmp_path / "half_plus_two"})
+    try:
+        status, body = Clients(server).json("/v1/models/half_plus_two:predict", {"instances": [1.0, 2.0, 5.0]})
+        assert status == 400 and body["error"] == "input 'x' has shape [3], the signature declares float32 [?,1]"
+        status, body = Clients(server).json("/v1/models/half_plus_two:predict", {"instances": [[1.0], [2.0]]})
+        assert status == 200 and body == {"predictions": [[2.5], [3.0]]}
+    finally:
+        server.stop(grace=2)

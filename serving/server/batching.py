@@ -243,7 +243,11 @@ class Batcher:
             if padded > rows:  # pad with copies of the first row, dropped afterwards
                 parts.append(np.repeat(parts[0][:1], padded - rows, axis=0))
             inputs[alias] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        results = queue.servable.run(queue.signature, inputs, queue.outputs)
+        # The batch runs until its last waiting request's deadline (none if one has none), as
+        # TF Serving's batching session does (batching/batching_session.cc).
+        remaining = [task.call.remaining() for task in tasks]
+        timeout = None if None in remaining else max(remaining)
+        results = queue.servable.run(queue.signature, inputs, queue.outputs, timeout=timeout)
         for alias, value in results.items():
             # TF Serving's words, with the output named.
             if value.ndim == 0:

@@ -3,7 +3,10 @@
 The transports make a `Call` per request (gRPC from its context's deadline and
 liveness, REST from its timeout and connection) and the model server checks it
 before the expensive part: a request nobody waits for any more is dropped
-before it runs, and never holds a thread or a batch slot.
+before it runs, and never holds a thread or a batch slot. Once it runs, its
+deadline goes with it into TensorFlow (RunOptions.timeout_in_ms), which stops
+the run when it passes; a client that leaves without a deadline cannot stop
+a run already started (nor can it in TF Serving), which the row limit bounds.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ class Call:
     @property
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def remaining(self) -> float | None:
+        """Seconds until the deadline (at least a millisecond), or None without one."""
+        return None if self.deadline is None else max(1e-3, self.deadline - time.monotonic())
 
     @property
     def abandoned(self) -> bool:

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import argparse
 
-# What a request's tensors may declare once decoded: 256 MiB, some 80,000 32x32 RGB images.
-DEFAULT_MAX_REQUEST_TENSOR_BYTES = 256 << 20
+# What a request's tensors may take once decoded: 64 MiB, the REST body limit, some
+# 20,000 32x32 RGB images. gRPC messages are bounded by it too (after decompression).
+DEFAULT_MAX_REQUEST_TENSOR_BYTES = 64 << 20
+# A gRPC message may exceed its tensors' bytes by its other fields and framing.
+GRPC_MESSAGE_SLACK_BYTES = 4 << 20
+# Rows (examples) of one request, with or without batching: what an exported model's
+# signatures take (pipeline/input_contract.py).
+DEFAULT_MAX_REQUEST_ROWS = 1024
 
 # REST limits and drain (flags of their own: TF Serving has none of these).
 DEFAULT_REST_MAX_BODY_BYTES = 64 << 20
@@ -82,8 +88,17 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         help="ASCII tensorflow.ConfigProto for every model's session; as in TF Serving, its thread counts "
              "are always those of the three flags above")
     add("--max_request_tensor_bytes", type=int, default=DEFAULT_MAX_REQUEST_TENSOR_BYTES,
-        help="bytes a Predict request's tensors may declare once decoded, checked before they are "
-             "(default: %(default)s, 256 MiB)")
+        help="bytes a request's tensors may take once decoded (strings as TensorFlow expands them, "
+             "Classify and Regress examples with their context merged in), checked before any is built; "
+             "gRPC messages may be 4 MiB larger once decompressed, unless grpc.max_receive_message_length "
+             "says otherwise (default: %(default)s, 64 MiB)")
+    add("--max_request_rows", type=int, default=DEFAULT_MAX_REQUEST_ROWS,
+        help="rows (first dimension) of a Predict request's inputs, or examples of a Classify or Regress "
+             "request, with or without batching (default: %(default)s)")
+    add("--check_input_shapes", type=_bool, nargs="?", const=True, default=True,
+        help="refuse an input whose shape the signature does not declare, before the model runs; false feeds "
+             "it as it is, as TF Serving does, for graphs that take other shapes than they declare "
+             "(default: %(default)s)")
 
 
 # --- REST limits, bind address and drain -------------------------------------------------------------

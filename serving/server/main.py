@@ -39,7 +39,8 @@ class RunningServer:
         self.options = options
         self.batcher = Batcher(options.batching) if options.batching else None
         self.model_server = ModelServer(runner=self.batcher, max_request_tensor_bytes=options.max_request_tensor_bytes,
-                                        reload_roots=options.reload_roots)
+                                        reload_roots=options.reload_roots, max_request_rows=options.max_request_rows,
+                                        check_input_shapes=options.check_input_shapes)
         self.manager = ModelManager(list(options.model_configs),
                                     warm_up=self.model_server.warm_up if options.enable_model_warmup else None,
                                     poll_seconds=options.file_system_poll_wait_seconds,
@@ -126,7 +127,10 @@ class RunningServer:
             self.health.update(self.manager.any_available())
 
     def _config_loop(self) -> None:
-        from serving.server.options import OptionsError, read_model_config_file
+        """Re-read the model config; one that cannot be read or applied is logged and the
+        last good one stays in force, as TF Serving's PollFilesystemAndReloadConfig does
+        (model_servers/server.cc). The thread never ends before the server."""
+        from serving.server.options import read_model_config_file
 
         # Compared with what the server started with: a change made before the first poll counts too.
         path = self.options.model_config_file
@@ -139,8 +143,9 @@ class RunningServer:
                     log.info("%s changed; applying it", path)
                     self.manager.set_config(models)
                 previous = text
-            except (OptionsError, ValueError) as error:
-                log.error("ignoring %s: %s", path, error)
+            except Exception as error:  # noqa: BLE001 - any refusal keeps the last good config
+                log.error("ignoring %s, keeping the configuration in force: %s", path,
+                          getattr(error, "message", None) or error)
 
     # --- shutdown ------------------------------------------------------------------------------------
 

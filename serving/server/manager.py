@@ -25,6 +25,7 @@ from tensorflow.core.protobuf import config_pb2
 from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving.contract import version_number
 from serving.server.errors import invalid, not_found
 from serving.server.servable import Servable
 
@@ -72,17 +73,34 @@ def _fingerprint(path: str) -> tuple:
     return tuple(sorted(parts, key=repr))
 
 
+_skipped_names: set[tuple[str, str]] = set()  # (base path, name) already warned about
+
+
 def list_versions(base_path: str) -> dict[int, str]:
-    """Numbered version folders under a base path (local, gs://, ...), version -> path."""
+    """Numbered version folders under a base path (local, gs://, ...), version -> path.
+    Other names are skipped, with one warning each (serving/contract.py says which)."""
     try:
         names = tf.io.gfile.listdir(base_path)
     except tf.errors.NotFoundError:
         return {}
-    versions = {}
-    for name in names:
-        name = name.rstrip("/")
-        if name.isdigit() and tf.io.gfile.isdir(tf.io.gfile.join(base_path, name)):
-            versions[int(name)] = tf.io.gfile.join(base_path, name)
+    versions: dict[int, str] = {}
+    for name in sorted(name.rstrip("/") for name in names):
+        number = version_number(name)
+        if number is None:
+            if not name.startswith(".") and (base_path, name) not in _skipped_names:
+                _skipped_names.add((base_path, name))
+                log.warning("ignoring %s under %s: a version folder is named by an integer of at most 19 "
+                            "ASCII digits, below 2**63", name, base_path)
+            continue
+        path = tf.io.gfile.join(base_path, name)
+        if not tf.io.gfile.isdir(path):
+            continue
+        if number in versions:
+            # 007 and 7: the canonical name wins, whatever the listing order.
+            kept = name if name == str(number) else versions[number].rsplit("/", 1)[-1]
+            log.warning("version %d of %s has two folders; serving %s", number, base_path, kept)
+            path = tf.io.gfile.join(base_path, kept)
+        versions[number] = path
     return versions
 
 

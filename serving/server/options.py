@@ -16,11 +16,13 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving.server import protos
 from serving.server.batching import BatchingOptions
-from serving.server.flags import (DEFAULT_DRAIN_TIMEOUT_SECONDS, DEFAULT_MAX_REQUEST_TENSOR_BYTES,
+from serving.server.flags import (DEFAULT_DRAIN_TIMEOUT_SECONDS, DEFAULT_MAX_REQUEST_ROWS,
+                                  DEFAULT_MAX_REQUEST_TENSOR_BYTES, GRPC_MESSAGE_SLACK_BYTES,
                                   DEFAULT_REST_MAX_BODY_BYTES, DEFAULT_REST_MAX_CONNECTIONS,
                                   DEFAULT_REST_MAX_JSON_DEPTH, DEFAULT_REST_READ_TIMEOUT_SECONDS)
 
-DEFAULT_GRPC_MAX_MESSAGE = 2**31 - 1  # TF Serving accepts messages up to INT_MAX
+# TF Serving accepts messages up to INT_MAX; responses may be as large here.
+DEFAULT_GRPC_MAX_SEND = 2**31 - 1
 
 
 class OptionsError(ValueError):
@@ -51,6 +53,8 @@ class ServerOptions:
     enable_model_warmup: bool = True
     grpc_max_threads: int = 32
     max_request_tensor_bytes: int = DEFAULT_MAX_REQUEST_TENSOR_BYTES
+    max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS
+    check_input_shapes: bool = True
     grpc_bind_address: str = "0.0.0.0"
     max_num_load_retries: int = 5
     load_retry_interval_micros: int = 60_000_000
@@ -76,9 +80,13 @@ def read_model_config_file(path: str) -> list:
     if config.WhichOneof("config") != "model_config_list":
         raise OptionsError(f"{path}: only model_config_list configurations are supported")
     models = list(config.model_config_list.config)
+    names = set()
     for model in models:
         if not model.name or not model.base_path:
             raise OptionsError(f"{path}: every model needs a name and a base_path")
+        if model.name in names:  # TF Serving's ValidateModelConfigList (model_servers/server_core.cc)
+            raise OptionsError(f"{path}: Illegal to list model {model.name} multiple times in config list")
+        names.add(model.name)
     return models
 
 
@@ -157,6 +165,9 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
                                                       model_platform="tensorflow")]
     else:
         raise OptionsError("give --model_base_path (with --model_name) or --model_config_file")
+    for flag in ("max_request_tensor_bytes", "max_request_rows"):
+        if getattr(args, flag) < 1:
+            raise OptionsError(f"--{flag} must be positive")
     if args.rest_api_port and args.rest_api_port == args.port:
         raise OptionsError("--rest_api_port must differ from --port")
     batching = None
@@ -183,8 +194,10 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         if not ssl_config.server_key or not ssl_config.server_cert:
             raise OptionsError(f"{args.ssl_config_file}: SSLConfig needs server_key and server_cert (PEM text)")
     # No SO_REUSEPORT: a second server on the same port must fail to start, not share the traffic.
-    grpc_options = dict([("grpc.max_receive_message_length", DEFAULT_GRPC_MAX_MESSAGE),
-                         ("grpc.max_send_message_length", DEFAULT_GRPC_MAX_MESSAGE), ("grpc.so_reuseport", 0)])
+    # Requests no larger than what their tensors may take: gRPC checks the limit after
+    # decompression, so a small gzip body cannot inflate to gigabytes (TF Serving takes INT_MAX).
+    grpc_options = dict([("grpc.max_receive_message_length", args.max_request_tensor_bytes + GRPC_MESSAGE_SLACK_BYTES),
+                         ("grpc.max_send_message_length", DEFAULT_GRPC_MAX_SEND), ("grpc.so_reuseport", 0)])
     grpc_options.update(_grpc_arguments(args.grpc_channel_arguments))
     return ServerOptions(
         port=args.port, rest_api_port=args.rest_api_port, rest_api_num_threads=args.rest_api_num_threads,
@@ -195,6 +208,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         metrics_path=metrics_path, ssl_config=ssl_config, grpc_options=tuple(grpc_options.items()),
         enable_model_warmup=args.enable_model_warmup, grpc_max_threads=args.grpc_max_threads,
         max_request_tensor_bytes=args.max_request_tensor_bytes, grpc_bind_address=args.grpc_bind_address,
+        max_request_rows=args.max_request_rows, check_input_shapes=args.check_input_shapes,
         reload_roots=_reload_roots(args, models), max_num_load_retries=args.max_num_load_retries,
         load_retry_interval_micros=args.load_retry_interval_micros, session_config=session_config(args),
         **_rest_options(args),

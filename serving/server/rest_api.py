@@ -38,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import aiohttp
 import numpy as np
 import tensorflow as tf
 from aiohttp import web
@@ -69,11 +70,13 @@ from serving.server.service import ModelServer
 log = logging.getLogger(__name__)
 
 _MODEL_PATH = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>-?\d+)|/labels/(?P<label>[^/:]+))?"
+    r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>-?[0-9]+)|/labels/(?P<label>[^/:]+))?"
     r"(?P<suffix>/metadata|:predict|:classify|:regress)?$")
 
 
 # --- JSON <-> arrays -------------------------------------------------------------------
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _preview(value) -> str:
@@ -233,9 +236,14 @@ def _feature(value) -> "tf.train.Feature":
     values = value if isinstance(value, list) else [value]
     if all(isinstance(v, bool) for v in values) or all(isinstance(v, int) and not isinstance(v, bool)
                                                       for v in values):
+        if any(not _INT64_MIN <= v <= _INT64_MAX for v in values):
+            raise invalid(f"an integer feature must fit in int64 [{_INT64_MIN}, {_INT64_MAX}]; got {_preview(value)}")
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+        try:
+            return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+        except OverflowError:
+            raise invalid(f"a number of a float feature is beyond float range; got {_preview(value)}") from None
     if all(isinstance(v, str) or _is_b64(v) for v in values):
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[_decode_strings(v) for v in values]))
     raise invalid(f"a feature must be numbers, strings or {{\"b64\": ...}} values, all of one kind; "
@@ -266,7 +274,6 @@ def examples_input(body: dict) -> input_pb2.Input:
 
 # While accept() fails (EMFILE and the like) asyncio retries every second: log it once a minute.
 ACCEPT_ERROR_LOG_SECONDS = 60.0
-_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,10 +334,27 @@ class RestApi:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._errors_as_json])
-        app.router.add_route("*", "/v1/models/{tail:.*}", self._models)
+        app.router.add_route("*", "/v1/models/{tail:.*}", self._models, expect_handler=self._expect)
         if self.metrics_path:
             app.router.add_get(self.metrics_path, self._metrics)
         return app
+
+    async def _expect(self, request: web.Request) -> web.Response | None:
+        """`Expect: 100-continue`: a body larger than the limit is refused before the client sends it."""
+        expect = request.headers.get("Expect", "")
+        if request.version != aiohttp.HttpVersion11:
+            return None
+        if expect.lower() != "100-continue":
+            response = _error(417, f"Unknown Expect: {expect[:80]}")
+        elif request.content_length is not None and request.content_length > self.limits.max_body_bytes:
+            response = _error(413, f"request body of {request.content_length} bytes is larger than the limit of "
+                                   f"{self.limits.max_body_bytes} bytes (--rest_api_max_body_bytes)")
+        else:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the 100 is not part of the response
+            return None
+        response.force_close()  # the body was never asked for: the connection cannot be reused
+        return response
 
     def cancel_all(self) -> None:
         for call in list(self._calls):

@@ -31,7 +31,7 @@ from serving.server import tensors
 from serving.server.calls import NO_CALL, Call
 from serving.server.errors import ServingError, invalid
 from serving.server.manager import ModelManager
-from serving.server.flags import DEFAULT_MAX_REQUEST_TENSOR_BYTES
+from serving.server.flags import DEFAULT_MAX_REQUEST_ROWS, DEFAULT_MAX_REQUEST_TENSOR_BYTES
 from serving.server.servable import (
     CLASSIFY_METHOD,
     PREDICT_METHOD,
@@ -50,20 +50,28 @@ Runner = Callable[[Servable, Signature, dict[str, np.ndarray], list[str], Call],
 
 def _direct_runner(servable: Servable, signature: Signature, inputs, outputs, call: Call):
     call.check()
-    return servable.run(signature, inputs, outputs)
+    return servable.run(signature, inputs, outputs, timeout=call.remaining())
 
 
 class ModelServer:
     """The APIs over a ModelManager; `runner` is where batching plugs in.
-    `max_request_tensor_bytes` bounds what a Predict request's tensors may
-    declare, checked before they are decoded."""
+
+    What a request may become is bounded before it is built: `max_request_tensor_bytes`
+    bounds a Predict request's tensors once decoded, and a Classify or Regress
+    request's examples once the context is merged into each; `max_request_rows`
+    bounds its rows (examples). With `check_input_shapes`, an input whose shape
+    the signature does not declare is refused before the model runs (TF Serving
+    feeds it as it is)."""
 
     def __init__(self, manager: ModelManager | None = None, runner: Runner | None = None,
                  max_request_tensor_bytes: int = DEFAULT_MAX_REQUEST_TENSOR_BYTES,
-                 reload_roots: tuple[str, ...] | None = None):
+                 reload_roots: tuple[str, ...] | None = None, max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS,
+                 check_input_shapes: bool = True):
         self.manager = manager
         self.runner = runner or _direct_runner
         self.max_request_tensor_bytes = max_request_tensor_bytes
+        self.max_request_rows = max_request_rows
+        self.check_input_shapes = check_input_shapes
         self.reload_roots = reload_roots
 
     # --- finding the servable ------------------------------------------------------------
@@ -98,9 +106,14 @@ class ModelServer:
                 f"len({{{','.join(expected)}}}). Sent extra: {{{','.join(sorted(set(sent) - set(expected)))}}}. "
                 f"Missing but required: {{{','.join(sorted(set(expected) - set(sent)))}}}.")
         for alias, array in inputs.items():
-            signature.inputs[alias].check_dtype(alias, array)
+            info = signature.inputs[alias]
+            info.check_dtype(alias, array)
             if array.ndim and array.shape[0] == 0:
                 raise invalid(f"input '{alias}' is an empty batch (0 in its first dimension)")
+            if self.check_input_shapes and not info.fits(array.shape):
+                raise invalid(f"input '{alias}' has shape {list(array.shape)}, the signature declares "
+                              f"{info.describe()}")
+            self._check_rows(array.shape[0] if array.ndim else 1, f"input '{alias}'")
         outputs = list(output_filter)
         for alias in outputs:
             if alias not in signature.outputs:
@@ -113,7 +126,7 @@ class ModelServer:
     def predict(self, request: predict_pb2.PredictRequest, servable: Servable | None = None,
                 call: Call = NO_CALL) -> predict_pb2.PredictResponse:
         servable = servable or self.resolve(request.model_spec)
-        inputs = tensors.to_arrays(request.inputs, self.max_request_tensor_bytes)
+        inputs = tensors.to_arrays(request.inputs, self.max_request_tensor_bytes, self.max_request_rows)
         signature, outputs = self.predict_arrays(servable, request.model_spec.signature_name, inputs,
                                                  list(request.output_filter), call)
         response = predict_pb2.PredictResponse()
@@ -121,6 +134,11 @@ class ModelServer:
         for alias, value in outputs.items():
             response.outputs[alias].CopyFrom(tensors.to_proto(value))
         return response
+
+    def _check_rows(self, rows: int, what: str) -> None:
+        if rows > self.max_request_rows:
+            raise invalid(f"{what} has {rows} rows; a request may have at most {self.max_request_rows} "
+                          "(--max_request_rows)")
 
     # --- Classify and Regress ----------------------------------------------------------------------
 
@@ -145,10 +163,21 @@ class ModelServer:
         batch = np.array(examples, dtype=object)
         return signature, self.runner(servable, signature, {EXAMPLES_INPUT: batch}, sorted(signature.outputs), call)
 
+    def _examples(self, request_input: input_pb2.Input) -> list[bytes]:
+        """The request's examples, serialized, their count and merged size checked first."""
+        count, size = merged_size(request_input)
+        self._check_rows(count, "the input")
+        if size > self.max_request_tensor_bytes:
+            raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the {count} examples come to {size} bytes with the context merged into each, more "
+                               f"than the {self.max_request_tensor_bytes} bytes a request may take "
+                               "(--max_request_tensor_bytes)")
+        return serialized_examples(request_input)
+
     def classify(self, request: classification_pb2.ClassificationRequest, servable: Servable | None = None,
                  call: Call = NO_CALL) -> classification_pb2.ClassificationResponse:
         servable = servable or self.resolve(request.model_spec)
-        examples = serialized_examples(request.input)
+        examples = self._examples(request.input)
         signature, outputs = self._run_examples(servable, request.model_spec.signature_name, CLASSIFY_METHOD,
                                                 "classification", examples, call)
         classes, scores = outputs.get("classes"), outputs.get("scores")
@@ -177,7 +206,7 @@ class ModelServer:
     def regress(self, request: regression_pb2.RegressionRequest, servable: Servable | None = None,
                 call: Call = NO_CALL) -> regression_pb2.RegressionResponse:
         servable = servable or self.resolve(request.model_spec)
-        examples = serialized_examples(request.input)
+        examples = self._examples(request.input)
         signature, outputs = self._run_examples(servable, request.model_spec.signature_name, REGRESS_METHOD,
                                                 "regression", examples, call)
         values = outputs.get("outputs")
@@ -279,6 +308,20 @@ def under_any(path: str, roots: tuple[str, ...]) -> bool:
 
     resolved = normal(path)
     return any(resolved == normal(root) or resolved.startswith(normal(root).rstrip("/") + "/") for root in roots)
+
+
+def merged_size(request_input: input_pb2.Input) -> tuple[int, int]:
+    """The examples of a Classify/Regress Input and their serialized size once the context is
+    merged into each (as TF Serving merges it), computed without building any of them."""
+    kind = request_input.WhichOneof("kind")
+    if kind == "example_list":
+        examples = request_input.example_list.examples
+        return len(examples), sum(example.ByteSize() for example in examples)
+    if kind == "example_list_with_context":
+        examples = request_input.example_list_with_context.examples
+        context = request_input.example_list_with_context.context.ByteSize()
+        return len(examples), sum(example.ByteSize() for example in examples) + len(examples) * context
+    return 0, 0
 
 
 def serialized_examples(request_input: input_pb2.Input) -> list[bytes]:

@@ -11,6 +11,9 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
 from serving.server.errors import ServingError, invalid
 
+# What a string element costs TensorFlow besides its bytes (a tstring).
+STRING_ELEMENT_BYTES = 32
+
 # The typed repeated field TF Serving fills for each dtype (Tensor::AsProtoField).
 _VALUE_FIELDS = {
     types_pb2.DT_FLOAT: "float_val",
@@ -41,9 +44,13 @@ def declared_size(proto: tensor_pb2.TensorProto, alias: str) -> tuple[tuple[int,
         raise invalid(f"tensor parsing error: {alias} (negative dimension in shape {list(shape)})")
     elements = math.prod(shape)
     if proto.dtype == types_pb2.DT_STRING:
-        # Each string is as long as the bytes that carry it, which the message holds already;
-        # a declared element count past the values given costs a reference each.
-        return shape, elements * 8 + sum(len(value) for value in proto.string_val)
+        # TensorFlow fills the elements past the values given with copies of the last one
+        # (Tensor::FromProto), so ten thousand elements declared with one file given are
+        # ten thousand files; each element also costs a tensor string of its own.
+        values = proto.string_val
+        given = sum(len(value) for value in values[:elements])
+        padding = max(0, elements - len(values)) * (len(values[-1]) if values else 0)
+        return shape, elements * STRING_ELEMENT_BYTES + given + padding
     return shape, elements * numpy_dtype(proto, alias).itemsize
 
 
@@ -74,9 +81,9 @@ def to_array(proto: tensor_pb2.TensorProto, alias: str) -> np.ndarray:
         raise invalid(f"tensor parsing error: {alias} ({error})") from None
 
 
-def to_arrays(protos, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+def to_arrays(protos, max_bytes: int | None = None, max_rows: int | None = None) -> dict[str, np.ndarray]:
     """A request's {alias: TensorProto} as arrays, their declared sizes summed and
-    checked against `max_bytes` before any is decoded."""
+    checked against `max_bytes`, and their rows against `max_rows`, before any is decoded."""
     sizes = {alias: declared_size(proto, alias) for alias, proto in protos.items()}
     total = sum(size for _, size in sizes.values())
     if max_bytes is not None and total > max_bytes:
@@ -84,6 +91,10 @@ def to_arrays(protos, max_bytes: int | None = None) -> dict[str, np.ndarray]:
         raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"the inputs ({shapes}) declare {total} bytes once decoded, more than the {max_bytes} "
                            "bytes a request may take (--max_request_tensor_bytes)")
+    for alias, (shape, _) in sorted(sizes.items()):
+        if max_rows is not None and shape and shape[0] > max_rows:
+            raise invalid(f"input '{alias}' has {shape[0]} rows; a request may have at most {max_rows} "
+                          "(--max_request_rows)")
     return {alias: to_array(proto, alias) for alias, proto in protos.items()}
 
 
