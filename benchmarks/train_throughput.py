@@ -92,7 +92,7 @@ def trainer_run(spec: str, arch: str, depth: int, steps: int | None = None, epoc
 def input_pipeline_rate(split: datasets.Split, batches: int = 200) -> float:
     steps_per_epoch = len(split) // BATCH
     dataset = input_pipeline.train_dataset(split, batch_size=BATCH, seed=0, start_epoch=0,
-                                           steps_per_epoch=steps_per_epoch, augment=True)
+                                           steps_per_epoch=steps_per_epoch, augmentation="pad-crop")
     iterator = iter(dataset)
     for _ in range(10):
         next(iterator)

@@ -67,6 +67,17 @@ def check_shortcut(shortcut: str | None) -> None:
 
 DEFAULT_WIDTH = {"resnet": 1, "wrn": 4, "resnext": 4}
 DEFAULT_CARDINALITY = 8
+# BN settings of He et al.'s Torch/Caffe models; Keras' default momentum of
+# 0.99 leaves the moving statistics behind in runs of a few hundred steps.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+# Keras' own, which its cifar10_resnet example keeps.
+KERAS_BN_MOMENTUM = 0.99
+KERAS_BN_EPSILON = 1e-3
+# Keras' L2(l) adds l * sum(w^2) to the loss: a gradient of 2 * l * w. So SGD's
+# weight decay d (He et al.'s 1e-4) is L2(d / 2).
+HE2016_L2 = 1e-4 / 2
+KERAS_L2 = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +85,8 @@ class ModelConfig:
     arch: str = "accumulated"
     depth: int = 32
     num_classes: int = 10
-    weight_decay: float = 1e-4
+    # The L2 factor of the convolution kernels (Keras' L2: l * sum(w^2)).
+    weight_decay: float = KERAS_L2
     # TensorFlow's fused BN kernel; False gives Keras' own layer (a baseline).
     fused_batch_norm: bool = True
     # WRN: the widening factor k. ResNeXt: the width d of each group. None: the family's default.
@@ -86,6 +98,8 @@ class ModelConfig:
     # Start the last BN of every residual branch at gamma 0 (Goyal et al. 2017),
     # so that each block starts as its shortcut; see docs/collapse.md.
     zero_init_residual: bool = False
+    batch_norm_momentum: float = BN_MOMENTUM
+    batch_norm_epsilon: float = BN_EPSILON
 
     def __post_init__(self):
         check_architecture(self.arch, self.depth, self.width, self.cardinality)
@@ -145,7 +159,9 @@ class DataConfig:
     val_split: float | None = setting(
         None, help="fraction of the training split held out for validation",
         unset="the source's validation split, else 0.1: 45k/5k on CIFAR")
-    augment: bool = setting(True, flag="--no-augment", help="turn off pad-crop-flip augmentation of the training images")
+    augment: bool = setting(True, flag="--no-augment",
+                            help="turn off the recipe's augmentation of the training images (He et al.'s "
+                                 "pad-crop-flip, or the Keras example's shift-flip)")
     skip_bad_images: bool = setting(
         False, help="skip unreadable files of a folder: dataset (counted in the log) instead of failing")
     train_images: int | None = setting(
@@ -160,11 +176,17 @@ class DataConfig:
 
 
 ScheduleKind = Literal["piecewise", "cosine"]
+# Training-image augmentation: "pad-crop", He et al.'s 4-pixel zero pad, random
+# 32x32 crop and horizontal flip; "shift", the Keras example's random shift of
+# up to 10% each way with the nearest pixels filling in, and horizontal flip.
+AUGMENTATIONS = ("pad-crop", "shift")
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """An optimizer with its learning-rate schedule and run length.
+    """A training protocol as its source sets it: the optimizer, its
+    learning-rate schedule and run length, and the model and data settings the
+    source fixes (shortcut, weight decay, BN, initialisation, augmentation).
 
     The learning rate is given for `batch_size` images per step and follows
     the linear scaling rule: the trainer multiplies it by
@@ -190,16 +212,28 @@ class Recipe:
     # Default length: iterations (steps) or epochs, exactly one set.
     steps: int | None = None
     epochs: int | None = None
+    # Where the recipe comes from and where it departs from its source.
     description: str = ""
     # The shortcut where a block changes shape (SHORTCUTS), as the source builds it.
     shortcut: str = "projection"
-    # ModelConfig.zero_init_residual for the runs of this recipe.
+    # ModelConfig.zero_init_residual for the runs of this recipe (--zero-init-residual overrides it).
     zero_init_residual: bool = False
+    # Keras' L2 factor of the convolution kernels: half an SGD weight decay (HE2016_L2).
+    weight_decay: float = KERAS_L2
+    batch_norm_momentum: float = BN_MOMENTUM
+    batch_norm_epsilon: float = BN_EPSILON
+    augmentation: str = "pad-crop"
+
+    def __post_init__(self):
+        check_shortcut(self.shortcut)
+        if self.augmentation not in AUGMENTATIONS:
+            raise ConfigError(f"unknown augmentation {self.augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
 
 
-# The subset recipes' length: 5 epochs of the 9,000 training images of the
-# CIFAR-10 folder subset take about 25 minutes per ResNet-32 run on one core.
-SUBSET_EPOCHS = 5
+# The subset recipes' length: 15 epochs of the 9,000 training images of the
+# CIFAR-10 folder subset, 1,050 steps at batch 128, about 5 minutes per
+# ResNet-32 run on a free 2-core AVX-512 machine.
+SUBSET_EPOCHS = 15
 
 HE2016 = Recipe(
     name="he2016",
@@ -211,9 +245,11 @@ HE2016 = Recipe(
     factors=(0.1, 0.01),
     steps=64_000,
     shortcut="padding",
-    zero_init_residual=True,
-    description="He et al. 2016 Sec. 4.2: option A shortcuts, SGD momentum 0.9, batch 128, lr 0.1 "
-    "divided by 10 at 32k and 48k of 64k iterations; residual branches start at zero (not in He et al.)",
+    weight_decay=HE2016_L2,
+    description="He et al. 2016 Sec. 4.2: option A shortcuts, SGD momentum 0.9, batch 128, weight decay 1e-4 "
+    "(Keras L2 5e-5), lr 0.1 divided by 10 at 32k and 48k of 64k iterations, 4-pixel zero pad, random crop and "
+    "flip; BN momentum 0.9, epsilon 1e-5 (Torch's). Not said by He et al.: decay on the convolution kernels "
+    "only, not on BN or the classifier",
 )
 
 KERAS = Recipe(
@@ -221,15 +257,28 @@ KERAS = Recipe(
     optimizer="adam",
     learning_rate=1e-3,
     batch_size=32,
-    boundaries=(80 / 200, 120 / 200, 160 / 200, 180 / 200),
+    # The example's lr_schedule counts epochs from 0 and lowers the rate when
+    # epoch > 80: after 81 whole epochs.
+    boundaries=(81 / 200, 121 / 200, 161 / 200, 181 / 200),
     factors=(1e-1, 1e-2, 1e-3, 0.5e-3),
     epochs=200,
-    description="the Keras cifar10_resnet example: projection shortcuts, Adam 1e-3, batch 32, lr x0.1 at "
-    "epoch 80, x0.01 at 120, x0.001 at 160, x0.0005 at 180 of 200",
+    weight_decay=KERAS_L2,
+    batch_norm_momentum=KERAS_BN_MOMENTUM,
+    batch_norm_epsilon=KERAS_BN_EPSILON,
+    augmentation="shift",
+    description="the Keras cifar10_resnet example (ResNet v1): projection shortcuts, L2 1e-4 (weight decay "
+    "2e-4), Adam 1e-3, batch 32, lr x0.1 after epoch 81, x0.01 after 121, x0.001 after 161, x0.0005 after 181 "
+    "of 200; BN momentum 0.99, epsilon 1e-3; random shifts of up to 10% each way, nearest fill, bilinear, and "
+    "flip. Deviations: a 45k/5k train/validation split (the example trains on 50k and validates on the test "
+    "set); shifts of the raw pixels before the per-pixel mean is subtracted (the example's: after); no "
+    "ReduceLROnPlateau (the example's scheduler undoes it at every epoch's start)",
 )
 
+# Halving at 50% and 75% of the run (He et al.'s 32k and 48k of 64k) for the short runs of both sources.
+SHORT_BOUNDARIES = (0.5, 0.75)
+SHORT_FACTORS = (0.1, 0.01)
 
-# The shortened recipes are their sources with another length (and name).
+
 RECIPES: dict[str, Recipe] = {
     "he2016": HE2016,
     "he2016-subset": dataclasses.replace(
@@ -237,9 +286,21 @@ RECIPES: dict[str, Recipe] = {
         name="he2016-subset",
         steps=None,
         epochs=SUBSET_EPOCHS,
-        description=f"he2016 shortened for a CIFAR-10 subset on a CPU: option A shortcuts, SGD momentum 0.9, "
-        f"batch 128, lr 0.1 divided by 10 at 50% and 75% of {SUBSET_EPOCHS} epochs (He et al.: of 182); "
-        "residual branches start at zero",
+        description=f"he2016 shortened for a CIFAR-10 subset on a CPU: the same settings for {SUBSET_EPOCHS} "
+        f"epochs, lr 0.1 divided by 10 at 50% and 75% of them (He et al.: of 64k iterations, 182 epochs of 45k "
+        "images)",
+    ),
+    # The first subset runs' settings, under a name of their own so that their records stay true.
+    "he2016-subset-v0": dataclasses.replace(
+        HE2016,
+        name="he2016-subset-v0",
+        steps=None,
+        epochs=5,
+        weight_decay=1e-4,
+        zero_init_residual=True,
+        description="he2016-subset as the first runs used it (docs/cifar10-subset/he2016-subset), kept to rerun "
+        "them: 5 epochs, L2 1e-4 (weight decay 2e-4, twice He et al.'s), and the last BN of every residual "
+        "branch starting at gamma 0 (Goyal et al. 2017, not He et al.'s)",
     ),
     "paper50": dataclasses.replace(
         HE2016,
@@ -259,20 +320,37 @@ RECIPES: dict[str, Recipe] = {
         learning_rate=0.1,
         momentum=0.9,
         batch_size=128,
-        boundaries=(0.5, 0.75),
-        factors=(0.1, 0.01),
+        boundaries=SHORT_BOUNDARIES,
+        factors=SHORT_FACTORS,
         epochs=15,
         train_images=10_000,
-        description="a reduced protocol for 2 CPU cores: at most 10k training images, 15 epochs, SGD momentum "
-        "0.9, lr 0.1 divided by 10 at 50% and 75%",
+        description="a reduced protocol for 2 CPU cores, not He et al.'s: at most 10k training images, 15 epochs, "
+        "SGD momentum 0.9, batch 128, lr 0.1 divided by 10 at 50% and 75%, L2 1e-4 (weight decay 2e-4), "
+        "projection shortcuts, pad-crop-flip",
     ),
     "keras": KERAS,
     "keras-subset": dataclasses.replace(
         KERAS,
         name="keras-subset",
+        boundaries=SHORT_BOUNDARIES,
+        factors=SHORT_FACTORS,
         epochs=SUBSET_EPOCHS,
-        description=f"keras shortened for a CIFAR-10 subset on a CPU: projection shortcuts, Adam 1e-3, batch 32, "
-        f"the same lr steps at 40%, 60%, 80% and 90% of {SUBSET_EPOCHS} epochs (the example: of 200)",
+        description=f"keras shortened for a CIFAR-10 subset on a CPU: the same model, optimizer, BN and "
+        f"augmentation for {SUBSET_EPOCHS} epochs, lr x0.1 at 50% and x0.01 at 75% of them (the example's steps "
+        "at 40%, 60%, 80% and 90% would leave the last 40% of a short run at lr 1e-5 or less)",
+    ),
+    "keras-subset-v0": dataclasses.replace(
+        KERAS,
+        name="keras-subset-v0",
+        boundaries=(80 / 200, 120 / 200, 160 / 200, 180 / 200),
+        epochs=5,
+        batch_norm_momentum=BN_MOMENTUM,
+        batch_norm_epsilon=BN_EPSILON,
+        augmentation="pad-crop",
+        description="keras-subset as the first runs used it (docs/cifar10-subset/keras-subset), kept to rerun "
+        "them: 5 epochs with the example's lr steps at 40%, 60%, 80% and 90% (lr 1e-5 from epoch 4 on), He et "
+        "al.'s pad-crop-flip instead of the example's shifts, BN momentum 0.9 and epsilon 1e-5 instead of Keras' "
+        "0.99 and 1e-3",
     ),
     "quick": Recipe(
         name="quick",
@@ -283,8 +361,8 @@ RECIPES: dict[str, Recipe] = {
         schedule="cosine",
         warmup=0.1,
         epochs=3,
-        description="a short run for demos and tests: SGD momentum 0.9, lr 0.1 with "
-        "10% linear warm-up and cosine decay, 3 epochs",
+        description="a short run for demos and tests, after no source: SGD momentum 0.9, lr 0.1 with "
+        "10% linear warm-up and cosine decay, 3 epochs, L2 1e-4, projection shortcuts, pad-crop-flip",
     ),
 }
 
@@ -300,10 +378,14 @@ def _recipes_help() -> str:
     return "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values())
 
 
+def _recipes_with(predicate) -> str:
+    return ", ".join(r.name for r in RECIPES.values() if predicate(r))
+
+
 @dataclasses.dataclass(frozen=True)
 class NetConfig:
     """The network as chosen on the command line; ModelConfig adds what the data
-    (the class count) and the recipe (shortcut and initialisation) decide."""
+    (the class count) and the recipe (shortcut, decay, BN and initialisation) decide."""
 
     arch: str = setting("accumulated", choices=ARCHES,
                         help="plain ResNet v1 or the accumulated ResNet; beyond the paper: wide (WRN) and "
@@ -318,15 +400,25 @@ class NetConfig:
         help="where a block changes shape: projection (1x1 conv, no BN: option B as the Keras example builds "
              "it), projection-bn (1x1 conv and BN), padding (He et al.'s option A for CIFAR: subsampled "
              "identity with zero channels, no parameters)",
-        unset="the recipe's: padding for he2016, he2016-subset and paper50, else projection")
+        unset=f"the recipe's: padding for {_recipes_with(lambda r: r.shortcut == 'padding')}, else projection")
+    # No "%" in this help: argparse formats it.
+    zero_init_residual: bool | None = setting(
+        None, help="start the last BN of every residual branch at gamma 0 (Goyal et al. 2017), so that every "
+                   "block starts as its shortcut; not He et al.'s, and not neutral between the plain and the "
+                   "accumulated net (docs/collapse.md). Default: the recipe's; on in "
+                   f"{_recipes_with(lambda r: r.zero_init_residual)} only",
+        negative=("--no-zero-init-residual", "every BN starts at gamma 1, whatever the recipe"))
 
     def __post_init__(self):
         check_architecture(self.arch, self.depth, self.width, self.cardinality)
         check_shortcut(self.shortcut)
 
     def model_config(self, num_classes: int, recipe: Recipe) -> ModelConfig:
-        return ModelConfig(self.arch, self.depth, num_classes, width=self.width, cardinality=self.cardinality,
-                           shortcut=self.shortcut or recipe.shortcut, zero_init_residual=recipe.zero_init_residual)
+        zero_init = recipe.zero_init_residual if self.zero_init_residual is None else self.zero_init_residual
+        return ModelConfig(self.arch, self.depth, num_classes, weight_decay=recipe.weight_decay, width=self.width,
+                           cardinality=self.cardinality, shortcut=self.shortcut or recipe.shortcut,
+                           zero_init_residual=zero_init, batch_norm_momentum=recipe.batch_norm_momentum,
+                           batch_norm_epsilon=recipe.batch_norm_epsilon)
 
 
 def _recipe_name(recipe: Recipe) -> str:
@@ -389,6 +481,11 @@ class TrainConfig:
     @property
     def per_replica_batch(self) -> int:
         return self.batch_size or self.recipe.batch_size
+
+    @property
+    def augmentation(self) -> str | None:
+        """The recipe's augmentation (AUGMENTATIONS), or None under --no-augment."""
+        return self.recipe.augmentation if self.data.augment else None
 
     @property
     def resolved_data(self) -> DataConfig:

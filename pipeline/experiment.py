@@ -24,10 +24,10 @@ log = logging.getLogger(__name__)
 
 # Settings an existing output folder must agree with (arches and seeds may grow).
 FIXED_SETTINGS = ("depth", "recipe", "dataset", "data_dir", "epochs", "batch_size", "width", "cardinality",
-                  "train_images", "mixed_precision", "shortcut")
+                  "train_images", "mixed_precision", "shortcut", "zero_init_residual")
 # The settings of the runs that `accresnet experiment` takes as flags.
-RUN_FLAGS = ("depth", "width", "cardinality", "shortcut", "recipe", "dataset", "data_dir", "train_images",
-             "epochs", "batch_size", "devices", "mixed_precision")
+RUN_FLAGS = ("depth", "width", "cardinality", "shortcut", "zero_init_residual", "recipe", "dataset", "data_dir",
+             "train_images", "epochs", "batch_size", "devices", "mixed_precision")
 
 
 def parse_arches(text: str) -> tuple[str, ...]:

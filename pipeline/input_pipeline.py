@@ -6,11 +6,12 @@ ops. So the data position is just the epoch number: a run resumed at epoch e
 sees exactly the batches an uninterrupted run would have seen, and two
 architectures trained with one seed see the same batches.
 
-Augmentation (He et al. 2016: 4-pixel zero pad, random 32x32 crop,
-horizontal flip) runs on whole uint8 batches, vectorized, so the pipeline
-outruns the model by a wide margin on a CPU, with fixed parallelism and
-prefetching rather than autotuning (see _with_options). Scaling and mean subtraction
-are not here: they are the model's first layer.
+Augmentation, the recipe's (He et al. 2016: 4-pixel zero pad, random 32x32
+crop, horizontal flip; or the Keras cifar10_resnet example: random shifts of
+up to 10% with nearest fill, horizontal flip), runs on whole uint8 batches,
+vectorized, so the pipeline outruns the model by a wide margin on a CPU, with
+fixed parallelism and prefetching rather than autotuning (see _with_options).
+Scaling and mean subtraction are not here: they are the model's first layer.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import tensorflow as tf
 from pipeline.datasets import Split
 
 PAD = 4
+# The Keras example's width_shift_range and height_shift_range: a fraction of the size.
+SHIFT = 0.1
 PARALLEL_CALLS = max(2, os.cpu_count() or 1)
 PREFETCH_BATCHES = 4
 
@@ -46,6 +49,43 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.gather(cropped, cols, axis=2, batch_dims=1)
 
 
+def shift_batch(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Shift each image by up to 10% of its height and width, filling in with the
+    nearest pixels, and flip half the images: what the Keras example's
+    ImageDataGenerator(width_shift_range=0.1, height_shift_range=0.1,
+    fill_mode="nearest", horizontal_flip=True) does, shifts by fractions of a
+    pixel interpolated bilinearly as there, rounded back to uint8.
+
+    images: uint8 [B, H, W, C]; seed: int [2], for stateless random ops.
+    """
+    shape = tf.shape(images)
+    shifted = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.cast(images, tf.float32), transforms=shift_transforms(shape, seed), output_shape=shape[1:3],
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")
+    return tf.saturate_cast(tf.round(shifted), tf.uint8)
+
+
+def shift_transforms(shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """shift_batch's random transforms, [B, 8] as ImageProjectiveTransform takes
+    them: output pixel (x, y) reads the input at (a x + b, y + c), where c is the
+    vertical shift, and a = 1, b = the horizontal shift, or a = -1 and b =
+    width - 1 + the shift for a mirrored image."""
+    batch = shape[0]
+    height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+    seeds = tf.random.experimental.stateless_split(seed, num=3)
+    shift_y = tf.random.stateless_uniform([batch], seeds[0], -SHIFT, SHIFT) * height
+    shift_x = tf.random.stateless_uniform([batch], seeds[1], -SHIFT, SHIFT) * width
+    flip = tf.random.stateless_uniform([batch], seeds[2]) < 0.5
+    scale_x = tf.where(flip, -1.0, 1.0)
+    offset_x = tf.where(flip, width - 1.0, 0.0) + shift_x
+    zeros, ones = tf.zeros([batch]), tf.ones([batch])
+    return tf.stack([scale_x, zeros, offset_x, zeros, ones, shift_y, zeros, zeros], axis=1)
+
+
+# The recipes' augmentations by name (config.AUGMENTATIONS).
+AUGMENT = {"pad-crop": augment_batch, "shift": shift_batch}
+
+
 def _pipeline_context(input_context: tf.distribute.InputContext | None) -> tuple[int, int]:
     if input_context is None:
         return 1, 0
@@ -61,7 +101,7 @@ def train_dataset(
     steps_per_epoch: int,
     start_step: int = 0,
     end_epoch: int | None = None,
-    augment: bool = True,
+    augmentation: str | None = "pad-crop",
     global_batch: int | None = None,
     input_context: tf.distribute.InputContext | None = None,
 ) -> tf.data.Dataset:
@@ -73,7 +113,8 @@ def train_dataset(
     `batch_size` is this pipeline's batch (the per-replica batch under a
     distribution strategy). Each epoch takes a fresh seeded permutation of the
     split, cut to `steps_per_epoch` global batches, and deals it out to the
-    input pipelines (one per worker) in disjoint shards.
+    input pipelines (one per worker) in disjoint shards. `augmentation` names
+    one of AUGMENT, or None for the images as they are.
     """
     num_pipelines, pipeline_id = _pipeline_context(input_context)
     global_batch = global_batch or batch_size * num_pipelines
@@ -81,6 +122,7 @@ def train_dataset(
     labels = tf.constant(split.labels, tf.int32)
     count = len(split)
     used = steps_per_epoch * global_batch
+    augment = AUGMENT[augmentation] if augmentation else None
     if used > count:
         raise ValueError(f"{steps_per_epoch} steps of {global_batch} need {used} images; the split has {count}")
 
@@ -96,7 +138,7 @@ def train_dataset(
         if augment:
             batch_seed = tf.random.experimental.stateless_fold_in(
                 tf.random.experimental.stateless_fold_in(epoch_seed, step), pipeline_id)
-            batch = augment_batch(batch, batch_seed)
+            batch = augment(batch, batch_seed)
         return batch, tf.gather(labels, idx)
 
     # A run's stream ends with its last epoch, so nothing is prefetched past it.

@@ -34,13 +34,9 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from pipeline.config import ModelConfig, blocks_per_stage, is_accumulated
+from pipeline.config import BN_EPSILON, BN_MOMENTUM, KERAS_L2, ModelConfig, blocks_per_stage, is_accumulated
 
 STAGE_FILTERS = (16, 32, 64)
-# BN settings of He et al.'s Torch/Caffe models; Keras' default momentum of
-# 0.99 leaves the moving statistics behind in runs of a few hundred steps.
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
 # Initialisers of the classifier and of the projection shortcut (the Keras
 # example's he_normal), and L2 on BN's gamma and beta (none, as there). Module
 # settings so that benchmarks/collapse_ablation.py can vary them.
@@ -81,10 +77,11 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return outputs
 
 
-def _batch_norm(name: str, fused: bool = True, gamma_initializer="ones") -> layers.BatchNormalization:
+def _batch_norm(name: str, fused: bool = True, gamma_initializer="ones", momentum: float = BN_MOMENTUM,
+                epsilon: float = BN_EPSILON) -> layers.BatchNormalization:
     kind = FusedBatchNormalization if fused else layers.BatchNormalization
     decay = keras.regularizers.L2(BN_WEIGHT_DECAY) if BN_WEIGHT_DECAY else None
-    return kind(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, gamma_initializer=gamma_initializer,
+    return kind(momentum=momentum, epsilon=epsilon, gamma_initializer=gamma_initializer,
                 gamma_regularizer=decay, beta_regularizer=decay, name=name)
 
 
@@ -166,28 +163,29 @@ class _ConvUnit(layers.Layer):
     "bottleneck" (ResNeXt: 1x1, grouped 3x3, 1x1 expanding to `filters`).
     """
 
-    def __init__(self, filters: int, strides: int = 1, weight_decay: float = 1e-4, fused_batch_norm: bool = True,
+    def __init__(self, filters: int, strides: int = 1, weight_decay: float = KERAS_L2, fused_batch_norm: bool = True,
                  style: str = "basic", bottleneck: int = 0, groups: int = 1, shortcut: str = "projection",
-                 zero_init_residual: bool = False, **kwargs):
+                 zero_init_residual: bool = False, batch_norm_momentum: float = BN_MOMENTUM,
+                 batch_norm_epsilon: float = BN_EPSILON, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.strides, self.weight_decay = filters, strides, weight_decay
         self.fused_batch_norm, self.style = fused_batch_norm, style
         self.bottleneck, self.groups, self.shortcut = bottleneck, groups, shortcut
         self.zero_init_residual = zero_init_residual
+        self.batch_norm_momentum, self.batch_norm_epsilon = batch_norm_momentum, batch_norm_epsilon
 
     def _norm(self, name: str, gamma_initializer="ones") -> layers.BatchNormalization:
-        return _batch_norm(name, self.fused_batch_norm, gamma_initializer)
+        return _batch_norm(name, self.fused_batch_norm, gamma_initializer, self.batch_norm_momentum,
+                           self.batch_norm_epsilon)
 
     def get_config(self):
-        return {**super().get_config(), "filters": self.filters, "strides": self.strides,
-                "weight_decay": self.weight_decay, "fused_batch_norm": self.fused_batch_norm,
-                "style": self.style, "bottleneck": self.bottleneck, "groups": self.groups, "shortcut": self.shortcut,
-                "zero_init_residual": self.zero_init_residual}
+        return {**super().get_config(), **self._unit_config()}
 
     def _unit_config(self) -> dict:
         return dict(filters=self.filters, strides=self.strides, weight_decay=self.weight_decay,
                     fused_batch_norm=self.fused_batch_norm, style=self.style, bottleneck=self.bottleneck,
-                    groups=self.groups, shortcut=self.shortcut, zero_init_residual=self.zero_init_residual)
+                    groups=self.groups, shortcut=self.shortcut, zero_init_residual=self.zero_init_residual,
+                    batch_norm_momentum=self.batch_norm_momentum, batch_norm_epsilon=self.batch_norm_epsilon)
 
 
 @keras.saving.register_keras_serializable(package="accresnet")
@@ -346,8 +344,10 @@ def build_model(config: ModelConfig) -> keras.Model:
     images = keras.Input(shape=(32, 32, 3), dtype="uint8", name="images")
     x = PixelStandardization(name="standardize")(images)
     x = _conv(STAGE_FILTERS[0], 3, 1, config.weight_decay, "stem_conv")(x)
+    norm = dict(fused=config.fused_batch_norm, momentum=config.batch_norm_momentum,
+                epsilon=config.batch_norm_epsilon)
     if style != "preact":  # pre-activation blocks normalise their own input
-        x = layers.ReLU(name="stem_relu")(_batch_norm("stem_bn", config.fused_batch_norm)(x))
+        x = layers.ReLU(name="stem_relu")(_batch_norm("stem_bn", **norm)(x))
     accumulator = None
     for stage_number, stage in enumerate(stages, start=1):
         for block_number in range(1, n + 1):
@@ -356,6 +356,8 @@ def build_model(config: ModelConfig) -> keras.Model:
                             fused_batch_norm=config.fused_batch_norm, style=style, bottleneck=stage.bottleneck,
                             groups=stage.groups, shortcut=config.shortcut,
                             zero_init_residual=config.zero_init_residual,
+                            batch_norm_momentum=config.batch_norm_momentum,
+                            batch_norm_epsilon=config.batch_norm_epsilon,
                             name=block_name(stage_number, block_number))
             if is_accumulated(config.arch):
                 # A stage's first block projects and restarts the accumulator
@@ -366,7 +368,7 @@ def build_model(config: ModelConfig) -> keras.Model:
             else:
                 x = ResidualBlock(**settings)(x)
     if style == "preact":
-        x = layers.ReLU(name="final_relu")(_batch_norm("final_bn", config.fused_batch_norm)(x))
+        x = layers.ReLU(name="final_relu")(_batch_norm("final_bn", **norm)(x))
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     # Softmax in float32 under mixed precision, for a stable loss.
     probabilities = layers.Dense(config.num_classes, activation="softmax", kernel_initializer=CLASSIFIER_INITIALIZER,

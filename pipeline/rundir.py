@@ -23,12 +23,13 @@ import json
 import pathlib
 from typing import Any
 
-from pipeline.config import ModelConfig, UserError
+from pipeline.config import BN_EPSILON, BN_MOMENTUM, KERAS_L2, ModelConfig, UserError
 from serving.atomic import write_atomically
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
 # Settings that must match for a model directory to be resumed.
-RESUME_KEYS = ("arch", "depth", "width", "cardinality", "dataset", "num_classes", "seed", "recipe", "shortcut")
+RESUME_KEYS = ("arch", "depth", "width", "cardinality", "dataset", "num_classes", "seed", "recipe", "shortcut",
+               "zero_init_residual", "weight_decay", "batch_norm_momentum", "batch_norm_epsilon")
 
 
 class ResumeMismatch(UserError, ValueError):
@@ -46,6 +47,10 @@ class RunSettings:
     # Runs recorded before these settings existed had the values given here.
     shortcut: str = "projection"
     zero_init_residual: bool = False
+    weight_decay: float = KERAS_L2
+    batch_norm_momentum: float = BN_MOMENTUM
+    batch_norm_epsilon: float = BN_EPSILON
+    augmentation: str | None = "pad-crop"  # None: --no-augment (runs from before: not recorded)
     dataset: str
     num_classes: int
     class_names: tuple[str, ...]
@@ -63,8 +68,10 @@ class RunSettings:
     jit: bool
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(self.arch, self.depth, self.num_classes, width=self.width, cardinality=self.cardinality,
-                           shortcut=self.shortcut, zero_init_residual=self.zero_init_residual)
+        return ModelConfig(self.arch, self.depth, self.num_classes, weight_decay=self.weight_decay, width=self.width,
+                           cardinality=self.cardinality, shortcut=self.shortcut,
+                           zero_init_residual=self.zero_init_residual, batch_norm_momentum=self.batch_norm_momentum,
+                           batch_norm_epsilon=self.batch_norm_epsilon)
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "class_names": list(self.class_names)}

@@ -556,7 +556,9 @@ def resolve(config: TrainConfig, data: datasets.ImageData, replicas: int, cluste
     model = net.model_config(data.num_classes, recipe)
     settings = RunSettings(
         arch=net.arch, depth=net.depth, width=net.width, cardinality=net.cardinality,
-        shortcut=model.shortcut, zero_init_residual=model.zero_init_residual,
+        shortcut=model.shortcut, zero_init_residual=model.zero_init_residual, weight_decay=model.weight_decay,
+        batch_norm_momentum=model.batch_norm_momentum, batch_norm_epsilon=model.batch_norm_epsilon,
+        augmentation=config.augmentation,
         dataset=config.data.spec, num_classes=data.num_classes, class_names=tuple(data.class_names),
         seed=config.seed, recipe=recipe.name, replicas=replicas, workers=cluster.num_workers,
         per_replica_batch=config.per_replica_batch, global_batch=global_batch,
@@ -618,7 +620,7 @@ def train_batches(trainer: Trainer, split: datasets.Split, config: TrainConfig, 
         lambda context: input_pipeline.train_dataset(
             split, batch_size=context.get_per_replica_batch_size(global_batch), seed=config.seed,
             start_epoch=start_epoch, start_step=start_step, steps_per_epoch=length.steps_per_epoch,
-            end_epoch=length.epochs, augment=config.data.augment, global_batch=global_batch,
+            end_epoch=length.epochs, augmentation=config.augmentation, global_batch=global_batch,
             input_context=context))
 
 

@@ -20,9 +20,14 @@ def test_help_answers_without_loading_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     for flag in ("--arch", "--depth", "--dataset", "--recipe", "--devices", "--mixed-precision", "--jit",
-                 "--val-split", "--seed", "--epochs", "--steps", "--batch-size", "--model-dir", "--shortcut"):
+                 "--val-split", "--seed", "--epochs", "--steps", "--batch-size", "--model-dir", "--shortcut",
+                 "--zero-init-residual", "--no-zero-init-residual"):
         assert flag in result.stdout
     assert "global batch" in result.stdout and "linearly" in result.stdout
+    # Every recipe's sources and deviations, in words.
+    text = " ".join(result.stdout.split())
+    assert "weight decay 1e-4 (Keras L2 5e-5)" in text and "BN momentum 0.99, epsilon 1e-3" in text
+    assert "he2016-subset-v0: he2016-subset as the first runs used it" in text
 
 
 @pytest.mark.parametrize("args, message", [

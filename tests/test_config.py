@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from pipeline import config as cfg
@@ -55,27 +57,78 @@ def test_learning_rate_follows_the_global_batch_linearly():
     assert cfg.scaled_learning_rate(recipe, 64) == pytest.approx(0.05)
 
 
-@pytest.mark.parametrize("name, optimizer, rate, batch, shortcut, zero_init", [
-    ("he2016", "sgd", 0.1, 128, "padding", True),
-    ("he2016-subset", "sgd", 0.1, 128, "padding", True),
-    ("paper50", "sgd", 0.1, 128, "padding", True),
-    ("keras", "adam", 1e-3, 32, "projection", False),
-    ("keras-subset", "adam", 1e-3, 32, "projection", False),
+@pytest.mark.parametrize("name, optimizer, rate, batch, shortcut, zero_init, l2, augmentation, bn", [
+    ("he2016", "sgd", 0.1, 128, "padding", False, 5e-5, "pad-crop", (0.9, 1e-5)),
+    ("he2016-subset", "sgd", 0.1, 128, "padding", False, 5e-5, "pad-crop", (0.9, 1e-5)),
+    ("paper50", "sgd", 0.1, 128, "padding", False, 5e-5, "pad-crop", (0.9, 1e-5)),
+    ("keras", "adam", 1e-3, 32, "projection", False, 1e-4, "shift", (0.99, 1e-3)),
+    ("keras-subset", "adam", 1e-3, 32, "projection", False, 1e-4, "shift", (0.99, 1e-3)),
+    # The settings of the first subset runs, whose records are committed.
+    ("he2016-subset-v0", "sgd", 0.1, 128, "padding", True, 1e-4, "pad-crop", (0.9, 1e-5)),
+    ("keras-subset-v0", "adam", 1e-3, 32, "projection", False, 1e-4, "pad-crop", (0.9, 1e-5)),
 ])
-def test_recipes_read_their_sources(name, optimizer, rate, batch, shortcut, zero_init):
+def test_recipes_read_their_sources(name, optimizer, rate, batch, shortcut, zero_init, l2, augmentation, bn):
     recipe = cfg.get_recipe(name)
     assert (recipe.optimizer, recipe.learning_rate, recipe.batch_size, recipe.shortcut) == \
         (optimizer, rate, batch, shortcut)
     assert recipe.zero_init_residual is zero_init
+    assert recipe.weight_decay == pytest.approx(l2)
+    assert recipe.augmentation == augmentation
+    assert (recipe.batch_norm_momentum, recipe.batch_norm_epsilon) == bn
     if optimizer == "sgd":
         assert recipe.momentum == 0.9
 
 
-def test_subset_recipes_keep_their_sources_schedules_in_fewer_epochs():
+def test_he_et_al_s_weight_decay_is_half_of_it_in_keras_l2_terms():
+    # Keras' L2(l) adds l * sum(w^2) to the loss, so its gradient is 2 l w: He et al.'s decay of 1e-4 is L2(5e-5).
+    assert 2 * cfg.get_recipe("he2016").weight_decay == pytest.approx(1e-4)
+    model = cfg.TrainConfig(model_dir="m", recipe="he2016-subset").net.model_config(10, cfg.get_recipe("he2016-subset"))
+    assert model.weight_decay == pytest.approx(5e-5) and model.zero_init_residual is False
+
+
+def test_subset_recipes_are_their_sources_for_15_epochs_dropping_at_50_and_75_percent():
     for full, subset in (("he2016", "he2016-subset"), ("keras", "keras-subset")):
-        assert cfg.get_recipe(subset).boundaries == cfg.get_recipe(full).boundaries
-        assert cfg.get_recipe(subset).factors == cfg.get_recipe(full).factors
-        assert cfg.get_recipe(subset).epochs == cfg.SUBSET_EPOCHS
+        source, short = cfg.get_recipe(full), cfg.get_recipe(subset)
+        assert short.epochs == cfg.SUBSET_EPOCHS == 15 and short.steps is None
+        assert (short.boundaries, short.factors) == ((0.5, 0.75), (0.1, 0.01))
+        same = ("optimizer", "learning_rate", "batch_size", "momentum", "shortcut", "zero_init_residual",
+                "weight_decay", "batch_norm_momentum", "batch_norm_epsilon", "augmentation")
+        assert [getattr(short, k) for k in same] == [getattr(source, k) for k in same]
+    # The first keras-subset reached lr 1e-5 after 60% of its 5 epochs; the new one never goes below 1e-5.
+    assert cfg.get_recipe("keras-subset-v0").boundaries[1] == 0.6 and cfg.get_recipe("keras-subset-v0").epochs == 5
+    keras_subset = cfg.get_recipe("keras-subset")
+    assert keras_subset.learning_rate * min(keras_subset.factors) == pytest.approx(1e-5)
+
+
+def test_the_keras_schedule_drops_after_the_examples_epochs_81_121_161_181():
+    # The example counts epochs from 0 and lowers the rate when epoch > 80.
+    recipe = cfg.get_recipe("keras")
+    assert [round(b * recipe.epochs) for b in recipe.boundaries] == [81, 121, 161, 181]
+
+
+def test_every_recipe_says_where_it_comes_from_and_every_recipe_is_in_the_help():
+    from pipeline.config import _recipes_help
+
+    help_text = _recipes_help()
+    for recipe in cfg.RECIPES.values():
+        assert len(recipe.description) > 40, recipe.name
+        assert f"{recipe.name}: {recipe.description}" in help_text
+
+
+def test_zero_init_residual_is_the_recipes_unless_set():
+    recipe = cfg.get_recipe("he2016-subset-v0")
+    assert cfg.NetConfig().model_config(10, recipe).zero_init_residual is True
+    assert cfg.NetConfig(zero_init_residual=False).model_config(10, recipe).zero_init_residual is False
+    assert cfg.NetConfig(zero_init_residual=True).model_config(10, cfg.get_recipe("he2016")).zero_init_residual
+    keras = cfg.NetConfig().model_config(10, cfg.get_recipe("keras"))
+    assert (keras.batch_norm_momentum, keras.batch_norm_epsilon, keras.weight_decay) == (0.99, 1e-3, 1e-4)
+
+
+def test_unknown_augmentation_is_a_clear_error():
+    with pytest.raises(cfg.ConfigError, match="unknown augmentation 'cutout'"):
+        dataclasses.replace(cfg.get_recipe("he2016"), augmentation="cutout")
+    assert cfg.TrainConfig(recipe="keras").augmentation == "shift"
+    assert cfg.TrainConfig(recipe="keras", data=cfg.DataConfig(augment=False)).augmentation is None
 
 
 def test_shortcut_setting_is_checked():

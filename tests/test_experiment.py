@@ -119,4 +119,6 @@ def test_shortcut_goes_to_every_run_and_is_a_fixed_setting(tmp_path):
     config = tiny(tmp_path, shortcut="padding")
     assert {config.train_config(arch, 0).net.shortcut for arch in config.arches} == {"padding"}
     assert tiny(tmp_path).train_config("resnet", 0).net.shortcut is None  # the recipe's
-    assert "shortcut" in FIXED_SETTINGS
+    assert "shortcut" in FIXED_SETTINGS and "zero_init_residual" in FIXED_SETTINGS
+    config = tiny(tmp_path, zero_init_residual=True, recipe="he2016-subset")
+    assert {config.train_config(arch, 0).net.zero_init_residual for arch in config.arches} == {True}

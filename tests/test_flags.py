@@ -26,6 +26,16 @@ def test_flags_parse_into_the_nested_config_tree():
     assert config.recipe is get_recipe("he2016") and config.steps == 7 and config.progress is False
 
 
+def test_zero_init_residual_flags_override_the_recipe_either_way():
+    assert parse(TrainConfig, []).net.zero_init_residual is None  # the recipe's
+    assert parse(TrainConfig, ["--zero-init-residual"]).net.zero_init_residual is True
+    assert parse(TrainConfig, ["--no-zero-init-residual"]).net.zero_init_residual is False
+    with pytest.raises(SystemExit):
+        parse(TrainConfig, ["--zero-init-residual", "--no-zero-init-residual"])
+    experiment = parse(ExperimentConfig, ["--out", "o", "--zero-init-residual", "--recipe", "he2016-subset"])
+    assert experiment.train_config("accumulated", 1).net.zero_init_residual is True
+
+
 def test_a_config_built_from_no_flags_is_the_dataclass_default():
     assert parse(TrainConfig, []) == TrainConfig()
     assert flags.build(TrainConfig, {}) == TrainConfig()
@@ -109,7 +119,8 @@ def test_a_run_recorded_before_a_setting_existed_reads_with_its_old_meaning(tmp_
     import json
 
     record = settings().to_json()
-    del record["shortcut"], record["zero_init_residual"]
+    del record["shortcut"], record["zero_init_residual"], record["weight_decay"], record["augmentation"]
+    del record["batch_norm_momentum"], record["batch_norm_epsilon"]
     (tmp_path / "run.json").write_text(json.dumps({**record, "a_setting_from_the_future": 1}))
     assert RunDir(tmp_path).read_settings() == settings()
 
@@ -120,3 +131,7 @@ def test_a_run_with_other_settings_is_not_resumed(tmp_path):
     run.check_resumable(settings(learning_rate=0.2))  # derived settings may change (e.g. more replicas)
     with pytest.raises(ResumeMismatch, match="arch 'resnet' -> 'accumulated'"):
         run.check_resumable(settings(arch="accumulated"))
+    with pytest.raises(ResumeMismatch, match="weight_decay 0.0001 -> 5e-05"):
+        run.check_resumable(settings(weight_decay=5e-5))
+    with pytest.raises(ResumeMismatch, match="zero_init_residual False -> True"):
+        run.check_resumable(settings(zero_init_residual=True))

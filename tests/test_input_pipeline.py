@@ -41,10 +41,31 @@ def test_augmentation_is_a_padded_crop_with_flips(split_factory):
     assert sum(np.array_equal(o, a) for o, a in zip(images, augmented)) < 8
 
 
+def test_shift_augmentation_is_the_keras_examples_shift_with_nearest_fill(split_factory):
+    from scipy import ndimage
+
+    images = split_factory(64).images
+    seed = tf.constant([3, 4])
+    shifted = input_pipeline.shift_batch(tf.constant(images), seed).numpy()
+    assert shifted.shape == images.shape and shifted.dtype == np.uint8
+    transforms = input_pipeline.shift_transforms(tf.shape(images), seed).numpy()
+    mirrored, offset_x, shift_y = transforms[:, 0] < 0, transforms[:, 2], transforms[:, 5]
+    shift_x = np.where(mirrored, offset_x - 31, offset_x)
+    assert np.abs(shift_x).max() <= 3.2 and np.abs(shift_y).max() <= 3.2  # 10% of 32 pixels
+    assert (shift_x < -1).any() and (shift_x > 1).any() and (shift_y < -1).any() and (shift_y > 1).any()
+    assert 16 <= mirrored.sum() <= 48
+    # What ImageDataGenerator computes, with scipy.ndimage as it does: bilinear (order 1), nearest fill.
+    for image, result, (scale, offset, dy) in zip(images, shifted, transforms[:, [0, 2, 5]]):
+        expected = np.stack([ndimage.affine_transform(image[..., c].astype(np.float64), np.diag([1.0, scale]),
+                                                      offset=(dy, offset), order=1, mode="nearest")
+                             for c in range(3)], axis=-1)
+        assert np.abs(np.round(expected) - result).max() <= 1
+
+
 def test_no_augmentation_passes_images_through(split_factory):
     split = split_factory(40)
     images, labels = take(input_pipeline.train_dataset(split, batch_size=40, seed=0, start_epoch=0, steps_per_epoch=1,
-                                             augment=False), 1)[0]
+                                             augmentation=None), 1)[0]
     # A permutation of the split, image and label kept together.
     order = [int(np.flatnonzero((split.images == image).all(axis=(1, 2, 3)))[0]) for image in images]
     assert sorted(order) == list(range(40))
@@ -86,7 +107,7 @@ def test_worker_shards_are_disjoint_and_cover_the_epoch(split_factory):
         context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker,
                                              num_replicas_in_sync=2)
         dataset = input_pipeline.train_dataset(split, batch_size=8, seed=0, start_epoch=0, steps_per_epoch=3,
-                                     global_batch=16, input_context=context, augment=False)
+                                     global_batch=16, input_context=context, augmentation=None)
         shards.append(np.concatenate([labels for _, labels in take(dataset, 3)]))
     assert not set(shards[0]) & set(shards[1])
     assert sorted(np.concatenate(shards)) == list(range(48))

@@ -268,3 +268,22 @@ def test_zero_init_residual_starts_every_block_as_its_shortcut(arch):
         np.testing.assert_allclose(y, np.maximum(accumulator, 0), atol=1e-6)
     default = build_model(ModelConfig(arch, 8))
     assert np.all(np.asarray(default.get_layer("stage2_block1").branch.bn2.gamma) == 1)
+
+
+@pytest.mark.parametrize("arch", ["resnet", "accumulated"])
+def test_weight_decay_and_batch_norm_settings_reach_every_layer(arch):
+    from keras import layers
+
+    model = build_model(ModelConfig(arch, 8, weight_decay=5e-5, batch_norm_momentum=0.99, batch_norm_epsilon=1e-3))
+    nested = list(model._flatten_layers())
+    convolutions = [layer for layer in nested if isinstance(layer, layers.Conv2D)]
+    norms = [layer for layer in nested if isinstance(layer, layers.BatchNormalization)]
+    assert len(convolutions) == 9 and len(norms) >= 7  # stem, 3 blocks of 2, 2 projections
+    assert [float(layer.kernel_regularizer.l2) for layer in convolutions] == pytest.approx([5e-5] * 9)
+    assert {(layer.momentum, layer.epsilon) for layer in norms} == {(0.99, 1e-3)}
+    # The L2 loss is l * sum(w^2): the gradient 2 l w of an SGD weight decay of 2 l.
+    kernels = sum(float(np.sum(np.square(layer.kernel))) for layer in convolutions)
+    assert float(sum(model.losses)) == pytest.approx(5e-5 * kernels, rel=1e-5)
+    default = build_model(ModelConfig(arch, 8))
+    assert {(layer.momentum, layer.epsilon) for layer in default._flatten_layers()
+            if isinstance(layer, layers.BatchNormalization)} == {(0.9, 1e-5)}

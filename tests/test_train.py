@@ -143,7 +143,8 @@ def test_schedules_follow_the_recipes():
     he = training.learning_rate_schedule(get_recipe("he2016"), 0.1, total_steps=1000)
     assert [round(float(he(s)), 6) for s in (0, 499, 501, 749, 751, 999)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
     keras_recipe = training.learning_rate_schedule(get_recipe("keras"), 1e-3, total_steps=200)
-    assert [float(keras_recipe(s)) for s in (79, 81, 121, 161, 181)] == pytest.approx([1e-3, 1e-4, 1e-5, 1e-6, 5e-7])
+    # The example's 0-based epochs 0-80 at 1e-3, then lower; a schedule's step k is taken after k steps.
+    assert [float(keras_recipe(s)) for s in (80, 82, 122, 162, 182)] == pytest.approx([1e-3, 1e-4, 1e-5, 1e-6, 5e-7])
     quick = training.learning_rate_schedule(get_recipe("quick"), 0.1, total_steps=100)
     assert float(quick(0)) == 0 and float(quick(10)) == pytest.approx(0.1) and float(quick(100)) < 1e-3
 
@@ -174,7 +175,8 @@ def test_the_recipes_shortcut_is_trained_recorded_and_exported(tmp_path):
     model_dir = tmp_path / "run"
     summary = training.train(tiny_config(model_dir, arch="resnet", recipe="he2016-subset", epochs=1, devices=1,
                                          dataset="synthetic:200"))
-    assert summary.settings.shortcut == "padding" and summary.settings.zero_init_residual is True
+    assert summary.settings.shortcut == "padding" and summary.settings.zero_init_residual is False
+    assert summary.settings.weight_decay == 5e-5 and summary.settings.augmentation == "pad-crop"
     assert json.loads((model_dir / "run.json").read_text())["shortcut"] == "padding"
     model, _ = restore_trained_model(model_dir)
     assert isinstance(model.get_layer("stage2_block1").padding, PaddingShortcut)
