@@ -125,15 +125,31 @@ def run_tf_config(args: argparse.Namespace) -> int:
 def add_experiment_flags(parser: argparse.ArgumentParser) -> None:
     from pipeline.experiment import RUN_FLAGS, ExperimentConfig
 
-    flags.add_flags(parser, ExperimentConfig, ("out", "arches", "seeds", *RUN_FLAGS))
+    flags.add_flags(parser, ExperimentConfig, ("out", "records", "arches", "seeds", *RUN_FLAGS))
 
 
 def run_experiment(args: argparse.Namespace) -> int:
     from pipeline.experiment import ExperimentConfig, run_experiment as run
+    from pipeline.report import ReportConfig
 
     config = flags.build(ExperimentConfig, vars(args))
     run(config, announce=lambda line: print(line, flush=True))
-    print((pathlib.Path(config.out_dir) / "table.md").read_text())
+    print((ReportConfig(str(config.records)).report_dir / "table.md").read_text())
+    return 0
+
+
+def add_report_flags(parser: argparse.ArgumentParser) -> None:
+    from pipeline.report import ReportConfig
+
+    flags.add_flags(parser, ReportConfig)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from pipeline.report import ReportConfig, report
+
+    config = flags.build(ReportConfig, vars(args))
+    report(config)
+    print((config.report_dir / "table.md").read_text())
     return 0
 
 
@@ -235,12 +251,18 @@ VERBS = (
          "still classified.",
          "serving.classify:add_flags", "serving.classify:run"),
     Verb("experiment", "reproduce the paper's Table 1 and Figures 3-6 over several seeds",
-         "Train every (arch, seed) with the same data order per seed, then write results.json (min and mean "
-         "validation error over epochs, final validation and test error, mean ± std over seeds, paired "
-         "accumulated - plain differences with 95% confidence intervals), table.md (the paper's Table 1 "
-         "layout) and figures 3-6 as PNG. Run it again to resume: finished runs are kept, interrupted ones "
-         "resume from their checkpoints.",
+         "Train every (arch, seed) with the same data order per seed, writing each finished run's record "
+         "(settings, per-epoch history, final and test metrics) into --records, then write from the records "
+         "results.json (min and mean validation error over epochs, final validation and test error, mean ± std "
+         "over seeds, paired accumulated - plain differences with 95% confidence intervals and sign counts; the "
+         "primary metric is the final test error), table.md (the paper's Table 1 layout) and figures 3-6 as PNG. "
+         "Run it again, here or on another machine with the records, to go on: recorded runs are skipped, "
+         "interrupted ones resume from their checkpoints in --out.",
          "pipeline.cli:add_experiment_flags", "pipeline.cli:run_experiment"),
+    Verb("report", "rebuild an experiment's table and figures from its records alone",
+         "Read every run record (<arch>-seed<N>.json) of --records and write results.json, table.md and "
+         "figures 3-6, as `accresnet experiment` does at its end; no checkpoint and no TensorFlow needed.",
+         "pipeline.cli:add_report_flags", "pipeline.cli:run_report"),
     Verb("validate", "check that a candidate export loads, answers and is at least as good as the served one",
          "Start a model server on the candidate as the Deployment starts one, check its gRPC and REST answers and "
          "latency, evaluate it through that server and compare it with the version a server now serves (over "

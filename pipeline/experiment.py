@@ -1,10 +1,14 @@
-"""`accresnet experiment`: every (arch, seed) run, then the table and the figures.
+"""`accresnet experiment`: every (arch, seed) run, its record, then the table and the figures.
 
 Runs go seed by seed, each arch in turn, so an interrupted experiment has its
 finished runs in pairs. A run is an ordinary training run in
 `<out>/runs/<arch>-seed<seed>`: one seed gives every arch the same data order
-and augmentation. Started again, the experiment skips finished runs and lets
-unfinished ones resume from their last checkpoint.
+and augmentation. As each run finishes, its record (pipeline/records.py) goes
+into the records folder, which is meant to be committed while `<out>` (the
+checkpoints) is not. Started again, on this machine or on another from a
+fresh clone, the experiment skips recorded runs, records finished ones, lets
+unfinished ones resume from their last checkpoint in `<out>` when it is
+there, and rebuilds the report from the records alone.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 from pipeline import flags
 from pipeline.config import ARCHES, ConfigError, TrainConfig
 from pipeline.flags import nested, setting
+from pipeline.records import read_record, record_path, record_run, write_record
 from pipeline.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -59,7 +64,12 @@ def _show_list(values: tuple) -> str:
 class ExperimentConfig:
     """Every (arch, seed) run of `run`, a TrainConfig whose arch, seed and model_dir vary."""
 
-    out_dir: str = setting(flag="--out", help="the experiment's folder (runs/, results, table, figures)")
+    out_dir: str = setting(flag="--out", help="the experiment's working folder: runs/ (checkpoints, logs)")
+    records_dir: str | None = setting(
+        None, flag="--records",
+        help="where each finished run's record goes (<arch>-seed<N>.json: settings, per-epoch history, final and "
+             "test metrics), a folder to commit; results.json, table.md and the figures go into the folder "
+             "that holds it. Recorded runs are not run again", unset="OUT/records")
     arches: tuple[str, ...] = setting(("resnet", "accumulated"), parse=parse_arches, show=_show_list,
                                       help=f"comma-separated, from {', '.join(ARCHES)}")
     seeds: tuple[int, ...] = setting((0, 1, 2), parse=parse_seeds, show=_show_list,
@@ -75,55 +85,74 @@ class ExperimentConfig:
     def run_dir(self, arch: str, seed: int) -> pathlib.Path:
         return pathlib.Path(self.out_dir) / "runs" / f"{arch}-seed{seed}"
 
+    @property
+    def records(self) -> pathlib.Path:
+        return pathlib.Path(self.records_dir) if self.records_dir else pathlib.Path(self.out_dir) / "records"
+
+    def fixed_settings(self) -> dict:
+        """The settings every run of the experiment shares, by name, as its records hold them."""
+        values = flags.values(self)
+        return {k: values[k] for k in FIXED_SETTINGS}
+
     def train_config(self, arch: str, seed: int) -> TrainConfig:
         return dataclasses.replace(self.run, model_dir=str(self.run_dir(arch, seed)),
                                    net=dataclasses.replace(self.run.net, arch=arch), seed=seed)
 
 
-def _check_output_folder(config: ExperimentConfig) -> None:
+def _check_folders(config: ExperimentConfig) -> None:
+    """Refuse to mix runs of other settings into the output folder or the records."""
+    fixed = config.fixed_settings()
     out = pathlib.Path(config.out_dir)
-    record = out / "experiment.json"
-    settings = flags.values(config)
-    if record.exists():
-        previous = json.loads(record.read_text())
-        differing = [k for k in FIXED_SETTINGS if previous.get(k) != settings[k]]
+    marker = out / "experiment.json"
+    if marker.exists():
+        previous = json.loads(marker.read_text())
+        differing = [k for k in FIXED_SETTINGS if previous.get(k) != fixed[k]]
         if differing:
             raise ConfigError(f"{out} holds an experiment with other settings ({', '.join(differing)}); "
                               "use the same flags or another --out")
+    for path in sorted(config.records.glob("*-seed*.json")):
+        recorded = read_record(path).experiment
+        differing = [k for k in FIXED_SETTINGS if recorded.get(k) != fixed[k]]
+        if differing:
+            raise ConfigError(f"{path} records a run with other settings ({', '.join(differing)}); "
+                              "use the same flags or other --records")
     out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(settings, indent=2) + "\n")
+    marker.write_text(json.dumps(flags.values(config), indent=2) + "\n")
 
 
 def run_experiment(config: ExperimentConfig, announce=print) -> dict:
-    """Train what is missing, then write results.json, table.md and the figures; returns the results."""
-    from pipeline import train
-    from pipeline.report import Run, write_report
+    """Train and record what is missing, then write results.json, table.md and the figures
+    from the records; returns the results."""
+    from pipeline.report import ReportConfig, report
 
-    _check_output_folder(config)
+    _check_folders(config)
     plan = [(arch, seed) for seed in config.seeds for arch in config.arches]
-    runs = []
     for number, (arch, seed) in enumerate(plan, start=1):
-        run = RunDir(config.run_dir(arch, seed))
-        prefix = f"[{number}/{len(plan)}] {arch} seed {seed}"
-        if run.is_finished():
-            announce(f"{prefix}: finished earlier, kept")
-        else:
-            announce(f"{prefix}: training in {run.path}")
-            started = time.monotonic()
-            summary = train.train(config.train_config(arch, seed))
-            announce(f"{prefix}: {summary.epochs_completed} epochs in {time.monotonic() - started:.0f}s, "
-                     f"val error {100 * (1 - summary.final.get('val_accuracy', float('nan'))):.2f}%, "
-                     f"{summary.train_images_per_sec or 0:.0f} images/s")
-        runs.append(Run(arch, seed, run.read_history(), run.read_summary()))
-    first, run = runs[0].summary.settings, config.run
-    label = ", ".join(dict.fromkeys(config.arches))
-    context = {
-        "title": f"{label}: depth {run.net.depth} on {run.data.spec}",
-        "dataset": run.data.spec, "depth": run.net.depth, "recipe": run.recipe.name, "shortcut": first.shortcut,
-        "epochs": first.epochs, "global_batch": first.global_batch, "train_images": run.data.train_images,
-        "width": run.net.width, "cardinality": run.net.cardinality, "arches": list(config.arches),
-        "seeds": list(config.seeds),
-    }
-    results = write_report(runs, context, pathlib.Path(config.out_dir))
-    announce(f"wrote {config.out_dir}/results.json, table.md and figures 3-6")
+        _run_and_record(config, arch, seed, f"[{number}/{len(plan)}] {arch} seed {seed}", announce)
+    report_config = ReportConfig(str(config.records))
+    results = report(report_config)
+    announce(f"wrote {report_config.report_dir}/results.json, table.md and figures 3-6 from the records in "
+             f"{config.records}")
     return results
+
+
+def _run_and_record(config: ExperimentConfig, arch: str, seed: int, prefix: str, announce) -> None:
+    """Leave a record of the run: kept if there is one, else from a finished run, else after training."""
+    record = record_path(config.records, arch, seed)
+    if record.exists():
+        announce(f"{prefix}: recorded earlier in {record}, kept")
+        return
+    run = RunDir(config.run_dir(arch, seed))
+    if run.is_finished():
+        announce(f"{prefix}: finished earlier in {run.path}")
+    else:
+        from pipeline import train
+
+        announce(f"{prefix}: training in {run.path}")
+        started = time.monotonic()
+        summary = train.train(config.train_config(arch, seed))
+        announce(f"{prefix}: {summary.epochs_completed} epochs in {time.monotonic() - started:.0f}s, "
+                 f"val error {100 * (1 - summary.final.get('val_accuracy', float('nan'))):.2f}%, "
+                 f"{summary.train_images_per_sec or 0:.0f} images/s")
+    write_record(record, record_run(run, config.fixed_settings(), config.run.recipe))
+    announce(f"{prefix}: recorded in {record}")

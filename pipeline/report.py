@@ -1,12 +1,19 @@
-"""An experiment's runs -> results.json, the paper's Table 1 and Figures 3-6.
+"""An experiment's run records -> results.json, the paper's Table 1 and Figures 3-6.
 
-Errors are top-1 errors in percent. For each run: the minimum and the mean
-validation error over its epochs (the two columns of the paper's Table 1),
-the final validation and test errors, wall time and images/s. For each
-architecture: mean and standard deviation over seeds. For each accumulated
-architecture and its plain twin: a paired comparison over the seeds they
-share (accumulated minus plain, per seed), with a Student-t 95% confidence
-interval and two-sided p-value.
+Everything is computed from the records (pipeline/records.py) alone, so a
+report can be rebuilt anywhere from a committed records folder. Errors are
+top-1 errors in percent. For each run: the minimum and the mean validation
+error over its epochs (the two columns of the paper's Table 1), the final
+validation and test errors, its per-epoch history, wall time and images/s.
+For each architecture: mean and standard deviation over seeds. For each
+accumulated architecture and its plain twin: a paired comparison over the
+seeds they share (accumulated minus plain, per seed), with a Student-t 95%
+confidence interval, two-sided p-value and the count of seeds on each side
+with its sign test.
+
+The primary metric, fixed before the runs, is the final test error: the
+test split is touched once per run, after the last epoch, so it is the one
+number no choice made while training has seen.
 """
 
 from __future__ import annotations
@@ -18,12 +25,22 @@ import pathlib
 import statistics
 
 from pipeline.config import is_accumulated, plain_counterpart
-from pipeline.rundir import HistoryRow, RunSummary
+from pipeline.flags import setting
+from pipeline.records import RecordError, RunRecord, read_records
 
 # Saraiya 2018, Table 1: CIFAR-10, depth 32, 50 epochs, one run each.
 PAPER_TABLE1 = {"resnet": {"min_val_error": 13.92, "mean_val_error": 19.9},
                 "accumulated": {"min_val_error": 12.65, "mean_val_error": 18.1}}
 METRICS = ("min_val_error", "mean_val_error", "final_val_error", "final_test_error")
+PRIMARY_METRIC = "final_test_error"
+PRIMARY_STATEMENT = ("the final test error (top-1, %, after the last epoch), accumulated - plain paired by seed; "
+                     "fixed before the runs")
+TIMING_NOTE = ("Wall time (of the session that finished each run) and images/s were measured on machines shared "
+               "with other work (CPU models listed per run): they are not speed results.")
+# The run settings every record of one report must share, besides the experiment's flags.
+SHARED_RUN_SETTINGS = ("dataset", "depth", "width", "cardinality", "recipe", "shortcut", "zero_init_residual",
+                       "weight_decay", "batch_norm_momentum", "batch_norm_epsilon", "augmentation", "epochs",
+                       "global_batch")
 # Figures 3-6 of the paper, in its order.
 FIGURES = (
     ("figure3_val_accuracy.png", "val_accuracy", "validation accuracy"),
@@ -36,14 +53,49 @@ DISPLAY_NAMES = {"resnet": "ResNet", "accumulated": "Accumulated", "wrn": "WRN",
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
-    arch: str
-    seed: int
-    history: list[HistoryRow]
-    summary: RunSummary
+class ReportConfig:
+    """`accresnet report`: the report of an experiment, from its records alone."""
+
+    records_dir: str = setting(flag="--records", help="the experiment's records folder (<arch>-seed<N>.json)")
+    out_dir: str | None = setting(None, flag="--out", help="where results.json, table.md and the figures go",
+                                  unset="the folder that holds the records folder")
+
+    @property
+    def report_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.out_dir) if self.out_dir else pathlib.Path(self.records_dir).resolve().parent
 
 
-def run_metrics(run: Run) -> dict:
+def report(config: ReportConfig) -> dict:
+    """Read every record of the folder, write results.json, table.md and figures 3-6; returns the results."""
+    records = read_records(config.records_dir)
+    out = config.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    return write_report(records, context_of(records), out)
+
+
+def context_of(records: list[RunRecord]) -> dict:
+    """What the runs share, for the report's title and text; refuses records of several experiments."""
+    first = records[0]
+    for record in records[1:]:
+        differing = [k for k in first.experiment if record.experiment.get(k) != first.experiment[k]]
+        differing += [k for k in SHARED_RUN_SETTINGS
+                      if getattr(record.summary.settings, k) != getattr(first.summary.settings, k)]
+        if differing:
+            raise RecordError(f"the records of {first.arch} seed {first.seed} and {record.arch} seed {record.seed} "
+                              f"differ in {', '.join(dict.fromkeys(differing))}: one report takes the records "
+                              "of one experiment")
+    settings, arches = first.summary.settings, sorted({r.arch for r in records}, key=list(DISPLAY_NAMES).index)
+    return {
+        "title": f"{', '.join(arches)}: depth {settings.depth} on {settings.dataset}",
+        **{k: getattr(settings, k) for k in SHARED_RUN_SETTINGS},
+        "recipe_description": first.recipe.get("description", ""),
+        "train_images": first.experiment.get("train_images"),
+        "arches": arches, "seeds": sorted({r.seed for r in records}),
+        "cpus": sorted({r.cpu for r in records}),
+    }
+
+
+def run_metrics(run: RunRecord) -> dict:
     val_errors = [100 * (1 - row.val_accuracy) for row in run.history]
     final = run.summary.final
     return {
@@ -53,6 +105,8 @@ def run_metrics(run: Run) -> dict:
         "final_test_error": 100 * (1 - final["test_accuracy"]) if "test_accuracy" in final else None,
         "wall_time_sec": run.summary.wall_time_sec,
         "train_images_per_sec": run.summary.train_images_per_sec,
+        "cpu": run.cpu, "initial_epoch": run.summary.initial_epoch,
+        "history": [dataclasses.asdict(row) for row in run.history],
     }
 
 
@@ -62,12 +116,17 @@ def describe(values: list[float]) -> dict:
 
 
 def paired_difference(differences: list[float]) -> dict:
-    """Mean of per-seed differences with its t-based 95% CI and two-sided p-value (n >= 2)."""
+    """Mean of per-seed differences with its t-based 95% CI and two-sided p-value (n >= 2),
+    and the signs: how many seeds have the difference above, below and at zero, with the
+    two-sided sign test's p-value (ties left out)."""
     from scipy import stats
 
     n = len(differences)
+    higher, lower = sum(d > 0 for d in differences), sum(d < 0 for d in differences)
+    signs = {"higher": higher, "lower": lower, "equal": n - higher - lower,
+             "p_value": float(stats.binomtest(higher, higher + lower).pvalue) if higher + lower else None}
     result = {"mean": statistics.fmean(differences), "n": n, "values": differences,
-              "std": None, "ci95": None, "t": None, "p_value": None}
+              "std": None, "ci95": None, "t": None, "p_value": None, "signs": signs}
     if n < 2:
         return result
     std = statistics.stdev(differences)
@@ -80,7 +139,7 @@ def paired_difference(differences: list[float]) -> dict:
     return result
 
 
-def summarize(runs: list[Run], context: dict) -> dict:
+def summarize(runs: list[RunRecord], context: dict) -> dict:
     per_run = [run_metrics(run) for run in sorted(runs, key=lambda r: (r.arch, r.seed))]
     arches = sorted({m["arch"] for m in per_run}, key=list(DISPLAY_NAMES).index)
     per_arch = {}
@@ -104,7 +163,8 @@ def summarize(runs: list[Run], context: dict) -> dict:
             **{metric: paired_difference([by_seed[(arch, s)][metric] - by_seed[(plain, s)][metric] for s in seeds])
                for metric in METRICS if all(by_seed[(a, s)][metric] is not None for a in (arch, plain) for s in seeds)},
         }
-    return {"context": context, "runs": per_run, "per_arch": per_arch, "paired": paired,
+    return {"context": context, "primary_metric": {"name": PRIMARY_METRIC, "statement": PRIMARY_STATEMENT},
+            "runs": per_run, "per_arch": per_arch, "paired": paired, "timing": TIMING_NOTE,
             "paper_table1": PAPER_TABLE1, "units": "top-1 error in percent"}
 
 
@@ -119,11 +179,49 @@ def _cell(summary: dict | None) -> str:
 def _difference_cell(difference: dict | None) -> str:
     if difference is None:
         return "–"
+    signs = difference["signs"]
+    higher = f"higher in {signs['higher']} of {difference['n']}"
     if difference["ci95"] is None:
         return f"{difference['mean']:+.2f} (one seed: no interval)"
     low, high = difference["ci95"]
-    return f"{difference['mean']:+.2f} [{low:+.2f}, {high:+.2f}], p={difference['p_value']:.2g}" \
-        if difference["p_value"] is not None else f"{difference['mean']:+.2f} [{low:+.2f}, {high:+.2f}]"
+    interval = f"{difference['mean']:+.2f} [{low:+.2f}, {high:+.2f}]"
+    if difference["p_value"] is not None:
+        interval += f", p={difference['p_value']:.2g}"
+    return f"{interval}; {higher}"
+
+
+def _settings_line(context: dict) -> str:
+    """The recipe as the runs had it: the settings that make it what it is."""
+    decay = context["weight_decay"]
+    return (f"recipe `{context['recipe']}`: {context['shortcut']} shortcuts, L2 {decay:g} on the convolutions "
+            f"(weight decay {2 * decay:g}), residual branches starting at "
+            f"{'zero (zero-init on)' if context['zero_init_residual'] else 'gamma 1 (zero-init off)'}, "
+            f"BN momentum {context['batch_norm_momentum']:g} and epsilon {context['batch_norm_epsilon']:g}, "
+            f"{context['augmentation'] or 'no'} augmentation, global batch {context['global_batch']}, "
+            f"{context['epochs']} epochs")
+
+
+def _primary_lines(results: dict) -> list[str]:
+    """The primary metric per seed and the paired verdict on it."""
+    lines = []
+    by_run = {(m["arch"], m["seed"]): m for m in results["runs"]}
+    for name, paired in results["paired"].items():
+        difference = paired.get(PRIMARY_METRIC)
+        if difference is None:
+            continue
+        arch, plain = name.split(" - ")
+        lines += [f"Primary metric, {DISPLAY_NAMES[arch]} − {DISPLAY_NAMES[plain]}, final test error per seed:", "",
+                  "| seed | " + " | ".join(str(s) for s in paired["seeds"]) + " |",
+                  "|---|" + "---|" * len(paired["seeds"])]
+        for row in (plain, arch):
+            lines.append(f"| {DISPLAY_NAMES[row]} | " + " | ".join(
+                f"{by_run[(row, s)][PRIMARY_METRIC]:.2f}" for s in paired["seeds"]) + " |")
+        lines.append("| difference | " + " | ".join(f"{d:+.2f}" for d in difference["values"]) + " |")
+        signs = difference["signs"]
+        sign_test = f" (sign test p = {signs['p_value']:.2g})" if signs["p_value"] is not None else ""
+        lines += ["", f"{DISPLAY_NAMES[arch]} has the higher test error in {signs['higher']} of {difference['n']} "
+                      f"seeds, the lower in {signs['lower']}{sign_test}.", ""]
+    return lines
 
 
 def table_markdown(results: dict) -> str:
@@ -132,12 +230,15 @@ def table_markdown(results: dict) -> str:
     lines = [
         f"# {context['title']}",
         "",
-        f"Dataset `{context['dataset']}`, depth {context['depth']}, recipe `{context['recipe']}`, "
-        f"{context.get('shortcut', 'projection')} shortcuts, {context['epochs']} epochs, "
-        f"seeds {', '.join(map(str, seeds))}. Top-1 error in %: the minimum and the mean over each run's epochs of "
-        "the validation error (the paper's two columns), and the test error after the last epoch; mean ± std over "
-        "seeds. Differences are paired by seed (same data order), with a Student-t 95% confidence interval and "
-        "two-sided p-value.",
+        f"Dataset `{context['dataset']}`, depth {context['depth']}, seeds {', '.join(map(str, seeds))}; "
+        f"{_settings_line(context)}. The recipe: {context['recipe_description']}.",
+        "",
+        f"Primary metric: {PRIMARY_STATEMENT}.",
+        "",
+        "Top-1 error in %: the minimum and the mean over each run's epochs of the validation error (the paper's "
+        "two columns), and the test error after the last epoch; mean ± std over seeds. Differences are paired by "
+        "seed (same data order, same initial kernels), with a Student-t 95% confidence interval, two-sided "
+        "p-value and the number of seeds in which the accumulated net's error is the higher.",
         "",
         "| | min top-1 val error | avg top-1 val error (over epochs) | final test error |",
         "|---|---|---|---|",
@@ -154,15 +255,17 @@ def table_markdown(results: dict) -> str:
         lines.append(f"| Paper: {DISPLAY_NAMES[arch]} (CIFAR-10, ResNet-32, 50 epochs, 1 run) | "
                      f"{paper['min_val_error']:.2f} | {paper['mean_val_error']:.1f} | – |")
     lines.append("")
+    lines += _primary_lines(results)
     if not context["dataset"].startswith("cifar10"):
         lines.append(f"These runs are on `{context['dataset']}`, not CIFAR-10: the paper's rows are there for "
                      "reference, not for comparison.")
     else:
         lines.append("The paper's rows are one run each, with He et al.'s 45k/5k split of CIFAR-10.")
+    lines += ["", f"{TIMING_NOTE} CPUs: {', '.join(context['cpus'])}."]
     return "\n".join(lines) + "\n"
 
 
-def write_figures(runs: list[Run], out_dir: pathlib.Path) -> list[pathlib.Path]:
+def write_figures(runs: list[RunRecord], out_dir: pathlib.Path) -> list[pathlib.Path]:
     """Figures 3-6: per epoch, each architecture's mean over seeds with a ±1 std band."""
     import matplotlib
     import matplotlib.ticker
@@ -199,7 +302,7 @@ def write_figures(runs: list[Run], out_dir: pathlib.Path) -> list[pathlib.Path]:
     return paths
 
 
-def write_report(runs: list[Run], context: dict, out_dir: pathlib.Path) -> dict:
+def write_report(runs: list[RunRecord], context: dict, out_dir: pathlib.Path) -> dict:
     results = summarize(runs, context)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "table.md").write_text(table_markdown(results))

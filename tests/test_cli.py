@@ -12,7 +12,8 @@ from helpers import REPO, accresnet, run_accresnet
 
 def test_help_answers_without_loading_tensorflow():
     code = ("import sys; from pipeline import cli\n"
-            "for verb in ['export', 'serve', 'classify', 'experiment', 'demo', 'tf-config', 'prepare-data', 'train']:\n"
+            "for verb in ['export', 'serve', 'classify', 'experiment', 'report', 'demo', 'tf-config', 'prepare-data',"
+            " 'train']:\n"
             "    try:\n        cli.main([verb, '--help'])\n    except SystemExit:\n        pass\n"
             "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras', 'google', 'grpc', "
             "'numpy', 'tensorflow_serving', 'aiohttp'})\n"
@@ -21,7 +22,7 @@ def test_help_answers_without_loading_tensorflow():
     assert result.returncode == 0, result.stderr
     for flag in ("--arch", "--depth", "--dataset", "--recipe", "--devices", "--mixed-precision", "--jit",
                  "--val-split", "--seed", "--epochs", "--steps", "--batch-size", "--model-dir", "--shortcut",
-                 "--zero-init-residual", "--no-zero-init-residual"):
+                 "--zero-init-residual", "--no-zero-init-residual", "--records"):
         assert flag in result.stdout
     assert "global batch" in result.stdout and "linearly" in result.stdout
     # Every recipe's sources and deviations, in words.

@@ -1,17 +1,20 @@
-"""`accresnet experiment`: runs, resumption, and numbers that agree with the runs' own histories."""
+"""`accresnet experiment` and `accresnet report`: runs, their records, resumption on this machine or
+another, and numbers that agree with the runs' own histories."""
 
 import csv
 import json
+import shutil
 import statistics
 
 import pytest
 from PIL import Image
 from scipy import stats
 
-from pipeline import flags
+from pipeline import cli, flags
 from pipeline.config import ConfigError
 from pipeline.experiment import ExperimentConfig, parse_seeds, run_experiment
-from pipeline.report import FIGURES, paired_difference
+from pipeline.records import RecordError, cpu_model, read_records
+from pipeline.report import FIGURES, ReportConfig, paired_difference, report
 
 
 def tiny(out, **overrides):
@@ -34,9 +37,11 @@ def history(out, arch, seed):
         return list(csv.DictReader(file))
 
 
-def test_writes_results_table_and_four_figures(experiment):
+def test_writes_a_record_per_run_then_results_table_and_four_figures(experiment):
     out, results, lines = experiment
     assert sum("training in" in line for line in lines) == 4
+    assert sorted(p.name for p in (out / "records").iterdir()) == [
+        "accumulated-seed0.json", "accumulated-seed1.json", "resnet-seed0.json", "resnet-seed1.json"]
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
     for filename, _, _ in FIGURES:
         with Image.open(out / filename) as figure:
@@ -45,7 +50,24 @@ def test_writes_results_table_and_four_figures(experiment):
     assert "| ResNet (2 runs) |" in table and "| Accumulated (2 runs) |" in table
     assert "| Accumulated − ResNet (paired) |" in table and "13.92" in table and "12.65" in table
     assert "not CIFAR-10" in table
+    assert results["primary_metric"]["name"] == "final_test_error"
+    assert "Primary metric: the final test error" in table and "fixed before the runs" in table
+    assert "recipe `quick`" in table and "zero-init off" in table and "L2 0.0001" in table
+    assert "not speed results" in table and "not speed results" in results["timing"]
 
+
+def test_a_record_holds_the_settings_history_and_final_metrics_of_its_run(experiment):
+    out, _, _ = experiment
+    record = json.loads((out / "records" / "resnet-seed1.json").read_text())
+    assert (record["arch"], record["seed"]) == ("resnet", 1)
+    assert record["summary"] == json.loads((out / "runs" / "resnet-seed1" / "summary.json").read_text())
+    rows = history(out, "resnet", 1)
+    assert [row["epoch"] for row in record["history"]] == [int(row["epoch"]) for row in rows] == [1, 2]
+    assert [row["val_accuracy"] for row in record["history"]] == [float(row["val_accuracy"]) for row in rows]
+    assert "test_accuracy" in record["summary"]["final"] and record["summary"]["wall_time_sec"] > 0
+    assert record["cpu"] == cpu_model() != "" and record["cpus"] >= 1
+    assert record["experiment"]["recipe"] == "quick" and record["experiment"]["depth"] == 8
+    assert record["recipe"]["name"] == "quick" and "demos and tests" in record["recipe"]["description"]
 
 def test_numbers_agree_with_the_runs_histories(experiment):
     out, results, _ = experiment
@@ -59,6 +81,7 @@ def test_numbers_agree_with_the_runs_histories(experiment):
             assert run["final_val_error"] == pytest.approx(errors[-1])
             summary = json.loads((out / "runs" / f"{arch}-seed{seed}" / "summary.json").read_text())
             assert run["final_test_error"] == pytest.approx(100 * (1 - summary["final"]["test_accuracy"]))
+            assert [row["loss"] for row in run["history"]] == [float(row["loss"]) for row in history(out, arch, seed)]
             mins.append(min(errors))
             means.append(statistics.fmean(errors))
         per_arch = results["per_arch"][arch]
@@ -74,26 +97,85 @@ def test_numbers_agree_with_the_runs_histories(experiment):
     assert paired["values"] == pytest.approx(differences)
 
 
-def test_a_second_run_keeps_finished_runs_and_finishes_the_rest(experiment):
+def test_a_second_run_keeps_recorded_runs_and_finishes_the_rest(experiment):
     out, results, _ = experiment
-    kept = out / "runs" / "resnet-seed0" / "summary.json"
+    kept = out / "records" / "resnet-seed0.json"
     stamp = kept.stat().st_mtime_ns
-    (out / "runs" / "accumulated-seed1" / "summary.json").unlink()  # as if killed before its end
+    # As if killed before its end: no record, no summary, the checkpoints of both epochs.
+    (out / "records" / "accumulated-seed1.json").unlink()
+    (out / "runs" / "accumulated-seed1" / "summary.json").unlink()
     lines = []
     again = run_experiment(tiny(out), announce=lines.append)
-    assert sum("finished earlier, kept" in line for line in lines) == 3
+    assert sum("recorded earlier" in line for line in lines) == 3
     assert [line for line in lines if "training in" in line] == [
         f"[4/4] accumulated seed 1: training in {out / 'runs' / 'accumulated-seed1'}"]
+    assert (out / "records" / "accumulated-seed1.json").exists()
     assert kept.stat().st_mtime_ns == stamp
     resumed = json.loads((out / "runs" / "accumulated-seed1" / "summary.json").read_text())
     assert resumed["initial_epoch"] == 2  # resumed from its checkpoint: nothing retrained
     assert again["per_arch"]["resnet"]["min_val_error"] == results["per_arch"]["resnet"]["min_val_error"]
 
 
-def test_other_settings_need_another_folder(experiment):
+def test_a_finished_run_without_a_record_is_recorded_not_trained_again(experiment):
+    out, _, _ = experiment
+    (out / "records" / "resnet-seed1.json").unlink()
+    lines = []
+    run_experiment(tiny(out), announce=lambda line: lines.append(line))
+    assert not [line for line in lines if "training in" in line]
+    assert f"[3/4] resnet seed 1: finished earlier in {out / 'runs' / 'resnet-seed1'}" in lines
+    assert (out / "records" / "resnet-seed1.json").exists()
+
+
+def test_a_fresh_clone_with_the_records_goes_on_without_checkpoints(experiment, tmp_path):
+    out, results, _ = experiment
+    clone = tmp_path / "docs" / "experiment"
+    shutil.copytree(out / "records", clone / "records")
+    lines = []
+    again = run_experiment(tiny(tmp_path / "elsewhere", records=str(clone / "records")), announce=lines.append)
+    assert not [line for line in lines if "training in" in line]
+    assert sum("recorded earlier" in line for line in lines) == 4
+    assert not (tmp_path / "elsewhere" / "runs").exists()
+    # The report goes beside the records folder.
+    assert json.loads((clone / "results.json").read_text())["runs"] == json.loads(json.dumps(again))["runs"]
+    for filename, _, _ in FIGURES:
+        assert (clone / filename).exists()
+
+
+def test_report_rebuilds_results_table_and_figures_from_the_records_alone(experiment, tmp_path, capsys):
+    out, _, _ = experiment
+    shutil.copytree(out / "records", tmp_path / "records")
+    assert cli.main(["report", "--records", str(tmp_path / "records"), "--out", str(tmp_path / "report")]) == 0
+    assert "| Accumulated − ResNet (paired) |" in capsys.readouterr().out
+    rebuilt = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert rebuilt == json.loads((out / "results.json").read_text())
+    assert (tmp_path / "report" / "table.md").read_text() == (out / "table.md").read_text()
+    for filename, _, _ in FIGURES:
+        with Image.open(tmp_path / "report" / filename) as figure:
+            assert figure.format == "PNG"
+    assert ReportConfig(str(tmp_path / "records")).report_dir == tmp_path  # by default, beside the records
+    assert [row["epoch"] for row in rebuilt["runs"][0]["history"]] == [1, 2]
+
+
+def test_a_report_takes_the_records_of_one_experiment_only(experiment, tmp_path):
+    out, _, _ = experiment
+    records = tmp_path / "records"
+    shutil.copytree(out / "records", records)
+    path = records / "resnet-seed0.json"
+    record = json.loads(path.read_text())
+    record["summary"]["epochs"] = 3
+    path.write_text(json.dumps(record))
+    with pytest.raises(RecordError, match="resnet seed 0 differ in epochs"):
+        report(ReportConfig(str(records)))
+    with pytest.raises(RecordError, match="holds no run records"):
+        read_records(tmp_path / "empty")
+
+
+def test_other_settings_need_another_folder(experiment, tmp_path):
     out, _, _ = experiment
     with pytest.raises(ConfigError, match="other settings .*epochs"):
         run_experiment(tiny(out, epochs=3), announce=lambda line: None)
+    with pytest.raises(ConfigError, match="accumulated-seed0.json records a run with other settings .*epochs"):
+        run_experiment(tiny(tmp_path, records=str(out / "records"), epochs=3), announce=lambda line: None)
 
 
 def test_paired_difference_matches_scipys_paired_t_test():
@@ -105,6 +187,10 @@ def test_paired_difference_matches_scipys_paired_t_test():
     low, high = result["ci95"]
     assert low < result["mean"] < high and high < 0  # accumulated lower on every seed here
     assert paired_difference([1.5])["ci95"] is None
+    signs = result["signs"]
+    assert (signs["higher"], signs["lower"], signs["equal"]) == (0, 4, 0)
+    assert signs["p_value"] == pytest.approx(2 * 0.5 ** 4)  # two-sided sign test: all 4 on one side
+    assert paired_difference([1.0, -1.0, 0.0])["signs"] == {"higher": 1, "lower": 1, "equal": 1, "p_value": 1.0}
 
 
 def test_seeds_flag():
@@ -113,12 +199,14 @@ def test_seeds_flag():
         parse_seeds("three")
 
 
-def test_shortcut_goes_to_every_run_and_is_a_fixed_setting(tmp_path):
+def test_shortcut_and_zero_init_go_to_every_run_and_are_fixed_settings(tmp_path):
     from pipeline.experiment import FIXED_SETTINGS
+
+    config = tiny(tmp_path, zero_init_residual=True, recipe="he2016-subset")
+    assert {config.train_config(arch, 0).net.zero_init_residual for arch in config.arches} == {True}
+    assert "zero_init_residual" in FIXED_SETTINGS and config.fixed_settings()["zero_init_residual"] is True
 
     config = tiny(tmp_path, shortcut="padding")
     assert {config.train_config(arch, 0).net.shortcut for arch in config.arches} == {"padding"}
     assert tiny(tmp_path).train_config("resnet", 0).net.shortcut is None  # the recipe's
-    assert "shortcut" in FIXED_SETTINGS and "zero_init_residual" in FIXED_SETTINGS
-    config = tiny(tmp_path, zero_init_residual=True, recipe="he2016-subset")
-    assert {config.train_config(arch, 0).net.zero_init_residual for arch in config.arches} == {True}
+    assert "shortcut" in FIXED_SETTINGS
