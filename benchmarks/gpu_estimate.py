@@ -19,7 +19,7 @@ An estimate, not a measurement: no GPU is at hand here. How it scales:
    `--step-overhead-ms` per step (kernel launches of a ~100-layer net's
    forward, backward and update: about a thousand small kernels).
 
-    python benchmarks/gpu_estimate.py --results docs/cifar10-subset-he/results.json [--depth 32]
+    python benchmarks/gpu_estimate.py --results docs/cifar10-subset/he2016-subset/results.json [--depth 32]
 """
 
 from __future__ import annotations
