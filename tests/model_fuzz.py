@@ -7,7 +7,7 @@ the signature's placeholders as they are (no shape check; that is the
 graph's job). This does the same, with random ranks and shapes (zero and
 large dimensions included), dtypes, file contents and tf.Example protos, and
 prints one JSON line: how many cases each signature answered with which
-status, and the process's peak RSS. A case may only end in a status; a
+status, and the process's peak RSS and its RSS once the model was loaded. A case may only end in a status; a
 crashed process prints nothing.
 """
 
@@ -111,6 +111,7 @@ def main(path: str, seed: int, cases: int) -> None:
     with graph.as_default():
         meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], path)
     rng = np.random.default_rng(seed)
+    baseline_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     outcomes: dict[str, collections.Counter] = {}
     for key, signature in sorted(meta_graph.signature_def.items()):
         if key.startswith("__"):
@@ -133,7 +134,8 @@ def main(path: str, seed: int, cases: int) -> None:
                 # is; Python's session binding cannot decode it (the model server maps it).
                 counts["status with undecodable message"] += 1
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"outcomes": {key: dict(counts) for key, counts in outcomes.items()}, "peak_rss_mib": peak_mib}))
+    print(json.dumps({"outcomes": {key: dict(counts) for key, counts in outcomes.items()},
+                      "baseline_rss_mib": baseline_mib, "peak_rss_mib": peak_mib}))
 
 
 if __name__ == "__main__":
