@@ -34,6 +34,7 @@ import urllib.request
 
 from helpers import REPO, free_ports
 from manifests import ROOT, apply_slices, objects, one, selects
+from serving import labels
 from serving.deployment import Mapping, map_path, map_to_local
 
 TRAINER_COMMAND = "accresnet"
@@ -43,18 +44,21 @@ MODEL_SERVER = "tensorflow_model_server"
 @dataclasses.dataclass(frozen=True)
 class Image:
     entrypoint: list[str]
+    cmd: list[str]
     env: dict[str, str]
     files: dict[str, pathlib.Path]  # folders baked into the image -> the checkout's
 
 
 def dockerfile_images(path: pathlib.Path = ROOT / "Dockerfile") -> dict[str, Image]:
-    """Image name -> its stage's entrypoint, env and copied folders."""
+    """Image name -> its stage's entrypoint, CMD, env and copied folders."""
     text = path.read_text()
     names = dict((stage, name) for stage, name in re.findall(r"docker build --target (\S+) -t (\S+)", text))
     images = {}
     for block in re.split(r"^FROM ", text, flags=re.MULTILINE)[1:]:
         stage = re.match(r"\S+ AS (\S+)", block).group(1)
         entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])", block, re.MULTILINE).group(1))
+        cmd = re.search(r"^CMD (\[(?:.*\\\n)*.*\])", block, re.MULTILINE)
+        cmd = json.loads(cmd.group(1).replace("\\\n", "")) if cmd else []
         env = {}
         for match in re.finditer(r"^ENV ((?:.*\\\n)*.*)", block, re.MULTILINE):
             for pair in re.findall(r"(\w+)=(\S+)", match.group(1)):
@@ -64,7 +68,7 @@ def dockerfile_images(path: pathlib.Path = ROOT / "Dockerfile") -> dict[str, Ima
             folders = {str(pathlib.Path(source).parent) for source in sources.split()}
             if len(folders) == 1:
                 files[target] = ROOT / folders.pop()
-        images[names[stage]] = Image(entrypoint, env, files)
+        images[names[stage]] = Image(entrypoint, cmd, env, files)
     return images
 
 
@@ -149,18 +153,19 @@ class LocalCluster:
             raise ValueError(f"{pod_name}: no local stand-in for {entrypoint[0]}")
         return command, image, program == MODEL_SERVER
 
-    def pod(self, pod_name: str, pod: dict, extra_env: dict[str, str] | None = None) -> Pod:
-        """The pod's container, after its init containers (run in order, as the kubelet does)."""
-        (container,) = pod["containers"]
-        main = self._container(pod_name, pod, container, extra_env)
-        main.init = [self._container(pod_name, pod, init, extra_env, f"{pod_name}-{init['name']}")
-                     for init in pod.get("initContainers", [])]
+    def pod(self, pod_name: str, template: dict, extra_env: dict[str, str] | None = None) -> Pod:
+        """The pod's container, after its init containers (run in order, as the kubelet does).
+        `template` is a pod template: its metadata (labels) and spec."""
+        (container,) = template["spec"]["containers"]
+        main = self._container(pod_name, template, container, extra_env)
+        main.init = [self._container(pod_name, template, init, extra_env, f"{pod_name}-{init['name']}")
+                     for init in template["spec"].get("initContainers", [])]
         return main
 
-    def _container(self, pod_name: str, pod: dict, container: dict, extra_env: dict[str, str] | None,
+    def _container(self, pod_name: str, template: dict, container: dict, extra_env: dict[str, str] | None,
                    name: str | None = None) -> Pod:
         command, image, is_model_server = self._command(pod_name, container)
-        paths = {**image.files, **self._mount_paths(pod_name, pod, container)}
+        paths = {**image.files, **self._mount_paths(pod_name, template["spec"], container)}
         for deployed, local in image.files.items():
             self._map(Mapping(f"{container['image']} files", deployed, str(local)))
         declared = {str(p.get("name", p["containerPort"])): p["containerPort"] for p in container.get("ports", [])}
@@ -191,34 +196,41 @@ class LocalCluster:
             self._wait_for(init, time.monotonic() + init_timeout)
         pod.log = self.root / "logs" / f"{pod.name}.log"
         pod.log.parent.mkdir(parents=True, exist_ok=True)
-        with pod.log.open("w") as log:
-            pod.process = subprocess.Popen(pod.command, env=pod.env, stdout=log, stderr=subprocess.STDOUT,
-                                           cwd=self.root)
+        pod.process = self._launch(pod)
         self.pods.append(pod)
         self.announce(f"started {pod.name}: {' '.join(pod.command)}")
         return pod
 
+    def _launch(self, pod: Pod) -> subprocess.Popen:
+        with pod.log.open("w") as log:
+            return subprocess.Popen(pod.command, env=pod.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+
     def job_pods(self, name: str) -> list[Pod]:
         """The pods of a Job; an Indexed Job's get their index and the TF_CONFIG derived from it."""
         job = one(self.overlay, "Job", name)
-        spec, template = job["spec"], job["spec"]["template"]["spec"]
+        spec, template = job["spec"], job["spec"]["template"]
         if spec.get("completionMode") != "Indexed":
             return [self.pod(f"{name}-0", template)]
         count = spec["completions"]
         assert spec.get("parallelism", 1) == count, "the harness runs all indexes at once"
+        return [self.pod(f"{name}-{index}", template, env)
+                for index, env in enumerate(self._indexed_pod_env(template["spec"], count))]
+
+    def _indexed_pod_env(self, spec: dict, count: int) -> list[dict[str, str]]:
+        """Each index's extra env: JOB_COMPLETION_INDEX, as Kubernetes sets it in pod <index>,
+        and the TF_CONFIG the pod derives from it with the workers' names mapped onto loopback."""
         worker_ports = free_ports(count)
-        pods = []
+        envs = []
         for index in range(count):
-            env = {e["name"]: e["value"] for e in template["containers"][0].get("env", [])}
-            env["JOB_COMPLETION_INDEX"] = str(index)  # what Kubernetes sets in pod <index>
+            env = {e["name"]: e["value"] for e in spec["containers"][0].get("env", [])}
+            env["JOB_COMPLETION_INDEX"] = str(index)
             derived = json.loads(_derive_tf_config(env))
             workers = derived["cluster"]["worker"]
             for address, port in zip(workers, worker_ports):
                 self._map(Mapping("worker address (headless Service)", address, f"127.0.0.1:{port}"))
             derived["cluster"]["worker"] = [f"127.0.0.1:{port}" for port in worker_ports]
-            pods.append(self.pod(f"{name}-{index}", template,
-                                 {"JOB_COMPLETION_INDEX": str(index), "TF_CONFIG": json.dumps(derived)}))
-        return pods
+            envs.append({"JOB_COMPLETION_INDEX": str(index), "TF_CONFIG": json.dumps(derived)})
+        return envs
 
     def run_job(self, name: str, timeout: float) -> list[Pod]:
         """Start every pod of the Job and wait for all to succeed."""
@@ -241,17 +253,18 @@ class LocalCluster:
 
     def start_deployment(self, name: str) -> Pod:
         """One replica of the Deployment, reachable through every Service that selects it."""
-        deployment = one(self.overlay, "Deployment", name)
-        template = deployment["spec"]["template"]
-        pod = self.start(self.pod(f"{name}-0", template["spec"]))
-        labels = template["metadata"]["labels"]
-        for service in objects(self.overlay, "Service"):
-            selector = service["spec"].get("selector", {})
-            if selector and selector.items() <= labels.items():
-                for port in service["spec"]["ports"]:
-                    target = str(port.get("targetPort", port["port"]))
-                    self.service_ports[f"{service['metadata']['name']}:{port['port']}"] = pod.ports[target]
+        template = one(self.overlay, "Deployment", name)["spec"]["template"]
+        pod = self.start(self.pod(f"{name}-0", template))
+        for service in self.services_selecting(template["metadata"]["labels"]):
+            for port in service["spec"]["ports"]:
+                target = str(port.get("targetPort", port["port"]))
+                self.service_ports[f"{service['metadata']['name']}:{port['port']}"] = pod.ports[target]
         return pod
+
+    def services_selecting(self, labels: dict[str, str]) -> list[dict]:
+        """The Services whose selector picks pods with these labels."""
+        return [service for service in objects(self.overlay, "Service")
+                if service["spec"].get("selector") and service["spec"]["selector"].items() <= labels.items()]
 
     def wait_ready(self, pod: Pod, deployment: str, timeout: float) -> None:
         """Until the Deployment's readiness probe (an HTTP GET) answers 200."""
@@ -271,14 +284,18 @@ class LocalCluster:
             time.sleep(1)
         raise AssertionError(f"{pod.name} not ready at {url} within {timeout:.0f}s:\n{pod.output()[-3000:]}")
 
+    def guide_steps(self) -> list[tuple[int, str, list[dict]]]:
+        """docs/deployment.md's apply steps: (number, label selector, the Jobs and Deployments it applies)."""
+        return [(step, selector, [doc for doc in objects(self.overlay) if doc["kind"] in ("Job", "Deployment")
+                                  and selects(selector, doc["metadata"].get("labels", {}))])
+                for step, selector in enumerate(apply_slices(), start=1)]
+
     def apply_in_guide_order(self, timeouts: dict[str, float]) -> dict[str, Pod | list[Pod]]:
         """docs/deployment.md's steps, in order: each step's Jobs run to completion and
         its Deployments start and become ready, as `kubectl wait` and `rollout status`
         wait for them there. Returns each workload's pods by name."""
         started = {}
-        for step, selector in enumerate(apply_slices(), start=1):
-            chosen = [doc for doc in objects(self.overlay) if doc["kind"] in ("Job", "Deployment")
-                      and selects(selector, doc["metadata"].get("labels", {}))]
+        for step, selector, chosen in self.guide_steps():
             self.announce(f"step {step} ({selector}): {', '.join(d['metadata']['name'] for d in chosen)}")
             for doc in chosen:
                 name = doc["metadata"]["name"]
@@ -299,6 +316,30 @@ class LocalCluster:
                     pod.process.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     pod.process.kill()
+
+
+def check_first_release(volume: pathlib.Path, validate_output: str, candidate: str) -> None:
+    """The release Job's first run: validated (nothing served yet to compare with), pushed whole, labelled.
+    `candidate` is the staged version as the release Job's pod named it."""
+    assert "blessed:" in validate_output and "holds no version yet" in validate_output, validate_output[-2000:]
+    blessing = json.loads((volume / "models" / "accresnet" / "1" / "blessing.json").read_text())
+    assert blessing["verdict"] == "blessed" and blessing["candidate"] == candidate, blessing
+    assert labels.labels(volume / "models" / "models.config", "accresnet") == {"stable": 1, "canary": 1}
+
+
+def check_classified(images_dir: pathlib.Path, client_output: str) -> str:
+    """Every image of the held-out folder classified once (the client Job's JSON lines), better than
+    chance; returns the score as a line to print. Paths are matched below the folder, so the client
+    may have named it as mounted in its pod."""
+    predictions = [json.loads(line) for line in client_output.splitlines() if line.startswith("{")]
+    images = sorted(path.relative_to(images_dir) for path in images_dir.rglob("*.png"))
+    named = sorted(pathlib.Path(*pathlib.Path(p["path"]).parts[-2:]) for p in predictions)
+    assert images and named == images, f"{len(images)} images, {len(predictions)} predictions:\n{client_output[-2000:]}"
+    correct = sum(p["class_name"] == pathlib.Path(p["path"]).parent.name for p in predictions)
+    chance = 1 / len({path.parent for path in images})
+    assert correct / len(predictions) > chance, f"accuracy {correct}/{len(predictions)} is not better than chance"
+    return f"{len(predictions)} held-out images classified, {correct} correct ({correct / len(predictions):.2f}; " \
+           f"chance {chance:.2f})"
 
 
 def _flag_value(args: list[str], name: str) -> str | None:
