@@ -101,6 +101,9 @@ def _engine_answers() -> bool:
     return shutil.which("docker") is not None and docker("info", check=False).returncode == 0
 
 
+_apt_updated: list[bool] = []  # once per run: the package lists do not change within minutes
+
+
 def apt_install(packages: list[str], announce=print) -> None:
     if not packages:
         return
@@ -109,10 +112,14 @@ def apt_install(packages: list[str], announce=print) -> None:
                           "or run `make docker-test` as root on Debian, which installs them")
     announce(f"installing {' '.join(packages)} (apt-get)")
     environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
+    commands = [["apt-get", "install", "-y", "-qq", *packages]]
+    if not _apt_updated:
+        commands.insert(0, ["apt-get", "update", "-qq"])
+    for command in commands:
         result = subprocess.run(command, env=environment, capture_output=True, text=True)
         if result.returncode != 0:
             raise EngineError(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    _apt_updated.append(True)
 
 
 def ensure_engine(timings: Timings, announce=print) -> None:
