@@ -128,10 +128,13 @@ def ensure_engine(timings: Timings, announce=print) -> None:
     if _engine_answers():
         announce("docker engine: running")
         return
-    started = time.monotonic()
-    apt_install([package for program, package in (("dockerd", "docker.io"), ("docker", "docker.io"))
-                 if not shutil.which(program)][:1], announce)
-    timings.record("engine: install docker.io", started)
+    if not (shutil.which("dockerd") and shutil.which("docker")):
+        started = time.monotonic()
+        apt_install(["docker.io"], announce)
+        timings.record("engine: install docker.io", started)
+    if os.geteuid() != 0:
+        raise EngineError("Docker does not answer, and starting dockerd takes root: start it (`sudo systemctl "
+                          "start docker` or `sudo dockerd &`) and let your user reach it (the docker group)")
     started = time.monotonic()
     with DOCKERD_LOG.open("a") as log:
         subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
