@@ -165,7 +165,8 @@ def trace(name: str, seed: int, steps: int, args: argparse.Namespace, images: in
     from pipeline import input_pipeline
     from pipeline.distribute import Cluster, make_strategy
     from pipeline.model import set_pixel_mean
-    from pipeline.train import Trainer, learning_rate_schedule, make_optimizer
+    from pipeline.optimizers import learning_rate_schedule, make_optimizer
+    from pipeline.trainer import Trainer
 
     variant = VARIANTS[name]
     data = _training_data(args.dataset, args.train_images)

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from helpers import accresnet, free_ports
 from pipeline.rundir import RunDir
-from pipeline.train import EXIT_PEER_LOST, EXIT_PREEMPTED
+from pipeline.preemption import EXIT_PEER_LOST, EXIT_PREEMPTED
 
 STEPS_PER_EPOCH = 8  # 540 training images of synthetic:600 at a global batch of 64
 

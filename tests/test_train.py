@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import flags, train as training
+from pipeline import flags, hooks, optimizers, preemption, train as training
 from pipeline.config import ModelConfig, RunLength, TrainConfig
 from pipeline.distribute import Cluster, make_strategy
 from pipeline.model import build_model
 from pipeline.rundir import HISTORY_FIELDS, HistoryRow, ResumeMismatch, RunDir, RunSettings
+from pipeline.trainer import Trainer
 
 
 def tiny_config(model_dir, **overrides):
@@ -65,7 +66,7 @@ class Interrupt(Exception):
 
 
 def _interrupt_after(monkeypatch, steps):
-    original = training.Trainer.train_step
+    original = Trainer.train_step
     calls = {"n": 0}
 
     def step(self, iterator, stop_vote):
@@ -74,7 +75,7 @@ def _interrupt_after(monkeypatch, steps):
             raise Interrupt()
         return original(self, iterator, stop_vote)
 
-    monkeypatch.setattr(training.Trainer, "train_step", step)
+    monkeypatch.setattr(Trainer, "train_step", step)
 
 
 def test_an_interrupted_run_resumes_where_it_stopped(finished_run, tmp_path, monkeypatch):
@@ -96,7 +97,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(finished_run, tmp_path, mon
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_checkpoints(tmp_path, monkeypatch):
-    original = training.Trainer.train_step
+    original = Trainer.train_step
     calls = {"n": 0}
 
     def step(self, iterator, stop_vote):
@@ -104,8 +105,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoints(tmp_path, monkeypatch)
         loss_and_votes = original(self, iterator, stop_vote)
         return loss_and_votes if calls["n"] <= 5 else loss_and_votes * float("nan")  # 5 steps per epoch
 
-    monkeypatch.setattr(training.Trainer, "train_step", step)
-    with pytest.raises(training.TrainingDiverged, match=r"loss became nan at epoch 2, step 1.*up to epoch 1 are kept"):
+    monkeypatch.setattr(Trainer, "train_step", step)
+    with pytest.raises(hooks.TrainingDiverged, match=r"loss became nan at epoch 2, step 1.*up to epoch 1 are kept"):
         training.train(tiny_config(tmp_path))
     assert tf.train.latest_checkpoint(tmp_path / "checkpoints").endswith("ckpt-5")  # numbered by step
     assert len(history_rows(tmp_path)) == 1
@@ -122,7 +123,7 @@ def two_replica_trainer(arch, global_batch):
     with strategy.scope():
         model = build_model(ModelConfig(arch, 8))
         optimizer = keras.optimizers.SGD(0.1)
-    return training.Trainer(strategy, model, optimizer, global_batch=global_batch)
+    return Trainer(strategy, model, optimizer, global_batch=global_batch)
 
 
 def test_distributed_evaluation_counts_every_image_once(split_factory):
@@ -140,12 +141,12 @@ def test_distributed_evaluation_counts_every_image_once(split_factory):
 def test_schedules_follow_the_recipes():
     from pipeline.config import get_recipe
 
-    he = training.learning_rate_schedule(get_recipe("he2016"), 0.1, total_steps=1000)
+    he = optimizers.learning_rate_schedule(get_recipe("he2016"), 0.1, total_steps=1000)
     assert [round(float(he(s)), 6) for s in (0, 499, 501, 749, 751, 999)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
-    keras_recipe = training.learning_rate_schedule(get_recipe("keras"), 1e-3, total_steps=200)
+    keras_recipe = optimizers.learning_rate_schedule(get_recipe("keras"), 1e-3, total_steps=200)
     # The example's 0-based epochs 0-80 at 1e-3, then lower; a schedule's step k is taken after k steps.
     assert [float(keras_recipe(s)) for s in (80, 82, 122, 162, 182)] == pytest.approx([1e-3, 1e-4, 1e-5, 1e-6, 5e-7])
-    quick = training.learning_rate_schedule(get_recipe("quick"), 0.1, total_steps=100)
+    quick = optimizers.learning_rate_schedule(get_recipe("quick"), 0.1, total_steps=100)
     assert float(quick(0)) == 0 and float(quick(10)) == pytest.approx(0.1) and float(quick(100)) < 1e-3
 
 
@@ -224,7 +225,7 @@ class FakeTrainer:
         return 0.1
 
 
-class Recorder(training.Hook):
+class Recorder(hooks.Hook):
     def __init__(self, events):
         self.events = events
 
@@ -278,13 +279,13 @@ def test_a_loop_resumed_mid_epoch_keeps_the_epochs_running_metrics():
 def test_a_vote_to_stop_saves_at_that_step_and_raises_preempted():
     trainer = FakeTrainer([1.0] * 6, stop_after=2)  # another worker got SIGTERM during step 2
     events = trainer.events
-    with pytest.raises(training.Preempted, match="after step 2 of epoch 1"):
+    with pytest.raises(preemption.Preempted, match="after step 2 of epoch 1"):
         training.run_epochs(trainer, None, RunLength(steps_per_epoch=3, total_steps=6), 0, dict, [Recorder(events)],
                             NoStop())
     assert events == ["reset", ("begin", 1, 3), ("step", 1, 1, 1.0), ("step", 1, 2, 1.0), ("stop", 1, 2)]
     # At an epoch's last step the epoch ends as usual (evaluation, history, checkpoint) before the stop.
     trainer = FakeTrainer([1.0] * 6, stop_after=3)
-    with pytest.raises(training.Preempted, match="end of epoch 1"):
+    with pytest.raises(preemption.Preempted, match="end of epoch 1"):
         training.run_epochs(trainer, None, RunLength(steps_per_epoch=3, total_steps=6), 0, dict,
                             [Recorder(trainer.events)], NoStop())
     assert trainer.events[-2:] == ["sync", ("end", HistoryRow(epoch=1, loss=1.0, accuracy=0.5, lr=0.1))]
@@ -295,7 +296,7 @@ def test_sigterm_turns_into_a_vote_and_the_previous_handler_comes_back():
     import signal
 
     before = signal.getsignal(signal.SIGTERM)
-    with training.StopRequest() as stop:
+    with preemption.StopRequest() as stop:
         assert float(stop.vote()) == 0.0
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and float(stop.vote()) == 1.0
@@ -303,31 +304,31 @@ def test_sigterm_turns_into_a_vote_and_the_previous_handler_comes_back():
 
 
 def test_the_step_timer_leaves_out_the_untimed_steps():
-    timer = training.StepTimer(untimed=2, global_batch=64)
+    timer = hooks.StepTimer(untimed=2, global_batch=64)
     for step, seconds in enumerate([9.0, 9.0, 0.5, 0.5], start=1):
         timer.on_step(1, step, 1.0, seconds)
     assert timer.timed_steps == 2 and timer.images_per_sec() == pytest.approx(128)
-    assert training.StepTimer(untimed=3, global_batch=64).images_per_sec() is None
+    assert hooks.StepTimer(untimed=3, global_batch=64).images_per_sec() is None
 
 
 def test_a_nan_loss_names_the_step_and_what_is_kept(tmp_path):
-    stop = training.StopOnDivergence(tmp_path / "checkpoints")
+    stop = hooks.StopOnDivergence(tmp_path / "checkpoints")
     stop.on_step(2, 3, 0.7, 0.1)
-    with pytest.raises(training.TrainingDiverged, match=r"nan at epoch 2, step 3.*up to epoch 1 are kept in"):
+    with pytest.raises(hooks.TrainingDiverged, match=r"nan at epoch 2, step 3.*up to epoch 1 are kept in"):
         stop.on_step(2, 3, float("nan"), 0.1)
-    with pytest.raises(training.TrainingDiverged, match="no checkpoint"):
+    with pytest.raises(hooks.TrainingDiverged, match="no checkpoint"):
         stop.on_step(1, 1, float("inf"), 0.1)
 
 
 def test_the_history_hook_rewrites_history_csv_after_each_epoch(tmp_path):
     run = RunDir(tmp_path)
     kept = [HistoryRow(epoch=1, loss=2.0, accuracy=0.1, lr=0.1)]  # no validation split: empty cells
-    history = training.History(run, list(kept), write=True)
+    history = hooks.History(run, list(kept), write=True)
     history.on_epoch_end(HistoryRow(epoch=2, loss=1.0, accuracy=0.2, val_loss=1.5, val_accuracy=0.3, lr=0.05))
     assert run.read_history() == [*kept, HistoryRow(epoch=2, loss=1.0, accuracy=0.2, val_loss=1.5, val_accuracy=0.3,
                                                     lr=0.05)]
     assert history_rows(tmp_path)[0]["val_loss"] == ""
-    training.History(RunDir(tmp_path / "other"), [], write=False).on_epoch_end(kept[0])  # not the chief
+    hooks.History(RunDir(tmp_path / "other"), [], write=False).on_epoch_end(kept[0])  # not the chief
     assert not (tmp_path / "other").exists()
 
 

@@ -1,0 +1,39 @@
+"""A recipe's optimizer: its learning-rate schedule, loss scaling and precision policy."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from pipeline.config import Recipe
+
+
+def learning_rate_schedule(recipe: Recipe, learning_rate: float, total_steps: int):
+    """The recipe's schedule stretched or shrunk to `total_steps`."""
+    if recipe.schedule == "cosine":
+        warmup = int(recipe.warmup * total_steps)
+        return keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup else learning_rate,
+            decay_steps=max(total_steps - warmup, 1),
+            warmup_target=learning_rate if warmup else None,
+            warmup_steps=warmup,
+        )
+    boundaries = list(recipe.step_boundaries) or [max(int(round(f * total_steps)), 1) for f in recipe.boundaries]
+    values = [learning_rate] + [learning_rate * f for f in recipe.factors]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def make_optimizer(recipe: Recipe, schedule, loss_scaling: bool) -> keras.optimizers.Optimizer:
+    if recipe.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=recipe.momentum)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate=schedule)
+    # float16 needs loss scaling to keep small gradients; bfloat16 does not.
+    return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scaling else optimizer
+
+
+def mixed_precision_policy(enabled: bool) -> str:
+    """Mixed precision: float16 on GPUs, bfloat16 on CPUs (AVX512-BF16 / AMX)."""
+    if not enabled:
+        return "float32"
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
