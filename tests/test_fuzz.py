@@ -99,7 +99,7 @@ def test_a_declared_size_past_the_bound_is_refused_whatever_values_it_carries(ro
 # --- REST bodies -------------------------------------------------------------------------------
 
 from serving.server import rest_json  # noqa: E402
-from serving.server.rest_api import parse_predict_body  # noqa: E402
+from serving.server.rest_codec import parse_predict_body  # noqa: E402
 from serving.server.servable import PREDICT_METHOD, Signature, TensorInfo  # noqa: E402
 
 SIGNATURES = [

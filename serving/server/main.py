@@ -89,7 +89,8 @@ class RunningServer:
     # --- REST on its own event loop ------------------------------------------------------------
 
     def _start_rest(self) -> None:
-        from serving.server.rest_api import RestApi, RestLimits, RestServer, ssl_context
+        from serving.server.rest_api import RestApi, RestLimits
+        from serving.server.rest_server import RestServer, ssl_context
 
         options = self.options
         limits = RestLimits(max_body_bytes=options.rest_api_max_body_bytes,
