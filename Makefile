@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV := $(CHECKOV_VENV)/bin/checkov
 
-.PHONY: test docker-test demo bench clean
+.PHONY: test test-fast docker-test demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ $(CHECKOV):
 # server, so two of them share two cores well (17 minutes down to 11 here).
 test: $(STAMP) $(CHECKOV)
 	CHECKOV=$(CHECKOV) $(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=25
+
+# The inner loop: the tests that need no trained model, server or subprocess (about
+# half the suite, a minute or two); `make test` stays the whole suite, which CI runs.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" --durations=10
 
 # The Dockerfile's images built and the local overlay's chain run in containers of them
 # (tests/docker_checks.py). Installs and starts Docker when missing (Debian's docker.io: root).

@@ -53,3 +53,15 @@ def exported_model(trained_run, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("models") / "accresnet"
     return pathlib.Path(export_run(trained_run, base))
+
+
+# A test that needs a trained or exported model (and so every server test) belongs to the
+# slow tier; `make test-fast` runs the others. Tests that train, start processes or scan
+# manifests themselves say so with @pytest.mark.slow (modules of such tests, with pytestmark).
+MODEL_FIXTURES = {"trained_run", "exported_model", "finished_run", "good_run", "experiment"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

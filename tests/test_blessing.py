@@ -17,6 +17,8 @@ from serving import labels
 from serving.deployment import MODEL_NAME
 from test_server import Clients, images, predict_request
 
+pytestmark = pytest.mark.slow  # every test here trains or starts processes
+
 DATASET = "synthetic:1200"  # a model trained 3 epochs on it reaches about 0.4 on its test split
 
 

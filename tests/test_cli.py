@@ -9,6 +9,8 @@ import pytest
 
 from helpers import REPO, accresnet, run_accresnet
 
+pytestmark = pytest.mark.slow  # every test here trains or starts processes
+
 
 def test_help_answers_without_loading_tensorflow():
     code = ("import sys; from pipeline import cli\n"

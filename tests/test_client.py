@@ -218,6 +218,7 @@ def test_classify_table(server, picture_folder):
     assert header.split()[:3] == ["image", "class", "prob"] and len(rows) == 6
 
 
+@pytest.mark.slow
 def test_classify_reports_an_unreachable_server(picture_folder):
     result = classify_command("--server", f"localhost:{free_ports(1)[0]}", "--retries", "0", "--timeout", "3",
                               picture_folder)

@@ -136,6 +136,7 @@ def test_train_images_takes_every_class_not_the_first_folders(tmp_path):
     assert len(load(f"folder:{tmp_path}", val_split=0.0, train_images=10).train) == 10
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SUBSET.is_dir(), reason="the CIFAR-10 folder subset is not on this machine")
 def test_train_images_of_the_cifar10_folder_subset_are_balanced():
     data = load(f"folder:{SUBSET}", train_images=4000)

@@ -166,6 +166,7 @@ def test_overlays_change_what_they_promise():
     assert 'base_path: "gs://BUCKET/models/accresnet"' in config_map["data"]["models.config"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_security_scan_passes(overlay, tmp_path):
     checkov = os.environ.get("CHECKOV") or shutil.which("checkov") or str(ROOT / ".venv-checkov" / "bin" / "checkov")

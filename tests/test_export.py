@@ -239,6 +239,7 @@ def test_export_to_an_object_store_path(trained_run):
     assert loaded.signatures["serving_default"](images=tf.zeros([1, 32, 32, 3], tf.uint8))["probabilities"].shape == (1, 10)
 
 
+@pytest.mark.slow
 def test_a_wide_accumulated_net_exports_like_the_others(tmp_path):
     from pipeline import flags
     from pipeline.config import TrainConfig

@@ -12,6 +12,8 @@ from local_cluster import LocalCluster, check_classified, check_first_release, d
 from manifests import one
 from serving.deployment import DEPLOYED_FLAGS
 
+pytestmark = pytest.mark.slow  # every test here trains or starts processes
+
 OVERLAY = "overlays/local"
 
 

@@ -20,6 +20,7 @@ def test_plain_resnet_parameter_counts_match_he_et_al(depth, millions):
     assert trainable_count(model) / 1e6 == pytest.approx(millions, rel=0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [8, 20, 32])
 def test_accumulated_adds_exactly_one_batch_norm_per_block(depth):
     plain = build_model(ModelConfig("resnet", depth))
@@ -102,6 +103,7 @@ def test_plain_block_adds_the_identity_or_the_projection():
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet", "accumulated"])
 def test_saved_model_file_round_trips_through_get_config(arch, tmp_path):
     model = build_model(ModelConfig(arch, 8))
@@ -143,6 +145,7 @@ WIDER = [("wrn", "accumulated-wrn", 10, dict(width=2)), ("wrn", "accumulated-wrn
          ("resnext", "accumulated-resnext", 20, {})]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plain, accumulated, depth, extra", WIDER)
 def test_wide_and_aggregated_nets_add_one_batch_norm_per_block(plain, accumulated, depth, extra):
     per_block = 6 if plain == "wrn" else 9
@@ -154,6 +157,7 @@ def test_wide_and_aggregated_nets_add_one_batch_norm_per_block(plain, accumulate
     assert probabilities.shape == (4, 10)
 
 
+@pytest.mark.slow
 def test_wrn_and_resnext_layouts():
     wrn = build_model(ModelConfig("wrn", 28, width=10))
     assert wrn.name == "wrn-28-10" and trainable_count(wrn) / 1e6 == pytest.approx(36.5, rel=0.01)
@@ -166,6 +170,7 @@ def test_wrn_and_resnext_layouts():
         ModelConfig("wrn", 16, cardinality=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, depth", [("accumulated-wrn", 10), ("accumulated-resnext", 11)])
 def test_wider_variants_train_a_step_and_round_trip(arch, depth, tmp_path):
     model = build_model(ModelConfig(arch, depth, width=2, cardinality=2 if "resnext" in arch else None))
@@ -195,6 +200,7 @@ def test_padding_shortcut_is_the_subsampled_identity_with_zero_channels():
     assert PaddingShortcut.from_config(layer.get_config()).get_config() == layer.get_config()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet", "accumulated"])
 def test_option_a_has_no_shortcut_parameters(arch):
     projection = build_model(ModelConfig(arch, 32, shortcut="projection"))

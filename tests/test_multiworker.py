@@ -7,6 +7,8 @@ import pytest
 from helpers import accresnet, free_ports
 from pipeline.rundir import RunDir
 
+pytestmark = pytest.mark.slow  # every test here trains or starts processes
+
 
 @pytest.mark.slow
 def test_two_workers_train_together_with_identical_weights(tmp_path):

@@ -18,6 +18,8 @@ from helpers import accresnet, free_ports
 from pipeline.rundir import RunDir
 from pipeline.preemption import EXIT_PEER_LOST, EXIT_PREEMPTED
 
+pytestmark = pytest.mark.slow  # every test here trains or starts processes
+
 STEPS_PER_EPOCH = 8  # 540 training images of synthetic:600 at a global batch of 64
 
 

@@ -1,12 +1,15 @@
 """`accresnet prepare-data`: the dataset checked (or prepared) and held-out images written."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from helpers import run_accresnet
 from pipeline import datasets
 from pipeline.config import DataConfig
 from pipeline.prepare import write_held_out
+
+pytestmark = pytest.mark.slow  # every test here trains or starts processes
 
 
 def test_held_out_images_are_the_test_split_one_folder_per_class(tmp_path):

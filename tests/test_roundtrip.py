@@ -19,6 +19,8 @@ from pipeline.synthetic import CLASS_NAMES
 from serving.client import Classifier
 from serving.deployment import local_deployed_server
 
+pytestmark = pytest.mark.slow  # every test here trains or starts processes
+
 
 def _pngs(pixels, folder):
     from PIL import Image

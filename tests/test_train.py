@@ -13,6 +13,8 @@ from pipeline.model import build_model
 from pipeline.rundir import HISTORY_FIELDS, HistoryRow, ResumeMismatch, RunDir, RunSettings
 from pipeline.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # every test here trains or starts processes
+
 
 def tiny_config(model_dir, **overrides):
     settings = dict(model_dir=str(model_dir), arch="accumulated", depth=8, dataset="synthetic:400", recipe="quick",
