@@ -183,16 +183,21 @@ def export_saved_model(model: keras.Model, class_names: list[str], export_base: 
 
 
 def publish_as_next_version(saved_model: str | os.PathLike, export_base: str | os.PathLike,
-                            ignore: Callable[[str, list[str]], set[str]] | None = None) -> str:
+                            check: Callable[[pathlib.Path], None] | None = None) -> str:
     """A copy of the SavedModel folder `saved_model` as the next version under `export_base`,
-    appearing whole (as exports do); returns its path."""
+    appearing whole (as exports do); returns its path. `check` sees the copy before it
+    appears (it raises to stop the publication), or the folder itself on object stores."""
     if is_remote(export_base):
+        if check is not None:
+            check(pathlib.Path(saved_model))
         return _upload_as_next_version(pathlib.Path(saved_model), str(export_base))
     base = pathlib.Path(export_base)
     base.mkdir(parents=True, exist_ok=True)
     staging = base / f".push-{uuid.uuid4().hex}"
     try:
-        shutil.copytree(saved_model, staging, ignore=ignore)
+        shutil.copytree(saved_model, staging)
+        if check is not None:
+            check(staging)
         return str(_rename_to_next_version(staging, base))
     finally:
         shutil.rmtree(staging, ignore_errors=True)

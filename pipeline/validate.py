@@ -4,6 +4,9 @@ A candidate is a SavedModel written outside the served base path (`accresnet
 export --export-base STAGING`): its folder, or the staging base path, whose
 latest version is then the candidate. It is blessed only if
 
+0. its graph uses no operation outside those an export of this project uses
+   (pipeline/op_gate.py: no file, process or network access); a graph that
+   does is refused before any server runs it;
 1. it loads and answers in a model server started for the check exactly as
    the Kubernetes Deployment starts one (deployed flags, shipped configs,
    batching and warm-up on; `tensorflow_model_server` where it is on PATH,
@@ -14,22 +17,23 @@ latest version is then the candidate. It is blessed only if
 3. it is not worse than the version now served by more than the allowed
    drop, measured over gRPC from that server (TF Serving or `accresnet
    serve`), on the same images. Only a server that answers it has no version
-   of the model (NOT_FOUND), or a served base path (--served-base) that holds
+   of the model (NOT_FOUND), or a served base path (--export-base) that holds
    no version yet, means there is nothing to compare with; a server that
    cannot be reached while versions are served refuses the candidate, since
    its quality relative to them is unknown.
 
-The verdict, both models' metrics (accuracy, loss, per-class accuracy,
-confusion matrix) and the thresholds are written to `blessing.json` in the
-candidate's folder, and the confusion matrices to `confusion.png` beside it;
-`accresnet push` publishes only what is blessed.
+The confusion matrices go to `confusion.png` in the candidate's folder; then
+the verdict, every check, both models' metrics (accuracy, loss, per-class
+accuracy, confusion matrix), the thresholds, the evaluation data, the graph's
+op types and the project's version go to `blessing.json` beside it, bound to
+a digest of every file of the candidate (pipeline/blessing.py). `accresnet
+push` publishes only what that record blesses, unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import pathlib
 import shutil
@@ -38,26 +42,22 @@ import tempfile
 import time
 from typing import TYPE_CHECKING
 
+from pipeline.blessing import BLESSING_FILE
 from pipeline.config import DataConfig, UserError
 from pipeline.flags import nested, setting
-from serving.atomic import write_atomically
 
 if TYPE_CHECKING:
     import numpy as np  # imported where used: `accresnet --help` stays light
 
 log = logging.getLogger(__name__)
 
-BLESSING_FILE = "blessing.json"
 CONFUSION_FILE = "confusion.png"
 MODEL_NAME = "accresnet"
 LATENCY_REQUESTS = 20
 SAMPLE_IMAGES = 8
-# The exit status of validate and push for a refused candidate: a verdict, which no retry changes
-# (a Kubernetes podFailurePolicy fails the release Job on it at once).
-REFUSED = 3
 
 
-class ValidationError(UserError, RuntimeError):
+class ValidationError(UserError, ValueError):
     """The candidate cannot be validated at all (no SavedModel, no evaluation data)."""
 
 
@@ -85,9 +85,10 @@ class ValidateConfig:
         unset="no comparison")
     current_label: str | None = setting(None, help="the served version to compare with, by label (e.g. stable)",
                                         unset="the latest available")
-    served_base: str | None = setting(
-        None, help="the served base path: while it holds no version, an unreachable --current-server is no "
-                   "reason to refuse (the first release)", unset="an unreachable server refuses")
+    export_base: str | None = setting(
+        None, help="the model's served base path, as push publishes to it: while it holds no version, an "
+                   "unreachable --current-server is no reason to refuse (the first release)",
+        unset="an unreachable server refuses", aliases=("--served-base",))
     model: str = setting(MODEL_NAME, help="the model's name on the servers")
     min_accuracy: float | None = setting(None, help="refuse a candidate whose accuracy is below this",
                                          unset="better than chance")
@@ -184,37 +185,92 @@ def check_answers(address: str, rest_port: int, model: str, images: np.ndarray) 
 
 
 def verdict(config: ValidateConfig, infra: dict, candidate: Metrics | None, current: Metrics | None,
-            chance: float) -> list[str]:
-    """Why the candidate is refused; empty when it is blessed."""
+            chance: float) -> dict[str, str | None]:
+    """Each check that ran, with why it refuses the candidate (None: passed)."""
     if "error" in infra:
-        return [f"it does not load or answer in a model server: {infra['error']}"]
-    reasons = []
-    if infra["grpc_rows"] != infra["rest_rows"] or infra["grpc_rest_max_difference"] > 1e-3:
-        reasons.append(f"gRPC and REST disagree (max difference {infra['grpc_rest_max_difference']:.3g})")
-    if not infra["rows_sum_to_one"]:
-        reasons.append("its probabilities do not sum to one")
-    if infra["latency_ms_p50"] > config.latency_budget_ms:
-        reasons.append(f"median latency {infra['latency_ms_p50']:.1f} ms is above the budget of "
-                       f"{config.latency_budget_ms:.0f} ms")
+        return {"serving": f"it does not load or answer in a model server: {infra['error']}"}
+    checks: dict[str, str | None] = {"serving": None}
+    checks["grpc_rest_agree"] = (
+        f"gRPC and REST disagree (max difference {infra['grpc_rest_max_difference']:.3g})"
+        if infra["grpc_rows"] != infra["rest_rows"] or infra["grpc_rest_max_difference"] > 1e-3 else None)
+    checks["probabilities"] = None if infra["rows_sum_to_one"] else "its probabilities do not sum to one"
+    checks["latency"] = (f"median latency {infra['latency_ms_p50']:.1f} ms is above the budget of "
+                         f"{config.latency_budget_ms:.0f} ms" if infra["latency_ms_p50"] > config.latency_budget_ms
+                         else None)
+    checks["accuracy"] = None
     if config.min_accuracy is None and candidate.accuracy <= chance:
-        reasons.append(f"accuracy {candidate.accuracy:.4f} is no better than chance ({chance:.4f})")
+        checks["accuracy"] = f"accuracy {candidate.accuracy:.4f} is no better than chance ({chance:.4f})"
     elif config.min_accuracy is not None and candidate.accuracy < config.min_accuracy:
-        reasons.append(f"accuracy {candidate.accuracy:.4f} is below the minimum {config.min_accuracy:.4f}")
-    if current is not None and candidate.accuracy < current.accuracy - config.max_accuracy_drop:
-        reasons.append(f"accuracy {candidate.accuracy:.4f} is below the served version's {current.accuracy:.4f} "
-                       f"by more than {config.max_accuracy_drop}")
-    return reasons
+        checks["accuracy"] = f"accuracy {candidate.accuracy:.4f} is below the minimum {config.min_accuracy:.4f}"
+    if current is not None:
+        checks["comparison"] = (f"accuracy {candidate.accuracy:.4f} is below the served version's "
+                                f"{current.accuracy:.4f} by more than {config.max_accuracy_drop}"
+                                if candidate.accuracy < current.accuracy - config.max_accuracy_drop else None)
+    return checks
+
+
+def operations_check(candidate_dir: pathlib.Path) -> tuple[list[str], str | None]:
+    """The graph's op types, and why they refuse the candidate (None: all are an export's)."""
+    from pipeline.op_gate import graph_ops, refused_ops
+
+    ops = graph_ops(candidate_dir)
+    refused = refused_ops(ops)
+    reason = (f"its graph uses operations no export of this project uses (file, process or network access, or "
+              f"unknown): {', '.join(refused)}" if refused else None)
+    return sorted(ops.all), reason
 
 
 def validate(config: ValidateConfig, announce=print) -> dict:
-    """Check the candidate, write blessing.json and confusion.png into it; returns the record."""
-    from serving.deployment import serving_locally
+    """Check the candidate, write confusion.png and blessing.json into it; returns the record."""
+    from pipeline import blessing
+    from pipeline.provenance import project, tensorflow_version
 
     candidate_dir = candidate_folder(config.candidate)
     announce(f"candidate: {candidate_dir}")
     images, labels, class_names = evaluation_set(config)
     chance = 1 / len(class_names)
     candidate = current = None
+    ops, refused_ops = operations_check(candidate_dir)
+    if refused_ops:  # never served, not even for the check: it would run
+        announce(f"refused before serving it: {refused_ops}")
+        checks = {"operations": refused_ops}
+        infra = {"skipped": "the operations check refused the graph"}
+    else:
+        infra, candidate = _serve_and_evaluate(config, candidate_dir, images, labels, announce)
+        unreachable = None
+        if config.current_server:
+            current, unreachable = _served_metrics(config, images, labels, announce)
+        checks = {"operations": None, **verdict(config, infra, candidate, current, chance)}
+        if unreachable:
+            checks["comparison"] = unreachable
+    reasons = [reason for reason in checks.values() if reason]
+    if candidate is not None:
+        plot_confusion(candidate_dir / CONFUSION_FILE, class_names, candidate, current)
+    return blessing.write(candidate_dir, {
+        "candidate": str(candidate_dir.resolve()), "verdict": "refused" if reasons else "blessed",
+        "reasons": reasons, "checks": {name: reason or "passed" for name, reason in checks.items()},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "dataset": config.data.spec, "class_names": list(class_names),
+        "data": {"spec": config.data.spec, "data_dir": config.data.data_dir, "images": int(len(labels)),
+                 "digest": _arrays_digest(images, labels)},
+        "thresholds": {"min_accuracy": config.min_accuracy if config.min_accuracy is not None else chance,
+                       "max_accuracy_drop": config.max_accuracy_drop,
+                       "latency_budget_ms": config.latency_budget_ms},
+        "ops": ops,
+        "infra": infra,
+        "candidate_metrics": dataclasses.asdict(candidate) if candidate else None,
+        "current": {"server": config.current_server, "label": config.current_label,
+                    "metrics": dataclasses.asdict(current) if current else None},
+        "project": project(), "tensorflow": tensorflow_version(),
+    })
+
+
+def _serve_and_evaluate(config: ValidateConfig, candidate_dir: pathlib.Path, images: np.ndarray,
+                        labels: np.ndarray, announce) -> tuple[dict, Metrics | None]:
+    """Serve the candidate as deployed, check its answers and evaluate it: (infra, metrics);
+    infra holds the error when it does not load or answer."""
+    from serving.deployment import serving_locally
+
     with tempfile.TemporaryDirectory(prefix="accresnet-validate-") as scratch:
         scratch = pathlib.Path(scratch)
         # The candidate as version 1 of the model on a volume of its own.
@@ -226,32 +282,22 @@ def validate(config: ValidateConfig, announce=print) -> dict:
                 infra = check_answers(server.grpc_address, server.server.rest_port, config.model,
                                       images[:SAMPLE_IMAGES])
                 announce(f"it answers over gRPC and REST; median latency {infra['latency_ms_p50']} ms")
-                candidate = evaluate_over_grpc(server.grpc_address, config.model, images, labels)
+                return infra, evaluate_over_grpc(server.grpc_address, config.model, images, labels)
         except Exception as error:  # a server that never comes up, a refused request: the candidate's fault
             log_tail = (scratch / "server.log").read_text()[-2000:] if (scratch / "server.log").exists() else ""
-            infra = {"error": f"{type(error).__name__}: {error}", "server_log_tail": log_tail}
-    unreachable = None
-    if config.current_server:
-        current, unreachable = _served_metrics(config, images, labels, announce)
-    reasons = verdict(config, infra, candidate, current, chance)
-    if unreachable:
-        reasons.append(unreachable)
-    record = {
-        "candidate": str(candidate_dir.resolve()), "verdict": "refused" if reasons else "blessed",
-        "reasons": reasons, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "dataset": config.data.spec, "class_names": list(class_names),
-        "thresholds": {"min_accuracy": config.min_accuracy if config.min_accuracy is not None else chance,
-                       "max_accuracy_drop": config.max_accuracy_drop,
-                       "latency_budget_ms": config.latency_budget_ms},
-        "infra": infra,
-        "candidate_metrics": dataclasses.asdict(candidate) if candidate else None,
-        "current": {"server": config.current_server, "label": config.current_label,
-                    "metrics": dataclasses.asdict(current) if current else None},
-    }
-    write_atomically(candidate_dir / BLESSING_FILE, json.dumps(record, indent=2) + "\n")
-    if candidate is not None:
-        plot_confusion(candidate_dir / CONFUSION_FILE, class_names, candidate, current)
-    return record
+            return {"error": f"{type(error).__name__}: {error}", "server_log_tail": log_tail}, None
+
+
+def _arrays_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """SHA-256 of the evaluation images and labels, as evaluated."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in (images, labels):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def _served_metrics(config: ValidateConfig, images: np.ndarray, labels: np.ndarray, announce
@@ -272,16 +318,11 @@ def _served_metrics(config: ValidateConfig, images: np.ndarray, labels: np.ndarr
         return None, None
     from pipeline.export import existing_versions  # gs:// and s3:// too
 
-    if config.served_base is not None and not existing_versions(config.served_base):
-        announce(f"no answer ({details}), and {config.served_base} holds no version yet: the first release, "
+    if config.export_base is not None and not existing_versions(config.export_base):
+        announce(f"no answer ({details}), and {config.export_base} holds no version yet: the first release, "
                  "nothing to compare with")
         return None, None
     return None, f"the served version could not be compared with: {details}"
-
-
-def read_blessing(candidate: str | pathlib.Path) -> dict | None:
-    path = pathlib.Path(candidate) / BLESSING_FILE
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def plot_confusion(path: pathlib.Path, class_names: tuple[str, ...], candidate: Metrics,

@@ -66,7 +66,7 @@ def test_it_serves_the_training_exports_on_the_shared_volume_with_tf_serving():
     (export_base,) = [a.split("=", 1)[1] for a in release["containers"][0]["args"] if a.startswith("--export-base=")]
     mount = next(m for m in release["containers"][0]["volumeMounts"] if export_base.startswith(m["mountPath"] + "/"))
     claim = next(v for v in release["volumes"] if v["name"] == mount["name"])["persistentVolumeClaim"]["claimName"]
-    folder = export_base[len(mount["mountPath"]) + 1:]
+    folder = "/".join(filter(None, [mount.get("subPath"), export_base[len(mount["mountPath"]) + 1:]]))
     assert model["storageUri"] == f"pvc://{claim}/{folder}" == "pvc://accresnet-data/models/accresnet"
     # The project's serving image: the official TF Serving with our config files in /config.
     assert model["image"].rsplit(":", 1)[0] == "accresnet-serving"
