@@ -21,9 +21,10 @@ input-less signature. Scaling, mean subtraction, decoding and resizing all
 happen in the graph (pipeline/image_decoding.py, which matches the
 trainer's and the client's Pillow conversion, EXIF orientation included), so
 a client sends pixels or files and nothing else.
-The class names are also in assets/labels.txt, and
+The class names are also in assets/labels.txt,
 assets.extra/tf_serving_warmup_requests holds requests TF Serving replays
-before a version takes traffic.
+before a version takes traffic, and model_card.json says what made the
+version (pipeline/model_card.py).
 
 A version is built in a hidden folder beside the numbered ones and renamed
 into place, so a server polling the base path never sees half an export. On
@@ -47,6 +48,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline import model_card
 from pipeline.config import UserError
 from pipeline.image_decoding import decode_images
 from pipeline.input_contract import checked_batch
@@ -161,8 +163,8 @@ def existing_versions(export_base: str | os.PathLike) -> list[int]:
 
 
 def export_saved_model(model: keras.Model, class_names: list[str], export_base: str | os.PathLike,
-                       top_k: int = DEFAULT_TOP_K) -> str:
-    """Write the next version under `export_base`; returns its path."""
+                       top_k: int = DEFAULT_TOP_K, card: dict | None = None) -> str:
+    """Write the next version under `export_base`, with its model card if given; returns its path."""
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="accresnet-export-"))
     local_base = scratch / "base" if is_remote(export_base) else pathlib.Path(export_base)
     local_base.mkdir(parents=True, exist_ok=True)
@@ -174,6 +176,8 @@ def export_saved_model(model: keras.Model, class_names: list[str], export_base: 
         tf.saved_model.save(module, str(staging), signatures=module.signatures())
         _mark_classify_signature(staging)
         _write_warmup_requests(staging / "assets.extra" / WARMUP_FILE)
+        if card is not None:
+            model_card.write(staging, card)
         if is_remote(export_base):
             return _upload_as_next_version(staging, str(export_base))
         return str(_rename_to_next_version(staging, local_base))
@@ -279,6 +283,7 @@ def restore_trained_model(model_dir: str | os.PathLike) -> tuple[keras.Model, li
 def export_run(model_dir: str | os.PathLike, export_base: str | os.PathLike, top_k: int = DEFAULT_TOP_K) -> str:
     """Export a training run's latest checkpoint as the next version under `export_base`."""
     model, class_names = restore_trained_model(model_dir)
-    path = export_saved_model(model, class_names, export_base, top_k)
+    card = model_card.from_run(RunDir(pathlib.Path(model_dir)))
+    path = export_saved_model(model, class_names, export_base, top_k, card)
     log.info("exported %s", path)
     return path

@@ -52,6 +52,8 @@ class RunSettings:
     batch_norm_epsilon: float = BN_EPSILON
     augmentation: str | None = "pad-crop"  # None: --no-augment (runs from before: not recorded)
     dataset: str
+    # SHA-256 over the files the dataset spec read (datasets.files_digest); None: generated, or not recorded.
+    data_digest: str | None = None
     num_classes: int
     class_names: tuple[str, ...]
     seed: int

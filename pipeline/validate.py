@@ -222,7 +222,7 @@ def operations_check(candidate_dir: pathlib.Path) -> tuple[list[str], str | None
 
 def validate(config: ValidateConfig, announce=print) -> dict:
     """Check the candidate, write confusion.png and blessing.json into it; returns the record."""
-    from pipeline import blessing
+    from pipeline import blessing, model_card
     from pipeline.provenance import project, tensorflow_version
 
     candidate_dir = candidate_folder(config.candidate)
@@ -230,10 +230,10 @@ def validate(config: ValidateConfig, announce=print) -> dict:
     images, labels, class_names = evaluation_set(config)
     chance = 1 / len(class_names)
     candidate = current = None
-    ops, refused_ops = operations_check(candidate_dir)
-    if refused_ops:  # never served, not even for the check: it would run
-        announce(f"refused before serving it: {refused_ops}")
-        checks = {"operations": refused_ops}
+    ops, ops_refusal = operations_check(candidate_dir)
+    if ops_refusal:  # never served, not even for the check: it would run
+        announce(f"refused before serving it: {ops_refusal}")
+        checks = {"operations": ops_refusal}
         infra = {"skipped": "the operations check refused the graph"}
     else:
         infra, candidate = _serve_and_evaluate(config, candidate_dir, images, labels, announce)
@@ -244,18 +244,24 @@ def validate(config: ValidateConfig, announce=print) -> dict:
         if unreachable:
             checks["comparison"] = unreachable
     reasons = [reason for reason in checks.values() if reason]
+    outcome = "refused" if reasons else "blessed"
+    data = {"spec": config.data.spec, "data_dir": config.data.data_dir, "images": int(len(labels)),
+            "digest": _arrays_digest(images, labels)}
+    thresholds = {"min_accuracy": config.min_accuracy if config.min_accuracy is not None else chance,
+                  "max_accuracy_drop": config.max_accuracy_drop, "latency_budget_ms": config.latency_budget_ms}
+    # The card and the confusion matrix first: the blessing binds them too.
     if candidate is not None:
         plot_confusion(candidate_dir / CONFUSION_FILE, class_names, candidate, current)
+    model_card.add_validation(candidate_dir, {
+        "verdict": outcome, "reasons": reasons, "data": data, "thresholds": thresholds,
+        "accuracy": candidate.accuracy if candidate else None, "loss": candidate.loss if candidate else None,
+        "latency_ms_p50": infra.get("latency_ms_p50"),
+        "served": {"label": config.current_label, "accuracy": current.accuracy} if current else None})
     return blessing.write(candidate_dir, {
-        "candidate": str(candidate_dir.resolve()), "verdict": "refused" if reasons else "blessed",
+        "candidate": str(candidate_dir.resolve()), "verdict": outcome,
         "reasons": reasons, "checks": {name: reason or "passed" for name, reason in checks.items()},
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "dataset": config.data.spec, "class_names": list(class_names),
-        "data": {"spec": config.data.spec, "data_dir": config.data.data_dir, "images": int(len(labels)),
-                 "digest": _arrays_digest(images, labels)},
-        "thresholds": {"min_accuracy": config.min_accuracy if config.min_accuracy is not None else chance,
-                       "max_accuracy_drop": config.max_accuracy_drop,
-                       "latency_budget_ms": config.latency_budget_ms},
+        "dataset": config.data.spec, "class_names": list(class_names), "data": data, "thresholds": thresholds,
         "ops": ops,
         "infra": infra,
         "candidate_metrics": dataclasses.asdict(candidate) if candidate else None,

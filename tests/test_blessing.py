@@ -85,11 +85,16 @@ def test_a_good_candidate_is_blessed_and_pushed_whole_as_the_next_version(candid
                                      "accuracy"} and set(record["checks"].values()) == {"passed"}
     assert record["data"]["spec"] == DATASET and record["data"]["images"] == 200 and len(record["data"]["digest"]) == 64
     assert record["project"]["version"] == "0.1.0" and record["tensorflow"] and "Conv2D" in record["ops"]
+    # The model card, written at export, carries validate's measurements too, and is bound like the rest.
+    card = json.loads((candidate / "model_card.json").read_text())
+    assert card["model"]["depth"] == 8 and card["validation"]["verdict"] == "blessed"
+    assert card["validation"]["accuracy"] == metrics["accuracy"] and "model_card.json" in files
 
     base = tmp_path / "models" / MODEL_NAME
     pushed = push(PushConfig(candidate=str(candidate), export_base=str(base)))
     assert pathlib.Path(pushed.path) == base / "1" and pushed.labels is None
     assert (base / "1" / BLESSING_FILE).exists()  # every served version carries why it was let in
+    assert (base / "1" / "model_card.json").read_text() == (candidate / "model_card.json").read_text()
     assert not [p for p in base.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
@@ -332,3 +337,8 @@ def check_labels_reach_the_same_versions_over_grpc_and_rest(server, tmp_path):
     assert code == 0, output
     answers = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert [a["class_id"] for a in answers] == list(by_version[2][:2].argmax(axis=1)), output
+    # REST answers name no version (as TF Serving's); gRPC's model spec does.
+    assert {(a["version"], a["label"]) for a in answers} == {(None, "canary")}
+    code, output = run_accresnet("classify", "--server", grpc_address, "--label", "canary", "--json", folder)
+    assert code == 0 and {(a["version"], a["label"]) for a in map(json.loads, filter(
+        lambda line: line.startswith("{"), output.splitlines()))} == {(2, "canary")}, output
