@@ -168,9 +168,11 @@ def run_demo(args: argparse.Namespace) -> int:
 def add_validate_flags(parser: argparse.ArgumentParser) -> None:
     from pipeline.validate import ValidateConfig
 
-    flags.add_flags(parser, ValidateConfig, ("candidate", "dataset", "data_dir", "eval_images", "current_server",
-                                             "current_label", "export_base", "model", "min_accuracy",
-                                             "max_accuracy_drop", "latency_budget_ms"))
+    flags.add_flags(parser, ValidateConfig, ("candidate", "dataset", "data_dir", "eval_images", "candidate_server",
+                                             "candidate_rest_server", "candidate_server_base", "current_server",
+                                             "current_label",
+                                             "export_base", "model", "min_accuracy", "max_accuracy_drop",
+                                             "latency_budget_ms"))
 
 
 def run_validate(args: argparse.Namespace) -> int:

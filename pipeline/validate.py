@@ -7,11 +7,13 @@ latest version is then the candidate. It is blessed only if
 0. its graph uses no operation outside those an export of this project uses
    (pipeline/op_gate.py: no file, process or network access); a graph that
    does is refused before any server runs it;
-1. it loads and answers in a model server started for the check exactly as
-   the Kubernetes Deployment starts one (deployed flags, shipped configs,
-   batching and warm-up on; `tensorflow_model_server` where it is on PATH,
-   else `accresnet serve`): over gRPC and over REST (the same answers), with
-   a median batch-1 latency within the budget;
+1. it loads and answers in a model server started exactly as the Kubernetes
+   Deployment starts one (deployed flags, shipped configs, batching and
+   warm-up on): in the release pod, TF Serving itself, the serving image run
+   as a sidecar on the candidate's base path (--candidate-server); on one
+   machine, one started for the check (`tensorflow_model_server` where it is
+   on PATH, else `accresnet serve`). Over gRPC and over REST (the same
+   answers), with a median batch-1 latency within the budget;
 2. its accuracy on the evaluation set, measured through that server, is at
    least the minimum (better than chance by default);
 3. it is not worse than the version now served by more than the allowed
@@ -54,6 +56,7 @@ log = logging.getLogger(__name__)
 CONFUSION_FILE = "confusion.png"
 MODEL_NAME = "accresnet"
 LATENCY_REQUESTS = 20
+SERVING_TIMEOUT = 300  # seconds for the candidate to load and warm up
 SAMPLE_IMAGES = 8
 
 
@@ -89,6 +92,16 @@ class ValidateConfig:
         None, help="the model's served base path, as push publishes to it: while it holds no version, an "
                    "unreachable --current-server is no reason to refuse (the first release)",
         unset="an unreachable server refuses", aliases=("--served-base",))
+    candidate_server: str | None = setting(
+        None, help="gRPC HOST:PORT of a model server that already serves the candidate's base path (in the "
+                   "release pod, TF Serving started with the deployed flags, as a sidecar): the checks run there, "
+                   "on the candidate's version", unset="a server of its own, as deployed")
+    candidate_rest_server: str | None = setting(None, help="that server's REST HOST:PORT",
+                                                unset="needed with --candidate-server")
+    candidate_server_base: str | None = setting(
+        None, help="the base path that server polls (empty at first): validate puts the candidate there as its "
+                   "version only once its graph has passed the operations check, so the server never loads a "
+                   "graph the check refuses", unset="the server already serves the candidate")
     model: str = setting(MODEL_NAME, help="the model's name on the servers")
     min_accuracy: float | None = setting(None, help="refuse a candidate whose accuracy is below this",
                                          unset="better than chance")
@@ -96,6 +109,11 @@ class ValidateConfig:
         0.01, help="refuse a candidate whose accuracy is below the served version's by more than this")
     latency_budget_ms: float = setting(1000.0, help="refuse a candidate whose median batch-1 gRPC latency is "
                                                     "above this, in milliseconds")
+
+    def __post_init__(self):
+        if bool(self.candidate_server) != bool(self.candidate_rest_server):
+            raise ValidationError("--candidate-server and --candidate-rest-server go together: the checks ask the "
+                                  "same server over gRPC and REST")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,13 +140,13 @@ class Metrics:
 
 
 def evaluate_over_grpc(address: str, model: str, images: np.ndarray, labels: np.ndarray,
-                       label: str | None = None, batch_size: int = 64) -> Metrics:
+                       label: str | None = None, batch_size: int = 64, version: int | None = None) -> Metrics:
     """The metrics of a served model (any TF Serving) on the images, through gRPC Predict."""
     import numpy as np
 
     from serving.client import Classifier
 
-    with Classifier(address, model, label=label) as classifier:
+    with Classifier(address, model, version=version, label=label) as classifier:
         probabilities = np.concatenate([classifier.predict(images[i:i + batch_size])
                                         for i in range(0, len(images), batch_size)])
     return Metrics.of(probabilities, labels)
@@ -158,13 +176,14 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def check_answers(address: str, rest_port: int, model: str, images: np.ndarray) -> dict:
+def check_answers(address: str, rest_address: str, model: str, images: np.ndarray,
+                  version: int | None = None) -> dict:
     """gRPC and REST answer, alike; and the median batch-1 gRPC latency."""
     import numpy as np
 
     from serving.client import Classifier, RestClassifier
 
-    with Classifier(address, model) as classifier:
+    with Classifier(address, model, version=version) as classifier:
         over_grpc = classifier.predict(images)
         latencies = []
         for i in range(LATENCY_REQUESTS):
@@ -172,7 +191,7 @@ def check_answers(address: str, rest_port: int, model: str, images: np.ndarray) 
             classifier.predict(images[i % len(images)][None])
             latencies.append(1000 * (time.perf_counter() - started))
     # serving_bytes over REST, on the images as PNG files.
-    with RestClassifier(f"127.0.0.1:{rest_port}", model, signature="serving_bytes") as client:
+    with RestClassifier(rest_address, model, signature="serving_bytes", version=version) as client:
         over_rest = client.predict([_png(image) for image in images])
     return {"grpc_rows": int(over_grpc.shape[0]), "rest_rows": int(over_rest.shape[0]),
             "grpc_rest_max_difference": float(np.max(np.abs(over_grpc - over_rest))),
@@ -275,6 +294,8 @@ def _serve_and_evaluate(config: ValidateConfig, candidate_dir: pathlib.Path, ima
                         labels: np.ndarray, announce) -> tuple[dict, Metrics | None]:
     """Serve the candidate as deployed, check its answers and evaluate it: (infra, metrics);
     infra holds the error when it does not load or answer."""
+    if config.candidate_server:
+        return _evaluate_on_candidate_server(config, candidate_dir, images, labels, announce)
     from serving.deployment import serving_locally
 
     with tempfile.TemporaryDirectory(prefix="accresnet-validate-") as scratch:
@@ -284,14 +305,54 @@ def _serve_and_evaluate(config: ValidateConfig, candidate_dir: pathlib.Path, ima
                         ignore=shutil.ignore_patterns(BLESSING_FILE, CONFUSION_FILE))
         announce(f"starting a model server on the candidate {candidate_dir}")
         try:
-            with serving_locally(scratch / "models", scratch / "config", scratch / "server.log", 300) as server:
-                infra = check_answers(server.grpc_address, server.server.rest_port, config.model,
+            with serving_locally(scratch / "models", scratch / "config", scratch / "server.log",
+                                 SERVING_TIMEOUT) as server:
+                infra = check_answers(server.grpc_address, f"127.0.0.1:{server.server.rest_port}", config.model,
                                       images[:SAMPLE_IMAGES])
                 announce(f"it answers over gRPC and REST; median latency {infra['latency_ms_p50']} ms")
                 return infra, evaluate_over_grpc(server.grpc_address, config.model, images, labels)
         except Exception as error:  # a server that never comes up, a refused request: the candidate's fault
             log_tail = (scratch / "server.log").read_text()[-2000:] if (scratch / "server.log").exists() else ""
             return {"error": f"{type(error).__name__}: {error}", "server_log_tail": log_tail}, None
+
+
+def _evaluate_on_candidate_server(config: ValidateConfig, candidate_dir: pathlib.Path, images: np.ndarray,
+                                  labels: np.ndarray, announce) -> tuple[dict, Metrics | None]:
+    """The same checks on a server that already serves the candidate's base path (the release
+    pod's TF Serving sidecar, started with the deployed flags): every request names the
+    candidate's version, once the server reports it AVAILABLE."""
+    from serving.availability import NotAvailable, Servers, wait_until_available
+    from serving.contract import version_number
+
+    version = version_number(candidate_dir.name)
+    if version is None:
+        return {"error": f"{candidate_dir.name} is not a version folder the server at {config.candidate_server} "
+                         "could serve"}, None
+    if config.candidate_server_base:
+        _hand_over(candidate_dir, pathlib.Path(config.candidate_server_base) / str(version))
+    announce(f"checking version {version} on {config.candidate_server} (REST {config.candidate_rest_server})")
+    try:
+        wait_until_available(Servers((config.candidate_rest_server,), timeout_seconds=SERVING_TIMEOUT,
+                                     confirmations=1), config.model, [version], announce)
+        infra = check_answers(config.candidate_server, config.candidate_rest_server, config.model,
+                              images[:SAMPLE_IMAGES], version)
+        announce(f"it answers over gRPC and REST; median latency {infra['latency_ms_p50']} ms")
+        return infra, evaluate_over_grpc(config.candidate_server, config.model, images, labels, version=version)
+    except NotAvailable as error:
+        return {"error": str(error)}, None
+    except Exception as error:  # a refused request: the candidate's fault
+        return {"error": f"{type(error).__name__}: {error}"}, None
+
+
+def _hand_over(candidate_dir: pathlib.Path, target: pathlib.Path) -> None:
+    """Copy the candidate to `target` whole (a hidden copy renamed into place), as exports appear."""
+    import uuid
+
+    scratch = target.with_name(f".{target.name}-{uuid.uuid4().hex}")
+    shutil.copytree(candidate_dir, scratch, ignore=shutil.ignore_patterns(BLESSING_FILE, CONFUSION_FILE))
+    if target.exists():
+        shutil.rmtree(target)
+    scratch.rename(target)
 
 
 def _arrays_digest(images: np.ndarray, labels: np.ndarray) -> str:

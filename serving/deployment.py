@@ -102,6 +102,9 @@ def _map_model_config(source: pathlib.Path, target: pathlib.Path, paths: Mapping
     config = text_format.Parse(source.read_text(), model_server_config_pb2.ModelServerConfig())
     mappings = []
     for model in config.model_config_list.config:
+        # A base path already on this machine's side (push, run mapped, wrote a mapped path) stays.
+        if any(map_path(model.base_path, {str(local): local}) for local in paths.values()):
+            continue
         local = map_path(model.base_path, paths)
         if local is not None:
             mappings.append(Mapping(f"model {model.name} base_path", model.base_path, str(local)))

@@ -141,7 +141,7 @@ class DockerCluster(LocalCluster):
     # --- a container as `docker run` --------------------------------------------------------
 
     def _container(self, pod_name: str, template: dict, container: dict, extra_env: dict[str, str] | None,
-                   name: str | None = None) -> Pod:
+                   pod_ports: dict[int, int], name: str | None = None) -> Pod:
         spec, name = template["spec"], name or pod_name
         image = self.images[container["image"].rsplit(":", 1)[0]]
         run = ["docker", "run", "-d", "--name", name, "--hostname", pod_name, "--network", NETWORK]

@@ -202,8 +202,33 @@ def test_a_graph_that_reads_or_writes_files_is_refused_before_any_server_runs_it
     assert "uses operations no export of this project uses" in reason and reason.endswith("ReadFile, WriteFile")
     assert record["checks"] == {"operations": reason} and {"ReadFile", "WriteFile"} <= set(record["ops"])
     assert not target.exists()  # no server ever ran it
+    handed_over = tmp_path / "sidecar" / MODEL_NAME
+    handed_over.mkdir(parents=True)
+    (port,) = free_ports(1)
+    again = validate(validate_config(leaky, candidate_server=f"localhost:{port}", candidate_rest_server=f"localhost:{port}",
+                                     candidate_server_base=str(handed_over)), announce=lambda line: None)
+    assert again["reasons"] == [reason] and not list(handed_over.iterdir())  # never handed to the sidecar
     with pytest.raises(BlessingError, match="refused by validate: its graph uses operations"):
         push(PushConfig(candidate=str(leaky), export_base=str(tmp_path / "models")))
+
+
+def test_validate_checks_the_candidate_on_a_server_it_hands_it_to(candidate, tmp_path):
+    """As in the release pod: a server started with the deployed flags on an empty base path
+    (the sidecar); validate puts the candidate there once its graph passed the operations check."""
+    folder = tmp_path / "candidate" / "4"
+    shutil.copytree(candidate, folder, ignore=shutil.ignore_patterns(BLESSING_FILE, CONFUSION_FILE))
+    served = tmp_path / "sidecar-volume" / MODEL_NAME
+    served.mkdir(parents=True)
+    server = deployed_server(served.parent, tmp_path / "config", file_system_poll_wait_seconds=1)
+    try:
+        record = validate(validate_config(folder, candidate_server=f"localhost:{server.port}",
+                                          candidate_rest_server=f"localhost:{server.rest_port}",
+                                          candidate_server_base=str(served)), announce=lambda line: None)
+    finally:
+        server.stop(grace=1)
+    assert record["verdict"] == "blessed", record["reasons"]
+    assert record["infra"]["latency_ms_p50"] > 0 and record["candidate_metrics"]["images"] == 200
+    assert sorted(p.name for p in served.iterdir()) == ["4"]  # served as its own version, nothing else
 
 
 def test_a_worse_candidate_is_refused_by_the_comparison_with_the_served_version(class_names, good_run, tmp_path):

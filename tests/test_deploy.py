@@ -102,7 +102,7 @@ def test_model_server_is_tf_serving_polling_the_shared_volume():
     trainer = one("base", "Job", "accresnet-train")["spec"]["template"]["spec"]["containers"][0]
     assert "--export-base=/data/staging/accresnet" in trainer["args"]
     release = one("base", "Job", "accresnet-release")["spec"]["template"]["spec"]
-    (validate,), (push,) = release["initContainers"], release["containers"]
+    (_, validate), (push,) = release["initContainers"], release["containers"]
     assert "--candidate=/data/staging/accresnet" in validate["args"] and validate["args"][0] == "validate"
     assert push["args"][:2] == ["push", "--candidate=/data/staging/accresnet"]
     assert "--export-base=/models/accresnet" in push["args"]
@@ -135,7 +135,7 @@ def test_autoscaling_disruption_budget_and_network_policy():
     # validate compares with the served version: the release pod is a client of the servers too.
     release = one("base", "Job", "accresnet-release")["spec"]["template"]
     assert release["metadata"]["labels"]["accresnet-client"] == "true"
-    assert "--current-server=accresnet-serving:8500" in release["spec"]["initContainers"][0]["args"]
+    assert "--current-server=accresnet-serving:8500" in release["spec"]["initContainers"][1]["args"]
 
 
 def test_overlays_change_what_they_promise():
