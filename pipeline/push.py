@@ -23,9 +23,12 @@ import os
 import pathlib
 from collections.abc import Callable, Iterator
 
+from pipeline import blessing
 from pipeline.config import UserError
 from pipeline.flags import setting
 from pipeline.validate import MODEL_NAME, candidate_folder
+from serving import labels
+from serving.availability import NotAvailable, Servers, parse_addresses, wait_until_available
 
 
 class ReleaseError(UserError, ValueError):
@@ -89,15 +92,13 @@ def push(config: PushConfig, announce: Callable[[str], None] = print) -> Pushed:
     from pipeline.export import existing_versions, publish_as_next_version
     from serving.deployment import MODEL_CONFIG_TEMPLATE
 
-    from pipeline import blessing
-
     candidate = candidate_folder(config.candidate)
     if not config.force:
         blessing.verify(candidate)  # before anything is written; again on the copy below
     base = served_base_path(config.export_base)
     if config.model_config_file is not None:
         with _release_errors():
-            _labels_module().prepare(config.model_config_file, config.model, base, MODEL_CONFIG_TEMPLATE)
+            labels.prepare(config.model_config_file, config.model, base, MODEL_CONFIG_TEMPLATE)
             _check_canary_can_move(config.labels())
     served = existing_versions(base)
     # What appears is what validate blessed: the copy itself is checked against the record.
@@ -105,7 +106,6 @@ def push(config: PushConfig, announce: Callable[[str], None] = print) -> Pushed:
         lambda copy: blessing.verify(candidate, copy)))
     if config.model_config_file is None:
         return Pushed(path, None)
-    labels = _labels_module()
     version = int(pathlib.PurePath(path).name)
     with _release_errors():
         labels.add_version(config.model_config_file, config.model, version, served)
@@ -116,38 +116,28 @@ def push(config: PushConfig, announce: Callable[[str], None] = print) -> Pushed:
 
 def promote(config: LabelConfig, announce: Callable[[str], None] = print) -> dict[str, int]:
     with _release_errors():
-        return _labels_module().promote(config.model_config_file, config.model, _available(config, announce))
+        return labels.promote(config.model_config_file, config.model, _available(config, announce))
 
 
 def rollback(config: LabelConfig, announce: Callable[[str], None] = print) -> dict[str, int]:
     with _release_errors():
-        return _labels_module().rollback(config.model_config_file, config.model, _available(config, announce))
+        return labels.rollback(config.model_config_file, config.model, _available(config, announce))
 
 
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _labels_module():
-    from serving import labels
-
-    return labels
-
-
 def _check_canary_can_move(config: LabelConfig) -> None:
     """Before anything is copied: a canary that exists moves only with servers to ask."""
-    from serving.labels import CANARY
-
-    current = _labels_module().labels(config.model_config_file, config.model)
-    if CANARY in current and not config.rest_servers:
-        raise ReleaseError(f"canary of {config.model} is on version {current[CANARY]}, and TF Serving moves a label "
+    current = labels.labels(config.model_config_file, config.model)
+    if labels.CANARY in current and not config.rest_servers:
+        raise ReleaseError(f"canary of {config.model} is on version {current[labels.CANARY]}, and TF Serving moves a label "
                            "only to a version it has AVAILABLE: name the servers with --rest-servers HOST:PORT so "
                            "push can wait for the new one")
 
 
 def _available(config: LabelConfig, announce: Callable[[str], None]):
     """What labels.py calls before a label that exists moves: wait for the servers."""
-    from serving.availability import Servers, parse_addresses, wait_until_available
-
     addresses = parse_addresses(config.rest_servers)
 
     def available(versions: set[int]) -> None:
@@ -163,10 +153,7 @@ def _available(config: LabelConfig, announce: Callable[[str], None]):
 @contextlib.contextmanager
 def _release_errors() -> Iterator[None]:
     """Model config and server errors as ReleaseError: one line, exit status 2."""
-    from serving.availability import NotAvailable
-    from serving.labels import LabelError
-
     try:
         yield
-    except (LabelError, NotAvailable) as error:
+    except (labels.LabelError, NotAvailable) as error:
         raise ReleaseError(str(error)) from None
