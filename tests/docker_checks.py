@@ -124,4 +124,7 @@ def test_the_local_overlay_runs_in_containers(images, tmp_path):
     print(check_classified(volume / "images", client.output()))
     described = [m.what for m in cluster.mappings]
     assert "Service accresnet-serving" in described
+    # validate reached the release pod's TF Serving sidecar on the pod's localhost.
+    assert "native sidecar accresnet-release-0-tf-serving" in described
+    assert "pod accresnet-release-0's network namespace (localhost)" in described
     assert any("headless Service accresnet-workers" in what for what in described)
