@@ -98,6 +98,7 @@ def test_push_writes_the_base_path_it_was_given_and_refuses_another(tmp_path):
     assert "from /srv/models/accresnet, not from /elsewhere/accresnet" in str(refused.value)
 
 
+@pytest.mark.slow  # a process per verb
 @pytest.mark.parametrize("verb,setup,message", [
     ("promote", "", "has no canary to promote"),
     ("rollback", "", "has no rollback version"),
@@ -142,6 +143,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow  # starts 4 processes
 def test_concurrent_writers_neither_crash_nor_lose_a_write(config):
     """4 processes x 50 writes to one model config with the code push, promote and rollback use."""
     processes = [subprocess.Popen([sys.executable, "-c", WRITER, str(config), str(index), "50"],

@@ -14,6 +14,7 @@ VARIANTS = [(arch, {"resnet": 8, "wrn": 10, "resnext": 11}[arch.removeprefix("ac
     (arch, 8, shortcut) for arch in ("resnet", "accumulated") for shortcut in SHORTCUTS if shortcut != "projection"]
 
 
+@pytest.mark.slow  # builds and exports a model per variant
 @pytest.mark.parametrize("arch,depth,shortcut", VARIANTS)
 def test_every_export_of_the_project_passes(arch, depth, shortcut, tmp_path):
     model = build_model(ModelConfig(arch, depth, 3, shortcut=shortcut))
