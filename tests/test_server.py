@@ -558,13 +558,13 @@ def test_version_labels_and_policies(exported_model, tmp_path):
     config.version_labels["stable"] = 1
     config.version_labels["canary"] = 2
     grpc_port, = free_ports(1)
+    # The labels name versions not loaded yet: TF Serving starts only with the last flag.
     args = build_parser().parse_args([f"--port={grpc_port}", f"--model_base_path={tmp_path / 'm'}",
-                                      "--model_name=m", "--file_system_poll_wait_seconds=0"])
+                                      "--model_name=m", "--file_system_poll_wait_seconds=0",
+                                      "--allow_version_labels_for_unavailable_models"])
     from dataclasses import replace
 
-    # The labels name versions not loaded yet: TF Serving starts only with this flag.
-    server = RunningServer(replace(options_from_args(args), model_configs=(config,),
-                                   allow_version_labels_for_unavailable_models=True))
+    server = RunningServer(replace(options_from_args(args), model_configs=(config,)))
     try:
         clients = Clients(server)
         versions = {label: clients.predictions.Predict(predict_request(model="m", version_label=label),

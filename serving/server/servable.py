@@ -84,12 +84,14 @@ def read_meta_graph(path: str) -> meta_graph_pb2.MetaGraphDef:
 class Servable:
     """A version loaded into its own graph and session; TF1 and TF2 SavedModels alike."""
 
-    def __init__(self, name: str, version: int, path: str, session_config: config_pb2.ConfigProto | None = None):
+    def __init__(self, name: str, version: int, path: str, session_config: config_pb2.ConfigProto | None = None,
+                 tags: tuple[str, ...] = (SERVE_TAG,)):
+        """Load the MetaGraph tagged with exactly `tags` (--saved_model_tags)."""
         self.name, self.version, self.path = name, version, str(path)
         self.graph = tf.Graph()
         self.session = tf.compat.v1.Session(graph=self.graph, config=session_config)
         with self.graph.as_default():
-            self.meta_graph = tf.compat.v1.saved_model.loader.load(self.session, [SERVE_TAG], self.path)
+            self.meta_graph = tf.compat.v1.saved_model.loader.load(self.session, list(tags), self.path)
         self.signatures: dict[str, Signature] = {
             key: Signature(key, definition.method_name,
                            {alias: TensorInfo.from_proto(info) for alias, info in definition.inputs.items()},
