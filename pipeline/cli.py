@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, export, serve and query the accumulated residual network (Saraiya 2018) and its "
                     "plain ResNet baseline.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="TensorFlow's own logs too")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="TensorFlow's own logs too, its start-up lines included")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb in VERBS:
         sub = verbs.add_parser(verb.name, help=verb.help, description=verb.description)
@@ -315,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_logging(verbose: bool) -> None:
     if not verbose:
+        from pipeline.quiet import quiet_tensorflow_startup
+
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        quiet_tensorflow_startup()  # the lines TF_CPP_MIN_LOG_LEVEL cannot reach (pipeline/quiet.py)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "tensorflow", "h5py"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
