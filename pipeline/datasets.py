@@ -24,10 +24,10 @@ import numpy as np
 from serving import images as image_files
 from pipeline import synthetic
 from pipeline.config import DATASET_SPECS_LIST, DataConfig, UserError
+from serving.contract import IMAGE_SHAPE
 
 log = logging.getLogger(__name__)
 
-IMAGE_SHAPE = (32, 32, 3)
 DEFAULT_SYNTHETIC_SIZE = 10_000
 # He et al.'s 45k/5k split of CIFAR's 50k training images; 10% elsewhere too.
 DEFAULT_VAL_SPLIT = 0.1

@@ -54,20 +54,11 @@ from pipeline.image_decoding import decode_images
 from pipeline.input_contract import checked_batch
 from pipeline.model import build_model, precision_policy
 from pipeline.rundir import RunDir
-from serving.contract import version_number
+from serving.contract import (BYTES_INPUT, CLASSIFY, CLASSIFY_METHOD, DEFAULT_TOP_K, EXAMPLES_INPUT, IMAGE_FEATURE,
+                              IMAGE_SHAPE, IMAGES_INPUT, LABELS_FILE, MODEL_NAME, SERVING_BYTES, SERVING_DEFAULT,
+                              WARMUP_FILE, version_number)
 
 log = logging.getLogger(__name__)
-
-SERVING_DEFAULT = "serving_default"
-SERVING_BYTES = "serving_bytes"
-CLASSIFY = "classify"
-CLASSIFY_METHOD = "tensorflow/serving/classify"
-# The tf.Example feature that carries the encoded image (TensorFlow's usual key).
-IMAGE_FEATURE = "image/encoded"
-DEFAULT_TOP_K = 5
-IMAGE_SHAPE = (32, 32, 3)
-LABELS_FILE = "labels.txt"
-WARMUP_FILE = "tf_serving_warmup_requests"
 
 
 class ExportError(UserError):
@@ -78,7 +69,7 @@ class ServingModule(tf.Module):
     """The model with its serving signatures and the class names baked in."""
 
     def __init__(self, model: keras.Model, class_names: list[str], labels_file: str, top_k: int = DEFAULT_TOP_K):
-        super().__init__(name="accresnet")
+        super().__init__(name=MODEL_NAME)
         if top_k < 1:
             raise ExportError(f"--top-k must be at least 1; got {top_k}")
         # The model's own tf.Variables are what the signatures read, so they are
@@ -92,11 +83,11 @@ class ServingModule(tf.Module):
         self._class_names = tf.constant(class_names)
         self.top_k = min(top_k, len(class_names))
         self.serve_images = tf.function(
-            self._serve_images, input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name="images")])
+            self._serve_images, input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name=IMAGES_INPUT)])
         self.serve_bytes = tf.function(
-            self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+            self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
         self.serve_examples = tf.function(
-            self._serve_examples, input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+            self._serve_examples, input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
 
     def _outputs(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         probabilities = tf.cast(self._predict(images), tf.float32)
@@ -109,15 +100,15 @@ class ServingModule(tf.Module):
 
     # Each signature checks its inputs first (pipeline/input_contract.py): TF Serving does not.
     def _serve_images(self, images):
-        return self._outputs(checked_batch(images, "images", IMAGE_SHAPE))
+        return self._outputs(checked_batch(images, IMAGES_INPUT, IMAGE_SHAPE))
 
     def _serve_bytes(self, image_bytes):
-        return self._outputs(decode_images(checked_batch(image_bytes, "image_bytes"), "image_bytes"))
+        return self._outputs(decode_images(checked_batch(image_bytes, BYTES_INPUT), BYTES_INPUT))
 
     def _serve_examples(self, inputs):
-        features = tf.io.parse_example(checked_batch(inputs, "inputs"),
+        features = tf.io.parse_example(checked_batch(inputs, EXAMPLES_INPUT),
                                        {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)})
-        outputs = self._outputs(decode_images(features[IMAGE_FEATURE], f"inputs ({IMAGE_FEATURE})"))
+        outputs = self._outputs(decode_images(features[IMAGE_FEATURE], f"{EXAMPLES_INPUT} ({IMAGE_FEATURE})"))
         return {"classes": outputs["top_k_class_names"], "scores": outputs["top_k_probabilities"]}
 
     def signatures(self) -> dict:
@@ -175,7 +166,7 @@ def export_saved_model(model: keras.Model, class_names: list[str], export_base: 
         module = ServingModule(model, list(class_names), str(labels), top_k)
         tf.saved_model.save(module, str(staging), signatures=module.signatures())
         _mark_classify_signature(staging)
-        _write_warmup_requests(staging / "assets.extra" / WARMUP_FILE)
+        _write_warmup_requests(staging / WARMUP_FILE)
         if card is not None:
             model_card.write(staging, card)
         if is_remote(export_base):
@@ -244,8 +235,8 @@ def _write_warmup_requests(path: pathlib.Path) -> None:
     png = io.BytesIO()
     Image.fromarray(pixels[0]).save(png, format="PNG")
     requests = {
-        SERVING_DEFAULT: {"images": tf.make_tensor_proto(pixels)},
-        SERVING_BYTES: {"image_bytes": tf.make_tensor_proto([png.getvalue()])},
+        SERVING_DEFAULT: {IMAGES_INPUT: tf.make_tensor_proto(pixels)},
+        SERVING_BYTES: {BYTES_INPUT: tf.make_tensor_proto([png.getvalue()])},
     }
     with tf.io.TFRecordWriter(str(path)) as writer:
         for signature, inputs in requests.items():

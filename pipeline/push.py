@@ -26,9 +26,10 @@ from collections.abc import Callable, Iterator
 from pipeline import blessing
 from pipeline.config import UserError
 from pipeline.flags import setting
-from pipeline.validate import MODEL_NAME, candidate_folder
+from pipeline.validate import candidate_folder
 from serving import labels
 from serving.availability import NotAvailable, Servers, parse_addresses, wait_until_available
+from serving.contract import MODEL_NAME
 
 
 class ReleaseError(UserError, ValueError):

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 from pipeline.blessing import BLESSING_FILE
 from pipeline.config import DataConfig, UserError
 from pipeline.flags import nested, setting
+from serving.contract import MODEL_NAME, SERVING_BYTES, version_number
 
 if TYPE_CHECKING:
     import numpy as np  # imported where used: `accresnet --help` stays light
@@ -54,7 +55,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONFUSION_FILE = "confusion.png"
-MODEL_NAME = "accresnet"
 LATENCY_REQUESTS = 20
 SERVING_TIMEOUT = 300  # seconds for the candidate to load and warm up
 SAMPLE_IMAGES = 8
@@ -191,7 +191,7 @@ def check_answers(address: str, rest_address: str, model: str, images: np.ndarra
             classifier.predict(images[i % len(images)][None])
             latencies.append(1000 * (time.perf_counter() - started))
     # serving_bytes over REST, on the images as PNG files.
-    with RestClassifier(rest_address, model, signature="serving_bytes", version=version) as client:
+    with RestClassifier(rest_address, model, signature=SERVING_BYTES, version=version) as client:
         over_rest = client.predict([_png(image) for image in images])
     return {"grpc_rows": int(over_grpc.shape[0]), "rest_rows": int(over_rest.shape[0]),
             "grpc_rest_max_difference": float(np.max(np.abs(over_grpc - over_rest))),
@@ -322,7 +322,6 @@ def _evaluate_on_candidate_server(config: ValidateConfig, candidate_dir: pathlib
     pod's TF Serving sidecar, started with the deployed flags): every request names the
     candidate's version, once the server reports it AVAILABLE."""
     from serving.availability import NotAvailable, Servers, wait_until_available
-    from serving.contract import version_number
 
     version = version_number(candidate_dir.name)
     if version is None:

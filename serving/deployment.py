@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator, Mapping as MappingType, Sequence
 
 from serving.atomic import write_atomically
+from serving.contract import MODEL_NAME
 
 # serving/config/ is what the serving image copies to /config.
 SHIPPED_CONFIG_DIR = pathlib.Path(__file__).parent / "config"
@@ -39,7 +40,6 @@ SHIPPED_CONFIG_DIR = pathlib.Path(__file__).parent / "config"
 MODEL_CONFIG_TEMPLATE = SHIPPED_CONFIG_DIR / "models.config"
 CONFIG_DIR = "/config"
 MODELS_DIR = "/models"
-MODEL_NAME = "accresnet"
 DEPLOYED_FLAGS = (
     "--port=8500",
     "--rest_api_port=8501",
