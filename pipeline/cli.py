@@ -109,9 +109,14 @@ def add_no_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_tf_config(args: argparse.Namespace) -> int:
-    from pipeline.distribute import tf_config_from_environment
+    from pipeline.distribute import Cluster, ClusterConfigError, tf_config_from_environment
 
-    config = tf_config_from_environment()
+    try:
+        config = tf_config_from_environment()
+        Cluster.from_tf_config(config)  # as strict as train: what it would refuse is not printed
+    except ClusterConfigError as error:
+        print(f"accresnet tf-config: error: {error}", file=sys.stderr)
+        return 2
     if config is None:
         print("accresnet tf-config: no TF_CONFIG and no Indexed Job variables: a single worker", file=sys.stderr)
         return 1

@@ -392,8 +392,3 @@ def precision_policy(name: str):
 def set_pixel_mean(model: keras.Model, mean) -> None:
     """Store the training split's per-pixel mean in the model's first layer."""
     model.get_layer("standardize").set_mean(mean)
-
-
-def count_batch_norms(model: keras.Model) -> int:
-    """BatchNormalization layers anywhere in the model, nested ones included."""
-    return sum(isinstance(layer, layers.BatchNormalization) for layer in model._flatten_layers())

@@ -246,10 +246,6 @@ class RunDir:
         folder.mkdir(parents=True, exist_ok=True)
         _write_json(folder / f"{record.task_type}-{record.task_id}.json", dataclasses.asdict(record))
 
-    def read_worker_records(self) -> list[WorkerRecord]:
-        return [WorkerRecord(**json.loads(path.read_text()))
-                for path in sorted((self.path / "workers").glob("*.json"))]
-
 
 def _write_json(path: pathlib.Path, value: dict) -> None:
     write_atomically(path, json.dumps(value, indent=2) + "\n")

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import collapse_ablation  # noqa: E402
 import gpu_estimate  # noqa: E402
@@ -52,3 +53,17 @@ def test_estimate_reads_measured_rates(tmp_path, capsys):
     assert gpu_estimate.main(["--results", str(results)]) == 0
     output = capsys.readouterr().out
     assert "median 40.0 images/s over 1 runs" in output and "| V100 (SXM2) | 15.7 |" in output
+
+
+@pytest.mark.slow  # exports a model and starts a server
+def test_classify_concurrency_bench_runs_and_reports_a_ratio_per_setting():
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "classify_concurrency.py"), "--images", "40",
+                             "--depth", "8", "--batch-size", "8", "--concurrency", "1,3", "--rounds", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "--concurrency 1:" in result.stdout and "x --concurrency 1)" in result.stdout
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert figures["images"] == 40 and set(figures["images_per_sec"]) == {"1", "3"}
+    assert all(rate > 0 for rate in figures["images_per_sec"].values())

@@ -19,7 +19,7 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import classification_pb2, predict_pb2
 
 from hostile_files import gif_hiding_a_frame
-from test_server import Clients, images, predict_request, start_server
+from server_clients import Clients, images, predict_request, start_server
 from test_server_hardening import rss_mib
 
 RSS_BUDGET_MIB = 300

@@ -20,7 +20,7 @@ import threading
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
+from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
 from tensorflow.python.client import pywrap_tf_session as tf_session
 
 from serving.contract import SERVING_DEFAULT as DEFAULT_SIGNATURE
@@ -63,19 +63,6 @@ class Signature:
     method_name: str
     inputs: dict[str, TensorInfo]
     outputs: dict[str, TensorInfo]
-
-
-def read_meta_graph(path: str) -> meta_graph_pb2.MetaGraphDef:
-    """The MetaGraphDef tagged "serve" in `path`/saved_model.pb (local, gs://, ...)."""
-    proto_file = tf.io.gfile.join(path, "saved_model.pb")
-    if not tf.io.gfile.exists(proto_file):
-        raise FileNotFoundError(f"{proto_file} does not exist")
-    with tf.io.gfile.GFile(proto_file, "rb") as file:
-        saved_model = saved_model_pb2.SavedModel.FromString(file.read())
-    for meta_graph in saved_model.meta_graphs:
-        if SERVE_TAG in meta_graph.meta_info_def.tags:
-            return meta_graph
-    raise ValueError(f"{path} has no MetaGraph tagged '{SERVE_TAG}'")
 
 
 class Servable:
