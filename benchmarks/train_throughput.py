@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from pipeline import datasets, flags, input_pipeline  # noqa: E402
-from pipeline.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from pipeline.architecture import ModelConfig  # noqa: E402
+from pipeline.config import DataConfig, TrainConfig  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.train import train  # noqa: E402
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from pipeline.config import UserError
+from pipeline.errors import UserError
 from pipeline.provenance import combined_digest, folder_digests
 from serving.atomic import write_atomically
 

@@ -19,7 +19,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipeline import flags
-from pipeline.config import TrainConfig, UserError
+from pipeline.config import TrainConfig
+from pipeline.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,8 @@ import numpy as np
 
 from serving import images as image_files
 from pipeline import synthetic
-from pipeline.config import DATASET_SPECS_LIST, DataConfig, UserError
+from pipeline.config import DATASET_SPECS_LIST, DataConfig
+from pipeline.errors import UserError
 from serving.contract import IMAGE_SHAPE
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import model_card
-from pipeline.config import UserError
+from pipeline.errors import UserError
 from pipeline.image_decoding import decode_images
 from pipeline.input_contract import checked_batch
 from pipeline.model import build_model, precision_policy

@@ -34,7 +34,7 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from pipeline.config import BN_EPSILON, BN_MOMENTUM, KERAS_L2, ModelConfig, blocks_per_stage, is_accumulated
+from pipeline.architecture import BN_EPSILON, BN_MOMENTUM, KERAS_L2, blocks_per_stage, is_accumulated, ModelConfig
 from serving.contract import IMAGE_SHAPE, IMAGES_INPUT
 
 STAGE_FILTERS = (16, 32, 64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from pipeline.config import Recipe
+from pipeline.recipes import Recipe
 
 
 def learning_rate_schedule(recipe: Recipe, learning_rate: float, total_steps: int):

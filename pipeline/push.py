@@ -24,7 +24,7 @@ import pathlib
 from collections.abc import Callable, Iterator
 
 from pipeline import blessing
-from pipeline.config import UserError
+from pipeline.errors import UserError
 from pipeline.flags import setting
 from pipeline.validate import candidate_folder
 from serving import labels

@@ -24,7 +24,7 @@ import math
 import pathlib
 import statistics
 
-from pipeline.config import is_accumulated, plain_counterpart
+from pipeline.architecture import is_accumulated, plain_counterpart
 from pipeline.flags import setting
 from pipeline.records import RecordError, RunRecord, read_records
 

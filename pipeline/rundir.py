@@ -23,7 +23,9 @@ import json
 import pathlib
 from typing import Any
 
-from pipeline.config import BN_EPSILON, BN_MOMENTUM, KERAS_L2, ModelConfig, UserError
+from pipeline.architecture import BN_EPSILON, BN_MOMENTUM, KERAS_L2, ModelConfig
+
+from pipeline.errors import UserError
 from serving.atomic import write_atomically
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")

@@ -21,7 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import datasets, input_pipeline
-from pipeline.config import ConfigError, RunLength, TrainConfig, run_length, scaled_learning_rate
+from pipeline.config import run_length, RunLength, scaled_learning_rate, TrainConfig
+from pipeline.errors import ConfigError
 from pipeline.distribute import Cluster, make_strategy
 from pipeline.hooks import (Checkpoints, EpochLog, History, Hook, Progress, StepTimer, StopOnDivergence,
                             TensorBoard, validation)

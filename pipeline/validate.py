@@ -45,7 +45,8 @@ import time
 from typing import TYPE_CHECKING
 
 from pipeline.blessing import BLESSING_FILE
-from pipeline.config import DataConfig, UserError
+from pipeline.config import DataConfig
+from pipeline.errors import UserError
 from pipeline.flags import nested, setting
 from serving.contract import MODEL_NAME, SERVING_BYTES, version_number
 

@@ -37,7 +37,7 @@ def untrained_export(class_names, base):
     """A candidate that is much worse than the trained one: the same net, never trained."""
     import keras
 
-    from pipeline.config import ModelConfig
+    from pipeline.architecture import ModelConfig
     from pipeline.model import build_model
 
     keras.utils.set_random_seed(7)

@@ -1,7 +1,6 @@
 """docs/deployment.md against the manifests it describes: the overlays' table, the
 PodMonitor and the TensorBoard pod, and every docs/ path the manifests cite."""
 
-import pathlib
 import re
 
 import kubernetes_validate

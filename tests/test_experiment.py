@@ -11,7 +11,7 @@ from PIL import Image
 from scipy import stats
 
 from pipeline import cli, flags
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.experiment import ExperimentConfig, parse_seeds, run_experiment
 from pipeline.records import RecordError, cpu_model, read_records
 from pipeline.report import FIGURES, ReportConfig, paired_difference, pooled_difference, report

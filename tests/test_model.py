@@ -2,7 +2,8 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.architecture import ModelConfig
+from pipeline.errors import ConfigError
 from pipeline.model import build_model, set_pixel_mean
 
 

@@ -4,7 +4,7 @@ shortcut passes, and checkpoint writes outside the saver's own part are refused.
 import pytest
 
 from pipeline import export
-from pipeline.config import ARCHES, SHORTCUTS, ModelConfig
+from pipeline.architecture import ARCHES, SHORTCUTS, ModelConfig
 from pipeline.model import build_model
 from pipeline.op_gate import MODEL_OPS, SAVER_OPS, GraphOps, graph_ops, refused_ops
 
