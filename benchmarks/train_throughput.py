@@ -42,6 +42,7 @@ import tensorflow as tf  # noqa: E402
 from flops import training_flops_per_image  # noqa: E402
 from pipeline import datasets, flags, input_pipeline  # noqa: E402
 from pipeline.config import DataConfig, ModelConfig, TrainConfig, get_recipe  # noqa: E402
+from pipeline.cpu import CpuInfo  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.train import train  # noqa: E402
 
@@ -137,21 +138,8 @@ def matmul_peak(dtype: tf.DType, repeats: int = 10) -> float:
 
 
 def cpu_name() -> str:
-    """The CPU's model name, family and model numbers (a virtual machine's name can be
-    as short as "AMD EPYC") and its AVX-512 BF16 / AMX support, from /proc/cpuinfo."""
-    try:
-        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    fields = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    cpu_flags = set(fields.get("flags", "").split())
-    features = [name for name, flag in (("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_bf16"))
-                if flag in cpu_flags]
-    return (f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')}, model "
-            f"{fields.get('model', '?')}; {', '.join(features) or 'no AVX-512'})")
+    info = CpuInfo.read()
+    return info.describe() if info else platform.processor() or "unknown CPU"
 
 
 BASELINE = "baseline: keras model.fit + augmentation layers"
