@@ -16,6 +16,12 @@ steps, `--steps` steps are timed, then `--traced-steps` more run under
 - GFLOP/s: the class's FLOPs over its own op time.
 
     python benchmarks/step_profile.py [--arch accumulated] [--mixed-precision] [--devices N] [--trace-dir DIR]
+
+With --convs, each of the net's convolution shapes is timed alone instead
+(forward and both gradients, float32 and bfloat16, batch 128): the rate the
+convolutions reach at these shapes, which bounds the whole step's.
+
+    python benchmarks/step_profile.py --convs
 """
 
 from __future__ import annotations
@@ -153,6 +159,96 @@ def profile(arch: str, mixed_precision: bool, devices: int | None, batch: int, s
     return rate, classify(op_events(trace_dir), flops, traced_steps), per_image
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvShape:
+    batch: int
+    size: int  # input height = width
+    inputs: int
+    outputs: int
+    kernel: int
+    stride: int
+
+    @property
+    def flops(self) -> int:
+        out = -(-self.size // self.stride)
+        return 2 * self.batch * out * out * self.outputs * self.kernel * self.kernel * self.inputs
+
+
+def conv_shapes(model, batch: int) -> collections.Counter:
+    """The forward pass's distinct convolutions and how many of each."""
+    forward = tf.function(lambda images: model(images, training=False))
+    graph = forward.get_concrete_function(tf.TensorSpec([batch, 32, 32, 3], tf.uint8)).graph
+    shapes = collections.Counter()
+    for op in graph.get_operations():
+        if op.type == "Conv2D":
+            kernel, _, inputs, outputs = op.inputs[1].shape
+            shapes[ConvShape(batch, op.inputs[0].shape[1], inputs, outputs, kernel, op.get_attr("strides")[1])] += 1
+    return shapes
+
+
+def time_conv(shape: ConvShape, dtype: tf.DType, repeats: int = 10) -> dict[str, float]:
+    """Seconds of one forward, input-gradient and kernel-gradient convolution of `shape`, alone:
+    `repeats` in a loop inside one graph, best of 5 calls."""
+    strides = [1, shape.stride, shape.stride, 1]
+    x = tf.cast(tf.random.normal([shape.batch, shape.size, shape.size, shape.inputs]), dtype)
+    w = tf.cast(tf.random.normal([shape.kernel, shape.kernel, shape.inputs, shape.outputs]), dtype)
+    dy = tf.cast(tf.random.normal(tf.nn.conv2d(x, w, strides, "SAME").shape), dtype)
+    kernels = {
+        "conv forward": lambda: tf.nn.conv2d(x, w, strides, "SAME"),
+        "conv grad input": lambda: tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=tf.shape(x), filter=w, out_backprop=dy, strides=strides, padding="SAME"),
+        "conv grad kernel": lambda: tf.raw_ops.Conv2DBackpropFilter(
+            input=x, filter_sizes=tf.shape(w), out_backprop=dy, strides=strides, padding="SAME"),
+    }
+    seconds = {}
+    for name, kernel in kernels.items():
+        @tf.function(autograph=False)
+        def repeated():
+            def body(i, total):  # one element of each result kept: none is optimized away
+                return i + 1, total + tf.cast(tf.reshape(kernel(), [-1])[0], tf.float32)
+
+            return tf.while_loop(lambda i, _: i < repeats, body, (tf.constant(0), tf.constant(0.0)))[1]
+
+        repeated().numpy()
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            repeated().numpy()
+            best = min(best, (time.perf_counter() - started) / repeats)
+        seconds[name] = best
+    return seconds
+
+
+def conv_table(arch: str, batch: int) -> str:
+    """Each of the net's convolution shapes timed alone, float32 and bfloat16, and what
+    a training step's convolutions would take at those rates."""
+    from pipeline.config import ModelConfig
+    from pipeline.model import build_model
+
+    shapes = conv_shapes(build_model(ModelConfig(arch, 32)), batch)
+    lines = ["| shape (input, in -> out channels, kernel, stride) | count | precision | forward GFLOP/s | "
+             "grad input GFLOP/s | grad kernel GFLOP/s |", "|---|---:|---|---:|---:|---:|"]
+    totals = {}
+    for dtype in (tf.float32, tf.bfloat16):
+        step_seconds, step_flops = 0.0, 0.0
+        for index, (shape, count) in enumerate(shapes.items()):
+            seconds = time_conv(shape, dtype)
+            if index == 0:  # the stem's input is the image: no gradient flows to it
+                del seconds["conv grad input"]
+            step_seconds += count * sum(seconds.values())
+            step_flops += count * shape.flops * len(seconds)
+            rates = [f"{shape.flops / seconds[name] / 1e9:.0f}" if name in seconds else "-"
+                     for name in ("conv forward", "conv grad input", "conv grad kernel")]
+            lines.append(f"| {shape.size}x{shape.size}, {shape.inputs} -> {shape.outputs}, {shape.kernel}x{shape.kernel}, "
+                         f"{shape.stride} | {count} | {dtype.name} | {' | '.join(rates)} |")
+        totals[dtype.name] = (step_seconds, step_flops)
+    lines.append("")
+    for name, (seconds, flops) in totals.items():
+        lines.append(f"{name}: a step's convolutions alone take {1000 * seconds:.1f} ms "
+                     f"({flops / seconds / 1e9:.0f} GFLOP/s; at most {batch / seconds:.0f} images/s)")
+    return "\n".join(lines)
+
+
 def table(rate: float, classes: dict[str, ClassTotal], batch: int) -> str:
     step_ms = 1000 * batch / rate
     op_ms = sum(total.seconds for total in classes.values()) * 1000
@@ -176,7 +272,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--traced-steps", type=int, default=5)
     parser.add_argument("--trace-dir", default=None, help="keep the trace here (TensorBoard's profile plugin reads it)")
+    parser.add_argument("--convs", action="store_true",
+                        help="instead: time each of the net's convolution shapes alone, float32 and bfloat16")
     args = parser.parse_args(argv)
+    if args.convs:
+        print(conv_table(args.arch, args.batch))
+        return
     with tempfile.TemporaryDirectory() as scratch:
         rate, classes, per_image = profile(args.arch, args.mixed_precision, args.devices, args.batch, args.steps,
                                            args.traced_steps, args.trace_dir or scratch)
