@@ -33,6 +33,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from pipeline import config as cfg  # noqa: E402
+from pipeline import architecture  # noqa: E402
+from pipeline import recipes  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 
 BASE_RECIPE = "cpu-small"
@@ -44,16 +46,16 @@ class Variant:
     description: str
     arch: str = "resnet"
     shortcut: str | None = None  # None: the recipe's (projection for cpu-small)
-    model: Callable[[cfg.ModelConfig], cfg.ModelConfig] | None = None  # a change to the model's settings
+    model: Callable[[architecture.ModelConfig], architecture.ModelConfig] | None = None  # a change to the model's settings
     module_settings: tuple[tuple[str, object], ...] = ()  # pipeline.model constants to set for the run
     recipe: tuple[tuple[str, object], ...] = ()  # changes to the recipe
 
 
-def _keras_batch_norm(config: cfg.ModelConfig) -> cfg.ModelConfig:
+def _keras_batch_norm(config: architecture.ModelConfig) -> architecture.ModelConfig:
     return dataclasses.replace(config, fused_batch_norm=False)
 
 
-def _zero_init_residual(config: cfg.ModelConfig) -> cfg.ModelConfig:
+def _zero_init_residual(config: architecture.ModelConfig) -> architecture.ModelConfig:
     return dataclasses.replace(config, zero_init_residual=True)
 
 
@@ -109,7 +111,7 @@ def _applied(variant: Variant) -> Iterator[str]:
             train_module.build_model = lambda config: build(variant.model(config))
         if variant.recipe:
             recipe = f"{BASE_RECIPE}-{variant.name}"
-            cfg.RECIPES[recipe] = dataclasses.replace(cfg.RECIPES[BASE_RECIPE], name=recipe, **dict(variant.recipe))
+            recipes.RECIPES[recipe] = dataclasses.replace(recipes.RECIPES[BASE_RECIPE], name=recipe, **dict(variant.recipe))
         yield recipe
     finally:
         for name, value in saved.items():
@@ -138,8 +140,8 @@ def initial_state(name: str, seed: int, args: argparse.Namespace, images: int = 
         from pipeline import train as train_module
 
         keras.utils.set_random_seed(seed)
-        shortcut = variant.shortcut or cfg.get_recipe(BASE_RECIPE).shortcut
-        model = train_module.build_model(cfg.ModelConfig(variant.arch, args.depth, data.num_classes,
+        shortcut = variant.shortcut or recipes.get_recipe(BASE_RECIPE).shortcut
+        model = train_module.build_model(architecture.ModelConfig(variant.arch, args.depth, data.num_classes,
                                                          shortcut=shortcut))  # the run's build, hooks included
     set_pixel_mean(model, data.pixel_mean())
     # A fixed random sample: the split keeps the class-by-class order of a folder.
@@ -174,11 +176,11 @@ def trace(name: str, seed: int, steps: int, args: argparse.Namespace, images: in
     with _applied(variant) as recipe_name:
         from pipeline import train as train_module
 
-        recipe = cfg.get_recipe(recipe_name)
+        recipe = recipes.get_recipe(recipe_name)
         with strategy.scope():
             keras.utils.set_random_seed(seed)
             shortcut = variant.shortcut or recipe.shortcut
-            model = train_module.build_model(cfg.ModelConfig(variant.arch, args.depth, data.num_classes,
+            model = train_module.build_model(architecture.ModelConfig(variant.arch, args.depth, data.num_classes,
                                                              shortcut=shortcut))
             set_pixel_mean(model, data.pixel_mean())
             steps_per_epoch = len(data.train) // recipe.batch_size

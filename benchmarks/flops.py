@@ -13,7 +13,7 @@ import re
 import keras
 import tensorflow as tf
 
-from pipeline.config import ModelConfig
+from pipeline.architecture import ModelConfig
 from pipeline.model import build_model
 
 

@@ -42,13 +42,14 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import ModelConfig  # noqa: E402
+from pipeline.architecture import ModelConfig  # noqa: E402
 from pipeline.export import export_saved_model  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
+from serving.contract import IMAGES_INPUT, MODEL_NAME, SERVING_DEFAULT  # noqa: E402
 from serving.deployment import free_ports, local_deployed_server  # noqa: E402
 from serving.server.servable import Servable  # noqa: E402
 
-MODEL = "accresnet"
+MODEL = MODEL_NAME
 
 
 def export_model(depth: int, root: pathlib.Path) -> pathlib.Path:
@@ -61,12 +62,12 @@ OUTPUTS = ["probabilities", "top_k_class_names", "top_k_probabilities"]
 
 def in_process_call(servable: Servable, batch: int):
     """A function calling serving_default in-process on `batch` images; returns its latency (s)."""
-    signature = servable.signature("serving_default")
+    signature = servable.signature(SERVING_DEFAULT)
     images = np.random.default_rng(batch).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
 
     def call() -> float:
         started = time.perf_counter()
-        servable.run(signature, {"images": images}, OUTPUTS)
+        servable.run(signature, {IMAGES_INPUT: images}, OUTPUTS)
         return time.perf_counter() - started
     return call
 
@@ -119,7 +120,7 @@ def request(batch: int) -> predict_pb2.PredictRequest:
     message = predict_pb2.PredictRequest()
     message.model_spec.name = MODEL
     images = np.random.default_rng(batch).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
-    message.inputs["images"].CopyFrom(tf.make_tensor_proto(images))
+    message.inputs[IMAGES_INPUT].CopyFrom(tf.make_tensor_proto(images))
     message.output_filter.extend(OUTPUTS)
     return message
 

@@ -222,7 +222,7 @@ def time_conv(shape: ConvShape, dtype: tf.DType, repeats: int = 10) -> dict[str,
 def conv_table(arch: str, batch: int) -> str:
     """Each of the net's convolution shapes timed alone, float32 and bfloat16, and what
     a training step's convolutions would take at those rates."""
-    from pipeline.config import ModelConfig
+    from pipeline.architecture import ModelConfig
     from pipeline.model import build_model
 
     shapes = conv_shapes(build_model(ModelConfig(arch, 32)), batch)

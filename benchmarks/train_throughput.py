@@ -41,8 +41,10 @@ import tensorflow as tf  # noqa: E402
 
 from flops import training_flops_per_image  # noqa: E402
 from pipeline import datasets, flags, input_pipeline  # noqa: E402
-from pipeline.config import DataConfig, ModelConfig, TrainConfig, get_recipe  # noqa: E402
+from pipeline.architecture import ModelConfig  # noqa: E402
+from pipeline.config import DataConfig, TrainConfig  # noqa: E402
 from pipeline.cpu import CpuInfo  # noqa: E402
+from pipeline.recipes import get_recipe  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.train import train  # noqa: E402
 

@@ -19,7 +19,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipeline import flags
-from pipeline.config import TrainConfig, UserError
+from pipeline.config import TrainConfig
+from pipeline.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,13 +169,16 @@ def run_demo(args: argparse.Namespace) -> int:
 def add_validate_flags(parser: argparse.ArgumentParser) -> None:
     from pipeline.validate import ValidateConfig
 
-    flags.add_flags(parser, ValidateConfig, ("candidate", "dataset", "data_dir", "eval_images", "current_server",
-                                             "current_label", "served_base", "model", "min_accuracy",
-                                             "max_accuracy_drop", "latency_budget_ms"))
+    flags.add_flags(parser, ValidateConfig, ("candidate", "dataset", "data_dir", "eval_images", "candidate_server",
+                                             "candidate_rest_server", "candidate_server_base", "current_server",
+                                             "current_label",
+                                             "export_base", "model", "min_accuracy", "max_accuracy_drop",
+                                             "latency_budget_ms"))
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from pipeline.validate import BLESSING_FILE, REFUSED, ValidateConfig, validate
+    from pipeline.blessing import BLESSING_FILE, REFUSED
+    from pipeline.validate import ValidateConfig, validate
 
     config = flags.build(ValidateConfig, vars(args))
     record = validate(config, announce=lambda line: print(line, flush=True))
@@ -197,8 +201,8 @@ def add_push_flags(parser: argparse.ArgumentParser) -> None:
 def run_push(args: argparse.Namespace) -> int:
     from pipeline.push import PushConfig, push
 
-    path, labels = push(flags.build(PushConfig, vars(args)))
-    print(path + (f" (labels: {_labels_text(labels)})" if labels else ""))
+    pushed = push(flags.build(PushConfig, vars(args)), announce=lambda line: print(line, flush=True))
+    print(pushed.path + (f" (labels: {_labels_text(pushed.labels)})" if pushed.labels else ""))
     return 0
 
 
@@ -207,21 +211,22 @@ def _labels_text(labels: dict[str, int]) -> str:
 
 
 def add_label_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-config-file", required=True, help="the servers' model config file")
-    parser.add_argument("--model", default="accresnet", help="the model's name in it (default: %(default)s)")
+    from pipeline.push import LabelConfig
+
+    flags.add_flags(parser, LabelConfig)
 
 
 def run_promote(args: argparse.Namespace) -> int:
-    from serving import labels
+    from pipeline.push import LabelConfig, promote
 
-    print(_labels_text(labels.promote(args.model_config_file, args.model)))
+    print(_labels_text(promote(flags.build(LabelConfig, vars(args)), announce=lambda line: print(line, flush=True))))
     return 0
 
 
 def run_rollback(args: argparse.Namespace) -> int:
-    from serving import labels
+    from pipeline.push import LabelConfig, rollback
 
-    print(_labels_text(labels.rollback(args.model_config_file, args.model)))
+    print(_labels_text(rollback(flags.build(LabelConfig, vars(args)), announce=lambda line: print(line, flush=True))))
     return 0
 
 

@@ -23,11 +23,12 @@ import numpy as np
 
 from serving import images as image_files
 from pipeline import synthetic
-from pipeline.config import DATASET_SPECS_LIST, DataConfig, UserError
+from pipeline.config import DATASET_SPECS_LIST, DataConfig
+from pipeline.errors import UserError
+from serving.contract import IMAGE_SHAPE
 
 log = logging.getLogger(__name__)
 
-IMAGE_SHAPE = (32, 32, 3)
 DEFAULT_SYNTHETIC_SIZE = 10_000
 # He et al.'s 45k/5k split of CIFAR's 50k training images; 10% elsewhere too.
 DEFAULT_VAL_SPLIT = 0.1
@@ -118,6 +119,24 @@ def load(config: DataConfig) -> ImageData:
     data = ImageData(config.spec, source.class_names, train, validation, source.test)
     log.info("dataset %s", data.describe())
     return data
+
+
+def files_digest(config: DataConfig) -> str | None:
+    """One SHA-256 over the files the spec reads (by their paths below its folder), for the
+    records a model carries; None for generated data, which has no files."""
+    from pipeline.provenance import combined_digest, file_sha256
+
+    kind, _, argument = config.spec.partition(":")
+    if kind in ("cifar10", "cifar100", "tfds"):
+        import tensorflow_datasets as tfds
+
+        root = pathlib.Path(tfds.builder(argument if kind == "tfds" else kind, data_dir=config.data_dir).data_dir)
+    elif kind in ("folder", "cifar-bin"):
+        root = pathlib.Path(argument).expanduser()
+    else:
+        return None
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return combined_digest({(p.name if p == root else p.relative_to(root).as_posix()): file_sha256(p) for p in files})
 
 
 def _split_validation(source: _Source, fraction: float | None) -> tuple[Split, Split | None]:

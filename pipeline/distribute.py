@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Mapping
 
-from pipeline.config import UserError
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,9 @@ import pathlib
 import time
 
 from pipeline import flags
-from pipeline.config import ARCHES, ConfigError, TrainConfig
+from pipeline.architecture import ARCHES
+from pipeline.config import TrainConfig
+from pipeline.errors import ConfigError
 from pipeline.flags import nested, setting
 from pipeline.records import read_record, record_path, record_run, write_record
 from pipeline.rundir import RunDir

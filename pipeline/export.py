@@ -21,9 +21,10 @@ input-less signature. Scaling, mean subtraction, decoding and resizing all
 happen in the graph (pipeline/image_decoding.py, which matches the
 trainer's and the client's Pillow conversion, EXIF orientation included), so
 a client sends pixels or files and nothing else.
-The class names are also in assets/labels.txt, and
+The class names are also in assets/labels.txt,
 assets.extra/tf_serving_warmup_requests holds requests TF Serving replays
-before a version takes traffic.
+before a version takes traffic, and model_card.json says what made the
+version (pipeline/model_card.py).
 
 A version is built in a hidden folder beside the numbered ones and renamed
 into place, so a server polling the base path never sees half an export. On
@@ -47,25 +48,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.config import UserError
+from pipeline import model_card
+from pipeline.errors import UserError
 from pipeline.image_decoding import decode_images
 from pipeline.input_contract import checked_batch
 from pipeline.model import build_model, precision_policy
 from pipeline.rundir import RunDir
-from serving.contract import version_number
+from serving.contract import (BYTES_INPUT, CLASSIFY, CLASSIFY_METHOD, DEFAULT_TOP_K, EXAMPLES_INPUT, IMAGE_FEATURE,
+                              IMAGE_SHAPE, IMAGES_INPUT, LABELS_FILE, MODEL_NAME, SERVING_BYTES, SERVING_DEFAULT,
+                              WARMUP_FILE, version_number)
 
 log = logging.getLogger(__name__)
-
-SERVING_DEFAULT = "serving_default"
-SERVING_BYTES = "serving_bytes"
-CLASSIFY = "classify"
-CLASSIFY_METHOD = "tensorflow/serving/classify"
-# The tf.Example feature that carries the encoded image (TensorFlow's usual key).
-IMAGE_FEATURE = "image/encoded"
-DEFAULT_TOP_K = 5
-IMAGE_SHAPE = (32, 32, 3)
-LABELS_FILE = "labels.txt"
-WARMUP_FILE = "tf_serving_warmup_requests"
 
 
 class ExportError(UserError):
@@ -76,7 +69,7 @@ class ServingModule(tf.Module):
     """The model with its serving signatures and the class names baked in."""
 
     def __init__(self, model: keras.Model, class_names: list[str], labels_file: str, top_k: int = DEFAULT_TOP_K):
-        super().__init__(name="accresnet")
+        super().__init__(name=MODEL_NAME)
         if top_k < 1:
             raise ExportError(f"--top-k must be at least 1; got {top_k}")
         # The model's own tf.Variables are what the signatures read, so they are
@@ -90,11 +83,11 @@ class ServingModule(tf.Module):
         self._class_names = tf.constant(class_names)
         self.top_k = min(top_k, len(class_names))
         self.serve_images = tf.function(
-            self._serve_images, input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name="images")])
+            self._serve_images, input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name=IMAGES_INPUT)])
         self.serve_bytes = tf.function(
-            self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+            self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
         self.serve_examples = tf.function(
-            self._serve_examples, input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+            self._serve_examples, input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
 
     def _outputs(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         probabilities = tf.cast(self._predict(images), tf.float32)
@@ -107,15 +100,15 @@ class ServingModule(tf.Module):
 
     # Each signature checks its inputs first (pipeline/input_contract.py): TF Serving does not.
     def _serve_images(self, images):
-        return self._outputs(checked_batch(images, "images", IMAGE_SHAPE))
+        return self._outputs(checked_batch(images, IMAGES_INPUT, IMAGE_SHAPE))
 
     def _serve_bytes(self, image_bytes):
-        return self._outputs(decode_images(checked_batch(image_bytes, "image_bytes"), "image_bytes"))
+        return self._outputs(decode_images(checked_batch(image_bytes, BYTES_INPUT), BYTES_INPUT))
 
     def _serve_examples(self, inputs):
-        features = tf.io.parse_example(checked_batch(inputs, "inputs"),
+        features = tf.io.parse_example(checked_batch(inputs, EXAMPLES_INPUT),
                                        {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)})
-        outputs = self._outputs(decode_images(features[IMAGE_FEATURE], f"inputs ({IMAGE_FEATURE})"))
+        outputs = self._outputs(decode_images(features[IMAGE_FEATURE], f"{EXAMPLES_INPUT} ({IMAGE_FEATURE})"))
         return {"classes": outputs["top_k_class_names"], "scores": outputs["top_k_probabilities"]}
 
     def signatures(self) -> dict:
@@ -161,8 +154,8 @@ def existing_versions(export_base: str | os.PathLike) -> list[int]:
 
 
 def export_saved_model(model: keras.Model, class_names: list[str], export_base: str | os.PathLike,
-                       top_k: int = DEFAULT_TOP_K) -> str:
-    """Write the next version under `export_base`; returns its path."""
+                       top_k: int = DEFAULT_TOP_K, card: dict | None = None) -> str:
+    """Write the next version under `export_base`, with its model card if given; returns its path."""
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="accresnet-export-"))
     local_base = scratch / "base" if is_remote(export_base) else pathlib.Path(export_base)
     local_base.mkdir(parents=True, exist_ok=True)
@@ -173,7 +166,9 @@ def export_saved_model(model: keras.Model, class_names: list[str], export_base: 
         module = ServingModule(model, list(class_names), str(labels), top_k)
         tf.saved_model.save(module, str(staging), signatures=module.signatures())
         _mark_classify_signature(staging)
-        _write_warmup_requests(staging / "assets.extra" / WARMUP_FILE)
+        _write_warmup_requests(staging / WARMUP_FILE)
+        if card is not None:
+            model_card.write(staging, card)
         if is_remote(export_base):
             return _upload_as_next_version(staging, str(export_base))
         return str(_rename_to_next_version(staging, local_base))
@@ -183,16 +178,21 @@ def export_saved_model(model: keras.Model, class_names: list[str], export_base: 
 
 
 def publish_as_next_version(saved_model: str | os.PathLike, export_base: str | os.PathLike,
-                            ignore: Callable[[str, list[str]], set[str]] | None = None) -> str:
+                            check: Callable[[pathlib.Path], None] | None = None) -> str:
     """A copy of the SavedModel folder `saved_model` as the next version under `export_base`,
-    appearing whole (as exports do); returns its path."""
+    appearing whole (as exports do); returns its path. `check` sees the copy before it
+    appears (it raises to stop the publication), or the folder itself on object stores."""
     if is_remote(export_base):
+        if check is not None:
+            check(pathlib.Path(saved_model))
         return _upload_as_next_version(pathlib.Path(saved_model), str(export_base))
     base = pathlib.Path(export_base)
     base.mkdir(parents=True, exist_ok=True)
     staging = base / f".push-{uuid.uuid4().hex}"
     try:
-        shutil.copytree(saved_model, staging, ignore=ignore)
+        shutil.copytree(saved_model, staging)
+        if check is not None:
+            check(staging)
         return str(_rename_to_next_version(staging, base))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -235,8 +235,8 @@ def _write_warmup_requests(path: pathlib.Path) -> None:
     png = io.BytesIO()
     Image.fromarray(pixels[0]).save(png, format="PNG")
     requests = {
-        SERVING_DEFAULT: {"images": tf.make_tensor_proto(pixels)},
-        SERVING_BYTES: {"image_bytes": tf.make_tensor_proto([png.getvalue()])},
+        SERVING_DEFAULT: {IMAGES_INPUT: tf.make_tensor_proto(pixels)},
+        SERVING_BYTES: {BYTES_INPUT: tf.make_tensor_proto([png.getvalue()])},
     }
     with tf.io.TFRecordWriter(str(path)) as writer:
         for signature, inputs in requests.items():
@@ -274,6 +274,7 @@ def restore_trained_model(model_dir: str | os.PathLike) -> tuple[keras.Model, li
 def export_run(model_dir: str | os.PathLike, export_base: str | os.PathLike, top_k: int = DEFAULT_TOP_K) -> str:
     """Export a training run's latest checkpoint as the next version under `export_base`."""
     model, class_names = restore_trained_model(model_dir)
-    path = export_saved_model(model, class_names, export_base, top_k)
+    card = model_card.from_run(RunDir(pathlib.Path(model_dir)))
+    path = export_saved_model(model, class_names, export_base, top_k, card)
     log.info("exported %s", path)
     return path

@@ -41,6 +41,8 @@ class Flag:
     # The flag's text to the field's value, and back (a recipe name <-> its Recipe).
     parse: Callable[[str], Any] | None = None
     show: Callable[[Any], str] | None = None
+    # Older names the flag still answers to ("--served-base" for "--export-base").
+    aliases: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -51,12 +53,13 @@ class Flag:
 def setting(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None,
             choices: Sequence[str] | None = None, metavar: str | None = None, exclusive: str | None = None,
             negative: tuple[str, str] | None = None, unset: str | None = None,
-            parse: Callable[[str], Any] | None = None, show: Callable[[Any], str] | None = None) -> Any:
+            parse: Callable[[str], Any] | None = None, show: Callable[[Any], str] | None = None,
+            aliases: Sequence[str] = ()) -> Any:
     """A dataclass field with a flag (by default the field's name: batch_size -> --batch-size).
     Without a default, the flag is required."""
     return dataclasses.field(default=default, metadata={_FLAG: Flag(
         flag or "", help, tuple(choices) if choices is not None else None, metavar, exclusive, negative, unset,
-        parse, show)})
+        parse, show, tuple(aliases))})
 
 
 def nested(config_class: type, **defaults: Any) -> Any:
@@ -209,11 +212,12 @@ def _add_flag(parser, target, leaf: Setting, default: Any) -> None:
             action = "store_false" if default else "store_true"
             target.add_argument(flag.flag, dest=leaf.name, action=action, default=default, help=_help(flag, default))
         return
+    names = (flag.flag, *flag.aliases)
     if default is dataclasses.MISSING:
-        target.add_argument(flag.flag, dest=leaf.name, required=True, type=_type(leaf), metavar=flag.metavar,
+        target.add_argument(*names, dest=leaf.name, required=True, type=_type(leaf), metavar=flag.metavar,
                             help=_help(flag, None))
         return
-    target.add_argument(flag.flag, dest=leaf.name, default=default, type=_type(leaf), choices=flag.choices,
+    target.add_argument(*names, dest=leaf.name, default=default, type=_type(leaf), choices=flag.choices,
                         metavar=flag.metavar, help=_help(flag, default))
 
 

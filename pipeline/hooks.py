@@ -18,7 +18,7 @@ import keras
 import tensorflow as tf
 
 from pipeline import datasets
-from pipeline.config import UserError
+from pipeline.errors import UserError
 from pipeline.rundir import HistoryRow, RunDir
 from pipeline.trainer import Trainer
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-SIZE = 32
+from serving.contract import IMAGE_SIZE
+
+SIZE = IMAGE_SIZE
 # Pillow's draft asks for 4x the target size (serving/images.py).
 DRAFT_SIZE = 4 * SIZE
 JPEG_SCALES = (1, 2, 4, 8)

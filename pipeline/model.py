@@ -34,7 +34,8 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from pipeline.config import BN_EPSILON, BN_MOMENTUM, KERAS_L2, ModelConfig, blocks_per_stage, is_accumulated
+from pipeline.architecture import BN_EPSILON, BN_MOMENTUM, KERAS_L2, blocks_per_stage, is_accumulated, ModelConfig
+from serving.contract import IMAGE_SHAPE, IMAGES_INPUT
 
 STAGE_FILTERS = (16, 32, 64)
 # Initialisers of the classifier and of the projection shortcut (the Keras
@@ -341,7 +342,7 @@ def build_model(config: ModelConfig) -> keras.Model:
     """The plain or accumulated network; uint8 [B, 32, 32, 3] in, class probabilities out."""
     n = blocks_per_stage(config.depth, config.family)
     style, stages, name = _family_layout(config)
-    images = keras.Input(shape=(32, 32, 3), dtype="uint8", name="images")
+    images = keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name=IMAGES_INPUT)
     x = PixelStandardization(name="standardize")(images)
     x = _conv(STAGE_FILTERS[0], 3, 1, config.weight_decay, "stem_conv")(x)
     norm = dict(fused=config.fused_batch_norm, momentum=config.batch_norm_momentum,

@@ -7,8 +7,8 @@ import logging
 import keras
 import tensorflow as tf
 
-from pipeline.config import Recipe
 from pipeline.cpu import CpuInfo
+from pipeline.recipes import Recipe
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import threading
 
 import tensorflow as tf
 
-from pipeline.config import UserError
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 

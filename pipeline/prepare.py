@@ -14,7 +14,9 @@ import logging
 import pathlib
 import shutil
 
-from pipeline.config import ConfigError, DataConfig
+from pipeline.config import DataConfig
+
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -3,55 +3,158 @@
 push copies a candidate that `accresnet validate` blessed to the served base
 path as the next version (whole, as exports appear), blessing record and
 confusion matrix included, so every served version carries why it was let
-in. With --model-config-file it also labels the new version `canary` there
-(serving/labels.py), and the servers that re-read that file move with it.
+in. With --model-config-file it then labels the new version `canary` there
+in two phases that TF Serving can follow (serving/labels.py): first the
+config that adds the version and moves no label; then, once the servers
+(--rest-servers) report it AVAILABLE, the config that moves canary. promote
+and rollback move `stable` only to a version the servers have AVAILABLE.
+
+A missing, malformed, forged or stale blessing (pipeline/blessing.py) ends
+push with exit status 3 before anything is written; every other error (flags,
+a model config that cannot be used, servers that do not load the version in
+time) with a one-line message and exit status 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import pathlib
+from collections.abc import Callable, Iterator
 
-from pipeline.config import UserError
+from pipeline import blessing
+from pipeline.errors import UserError
 from pipeline.flags import setting
-from pipeline.validate import MODEL_NAME, REFUSED, candidate_folder, read_blessing
+from pipeline.validate import candidate_folder
+from serving import labels
+from serving.availability import NotAvailable, Servers, parse_addresses, wait_until_available
+from serving.contract import MODEL_NAME
 
 
-class PushRefused(UserError, RuntimeError):
-    """The candidate was not blessed by `accresnet validate`."""
+class ReleaseError(UserError, ValueError):
+    """A model config, or servers, that the release cannot use as asked (exit status 2)."""
 
-    exit_status = REFUSED
+
+def _rest_servers_setting():
+    return setting(None, metavar="HOST:PORT[,HOST:PORT...]",
+                   help="REST addresses of the model servers, or of their Service: a label that exists moves to a "
+                        "version only once they report it AVAILABLE, as TF Serving refuses the whole config "
+                        "otherwise", unset="no label that exists may move")
+
+
+def _available_timeout_setting():
+    return setting(600.0, help="seconds to wait for the servers to report a version AVAILABLE")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelConfig:
+    """Where the labels are and which servers must have a version before a label moves to it."""
+
+    model_config_file: str = setting(help="the servers' model config file")
+    model: str = setting(MODEL_NAME, help="the model's name in the model config file")
+    rest_servers: str | None = _rest_servers_setting()
+    available_timeout: float = _available_timeout_setting()
 
 
 @dataclasses.dataclass(frozen=True)
 class PushConfig:
     candidate: str = setting(help="the candidate SavedModel folder that `accresnet validate` blessed, or its "
                                   "staging base path (the latest version)")
-    export_base: str = setting(help="the model's served base path (numbered versions)")
+    export_base: str = setting(help="the model's served base path (numbered versions), as the servers read it",
+                               aliases=("--served-base",))
     model_config_file: str | None = setting(
-        None, help="the servers' model config file: label the new version canary there (stable stays)",
+        None, help="the servers' model config file: label the new version canary there (stable stays); written "
+                   "from the shipped one with --export-base as the model's base path if there is none",
         unset="no labels")
     model: str = setting(MODEL_NAME, help="the model's name in the model config file")
+    rest_servers: str | None = _rest_servers_setting()
+    available_timeout: float = _available_timeout_setting()
     force: bool = setting(False, help="push even what validate did not bless")
 
+    def labels(self) -> LabelConfig:
+        return LabelConfig(self.model_config_file, self.model, self.rest_servers, self.available_timeout)
 
-def push(config: PushConfig) -> tuple[str, dict[str, int] | None]:
-    """The new version's path, and the model's labels afterwards (None without a model config file)."""
+
+@dataclasses.dataclass(frozen=True)
+class Pushed:
+    path: str
+    labels: dict[str, int] | None  # the model's labels afterwards; None without a model config file
+
+
+def served_base_path(path: str) -> str:
+    """The base path as the model config must name it: absolute (servers start anywhere)."""
+    from pipeline.export import is_remote
+
+    return path if is_remote(path) else os.path.abspath(path)
+
+
+def push(config: PushConfig, announce: Callable[[str], None] = print) -> Pushed:
     from pipeline.export import existing_versions, publish_as_next_version
+    from serving.deployment import MODEL_CONFIG_TEMPLATE
 
     candidate = candidate_folder(config.candidate)
-    blessing = read_blessing(candidate)
     if not config.force:
-        if blessing is None:
-            raise PushRefused(f"{candidate} has no blessing record: run `accresnet validate` on it first "
-                              "(or push --force)")
-        if blessing["verdict"] != "blessed":
-            raise PushRefused(f"{candidate} was refused by validate: {'; '.join(blessing['reasons'])}")
-    served = (existing_versions(config.export_base) or [None])[-1]
-    path = publish_as_next_version(candidate, config.export_base)
+        blessing.verify(candidate)  # before anything is written; again on the copy below
+    base = served_base_path(config.export_base)
+    if config.model_config_file is not None:
+        with _release_errors():
+            labels.prepare(config.model_config_file, config.model, base, MODEL_CONFIG_TEMPLATE)
+            _check_canary_can_move(config.labels())
+    served = existing_versions(base)
+    # What appears is what validate blessed: the copy itself is checked against the record.
+    path = publish_as_next_version(candidate, base, None if config.force else (
+        lambda copy: blessing.verify(candidate, copy)))
     if config.model_config_file is None:
-        return path, None
-    from serving import labels
-
+        return Pushed(path, None)
     version = int(pathlib.PurePath(path).name)
-    return path, labels.label_canary(config.model_config_file, config.model, version, served)
+    with _release_errors():
+        labels.add_version(config.model_config_file, config.model, version, served)
+        announce(f"{config.model_config_file}: version {version} added to the version policy, no label moved")
+        return Pushed(path, labels.label_canary(config.model_config_file, config.model, version,
+                                                served[-1] if served else None, _available(config.labels(), announce)))
+
+
+def promote(config: LabelConfig, announce: Callable[[str], None] = print) -> dict[str, int]:
+    with _release_errors():
+        return labels.promote(config.model_config_file, config.model, _available(config, announce))
+
+
+def rollback(config: LabelConfig, announce: Callable[[str], None] = print) -> dict[str, int]:
+    with _release_errors():
+        return labels.rollback(config.model_config_file, config.model, _available(config, announce))
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _check_canary_can_move(config: LabelConfig) -> None:
+    """Before anything is copied: a canary that exists moves only with servers to ask."""
+    current = labels.labels(config.model_config_file, config.model)
+    if labels.CANARY in current and not config.rest_servers:
+        raise ReleaseError(f"canary of {config.model} is on version {current[labels.CANARY]}, and TF Serving moves a label "
+                           "only to a version it has AVAILABLE: name the servers with --rest-servers HOST:PORT so "
+                           "push can wait for the new one")
+
+
+def _available(config: LabelConfig, announce: Callable[[str], None]):
+    """What labels.py calls before a label that exists moves: wait for the servers."""
+    addresses = parse_addresses(config.rest_servers)
+
+    def available(versions: set[int]) -> None:
+        if not addresses:
+            raise ReleaseError(f"moving a label of {config.model} to version(s) {', '.join(map(str, sorted(versions)))} "
+                               "needs the servers to have them AVAILABLE first (TF Serving refuses the whole config "
+                               "otherwise): name them with --rest-servers HOST:PORT")
+        wait_until_available(Servers(addresses, config.available_timeout), config.model, versions, announce)
+
+    return available
+
+
+@contextlib.contextmanager
+def _release_errors() -> Iterator[None]:
+    """Model config and server errors as ReleaseError: one line, exit status 2."""
+    try:
+        yield
+    except (labels.LabelError, NotAvailable) as error:
+        raise ReleaseError(str(error)) from None

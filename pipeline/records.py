@@ -20,7 +20,9 @@ import os
 import pathlib
 from typing import Any
 
-from pipeline.config import Recipe, UserError
+from pipeline.errors import UserError
+
+from pipeline.recipes import Recipe
 from pipeline.rundir import HistoryRow, RunDir, RunSummary
 from serving.atomic import write_atomically
 

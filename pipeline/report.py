@@ -24,7 +24,7 @@ import math
 import pathlib
 import statistics
 
-from pipeline.config import is_accumulated, plain_counterpart
+from pipeline.architecture import is_accumulated, plain_counterpart
 from pipeline.flags import setting
 from pipeline.records import RecordError, RunRecord, read_records
 
@@ -139,6 +139,24 @@ def paired_difference(differences: list[float]) -> dict:
     return result
 
 
+def pooled_difference(values: list[float], baseline: list[float]) -> dict | None:
+    """The difference of two groups' means without pairing (Welch's t: unequal variances),
+    with its 95% confidence interval and two-sided p-value; None under two runs a group."""
+    from scipy import stats
+
+    if len(values) < 2 or len(baseline) < 2:
+        return None
+    mean = statistics.fmean(values) - statistics.fmean(baseline)
+    variances = [statistics.variance(group) / len(group) for group in (values, baseline)]
+    error = math.sqrt(sum(variances))
+    if error == 0:
+        return {"mean": mean, "ci95": None, "p_value": None, "df": None, "n": [len(values), len(baseline)]}
+    df = sum(variances) ** 2 / sum(v ** 2 / (len(g) - 1) for v, g in zip(variances, (values, baseline)))
+    margin = stats.t.ppf(0.975, df) * error
+    return {"mean": mean, "ci95": [mean - margin, mean + margin], "df": df, "n": [len(values), len(baseline)],
+            "p_value": float(2 * stats.t.sf(abs(mean / error), df))}
+
+
 def summarize(runs: list[RunRecord], context: dict) -> dict:
     per_run = [run_metrics(run) for run in sorted(runs, key=lambda r: (r.arch, r.seed))]
     arches = sorted({m["arch"] for m in per_run}, key=list(DISPLAY_NAMES).index)
@@ -162,6 +180,9 @@ def summarize(runs: list[RunRecord], context: dict) -> dict:
             "seeds": seeds,
             **{metric: paired_difference([by_seed[(arch, s)][metric] - by_seed[(plain, s)][metric] for s in seeds])
                for metric in METRICS if all(by_seed[(a, s)][metric] is not None for a in (arch, plain) for s in seeds)},
+            # Every run of each arch, seeds paired or not: the same question without the pairing.
+            "pooled": {metric: pooled_difference(per_arch[arch][metric]["values"], per_arch[plain][metric]["values"])
+                       for metric in METRICS if metric in per_arch[arch] and metric in per_arch[plain]},
         }
     return {"context": context, "primary_metric": {"name": PRIMARY_METRIC, "statement": PRIMARY_STATEMENT},
             "runs": per_run, "per_arch": per_arch, "paired": paired, "timing": TIMING_NOTE,
@@ -220,7 +241,13 @@ def _primary_lines(results: dict) -> list[str]:
         signs = difference["signs"]
         sign_test = f" (sign test p = {signs['p_value']:.2g})" if signs["p_value"] is not None else ""
         lines += ["", f"{DISPLAY_NAMES[arch]} has the higher test error in {signs['higher']} of {difference['n']} "
-                      f"seeds, the lower in {signs['lower']}{sign_test}.", ""]
+                      f"seeds, the lower in {signs['lower']}{sign_test}."]
+        pooled = paired["pooled"].get(PRIMARY_METRIC)
+        if pooled is not None and pooled["ci95"] is not None:
+            low, high = pooled["ci95"]
+            lines.append(f"Pooled, without pairing (Welch's t, {pooled['n'][0]} and {pooled['n'][1]} runs): "
+                         f"{pooled['mean']:+.2f} [{low:+.2f}, {high:+.2f}], p = {pooled['p_value']:.2g}.")
+        lines.append("")
     return lines
 
 

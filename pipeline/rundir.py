@@ -23,7 +23,9 @@ import json
 import pathlib
 from typing import Any
 
-from pipeline.config import BN_EPSILON, BN_MOMENTUM, KERAS_L2, ModelConfig, UserError
+from pipeline.architecture import BN_EPSILON, BN_MOMENTUM, KERAS_L2, ModelConfig
+
+from pipeline.errors import UserError
 from serving.atomic import write_atomically
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
@@ -52,6 +54,8 @@ class RunSettings:
     batch_norm_epsilon: float = BN_EPSILON
     augmentation: str | None = "pad-crop"  # None: --no-augment (runs from before: not recorded)
     dataset: str
+    # SHA-256 over the files the dataset spec read (datasets.files_digest); None: generated, or not recorded.
+    data_digest: str | None = None
     num_classes: int
     class_names: tuple[str, ...]
     seed: int

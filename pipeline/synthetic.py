@@ -14,7 +14,9 @@ import dataclasses
 
 import numpy as np
 
-SIZE = 32
+from serving.contract import IMAGE_SIZE
+
+SIZE = IMAGE_SIZE
 
 CLASS_NAMES = (
     "disk",

@@ -21,7 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import datasets, input_pipeline
-from pipeline.config import ConfigError, RunLength, TrainConfig, run_length, scaled_learning_rate
+from pipeline.config import run_length, RunLength, scaled_learning_rate, TrainConfig
+from pipeline.errors import ConfigError
 from pipeline.distribute import Cluster, make_strategy
 from pipeline.hooks import (Checkpoints, EpochLog, History, Hook, Progress, StepTimer, StopOnDivergence,
                             TensorBoard, validation)
@@ -149,7 +150,8 @@ def resolve(config: TrainConfig, data: datasets.ImageData, replicas: int, cluste
         shortcut=model.shortcut, zero_init_residual=model.zero_init_residual, weight_decay=model.weight_decay,
         batch_norm_momentum=model.batch_norm_momentum, batch_norm_epsilon=model.batch_norm_epsilon,
         augmentation=config.augmentation,
-        dataset=config.data.spec, num_classes=data.num_classes, class_names=tuple(data.class_names),
+        dataset=config.data.spec, data_digest=datasets.files_digest(config.data), num_classes=data.num_classes,
+        class_names=tuple(data.class_names),
         seed=config.seed, recipe=recipe.name, replicas=replicas, workers=cluster.num_workers,
         per_replica_batch=config.per_replica_batch, global_batch=global_batch,
         learning_rate=scaled_learning_rate(recipe, global_batch), total_steps=length.total_steps,

@@ -4,32 +4,38 @@ A candidate is a SavedModel written outside the served base path (`accresnet
 export --export-base STAGING`): its folder, or the staging base path, whose
 latest version is then the candidate. It is blessed only if
 
-1. it loads and answers in a model server started for the check exactly as
-   the Kubernetes Deployment starts one (deployed flags, shipped configs,
-   batching and warm-up on; `tensorflow_model_server` where it is on PATH,
-   else `accresnet serve`): over gRPC and over REST (the same answers), with
-   a median batch-1 latency within the budget;
+0. its graph uses no operation outside those an export of this project uses
+   (pipeline/op_gate.py: no file, process or network access); a graph that
+   does is refused before any server runs it;
+1. it loads and answers in a model server started exactly as the Kubernetes
+   Deployment starts one (deployed flags, shipped configs, batching and
+   warm-up on): in the release pod, TF Serving itself, the serving image run
+   as a sidecar on the candidate's base path (--candidate-server); on one
+   machine, one started for the check (`tensorflow_model_server` where it is
+   on PATH, else `accresnet serve`). Over gRPC and over REST (the same
+   answers), with a median batch-1 latency within the budget;
 2. its accuracy on the evaluation set, measured through that server, is at
    least the minimum (better than chance by default);
 3. it is not worse than the version now served by more than the allowed
    drop, measured over gRPC from that server (TF Serving or `accresnet
    serve`), on the same images. Only a server that answers it has no version
-   of the model (NOT_FOUND), or a served base path (--served-base) that holds
+   of the model (NOT_FOUND), or a served base path (--export-base) that holds
    no version yet, means there is nothing to compare with; a server that
    cannot be reached while versions are served refuses the candidate, since
    its quality relative to them is unknown.
 
-The verdict, both models' metrics (accuracy, loss, per-class accuracy,
-confusion matrix) and the thresholds are written to `blessing.json` in the
-candidate's folder, and the confusion matrices to `confusion.png` beside it;
-`accresnet push` publishes only what is blessed.
+The confusion matrices go to `confusion.png` in the candidate's folder; then
+the verdict, every check, both models' metrics (accuracy, loss, per-class
+accuracy, confusion matrix), the thresholds, the evaluation data, the graph's
+op types and the project's version go to `blessing.json` beside it, bound to
+a digest of every file of the candidate (pipeline/blessing.py). `accresnet
+push` publishes only what that record blesses, unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import pathlib
 import shutil
@@ -38,26 +44,24 @@ import tempfile
 import time
 from typing import TYPE_CHECKING
 
-from pipeline.config import DataConfig, UserError
+from pipeline.blessing import BLESSING_FILE
+from pipeline.config import DataConfig
+from pipeline.errors import UserError
 from pipeline.flags import nested, setting
-from serving.atomic import write_atomically
+from serving.contract import MODEL_NAME, SERVING_BYTES, version_number
 
 if TYPE_CHECKING:
     import numpy as np  # imported where used: `accresnet --help` stays light
 
 log = logging.getLogger(__name__)
 
-BLESSING_FILE = "blessing.json"
 CONFUSION_FILE = "confusion.png"
-MODEL_NAME = "accresnet"
 LATENCY_REQUESTS = 20
+SERVING_TIMEOUT = 300  # seconds for the candidate to load and warm up
 SAMPLE_IMAGES = 8
-# The exit status of validate and push for a refused candidate: a verdict, which no retry changes
-# (a Kubernetes podFailurePolicy fails the release Job on it at once).
-REFUSED = 3
 
 
-class ValidationError(UserError, RuntimeError):
+class ValidationError(UserError, ValueError):
     """The candidate cannot be validated at all (no SavedModel, no evaluation data)."""
 
 
@@ -85,9 +89,20 @@ class ValidateConfig:
         unset="no comparison")
     current_label: str | None = setting(None, help="the served version to compare with, by label (e.g. stable)",
                                         unset="the latest available")
-    served_base: str | None = setting(
-        None, help="the served base path: while it holds no version, an unreachable --current-server is no "
-                   "reason to refuse (the first release)", unset="an unreachable server refuses")
+    export_base: str | None = setting(
+        None, help="the model's served base path, as push publishes to it: while it holds no version, an "
+                   "unreachable --current-server is no reason to refuse (the first release)",
+        unset="an unreachable server refuses", aliases=("--served-base",))
+    candidate_server: str | None = setting(
+        None, help="gRPC HOST:PORT of a model server that already serves the candidate's base path (in the "
+                   "release pod, TF Serving started with the deployed flags, as a sidecar): the checks run there, "
+                   "on the candidate's version", unset="a server of its own, as deployed")
+    candidate_rest_server: str | None = setting(None, help="that server's REST HOST:PORT",
+                                                unset="needed with --candidate-server")
+    candidate_server_base: str | None = setting(
+        None, help="the base path that server polls (empty at first): validate puts the candidate there as its "
+                   "version only once its graph has passed the operations check, so the server never loads a "
+                   "graph the check refuses", unset="the server already serves the candidate")
     model: str = setting(MODEL_NAME, help="the model's name on the servers")
     min_accuracy: float | None = setting(None, help="refuse a candidate whose accuracy is below this",
                                          unset="better than chance")
@@ -95,6 +110,11 @@ class ValidateConfig:
         0.01, help="refuse a candidate whose accuracy is below the served version's by more than this")
     latency_budget_ms: float = setting(1000.0, help="refuse a candidate whose median batch-1 gRPC latency is "
                                                     "above this, in milliseconds")
+
+    def __post_init__(self):
+        if bool(self.candidate_server) != bool(self.candidate_rest_server):
+            raise ValidationError("--candidate-server and --candidate-rest-server go together: the checks ask the "
+                                  "same server over gRPC and REST")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,13 +141,13 @@ class Metrics:
 
 
 def evaluate_over_grpc(address: str, model: str, images: np.ndarray, labels: np.ndarray,
-                       label: str | None = None, batch_size: int = 64) -> Metrics:
+                       label: str | None = None, batch_size: int = 64, version: int | None = None) -> Metrics:
     """The metrics of a served model (any TF Serving) on the images, through gRPC Predict."""
     import numpy as np
 
     from serving.client import Classifier
 
-    with Classifier(address, model, label=label) as classifier:
+    with Classifier(address, model, version=version, label=label) as classifier:
         probabilities = np.concatenate([classifier.predict(images[i:i + batch_size])
                                         for i in range(0, len(images), batch_size)])
     return Metrics.of(probabilities, labels)
@@ -157,13 +177,14 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def check_answers(address: str, rest_port: int, model: str, images: np.ndarray) -> dict:
+def check_answers(address: str, rest_address: str, model: str, images: np.ndarray,
+                  version: int | None = None) -> dict:
     """gRPC and REST answer, alike; and the median batch-1 gRPC latency."""
     import numpy as np
 
     from serving.client import Classifier, RestClassifier
 
-    with Classifier(address, model) as classifier:
+    with Classifier(address, model, version=version) as classifier:
         over_grpc = classifier.predict(images)
         latencies = []
         for i in range(LATENCY_REQUESTS):
@@ -171,7 +192,7 @@ def check_answers(address: str, rest_port: int, model: str, images: np.ndarray) 
             classifier.predict(images[i % len(images)][None])
             latencies.append(1000 * (time.perf_counter() - started))
     # serving_bytes over REST, on the images as PNG files.
-    with RestClassifier(f"127.0.0.1:{rest_port}", model, signature="serving_bytes") as client:
+    with RestClassifier(rest_address, model, signature=SERVING_BYTES, version=version) as client:
         over_rest = client.predict([_png(image) for image in images])
     return {"grpc_rows": int(over_grpc.shape[0]), "rest_rows": int(over_rest.shape[0]),
             "grpc_rest_max_difference": float(np.max(np.abs(over_grpc - over_rest))),
@@ -184,37 +205,100 @@ def check_answers(address: str, rest_port: int, model: str, images: np.ndarray) 
 
 
 def verdict(config: ValidateConfig, infra: dict, candidate: Metrics | None, current: Metrics | None,
-            chance: float) -> list[str]:
-    """Why the candidate is refused; empty when it is blessed."""
+            chance: float) -> dict[str, str | None]:
+    """Each check that ran, with why it refuses the candidate (None: passed)."""
     if "error" in infra:
-        return [f"it does not load or answer in a model server: {infra['error']}"]
-    reasons = []
-    if infra["grpc_rows"] != infra["rest_rows"] or infra["grpc_rest_max_difference"] > 1e-3:
-        reasons.append(f"gRPC and REST disagree (max difference {infra['grpc_rest_max_difference']:.3g})")
-    if not infra["rows_sum_to_one"]:
-        reasons.append("its probabilities do not sum to one")
-    if infra["latency_ms_p50"] > config.latency_budget_ms:
-        reasons.append(f"median latency {infra['latency_ms_p50']:.1f} ms is above the budget of "
-                       f"{config.latency_budget_ms:.0f} ms")
+        return {"serving": f"it does not load or answer in a model server: {infra['error']}"}
+    checks: dict[str, str | None] = {"serving": None}
+    checks["grpc_rest_agree"] = (
+        f"gRPC and REST disagree (max difference {infra['grpc_rest_max_difference']:.3g})"
+        if infra["grpc_rows"] != infra["rest_rows"] or infra["grpc_rest_max_difference"] > 1e-3 else None)
+    checks["probabilities"] = None if infra["rows_sum_to_one"] else "its probabilities do not sum to one"
+    checks["latency"] = (f"median latency {infra['latency_ms_p50']:.1f} ms is above the budget of "
+                         f"{config.latency_budget_ms:.0f} ms" if infra["latency_ms_p50"] > config.latency_budget_ms
+                         else None)
+    checks["accuracy"] = None
     if config.min_accuracy is None and candidate.accuracy <= chance:
-        reasons.append(f"accuracy {candidate.accuracy:.4f} is no better than chance ({chance:.4f})")
+        checks["accuracy"] = f"accuracy {candidate.accuracy:.4f} is no better than chance ({chance:.4f})"
     elif config.min_accuracy is not None and candidate.accuracy < config.min_accuracy:
-        reasons.append(f"accuracy {candidate.accuracy:.4f} is below the minimum {config.min_accuracy:.4f}")
-    if current is not None and candidate.accuracy < current.accuracy - config.max_accuracy_drop:
-        reasons.append(f"accuracy {candidate.accuracy:.4f} is below the served version's {current.accuracy:.4f} "
-                       f"by more than {config.max_accuracy_drop}")
-    return reasons
+        checks["accuracy"] = f"accuracy {candidate.accuracy:.4f} is below the minimum {config.min_accuracy:.4f}"
+    if current is not None:
+        checks["comparison"] = (f"accuracy {candidate.accuracy:.4f} is below the served version's "
+                                f"{current.accuracy:.4f} by more than {config.max_accuracy_drop}"
+                                if candidate.accuracy < current.accuracy - config.max_accuracy_drop else None)
+    return checks
+
+
+def operations_check(candidate_dir: pathlib.Path) -> tuple[list[str], str | None]:
+    """The graph's op types, and why they refuse the candidate (None: all are an export's)."""
+    from pipeline.op_gate import graph_ops, refused_ops
+
+    ops = graph_ops(candidate_dir)
+    refused = refused_ops(ops)
+    reason = (f"its graph uses operations no export of this project uses (file, process or network access, or "
+              f"unknown): {', '.join(refused)}" if refused else None)
+    return sorted(ops.all), reason
 
 
 def validate(config: ValidateConfig, announce=print) -> dict:
-    """Check the candidate, write blessing.json and confusion.png into it; returns the record."""
-    from serving.deployment import serving_locally
+    """Check the candidate, write confusion.png and blessing.json into it; returns the record."""
+    from pipeline import blessing, model_card
+    from pipeline.provenance import project, tensorflow_version
 
     candidate_dir = candidate_folder(config.candidate)
     announce(f"candidate: {candidate_dir}")
     images, labels, class_names = evaluation_set(config)
     chance = 1 / len(class_names)
     candidate = current = None
+    ops, ops_refusal = operations_check(candidate_dir)
+    if ops_refusal:  # never served, not even for the check: it would run
+        announce(f"refused before serving it: {ops_refusal}")
+        checks = {"operations": ops_refusal}
+        infra = {"skipped": "the operations check refused the graph"}
+    else:
+        infra, candidate = _serve_and_evaluate(config, candidate_dir, images, labels, announce)
+        unreachable = None
+        if config.current_server:
+            current, unreachable = _served_metrics(config, images, labels, announce)
+        checks = {"operations": None, **verdict(config, infra, candidate, current, chance)}
+        if unreachable:
+            checks["comparison"] = unreachable
+    reasons = [reason for reason in checks.values() if reason]
+    outcome = "refused" if reasons else "blessed"
+    data = {"spec": config.data.spec, "data_dir": config.data.data_dir, "images": int(len(labels)),
+            "digest": _arrays_digest(images, labels)}
+    thresholds = {"min_accuracy": config.min_accuracy if config.min_accuracy is not None else chance,
+                  "max_accuracy_drop": config.max_accuracy_drop, "latency_budget_ms": config.latency_budget_ms}
+    # The card and the confusion matrix first: the blessing binds them too.
+    if candidate is not None:
+        plot_confusion(candidate_dir / CONFUSION_FILE, class_names, candidate, current)
+    model_card.add_validation(candidate_dir, {
+        "verdict": outcome, "reasons": reasons, "data": data, "thresholds": thresholds,
+        "accuracy": candidate.accuracy if candidate else None, "loss": candidate.loss if candidate else None,
+        "latency_ms_p50": infra.get("latency_ms_p50"),
+        "served": {"label": config.current_label, "accuracy": current.accuracy} if current else None})
+    return blessing.write(candidate_dir, {
+        "candidate": str(candidate_dir.resolve()), "verdict": outcome,
+        "reasons": reasons, "checks": {name: reason or "passed" for name, reason in checks.items()},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "dataset": config.data.spec, "class_names": list(class_names), "data": data, "thresholds": thresholds,
+        "ops": ops,
+        "infra": infra,
+        "candidate_metrics": dataclasses.asdict(candidate) if candidate else None,
+        "current": {"server": config.current_server, "label": config.current_label,
+                    "metrics": dataclasses.asdict(current) if current else None},
+        "project": project(), "tensorflow": tensorflow_version(),
+    })
+
+
+def _serve_and_evaluate(config: ValidateConfig, candidate_dir: pathlib.Path, images: np.ndarray,
+                        labels: np.ndarray, announce) -> tuple[dict, Metrics | None]:
+    """Serve the candidate as deployed, check its answers and evaluate it: (infra, metrics);
+    infra holds the error when it does not load or answer."""
+    if config.candidate_server:
+        return _evaluate_on_candidate_server(config, candidate_dir, images, labels, announce)
+    from serving.deployment import serving_locally
+
     with tempfile.TemporaryDirectory(prefix="accresnet-validate-") as scratch:
         scratch = pathlib.Path(scratch)
         # The candidate as version 1 of the model on a volume of its own.
@@ -222,36 +306,65 @@ def validate(config: ValidateConfig, announce=print) -> dict:
                         ignore=shutil.ignore_patterns(BLESSING_FILE, CONFUSION_FILE))
         announce(f"starting a model server on the candidate {candidate_dir}")
         try:
-            with serving_locally(scratch / "models", scratch / "config", scratch / "server.log", 300) as server:
-                infra = check_answers(server.grpc_address, server.server.rest_port, config.model,
+            with serving_locally(scratch / "models", scratch / "config", scratch / "server.log",
+                                 SERVING_TIMEOUT) as server:
+                infra = check_answers(server.grpc_address, f"127.0.0.1:{server.server.rest_port}", config.model,
                                       images[:SAMPLE_IMAGES])
                 announce(f"it answers over gRPC and REST; median latency {infra['latency_ms_p50']} ms")
-                candidate = evaluate_over_grpc(server.grpc_address, config.model, images, labels)
+                return infra, evaluate_over_grpc(server.grpc_address, config.model, images, labels)
         except Exception as error:  # a server that never comes up, a refused request: the candidate's fault
             log_tail = (scratch / "server.log").read_text()[-2000:] if (scratch / "server.log").exists() else ""
-            infra = {"error": f"{type(error).__name__}: {error}", "server_log_tail": log_tail}
-    unreachable = None
-    if config.current_server:
-        current, unreachable = _served_metrics(config, images, labels, announce)
-    reasons = verdict(config, infra, candidate, current, chance)
-    if unreachable:
-        reasons.append(unreachable)
-    record = {
-        "candidate": str(candidate_dir.resolve()), "verdict": "refused" if reasons else "blessed",
-        "reasons": reasons, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "dataset": config.data.spec, "class_names": list(class_names),
-        "thresholds": {"min_accuracy": config.min_accuracy if config.min_accuracy is not None else chance,
-                       "max_accuracy_drop": config.max_accuracy_drop,
-                       "latency_budget_ms": config.latency_budget_ms},
-        "infra": infra,
-        "candidate_metrics": dataclasses.asdict(candidate) if candidate else None,
-        "current": {"server": config.current_server, "label": config.current_label,
-                    "metrics": dataclasses.asdict(current) if current else None},
-    }
-    write_atomically(candidate_dir / BLESSING_FILE, json.dumps(record, indent=2) + "\n")
-    if candidate is not None:
-        plot_confusion(candidate_dir / CONFUSION_FILE, class_names, candidate, current)
-    return record
+            return {"error": f"{type(error).__name__}: {error}", "server_log_tail": log_tail}, None
+
+
+def _evaluate_on_candidate_server(config: ValidateConfig, candidate_dir: pathlib.Path, images: np.ndarray,
+                                  labels: np.ndarray, announce) -> tuple[dict, Metrics | None]:
+    """The same checks on a server that already serves the candidate's base path (the release
+    pod's TF Serving sidecar, started with the deployed flags): every request names the
+    candidate's version, once the server reports it AVAILABLE."""
+    from serving.availability import NotAvailable, Servers, wait_until_available
+
+    version = version_number(candidate_dir.name)
+    if version is None:
+        return {"error": f"{candidate_dir.name} is not a version folder the server at {config.candidate_server} "
+                         "could serve"}, None
+    if config.candidate_server_base:
+        _hand_over(candidate_dir, pathlib.Path(config.candidate_server_base) / str(version))
+    announce(f"checking version {version} on {config.candidate_server} (REST {config.candidate_rest_server})")
+    try:
+        wait_until_available(Servers((config.candidate_rest_server,), timeout_seconds=SERVING_TIMEOUT,
+                                     confirmations=1), config.model, [version], announce)
+        infra = check_answers(config.candidate_server, config.candidate_rest_server, config.model,
+                              images[:SAMPLE_IMAGES], version)
+        announce(f"it answers over gRPC and REST; median latency {infra['latency_ms_p50']} ms")
+        return infra, evaluate_over_grpc(config.candidate_server, config.model, images, labels, version=version)
+    except NotAvailable as error:
+        return {"error": str(error)}, None
+    except Exception as error:  # a refused request: the candidate's fault
+        return {"error": f"{type(error).__name__}: {error}"}, None
+
+
+def _hand_over(candidate_dir: pathlib.Path, target: pathlib.Path) -> None:
+    """Copy the candidate to `target` whole (a hidden copy renamed into place), as exports appear."""
+    import uuid
+
+    scratch = target.with_name(f".{target.name}-{uuid.uuid4().hex}")
+    shutil.copytree(candidate_dir, scratch, ignore=shutil.ignore_patterns(BLESSING_FILE, CONFUSION_FILE))
+    if target.exists():
+        shutil.rmtree(target)
+    scratch.rename(target)
+
+
+def _arrays_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """SHA-256 of the evaluation images and labels, as evaluated."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in (images, labels):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def _served_metrics(config: ValidateConfig, images: np.ndarray, labels: np.ndarray, announce
@@ -272,16 +385,11 @@ def _served_metrics(config: ValidateConfig, images: np.ndarray, labels: np.ndarr
         return None, None
     from pipeline.export import existing_versions  # gs:// and s3:// too
 
-    if config.served_base is not None and not existing_versions(config.served_base):
-        announce(f"no answer ({details}), and {config.served_base} holds no version yet: the first release, "
+    if config.export_base is not None and not existing_versions(config.export_base):
+        announce(f"no answer ({details}), and {config.export_base} holds no version yet: the first release, "
                  "nothing to compare with")
         return None, None
     return None, f"the served version could not be compared with: {details}"
-
-
-def read_blessing(candidate: str | pathlib.Path) -> dict | None:
-    path = pathlib.Path(candidate) / BLESSING_FILE
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def plot_confusion(path: pathlib.Path, class_names: tuple[str, ...], candidate: Metrics,

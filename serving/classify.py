@@ -27,7 +27,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=3,
                         help="retries with exponential backoff while the server is UNAVAILABLE (default: %(default)s)")
     parser.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate: use TLS")
-    parser.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per image and line, with the version that answered (from the "
+                             "gRPC response's model spec; over REST, which names none, only a --version asked "
+                             "for) and the --label asked for")
 
 
 class _Progress:

@@ -52,11 +52,16 @@ class Prediction:
     class_id: int
     probability: float
     top_k: list[tuple[str, float]]
+    # The version that answered (the response's model spec; TF Serving's REST answers name none,
+    # so over REST only a requested version is known) and the label asked for.
+    version: int | None = None
+    label: str | None = None
 
     def to_json(self) -> dict:
         return {"path": self.path, "class_name": self.class_name, "class_id": self.class_id,
                 "probability": self.probability,
-                "top_k": [{"class_name": name, "probability": p} for name, p in self.top_k]}
+                "top_k": [{"class_name": name, "probability": p} for name, p in self.top_k],
+                "version": self.version, "label": self.label}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +79,7 @@ class Answer:
     probabilities: np.ndarray  # float [n, classes]
     top_k_names: list[list[str]] | None  # [n][k], best first
     top_k_probabilities: np.ndarray | None  # float [n, k]
+    version: int | None = None  # the version that answered, when the answer says
 
 
 class Classifier:
@@ -184,11 +190,13 @@ class Classifier:
             request.output_filter.extend([TOP_K_NAMES, TOP_K_PROBABILITIES])
         response = self._call(self.stub.Predict, request)
         probabilities = tf.make_ndarray(response.outputs[PROBABILITIES])
+        # TF Serving names the version that answered (MakeModelSpec, servables/tensorflow/util.cc).
+        version = response.model_spec.version.value if response.model_spec.HasField("version") else None
         if not signature_input.names_top_k:
-            return Answer(probabilities, None, None)
+            return Answer(probabilities, None, None, version)
         names = [[n.decode("utf-8", "replace") for n in row]
                  for row in tf.make_ndarray(response.outputs[TOP_K_NAMES])]
-        return Answer(probabilities, names, tf.make_ndarray(response.outputs[TOP_K_PROBABILITIES]))
+        return Answer(probabilities, names, tf.make_ndarray(response.outputs[TOP_K_PROBABILITIES]), version)
 
     def classify_files(self, paths: Iterable[str], batch_size: int = 64, top_k: int = 3,
                        on_error: Callable[[str, Exception], None] | None = None,
@@ -219,7 +227,7 @@ class Classifier:
 
         def flush():
             for path, answer, row in answers(pending):
-                yield _prediction(path, answer, row, top_k)
+                yield dataclasses.replace(_prediction(path, answer, row, top_k), label=self.label or None)
             if on_batch is not None:
                 on_batch(len(pending))
             pending.clear()
@@ -247,9 +255,9 @@ def _prediction(path: str, answer: Answer, row: int, top_k: int) -> Prediction:
     if answer.top_k_names is None:
         order = np.argsort(-probabilities, kind="stable")[:top_k]
         ranked = [(str(int(i)), float(probabilities[i])) for i in order]
-        return Prediction(path, str(best), best, float(probabilities[best]), ranked)
+        return Prediction(path, str(best), best, float(probabilities[best]), ranked, answer.version)
     ranked = [(name, float(p)) for name, p in zip(answer.top_k_names[row], answer.top_k_probabilities[row])]
-    return Prediction(path, ranked[0][0], best, float(probabilities[best]), ranked[:top_k])
+    return Prediction(path, ranked[0][0], best, float(probabilities[best]), ranked[:top_k], answer.version)
 
 
 def image_files(arguments: Iterable[str]) -> list[str]:
@@ -344,9 +352,12 @@ class RestClassifier(Classifier):
         outputs = self._request(":predict", {"signature_name": self.signature,
                                              "inputs": {signature_input.alias: values}})["outputs"]
         probabilities = np.asarray(outputs[PROBABILITIES], np.float32)
+        # TF Serving's REST predict answers outputs only: no version, unless one was asked for.
+        version = self.version
         if not signature_input.names_top_k:
-            return Answer(probabilities, None, None)
-        return Answer(probabilities, outputs[TOP_K_NAMES], np.asarray(outputs[TOP_K_PROBABILITIES], np.float32))
+            return Answer(probabilities, None, None, version)
+        return Answer(probabilities, outputs[TOP_K_NAMES], np.asarray(outputs[TOP_K_PROBABILITIES], np.float32),
+                      version)
 
 
 # TF Serving's REST statuses back to the gRPC codes they stand for.

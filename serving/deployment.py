@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator, Mapping as MappingType, Sequence
 
 from serving.atomic import write_atomically
+from serving.contract import MODEL_NAME
 
 # serving/config/ is what the serving image copies to /config.
 SHIPPED_CONFIG_DIR = pathlib.Path(__file__).parent / "config"
@@ -39,7 +40,6 @@ SHIPPED_CONFIG_DIR = pathlib.Path(__file__).parent / "config"
 MODEL_CONFIG_TEMPLATE = SHIPPED_CONFIG_DIR / "models.config"
 CONFIG_DIR = "/config"
 MODELS_DIR = "/models"
-MODEL_NAME = "accresnet"
 DEPLOYED_FLAGS = (
     "--port=8500",
     "--rest_api_port=8501",
@@ -102,6 +102,9 @@ def _map_model_config(source: pathlib.Path, target: pathlib.Path, paths: Mapping
     config = text_format.Parse(source.read_text(), model_server_config_pb2.ModelServerConfig())
     mappings = []
     for model in config.model_config_list.config:
+        # A base path already on this machine's side (push, run mapped, wrote a mapped path) stays.
+        if any(map_path(model.base_path, {str(local): local}) for local in paths.values()):
+            continue
         local = map_path(model.base_path, paths)
         if local is not None:
             mappings.append(Mapping(f"model {model.name} base_path", model.base_path, str(local)))

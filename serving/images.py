@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence
 
-SIZE = 32
+from serving.contract import IMAGE_SIZE
+
+SIZE = IMAGE_SIZE
 
 
 def image_extensions() -> frozenset[str]:

@@ -14,9 +14,18 @@ Docker does otherwise than Kubernetes is mapped, and every mapping recorded
   that selects a pod is a network alias of its container, and an Indexed
   Job's pod is `<pod>.<subdomain>` (its headless Service), so each training
   worker derives its TF_CONFIG itself, as on Kubernetes;
+- a pod's containers share its network namespace, as in Kubernetes: when
+  the pod has a native sidecar (an init container with restartPolicy
+  Always), the sidecar is started first, on the network, and the pod's
+  later containers join it (`--network container:<sidecar>`), so that
+  localhost:PORT in their args is the sidecar; it is stopped once the pod's
+  container has exited, as the kubelet stops it;
 - the PersistentVolumeClaim is a folder of this machine, bind-mounted
   (subPath and read-only honoured), group-owned by the pods' fsGroup as the
-  kubelet makes it; an emptyDir is a tmpfs;
+  kubelet makes it; an emptyDir that several containers of the pod mount (the
+  sidecar's base path, which validate fills) is a folder too, made as the
+  kubelet makes one (mode 2777, the fsGroup's); one that a single container
+  mounts is a tmpfs;
 - the kubelet's readiness probe is sent from a probe container on the network;
 - NetworkPolicies, requests and restart policies have no Docker counterpart.
 
@@ -33,8 +42,8 @@ import shlex
 import subprocess
 import time
 
-from docker_engine import DOCKER_ENV, Timings, docker
-from local_cluster import LocalCluster, Pod
+from docker_engine import DOCKER_ENV, Timings, docker, stand_in_base
+from local_cluster import LocalCluster, Pod, is_sidecar
 from manifests import one, pod_specs
 from serving.deployment import Mapping
 
@@ -72,9 +81,10 @@ def guide_line(command: list[str]) -> str:
     return " ".join(f'"{arg}"' if "$" in arg else shlex.quote(arg) for arg in command)
 
 
-def shell_variable(claim: str) -> str:
-    """How the guide names a claim's folder: accresnet-data -> $ACCRESNET_DATA."""
-    return "$" + claim.upper().replace("-", "_")
+def shell_variable(name: str) -> str:
+    """How the guide names a shared folder: accresnet-data -> $ACCRESNET_DATA (a claim's),
+    accresnet-release-0-candidate -> $ACCRESNET_RELEASE_0_CANDIDATE (a pod's emptyDir)."""
+    return "$" + name.upper().replace("-", "_")
 
 
 def docker_cpus(quantity: str) -> str:
@@ -135,26 +145,41 @@ class DockerCluster(LocalCluster):
         self.commands: list[list[str]] = []  # every `docker run` started, in order
         self.claims: dict[str, pathlib.Path] = {}  # claim name -> its folder here
         self.claim_groups: dict[str, set[int]] = {}  # claim name -> the fsGroups of the pods mounting it
+        self.claim_sub_paths: dict[str, set[str]] = {}  # claim name -> the subPaths pods mount
+        # "<pod>-<volume>" -> (its folder here, the pod's fsGroup): emptyDirs shared by a pod's containers
+        self.shared_empty_dirs: dict[str, tuple[pathlib.Path, int | None]] = {}
+        self._images_of: dict[str, str] = {}  # container name -> its image
         self.names: list[str] = []  # containers started
         self._deployment_started: dict[str, float] = {}
 
     # --- a container as `docker run` --------------------------------------------------------
 
     def _container(self, pod_name: str, template: dict, container: dict, extra_env: dict[str, str] | None,
-                   name: str | None = None) -> Pod:
+                   pod_ports: dict[int, int], name: str | None = None) -> Pod:
+        # localhost needs no mapping here (pod_ports): the pod's containers share one network namespace.
         spec, name = template["spec"], name or pod_name
         image = self.images[container["image"].rsplit(":", 1)[0]]
-        run = ["docker", "run", "-d", "--name", name, "--hostname", pod_name, "--network", NETWORK]
-        if name == pod_name:  # init containers ran before, under names of their own
-            run += [flag for alias in self._aliases(pod_name, template, container)
-                    for flag in ("--network-alias", alias)]
+        self._images_of[name] = container["image"]
+        run = ["docker", "run", "-d", "--name", name]
+        holder = _network_holder(spec, container)
+        if holder is not None:
+            joined = _container_name(pod_name, spec, holder)
+            run += ["--network", f"container:{joined}"]
+            self._map(Mapping(f"pod {pod_name}'s network namespace (localhost)", "shared by the pod's containers",
+                              f"{joined}'s, which the containers started after it join (--network container:{joined})"))
+        else:
+            run += ["--hostname", pod_name, "--network", NETWORK]
+            # The pod's names belong to the container whose network its main container runs in.
+            if container["name"] == _pod_network_container(spec):
+                run += [flag for alias in self._aliases(pod_name, template, container)
+                        for flag in ("--network-alias", alias)]
         run += self._security(name, spec, container)
         limits = container.get("resources", {}).get("limits", {})
         if "cpu" in limits:
             run += ["--cpus", docker_cpus(limits["cpu"])]
         if "memory" in limits:
             run += ["--memory", docker_memory(limits["memory"])]
-        run += self._volumes(name, spec, container)
+        run += self._volumes(pod_name, name, spec, container)
         for key, value in {**{e["name"]: e["value"] for e in container.get("env", [])}, **(extra_env or {})}.items():
             run += ["-e", f"{key}={value}"]
         command, args = container.get("command", []), container.get("args", [])
@@ -176,7 +201,10 @@ class DockerCluster(LocalCluster):
             aliases.append(f"{pod_name}.{subdomain}")
             self._map(Mapping(f"pod {pod_name} in headless Service {subdomain}", f"{pod_name}.{subdomain}",
                               "its network alias"))
-        declared = {str(p.get("name", p["containerPort"])): p["containerPort"] for p in container.get("ports", [])}
+        # Every port of the pod, whichever of its containers declares it.
+        spec = template["spec"]
+        declared = {str(p.get("name", p["containerPort"])): p["containerPort"]
+                    for c in [*spec.get("initContainers", []), *spec["containers"]] for p in c.get("ports", [])}
         for service in self.services_selecting(template["metadata"].get("labels", {})):
             name = service["metadata"]["name"]
             if service["spec"].get("clusterIP") == "None":
@@ -217,8 +245,12 @@ class DockerCluster(LocalCluster):
             raise ValueError(f"{name}: seccompProfile {seccomp} is not mapped onto Docker")
         return flags
 
-    def _volumes(self, name: str, spec: dict, container: dict) -> list[str]:
+    def _volumes(self, pod_name: str, name: str, spec: dict, container: dict) -> list[str]:
         volumes = {volume["name"]: volume for volume in spec.get("volumes", [])}
+        mounted_by = {}  # volume -> how many of the pod's containers mount it
+        for other in [*spec.get("initContainers", []), *spec["containers"]]:
+            for volume in {mount["name"] for mount in other.get("volumeMounts", [])}:
+                mounted_by[volume] = mounted_by.get(volume, 0) + 1
         flags = []
         for mount in container.get("volumeMounts", []):
             volume = volumes[mount["name"]]
@@ -227,14 +259,28 @@ class DockerCluster(LocalCluster):
                 folder = self.claims.setdefault(claim["claimName"], self.root / "volumes" / claim["claimName"])
                 if "fsGroup" in spec.get("securityContext", {}):
                     self.claim_groups.setdefault(claim["claimName"], set()).add(spec["securityContext"]["fsGroup"])
+                if mount.get("subPath"):
+                    self.claim_sub_paths.setdefault(claim["claimName"], set()).add(mount["subPath"])
                 source = folder / mount["subPath"] if mount.get("subPath") else folder
                 read_only = mount.get("readOnly") or claim.get("readOnly")
                 flags += ["-v", f"{source}:{mount['mountPath']}{':ro' if read_only else ''}"]
                 self._map(Mapping(f"PersistentVolumeClaim {claim['claimName']}", "the cluster's volume",
                                   f"{folder} (bind mounts)"))
+            elif "emptyDir" in volume and mounted_by[mount["name"]] > 1:
+                # Several containers of the pod see the same files (validate hands the candidate to the sidecar).
+                key = f"{pod_name}-{mount['name']}"
+                folder = self.empty_dir(pod_name, mount["name"])
+                group = spec.get("securityContext", {}).get("fsGroup")
+                self.shared_empty_dirs[key] = (folder, group)
+                source = folder / mount["subPath"] if mount.get("subPath") else folder
+                flags += ["-v", f"{source}:{mount['mountPath']}{':ro' if mount.get('readOnly') else ''}"]
+                made = f"mode 2777, group {group}" if group is not None else "mode 0777"
+                self._map(Mapping(f"emptyDir {mount['name']} of pod {pod_name}", "a folder per pod, shared by "
+                                  "the containers that mount it", f"{folder} (bind mounts; {made}, as the kubelet "
+                                  "makes it)"))
             elif "emptyDir" in volume:
                 flags += ["--tmpfs", mount["mountPath"]]
-                self._map(Mapping("emptyDir", "a folder per pod", "a tmpfs per container"))
+                self._map(Mapping("emptyDir mounted by one container", "a folder per pod", "a tmpfs"))
             else:
                 raise ValueError(f"{name}: volume {volume['name']} is of a kind the harness does not map")
         return flags
@@ -246,6 +292,14 @@ class DockerCluster(LocalCluster):
     # --- running ---------------------------------------------------------------------------
 
     def _launch(self, pod: Pod) -> Container:
+        if pod.sidecar:
+            image = self._images_of[pod.name]
+            stand_in = stand_in_base(image)
+            self._map(Mapping(f"native sidecar {pod.name}", "an init container with restartPolicy Always: up "
+                              "before the next init container, stopped once the pod's container has exited",
+                              f"a container of {image}" + (f" (its base: STAND-IN {stand_in})" if stand_in else "")
+                              + " running the image's CMD (the deployed flags), started first and left running; "
+                              "stopped with SIGTERM once the pod's container has exited"))
         result = subprocess.run(pod.command, env=DOCKER_ENV, capture_output=True, text=True)
         self.commands.append(pod.command)
         if result.returncode != 0:
@@ -264,11 +318,18 @@ class DockerCluster(LocalCluster):
                 commands += [command for pod in pods for command in (*(i.command for i in pod.init), pod.command)]
         return commands
 
+    def shared_folders(self) -> dict[str, pathlib.Path]:
+        """Shell variable -> folder of this machine: each claim's, and each emptyDir a pod's containers share."""
+        folders = {shell_variable(claim): folder for claim, folder in self.claims.items()}
+        folders.update({shell_variable(key): folder for key, (folder, _) in self.shared_empty_dirs.items()})
+        return folders
+
     def in_guide_terms(self, command: list[str]) -> list[str]:
-        """`command` as the guide writes it: each claim's folder as a shell variable."""
+        """`command` as the guide writes it: each shared folder as a shell variable."""
         text = shlex.join(command)
-        for claim, folder in self.claims.items():
-            text = text.replace(str(folder), shell_variable(claim))
+        # Longest first: no folder's variable may eat the start of another's path.
+        for variable, folder in sorted(self.shared_folders().items(), key=lambda item: -len(str(item[1]))):
+            text = text.replace(str(folder), variable)
         return shlex.split(text)
 
     def prepare(self) -> None:
@@ -279,7 +340,7 @@ class DockerCluster(LocalCluster):
                           "(no way out of the machine); NetworkPolicies are not enforced on it"))
         self._map(Mapping("requests, restartPolicy, backoffLimit", "scheduling and retries",
                           "not applied: a failed container fails the run"))
-        self.run_commands()  # finds the claims and the fsGroups of the pods that mount them
+        self.run_commands()  # finds the claims, the shared emptyDirs and the fsGroups of the pods that mount them
         for claim, folder in self.claims.items():
             folder.mkdir(parents=True, exist_ok=True)
             groups = self.claim_groups.get(claim, set())
@@ -290,6 +351,21 @@ class DockerCluster(LocalCluster):
                 os.chown(folder, -1, group)
                 folder.chmod(0o2775)
                 self._map(Mapping(f"fsGroup {group}", f"claim {claim}", f"{folder}: group {group}, mode 2775"))
+            for sub_path in sorted(self.claim_sub_paths.get(claim, ())):
+                # The kubelet makes a missing subPath with the volume's mode (SafeMakeDir), where Docker
+                # would make root's 755, which the pods' user could not write.
+                (folder / sub_path).mkdir(parents=True, exist_ok=True)
+                for group in groups:
+                    os.chown(folder / sub_path, -1, group)
+                (folder / sub_path).chmod(folder.stat().st_mode & 0o7777)
+                self._map(Mapping(f"subPath {sub_path} of claim {claim}", "made by the kubelet with the volume's mode",
+                                  f"{folder / sub_path}: mode {folder.stat().st_mode & 0o7777:o}"))
+        for folder, group in self.shared_empty_dirs.values():
+            # As the kubelet makes an emptyDir: anyone may write (0777); with an fsGroup, its group, setgid.
+            folder.mkdir(parents=True, exist_ok=True)
+            if group is not None:
+                os.chown(folder, -1, group)
+            folder.chmod(0o2777 if group is not None else 0o777)
 
     def apply_in_guide_order(self, timeouts: dict[str, float]) -> dict[str, Pod | list[Pod]]:
         self.prepare()
@@ -345,6 +421,33 @@ class DockerCluster(LocalCluster):
     def cleanup(self) -> None:
         """Removes this chain's containers and network, also those an interrupted run left."""
         listed = docker("ps", "--all", "--quiet", "--filter", f"network={NETWORK}", check=False).stdout.split()
-        leftovers = set(listed) | set(self.names) | {PROBE_NAME}
+        # Containers that joined a sidecar's network are not on NETWORK themselves: by name.
+        joined = [command[command.index("--name") + 1] for command in self.run_commands()
+                  if any(arg.startswith("container:") for arg in command)]
+        leftovers = set(listed) | set(self.names) | set(joined) | {PROBE_NAME}
         docker("rm", "--force", *sorted(leftovers), check=False)
         docker("network", "rm", NETWORK, check=False)
+
+
+def _container_name(pod_name: str, spec: dict, container_name: str) -> str:
+    """The Docker name of a container of the pod: the pod's own for its container, `<pod>-<name>`
+    for an init container (as LocalCluster names them)."""
+    return pod_name if container_name == spec["containers"][0]["name"] else f"{pod_name}-{container_name}"
+
+
+def _pod_network_container(spec: dict) -> str:
+    """The container that holds the pod's network: its first native sidecar, which starts before and
+    stops after the containers that need it, else its (only) container."""
+    sidecars = [c["name"] for c in spec.get("initContainers", []) if is_sidecar(c)]
+    return sidecars[0] if sidecars else spec["containers"][0]["name"]
+
+
+def _network_holder(spec: dict, container: dict) -> str | None:
+    """The container whose network namespace `container` joins: the pod's first native sidecar when
+    it starts before `container` (the kubelet's order), else None (it is on the network itself;
+    an init container that runs before any sidecar shares localhost with nothing)."""
+    order = [c["name"] for c in [*spec.get("initContainers", []), *spec["containers"]]]
+    holder = _pod_network_container(spec)
+    if holder == container["name"] or holder == spec["containers"][0]["name"]:
+        return None
+    return holder if order.index(holder) < order.index(container["name"]) else None

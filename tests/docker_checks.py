@@ -115,8 +115,8 @@ def test_the_local_overlay_runs_in_containers(images, tmp_path):
         [guide_line(cluster.in_guide_terms(c)) for c in cluster.run_commands()]
     volume = cluster.claims["accresnet-data"]
     (release,) = pods["accresnet-release"]
-    (validate,) = release.init
-    check_first_release(volume, validate.output(), "/data/staging/accresnet/1")
+    check_first_release(volume, release, "/data/staging/accresnet/1",
+                        cluster.empty_dir("accresnet-release-0", "candidate"))
     # Written by the pods' user, through the fsGroup the volume was given.
     version = volume / "models" / "accresnet" / "1"
     assert (version.stat().st_uid, version.stat().st_gid) == (10001, 10001)
@@ -124,4 +124,7 @@ def test_the_local_overlay_runs_in_containers(images, tmp_path):
     print(check_classified(volume / "images", client.output()))
     described = [m.what for m in cluster.mappings]
     assert "Service accresnet-serving" in described
+    # validate reached the release pod's TF Serving sidecar on the pod's localhost.
+    assert "native sidecar accresnet-release-0-tf-serving" in described
+    assert "pod accresnet-release-0's network namespace (localhost)" in described
     assert any("headless Service accresnet-workers" in what for what in described)

@@ -90,6 +90,16 @@ def image_label(image: str, label: str) -> str | None:
     return (json.loads(result.stdout) or {}).get(label, "")
 
 
+def stand_in_base(image: str) -> str | None:
+    """The stand-in `image` was built on, as `NAME (what it is)`; None when its base is not ours.
+    Derived images keep their base's labels, so the serving image tells which base it has."""
+    label = image_label(image, STAND_IN_LABEL)
+    if not label:
+        return None
+    official = label.rsplit(" ", 1)[-1]  # "accresnet serve in place of tensorflow/serving:TAG"
+    return f"{official}{STAND_IN_SUFFIX}: {label}"
+
+
 def image_size(image: str) -> int:
     return int(docker("image", "inspect", "--format", "{{.Size}}", image).stdout)
 

@@ -8,14 +8,19 @@ forces is mapped, and every mapping is recorded (and printed by the tests):
   `docker build --target STAGE -t NAME`); the stage's ENTRYPOINT and ENV are
   used. `accresnet` is this checkout's `python -m pipeline.cli`;
   `tensorflow_model_server` is the binary when it is on PATH, else
-  `accresnet serve` in its place, flag for flag. Folders the stage COPYs
-  (the serving image's /config) map to the checkout's.
+  `accresnet serve` in its place, flag for flag (the serving Deployment's and
+  the release Job's TF Serving sidecar alike). Folders and files the stage
+  COPYs (the serving image's /config and /models/models.config) map to the
+  checkout's, unless a volume is mounted over them.
 - volumes: the PersistentVolumeClaim is one folder that every pod shares
   (subPath honoured), an emptyDir a folder per pod; absolute paths in args,
   env and the model server's model config map accordingly.
 - the network: each container port becomes a free loopback port; Service
   names in args (`accresnet-serving:8500`) become the loopback port of the
-  process behind them; an Indexed Job's pods get JOB_COMPLETION_INDEX as
+  process behind them, and `localhost:PORT` the one of the container of the
+  same pod that declares PORT (a native sidecar's); init containers run in
+  order, a native sidecar (restartPolicy Always) beside the rest until the
+  pod's container has finished; an Indexed Job's pods get JOB_COMPLETION_INDEX as
   Kubernetes sets it, and the TF_CONFIG that `accresnet tf-config` derives
   from the pod's env, with the headless Service's names mapped onto loopback.
 """
@@ -46,7 +51,7 @@ class Image:
     entrypoint: list[str]
     cmd: list[str]
     env: dict[str, str]
-    files: dict[str, pathlib.Path]  # folders baked into the image -> the checkout's
+    files: dict[str, pathlib.Path]  # folders and files baked into the image -> the checkout's
 
 
 def dockerfile_images(path: pathlib.Path = ROOT / "Dockerfile") -> dict[str, Image]:
@@ -68,6 +73,9 @@ def dockerfile_images(path: pathlib.Path = ROOT / "Dockerfile") -> dict[str, Ima
             folders = {str(pathlib.Path(source).parent) for source in sources.split()}
             if len(folders) == 1:
                 files[target] = ROOT / folders.pop()
+        # A single file copied to a path of its own (the serving image's /models/models.config).
+        for source, target in re.findall(r"^COPY ((?:serving|pipeline)/\S+) (/\S*[^/\s])$", block, re.MULTILINE):
+            files[target] = ROOT / source
         images[names[stage]] = Image(entrypoint, cmd, env, files)
     return images
 
@@ -81,6 +89,9 @@ class Pod:
     process: subprocess.Popen | None = None
     log: pathlib.Path | None = None
     init: list[Pod] = dataclasses.field(default_factory=list)  # init containers, run to completion first
+    # A native sidecar (an init container with restartPolicy Always): started, not waited for,
+    # and stopped once the pod's container has finished.
+    sidecar: bool = False
 
     def output(self) -> str:
         return self.log.read_text() if self.log and self.log.exists() else ""
@@ -101,6 +112,10 @@ class LocalCluster:
 
     # --- volumes ---------------------------------------------------------------------------
 
+    def empty_dir(self, pod_name: str, volume: str) -> pathlib.Path:
+        """The folder of this machine that holds the pod's emptyDir `volume`."""
+        return self.root / "pods" / pod_name / volume
+
     def _mount_paths(self, pod_name: str, pod: dict, container: dict) -> dict[str, pathlib.Path]:
         volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
         paths = {}
@@ -109,7 +124,7 @@ class LocalCluster:
             if "persistentVolumeClaim" in volume:
                 local = self.root / "volumes" / volume["persistentVolumeClaim"]["claimName"]
             elif "emptyDir" in volume:
-                local = self.root / "pods" / pod_name / mount["name"]
+                local = self.empty_dir(pod_name, mount["name"])
             else:
                 raise ValueError(f"volume kind of {volume['name']} is not mapped by the harness")
             local = local / mount.get("subPath", "")
@@ -120,9 +135,16 @@ class LocalCluster:
 
     # --- args and env ----------------------------------------------------------------------
 
-    def _map_value(self, value: str, paths: dict[str, pathlib.Path], what: str) -> str:
+    def _map_value(self, value: str, paths: dict[str, pathlib.Path], what: str,
+                   pod_ports: dict[int, int] | None = None) -> str:
         flag, separator, rest = value.partition("=")
         candidate = rest if separator and flag.startswith("-") else value
+        host, _, port = candidate.rpartition(":")
+        if host in ("localhost", "127.0.0.1") and port.isdigit() and int(port) in (pod_ports or {}):
+            # Another container of the same pod: the pod's network is one loopback.
+            local = pod_ports[int(port)]
+            self._map(Mapping(f"{what} (in the pod)", candidate, f"127.0.0.1:{local}"))
+            return value[:len(value) - len(candidate)] + f"127.0.0.1:{local}"
         if candidate.startswith("/"):
             local = map_path(candidate, paths)
             if local is not None:
@@ -154,26 +176,39 @@ class LocalCluster:
         return command, image, program == MODEL_SERVER
 
     def pod(self, pod_name: str, template: dict, extra_env: dict[str, str] | None = None) -> Pod:
-        """The pod's container, after its init containers (run in order, as the kubelet does).
+        """The pod's container, after its init containers (run in order, as the kubelet does;
+        native sidecars among them keep running beside the others).
         `template` is a pod template: its metadata (labels) and spec."""
-        (container,) = template["spec"]["containers"]
-        main = self._container(pod_name, template, container, extra_env)
-        main.init = [self._container(pod_name, template, init, extra_env, f"{pod_name}-{init['name']}")
-                     for init in template["spec"].get("initContainers", [])]
+        spec = template["spec"]
+        pod_ports: dict[int, int] = {}  # container port -> local port, for localhost within the pod
+        init = []
+        for container in spec.get("initContainers", []):
+            init.append(self._container(pod_name, template, container, extra_env, pod_ports,
+                                        f"{pod_name}-{container['name']}"))
+            init[-1].sidecar = is_sidecar(container)
+        (container,) = spec["containers"]
+        main = self._container(pod_name, template, container, extra_env, pod_ports)
+        main.init = init
         return main
 
     def _container(self, pod_name: str, template: dict, container: dict, extra_env: dict[str, str] | None,
-                   name: str | None = None) -> Pod:
+                   pod_ports: dict[int, int], name: str | None = None) -> Pod:
+        """One container of the pod; `pod_ports` gathers the ports its containers declare, so that
+        localhost:PORT in a later one's args finds the container listening on PORT."""
         command, image, is_model_server = self._command(pod_name, container)
-        paths = {**image.files, **self._mount_paths(pod_name, template["spec"], container)}
-        for deployed, local in image.files.items():
+        mounts = self._mount_paths(pod_name, template["spec"], container)
+        # A volume mounted over an image's folder hides what the image has there.
+        visible = {path: local for path, local in image.files.items() if map_path(path, mounts) is None}
+        paths = {**visible, **mounts}
+        for deployed, local in visible.items():
             self._map(Mapping(f"{container['image']} files", deployed, str(local)))
         declared = {str(p.get("name", p["containerPort"])): p["containerPort"] for p in container.get("ports", [])}
         local_ports = dict(zip(declared, free_ports(len(declared))))
+        pod_ports.update({declared[port]: local_ports[port] for port in declared})
         env = {"PATH": os.environ["PATH"], "PYTHONPATH": REPO}
         for key, value in {**image.env, **{e["name"]: e["value"] for e in container.get("env", [])},
                            **(extra_env or {})}.items():
-            env[key] = self._map_value(value, paths, f"{pod_name} env {key}")
+            env[key] = self._map_value(value, paths, f"{pod_name} env {key}", pod_ports)
         args = container.get("args", [])
         if is_model_server:
             # The same mapping `make demo` uses: paths and ports, nothing else.
@@ -185,7 +220,7 @@ class LocalCluster:
                 self._map(Mapping(f"{pod_name} {mapping.what}", mapping.deployed, mapping.local))
             args = local.flags
         else:
-            args = [self._map_value(arg, paths, f"{pod_name} arg") for arg in args]
+            args = [self._map_value(arg, paths, f"{pod_name} arg", pod_ports) for arg in args]
         return Pod(name or pod_name, [*command, *args], env, local_ports)
 
     # --- workloads -------------------------------------------------------------------------
@@ -193,7 +228,8 @@ class LocalCluster:
     def start(self, pod: Pod, init_timeout: float = 600) -> Pod:
         for init in pod.init:
             self.start(init)
-            self._wait_for(init, time.monotonic() + init_timeout)
+            if not init.sidecar:
+                self._wait_for(init, time.monotonic() + init_timeout)
         pod.log = self.root / "logs" / f"{pod.name}.log"
         pod.log.parent.mkdir(parents=True, exist_ok=True)
         pod.process = self._launch(pod)
@@ -243,12 +279,19 @@ class LocalCluster:
         return pods
 
     def _wait_for(self, pod: Pod, deadline: float) -> None:
-        """Until the pod's process ends, which it must do by `deadline` and with status 0."""
+        """Until the pod's process ends, which it must do by `deadline` and with status 0;
+        then its sidecars are stopped, as the kubelet stops them."""
         try:
             pod.process.wait(timeout=max(deadline - time.monotonic(), 1))
         except subprocess.TimeoutExpired:
             self.stop()
             raise AssertionError(f"{pod.name} did not finish in time:\n{pod.output()[-3000:]}") from None
+        for sidecar in (init for init in pod.init if init.sidecar and init.process is not None):
+            sidecar.process.terminate()
+            try:
+                sidecar.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # the grace period is over, as the kubelet's
+                sidecar.process.kill()
         assert pod.process.returncode == 0, f"{pod.name} failed:\n{pod.output()[-3000:]}"
 
     def start_deployment(self, name: str) -> Pod:
@@ -318,10 +361,27 @@ class LocalCluster:
                     pod.process.kill()
 
 
-def check_first_release(volume: pathlib.Path, validate_output: str, candidate: str) -> None:
-    """The release Job's first run: validated (nothing served yet to compare with), pushed whole, labelled.
-    `candidate` is the staged version as the release Job's pod named it."""
-    assert "blessed:" in validate_output and "holds no version yet" in validate_output, validate_output[-2000:]
+# The model server's line for a version it has loaded: TF Serving's, and `accresnet serve`'s.
+LOADED_VERSION = (r"Successfully loaded servable version \{{name: {model} version: {version}\}}"
+                  r"|{model} version {version} is available")
+
+
+def check_first_release(volume: pathlib.Path, release: Pod, candidate: str, handed_over: pathlib.Path) -> None:
+    """The release Job's first run: validated on the release pod's TF Serving sidecar (nothing served
+    yet to compare with), pushed whole, labelled, and the sidecar stopped once push had finished.
+    `candidate` is the staged version as the release Job's pod named it; `handed_over` the folder of
+    this machine behind the pod's volume that the sidecar serves (its base path)."""
+    sidecar, validate = release.init
+    assert sidecar.sidecar and release.process.returncode == 0
+    assert sidecar.process.returncode is not None, "the sidecar was not stopped after push"
+    output = validate.output()
+    assert "blessed:" in output and "holds no version yet" in output, output[-2000:]
+    # Checked by number on the sidecar's port (as the pod names it, or as mapped), which loaded the
+    # copy validate handed over once the operations check had passed.
+    port = sidecar.ports["grpc"]
+    assert re.search(rf"checking version 1 on (localhost|127\.0\.0\.1):{port} ", output), output[-2000:]
+    assert re.search(LOADED_VERSION.format(model="accresnet", version=1), sidecar.output()), sidecar.output()[-2000:]
+    assert (handed_over / "1" / "saved_model.pb").exists()
     blessing = json.loads((volume / "models" / "accresnet" / "1" / "blessing.json").read_text())
     assert blessing["verdict"] == "blessed" and blessing["candidate"] == candidate, blessing
     assert labels.labels(volume / "models" / "models.config", "accresnet") == {"stable": 1, "canary": 1}
@@ -340,6 +400,11 @@ def check_classified(images_dir: pathlib.Path, client_output: str) -> str:
     assert correct / len(predictions) > chance, f"accuracy {correct}/{len(predictions)} is not better than chance"
     return f"{len(predictions)} held-out images classified, {correct} correct ({correct / len(predictions):.2f}; " \
            f"chance {chance:.2f})"
+
+
+def is_sidecar(container: dict) -> bool:
+    """A native sidecar: an init container with restartPolicy Always (Kubernetes 1.29+)."""
+    return container.get("restartPolicy") == "Always"
 
 
 def _flag_value(args: list[str], name: str) -> str | None:

@@ -11,7 +11,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks
 import collapse_ablation  # noqa: E402
 import flops  # noqa: E402
 import gpu_estimate  # noqa: E402
-from pipeline import config as cfg  # noqa: E402
+from pipeline import architecture  # noqa: E402
+from pipeline import recipes  # noqa: E402
 from pipeline import model as model_module  # noqa: E402
 from pipeline import train as train_module  # noqa: E402
 
@@ -22,11 +23,11 @@ def test_a_variant_changes_its_settings_for_its_run_only():
         assert model_module.BN_WEIGHT_DECAY == 1e-4 and recipe == "cpu-small"
     assert model_module.BN_WEIGHT_DECAY == 0.0
     with collapse_ablation._applied(collapse_ablation.VARIANTS["zero-gamma"]):
-        model = train_module.build_model(cfg.ModelConfig("resnet", 8))
+        model = train_module.build_model(architecture.ModelConfig("resnet", 8))
         assert not model.get_layer("stage1_block1").branch.bn2.gamma.numpy().any()
     assert train_module.build_model is build
     with collapse_ablation._applied(collapse_ablation.VARIANTS["warmup"]) as recipe:
-        warmup = cfg.get_recipe(recipe)
+        warmup = recipes.get_recipe(recipe)
     assert warmup.learning_rate == 0.01 and warmup.factors == (10.0, 1.0, 0.1)
     assert warmup.boundaries == (0.25, 0.5, 0.75) and warmup.momentum == 0.9
 
@@ -62,7 +63,7 @@ def test_the_bench_reports_shares_of_the_peak_the_precision_gain_and_the_step_co
             bench.PLAIN_FP32: 540.0, bench.PLAIN_MIXED: 840.0, bench.INPUT: 50_000.0,
             bench.PEAK_FP32: 250.0, bench.PEAK_BF16: 500.0}
     figures = bench.shares(best, 32)
-    per_image = flops.training_flops_per_image(cfg.ModelConfig("accumulated", 32))
+    per_image = flops.training_flops_per_image(architecture.ModelConfig("accumulated", 32))
     assert figures[f"{bench.FP32}: share of peak"] == pytest.approx(500 * per_image / 1e9 / 250)
     assert figures[f"{bench.MIXED}: share of peak"] == pytest.approx(800 * per_image / 1e9 / 500)
     assert figures["mixed precision over float32, accumulated"] == pytest.approx(1.6)

@@ -206,7 +206,8 @@ def test_classify_json_lines_and_unreadable_files(server, picture_folder, export
     assert [line["path"] for line in lines] == files
     expected = expected_probabilities(exported_model, files)
     for line, row in zip(lines, expected):
-        assert set(line) == {"path", "class_name", "class_id", "probability", "top_k"}
+        assert set(line) == {"path", "class_name", "class_id", "probability", "top_k", "version", "label"}
+        assert (line["version"], line["label"]) == (1, None)  # the version that answered, from the response
         assert line["class_id"] == int(row.argmax()) and len(line["top_k"]) == 2
         assert line["top_k"][0] == {"class_name": line["class_name"], "probability": line["probability"]}
 

@@ -2,31 +2,32 @@ import dataclasses
 
 import pytest
 
+from pipeline import architecture, errors, recipes
 from pipeline import config as cfg
 
 
 @pytest.mark.parametrize("depth, n", [(8, 1), (20, 3), (32, 5), (44, 7), (56, 9), (110, 18)])
 def test_depth_is_6n_plus_2(depth, n):
-    assert cfg.blocks_per_stage(depth) == n
+    assert architecture.blocks_per_stage(depth) == n
 
 
 @pytest.mark.parametrize("depth", [0, 2, 7, 21, 33, 100])
 def test_wrong_depth_names_the_rule(depth):
-    with pytest.raises(cfg.ConfigError, match=rf"6n\+2.*got {depth}"):
-        cfg.blocks_per_stage(depth)
+    with pytest.raises(errors.ConfigError, match=rf"6n\+2.*got {depth}"):
+        architecture.blocks_per_stage(depth)
 
 
 def test_unknown_arch_and_recipe():
-    with pytest.raises(cfg.ConfigError, match="unknown arch 'vgg'"):
-        cfg.ModelConfig(arch="vgg")
-    with pytest.raises(cfg.ConfigError, match="unknown recipe 'fast'"):
+    with pytest.raises(errors.ConfigError, match="unknown arch 'vgg'"):
+        architecture.ModelConfig(arch="vgg")
+    with pytest.raises(errors.ConfigError, match="unknown recipe 'fast'"):
         cfg.TrainConfig(model_dir="m", recipe="fast")
-    with pytest.raises(cfg.ConfigError, match="--epochs or --steps"):
+    with pytest.raises(errors.ConfigError, match="--epochs or --steps"):
         cfg.TrainConfig(model_dir="m", epochs=1, steps=1)
 
 
 def test_he2016_runs_64k_iterations_by_default():
-    recipe = cfg.get_recipe("he2016")
+    recipe = recipes.get_recipe("he2016")
     length = cfg.run_length(recipe, num_train=45_000, global_batch=128)
     assert length.total_steps == 64_000
     assert length.steps_per_epoch == 351
@@ -35,23 +36,23 @@ def test_he2016_runs_64k_iterations_by_default():
 
 
 def test_steps_cut_the_last_epoch_short():
-    length = cfg.run_length(cfg.get_recipe("quick"), num_train=1000, global_batch=100, steps=25)
+    length = cfg.run_length(recipes.get_recipe("quick"), num_train=1000, global_batch=100, steps=25)
     assert (length.steps_per_epoch, length.epochs) == (10, 3)
     assert [length.steps_in_epoch(e) for e in range(3)] == [10, 10, 5]
 
 
 def test_epochs_override_the_recipe():
-    length = cfg.run_length(cfg.get_recipe("he2016"), num_train=1000, global_batch=100, epochs=4)
+    length = cfg.run_length(recipes.get_recipe("he2016"), num_train=1000, global_batch=100, epochs=4)
     assert length.total_steps == 40
 
 
 def test_too_little_data_for_one_batch():
-    with pytest.raises(cfg.ConfigError, match="fewer than one global batch"):
-        cfg.run_length(cfg.get_recipe("quick"), num_train=100, global_batch=128)
+    with pytest.raises(errors.ConfigError, match="fewer than one global batch"):
+        cfg.run_length(recipes.get_recipe("quick"), num_train=100, global_batch=128)
 
 
 def test_learning_rate_follows_the_global_batch_linearly():
-    recipe = cfg.get_recipe("he2016")
+    recipe = recipes.get_recipe("he2016")
     assert cfg.scaled_learning_rate(recipe, 128) == pytest.approx(0.1)
     assert cfg.scaled_learning_rate(recipe, 256) == pytest.approx(0.2)
     assert cfg.scaled_learning_rate(recipe, 64) == pytest.approx(0.05)
@@ -68,7 +69,7 @@ def test_learning_rate_follows_the_global_batch_linearly():
     ("keras-subset-v0", "adam", 1e-3, 32, "projection", False, 1e-4, "pad-crop", (0.9, 1e-5)),
 ])
 def test_recipes_read_their_sources(name, optimizer, rate, batch, shortcut, zero_init, l2, augmentation, bn):
-    recipe = cfg.get_recipe(name)
+    recipe = recipes.get_recipe(name)
     assert (recipe.optimizer, recipe.learning_rate, recipe.batch_size, recipe.shortcut) == \
         (optimizer, rate, batch, shortcut)
     assert recipe.zero_init_residual is zero_init
@@ -81,52 +82,52 @@ def test_recipes_read_their_sources(name, optimizer, rate, batch, shortcut, zero
 
 def test_he_et_al_s_weight_decay_is_half_of_it_in_keras_l2_terms():
     # Keras' L2(l) adds l * sum(w^2) to the loss, so its gradient is 2 l w: He et al.'s decay of 1e-4 is L2(5e-5).
-    assert 2 * cfg.get_recipe("he2016").weight_decay == pytest.approx(1e-4)
-    model = cfg.TrainConfig(model_dir="m", recipe="he2016-subset").net.model_config(10, cfg.get_recipe("he2016-subset"))
+    assert 2 * recipes.get_recipe("he2016").weight_decay == pytest.approx(1e-4)
+    model = cfg.TrainConfig(model_dir="m", recipe="he2016-subset").net.model_config(10, recipes.get_recipe("he2016-subset"))
     assert model.weight_decay == pytest.approx(5e-5) and model.zero_init_residual is False
 
 
 def test_subset_recipes_are_their_sources_for_15_epochs_dropping_at_50_and_75_percent():
     for full, subset in (("he2016", "he2016-subset"), ("keras", "keras-subset")):
-        source, short = cfg.get_recipe(full), cfg.get_recipe(subset)
-        assert short.epochs == cfg.SUBSET_EPOCHS == 15 and short.steps is None
+        source, short = recipes.get_recipe(full), recipes.get_recipe(subset)
+        assert short.epochs == recipes.SUBSET_EPOCHS == 15 and short.steps is None
         assert (short.boundaries, short.factors) == ((0.5, 0.75), (0.1, 0.01))
         same = ("optimizer", "learning_rate", "batch_size", "momentum", "shortcut", "zero_init_residual",
                 "weight_decay", "batch_norm_momentum", "batch_norm_epsilon", "augmentation")
         assert [getattr(short, k) for k in same] == [getattr(source, k) for k in same]
     # The first keras-subset reached lr 1e-5 after 60% of its 5 epochs; the new one never goes below 1e-5.
-    assert cfg.get_recipe("keras-subset-v0").boundaries[1] == 0.6 and cfg.get_recipe("keras-subset-v0").epochs == 5
-    keras_subset = cfg.get_recipe("keras-subset")
+    assert recipes.get_recipe("keras-subset-v0").boundaries[1] == 0.6 and recipes.get_recipe("keras-subset-v0").epochs == 5
+    keras_subset = recipes.get_recipe("keras-subset")
     assert keras_subset.learning_rate * min(keras_subset.factors) == pytest.approx(1e-5)
 
 
 def test_the_keras_schedule_drops_after_the_examples_epochs_81_121_161_181():
     # The example counts epochs from 0 and lowers the rate when epoch > 80.
-    recipe = cfg.get_recipe("keras")
+    recipe = recipes.get_recipe("keras")
     assert [round(b * recipe.epochs) for b in recipe.boundaries] == [81, 121, 161, 181]
 
 
 def test_every_recipe_says_where_it_comes_from_and_every_recipe_is_in_the_help():
-    from pipeline.config import _recipes_help
+    from pipeline.recipes import recipes_help
 
-    help_text = _recipes_help()
-    for recipe in cfg.RECIPES.values():
+    help_text = recipes_help()
+    for recipe in recipes.RECIPES.values():
         assert len(recipe.description) > 40, recipe.name
         assert f"{recipe.name}: {recipe.description}" in help_text
 
 
 def test_zero_init_residual_is_the_recipes_unless_set():
-    recipe = cfg.get_recipe("he2016-subset-v0")
+    recipe = recipes.get_recipe("he2016-subset-v0")
     assert cfg.NetConfig().model_config(10, recipe).zero_init_residual is True
     assert cfg.NetConfig(zero_init_residual=False).model_config(10, recipe).zero_init_residual is False
-    assert cfg.NetConfig(zero_init_residual=True).model_config(10, cfg.get_recipe("he2016")).zero_init_residual
-    keras = cfg.NetConfig().model_config(10, cfg.get_recipe("keras"))
+    assert cfg.NetConfig(zero_init_residual=True).model_config(10, recipes.get_recipe("he2016")).zero_init_residual
+    keras = cfg.NetConfig().model_config(10, recipes.get_recipe("keras"))
     assert (keras.batch_norm_momentum, keras.batch_norm_epsilon, keras.weight_decay) == (0.99, 1e-3, 1e-4)
 
 
 def test_unknown_augmentation_is_a_clear_error():
-    with pytest.raises(cfg.ConfigError, match="unknown augmentation 'cutout'"):
-        dataclasses.replace(cfg.get_recipe("he2016"), augmentation="cutout")
+    with pytest.raises(errors.ConfigError, match="unknown augmentation 'cutout'"):
+        dataclasses.replace(recipes.get_recipe("he2016"), augmentation="cutout")
     assert cfg.TrainConfig(recipe="keras").augmentation == "shift"
     assert cfg.TrainConfig(recipe="keras", data=cfg.DataConfig(augment=False)).augmentation is None
 
@@ -134,6 +135,6 @@ def test_unknown_augmentation_is_a_clear_error():
 def test_shortcut_setting_is_checked():
     assert cfg.TrainConfig(model_dir="m").net.shortcut is None  # the recipe's
     assert cfg.NetConfig(shortcut="padding").shortcut == "padding"
-    with pytest.raises(cfg.ConfigError, match="unknown shortcut 'B'"):
+    with pytest.raises(errors.ConfigError, match="unknown shortcut 'B'"):
         cfg.NetConfig(shortcut="B")
-    assert cfg.ModelConfig().shortcut == "projection"
+    assert architecture.ModelConfig().shortcut == "projection"

@@ -95,17 +95,23 @@ def test_model_server_is_tf_serving_polling_the_shared_volume():
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/models")
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     assert volume["persistentVolumeClaim"]["claimName"] == "accresnet-data" and mount["readOnly"]
-    # The release Job pushes where the server looks (/data/models/accresnet is /models/accresnet) and
-    # writes the labels where it reads them; the training Job exports only candidates, elsewhere.
+    # The release Job pushes where the server looks, under the same path (the base path push writes
+    # into the model config is the one the servers read), and writes the labels where they read them;
+    # the training Job exports only candidates, elsewhere.
     assert mount["subPath"] == "models"
     trainer = one("base", "Job", "accresnet-train")["spec"]["template"]["spec"]["containers"][0]
     assert "--export-base=/data/staging/accresnet" in trainer["args"]
     release = one("base", "Job", "accresnet-release")["spec"]["template"]["spec"]
-    (validate,), (push,) = release["initContainers"], release["containers"]
+    (_, validate), (push,) = release["initContainers"], release["containers"]
     assert "--candidate=/data/staging/accresnet" in validate["args"] and validate["args"][0] == "validate"
     assert push["args"][:2] == ["push", "--candidate=/data/staging/accresnet"]
-    assert "--export-base=/data/models/accresnet" in push["args"]
-    assert "--model-config-file=/data/models/models.config" in push["args"]
+    assert "--export-base=/models/accresnet" in push["args"]
+    assert "--model-config-file=/models/models.config" in push["args"]
+    # The second push moves canary only once the servers (through their Service) have the version.
+    assert "--rest-servers=accresnet-serving:8501" in push["args"]
+    push_mount = next(m for m in push["volumeMounts"] if m["mountPath"] == "/models")
+    push_volume = next(v for v in release["volumes"] if v["name"] == push_mount["name"])
+    assert push_volume["persistentVolumeClaim"]["claimName"] == "accresnet-data" and push_mount["subPath"] == "models"
     models_config = (ROOT / "serving" / "config" / "models.config").read_text()
     assert 'base_path: "/models/accresnet"' in models_config
 
@@ -129,7 +135,7 @@ def test_autoscaling_disruption_budget_and_network_policy():
     # validate compares with the served version: the release pod is a client of the servers too.
     release = one("base", "Job", "accresnet-release")["spec"]["template"]
     assert release["metadata"]["labels"]["accresnet-client"] == "true"
-    assert "--current-server=accresnet-serving:8500" in release["spec"]["initContainers"][0]["args"]
+    assert "--current-server=accresnet-serving:8500" in release["spec"]["initContainers"][1]["args"]
 
 
 def test_overlays_change_what_they_promise():

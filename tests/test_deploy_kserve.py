@@ -66,7 +66,7 @@ def test_it_serves_the_training_exports_on_the_shared_volume_with_tf_serving():
     (export_base,) = [a.split("=", 1)[1] for a in release["containers"][0]["args"] if a.startswith("--export-base=")]
     mount = next(m for m in release["containers"][0]["volumeMounts"] if export_base.startswith(m["mountPath"] + "/"))
     claim = next(v for v in release["volumes"] if v["name"] == mount["name"])["persistentVolumeClaim"]["claimName"]
-    folder = export_base[len(mount["mountPath"]) + 1:]
+    folder = "/".join(filter(None, [mount.get("subPath"), export_base[len(mount["mountPath"]) + 1:]]))
     assert model["storageUri"] == f"pvc://{claim}/{folder}" == "pvc://accresnet-data/models/accresnet"
     # The project's serving image: the official TF Serving with our config files in /config.
     assert model["image"].rsplit(":", 1)[0] == "accresnet-serving"
@@ -172,7 +172,7 @@ def test_the_client_job_reaches_the_predictors_grpc_port_through_the_network_pol
     # Otherwise as in the base, but without a version label: KServe's runtime reads no model config.
     assert args[:1] + args[2:] == [a for a in base_args[:1] + base_args[2:] if not a.startswith("--label=")]
     release = one(OVERLAY, "Job", "accresnet-release")["spec"]["template"]
-    validate_args, push_args = release["spec"]["initContainers"][0]["args"], release["spec"]["containers"][0]["args"]
+    validate_args, push_args = release["spec"]["initContainers"][1]["args"], release["spec"]["containers"][0]["args"]
     assert f"--current-server={service['metadata']['name']}-predictor:{RUNTIME_GRPC_PORT}" in validate_args
     assert not [a for a in validate_args + push_args if "label" in a or "model-config" in a]
     assert all(release["metadata"]["labels"].get(k) == v

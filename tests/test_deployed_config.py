@@ -29,6 +29,38 @@ def test_the_serving_deployment_runs_the_deployed_flags(overlay):
     assert tuple(container["args"]) == deployment.DEPLOYED_FLAGS
 
 
+RELEASE_OVERLAYS = [*SERVING_OVERLAYS, "overlays/gcs", "overlays/kserve"]
+
+
+@pytest.mark.parametrize("overlay", RELEASE_OVERLAYS)
+def test_the_release_jobs_sidecar_is_the_deployed_server_on_the_candidate(overlay):
+    """validate checks the candidate on TF Serving itself: the serving image and the deployed flags,
+    with the candidate handed over where the Deployment mounts the served base path."""
+    pod = one(overlay, "Job", "accresnet-release")["spec"]["template"]["spec"]
+    sidecar, validate = pod["initContainers"]
+    assert sidecar["restartPolicy"] == "Always"  # a native sidecar: up before validate, stopped after push
+    assert tuple(sidecar["args"]) == deployment.DEPLOYED_FLAGS
+    if overlay == "overlays/kserve":
+        served_image = one(overlay, "InferenceService", "accresnet")["spec"]["predictor"]["model"]["image"]
+    else:
+        served_image = serving_container(overlay)[1]["image"]
+    assert sidecar["image"] == served_image
+    # Its base path is where validate hands the candidate over, once the operations check has passed;
+    # it reads nothing else of the pod's volumes (the shipped model config stays visible beside it).
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (base_mount,) = [m for m in sidecar["volumeMounts"] if m["mountPath"] == f"{deployment.MODELS_DIR}/"
+                     f"{deployment.MODEL_NAME}"]
+    assert "emptyDir" in volumes[base_mount["name"]] and base_mount["readOnly"]
+    assert not [m for m in sidecar["volumeMounts"] if "persistentVolumeClaim" in volumes[m["name"]]
+                or m["mountPath"] in (deployment.MODELS_DIR, "/config")]
+    (hand_over,) = [m["mountPath"] for m in validate["volumeMounts"] if m["name"] == base_mount["name"]]
+    assert f"--candidate-server-base={hand_over}" in validate["args"]
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert f"--port={ports['grpc']}" in sidecar["args"] and f"--rest_api_port={ports['http']}" in sidecar["args"]
+    assert f"--candidate-server=localhost:{ports['grpc']}" in validate["args"]
+    assert f"--candidate-rest-server=localhost:{ports['http']}" in validate["args"]
+
+
 def test_the_gcs_overlay_changes_only_the_model_config():
     _, container = serving_container("overlays/gcs")
     changed = [(a, b) for a, b in zip(container["args"], deployment.DEPLOYED_FLAGS) if a != b]

@@ -11,10 +11,10 @@ from PIL import Image
 from scipy import stats
 
 from pipeline import cli, flags
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.experiment import ExperimentConfig, parse_seeds, run_experiment
 from pipeline.records import RecordError, cpu_model, read_records
-from pipeline.report import FIGURES, ReportConfig, paired_difference, report
+from pipeline.report import FIGURES, ReportConfig, paired_difference, pooled_difference, report
 
 
 def tiny(out, **overrides):
@@ -210,3 +210,14 @@ def test_shortcut_and_zero_init_go_to_every_run_and_are_fixed_settings(tmp_path)
     assert {config.train_config(arch, 0).net.shortcut for arch in config.arches} == {"padding"}
     assert tiny(tmp_path).train_config("resnet", 0).net.shortcut is None  # the recipe's
     assert "shortcut" in FIXED_SETTINGS
+
+
+def test_the_pooled_comparison_is_welchs_t_test():
+    values, baseline = [35.1, 36.0, 34.2], [68.8, 39.4, 43.8, 41.0]
+    pooled = pooled_difference(values, baseline)
+    welch = stats.ttest_ind(values, baseline, equal_var=False)
+    assert pooled["mean"] == pytest.approx(statistics.fmean(values) - statistics.fmean(baseline))
+    assert pooled["p_value"] == pytest.approx(welch.pvalue) and pooled["df"] == pytest.approx(welch.df)
+    interval = welch.confidence_interval(0.95)
+    assert pooled["ci95"] == pytest.approx([interval.low, interval.high])
+    assert pooled_difference([1.0], baseline) is None

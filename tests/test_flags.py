@@ -7,7 +7,9 @@ import pathlib
 import pytest
 
 from pipeline import flags
-from pipeline.config import DATASET_SPECS, ConfigError, DataConfig, NetConfig, TrainConfig, get_recipe
+from pipeline.config import DATASET_SPECS, DataConfig, NetConfig, TrainConfig
+from pipeline.errors import ConfigError
+from pipeline.recipes import get_recipe
 from pipeline.experiment import ExperimentConfig
 from pipeline.rundir import HistoryRow, ResumeMismatch, RunDir, RunSettings, RunSummary
 

@@ -100,7 +100,8 @@ def test_a_declared_size_past_the_bound_is_refused_whatever_values_it_carries(ro
 
 from serving.server import rest_json  # noqa: E402
 from serving.server.rest_codec import parse_predict_body  # noqa: E402
-from serving.server.servable import PREDICT_METHOD, Signature, TensorInfo  # noqa: E402
+from serving.contract import PREDICT_METHOD  # noqa: E402
+from serving.server.servable import Signature, TensorInfo  # noqa: E402
 
 SIGNATURES = [
     Signature("serving_default", PREDICT_METHOD, {"images": TensorInfo(tf.uint8, (None, 32, 32, 3))}, {}),

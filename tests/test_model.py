@@ -2,7 +2,9 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.architecture import ModelConfig
+
+from pipeline.errors import ConfigError
 from pipeline.model import build_model, count_batch_norms, set_pixel_mean
 
 

@@ -562,7 +562,9 @@ def test_version_labels_and_policies(exported_model, tmp_path):
                                       "--model_name=m", "--file_system_poll_wait_seconds=0"])
     from dataclasses import replace
 
-    server = RunningServer(replace(options_from_args(args), model_configs=(config,)))
+    # The labels name versions not loaded yet: TF Serving starts only with this flag.
+    server = RunningServer(replace(options_from_args(args), model_configs=(config,),
+                                   allow_version_labels_for_unavailable_models=True))
     try:
         clients = Clients(server)
         versions = {label: clients.predictions.Predict(predict_request(model="m", version_label=label),

@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 from pipeline import flags, hooks, optimizers, preemption, train as training
-from pipeline.config import ModelConfig, RunLength, TrainConfig
+from pipeline.architecture import ModelConfig
+from pipeline.config import RunLength, TrainConfig
 from pipeline.distribute import Cluster, make_strategy
 from pipeline.model import build_model
 from pipeline.rundir import HISTORY_FIELDS, HistoryRow, ResumeMismatch, RunDir, RunSettings
@@ -141,7 +142,7 @@ def test_distributed_evaluation_counts_every_image_once(split_factory):
 
 
 def test_schedules_follow_the_recipes():
-    from pipeline.config import get_recipe
+    from pipeline.recipes import get_recipe
 
     he = optimizers.learning_rate_schedule(get_recipe("he2016"), 0.1, total_steps=1000)
     assert [round(float(he(s)), 6) for s in (0, 499, 501, 749, 751, 999)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]

@@ -49,8 +49,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     add("--model_config_file", default="", help="ASCII ModelServerConfig proto: several models, version policies "
                                                  "and labels")
     add("--allow_version_labels_for_unavailable_models", type=_bool, nargs="?", const=True, default=False,
-        help="allow a new version label on a version that is not loaded yet (a canary still loading); this "
-             "server resolves labels when a request names one, so it accepts any label either way")
+        help="let a label that does not exist yet name a version that is not loaded (a first canary still "
+             "loading); moving an existing label still needs its new version AVAILABLE, else the whole model "
+             "config is refused, as TF Serving refuses it")
     add("--model_config_file_poll_wait_seconds", type=int, default=0,
         help="re-read --model_config_file this often; 0 reads it once (default: %(default)s)")
     add("--file_system_poll_wait_seconds", type=int, default=1,

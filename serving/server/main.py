@@ -46,7 +46,9 @@ class RunningServer:
                                     poll_seconds=options.file_system_poll_wait_seconds,
                                     retries=LoadRetries(options.max_num_load_retries,
                                                         options.load_retry_interval_micros / 1e6),
-                                    session_config=options.session_config)
+                                    session_config=options.session_config,
+                                    allow_version_labels_for_unavailable_models=(
+                                        options.allow_version_labels_for_unavailable_models))
         self.metrics = ServingMetrics(is_configured=self.manager.knows)
         self.model_server.manager = self.manager
         self.health = Health()
@@ -130,7 +132,10 @@ class RunningServer:
     def _config_loop(self) -> None:
         """Re-read the model config; one that cannot be read or applied is logged and the
         last good one stays in force, as TF Serving's PollFilesystemAndReloadConfig does
-        (model_servers/server.cc). The thread never ends before the server."""
+        (model_servers/server.cc). A config refused by the label rule is refused whole
+        (models, versions and labels) and tried again, and logged again, at every poll, as
+        TF Serving's ReloadConfig is: it applies once the versions its labels move to are
+        AVAILABLE. The thread never ends before the server."""
         from serving.server.options import read_model_config_file
 
         # Compared with what the server started with: a change made before the first poll counts too.
@@ -194,8 +199,13 @@ def serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signal_number, lambda *_: stop.set())
+    from serving.server.errors import ServingError
+
     try:
         server = RunningServer(options)
+    except ServingError as error:  # a first config TF Serving would refuse too (a label rule, say)
+        print(f"accresnet serve: error: {error.message}", file=sys.stderr)
+        return 1
     except (OSError, RuntimeError) as error:
         print(f"accresnet serve: error: {error}", file=sys.stderr)
         return 1

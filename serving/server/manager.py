@@ -9,6 +9,12 @@ keep serving. As TF Serving's --max_num_load_retries and
 --load_retry_interval_micros say, a failed load is tried again a few times
 after an interval; and whenever any file of its folder changes (a copy that
 was still under way has finished, say) it is tried again at once.
+
+Version labels follow TF Serving's rule (ServerCore::UpdateModelVersionLabelMap,
+model_servers/server_core.cc): a config whose labels name a version that is
+not AVAILABLE is refused whole, models and labels alike, unless
+--allow_version_labels_for_unavailable_models lets a label that does not
+exist yet (or stays where it is) name it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from tensorflow_serving.apis import get_model_status_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.contract import version_number
-from serving.server.errors import invalid, not_found
+from serving.server.errors import failed_precondition, invalid, not_found
 from serving.server.servable import Servable
 
 log = logging.getLogger(__name__)
@@ -121,14 +127,17 @@ class ModelManager:
 
     def __init__(self, configs: list[model_server_config_pb2.ModelConfig],
                  warm_up: Callable[[Servable], None] | None = None, poll_seconds: float = 1.0,
-                 retries: LoadRetries = LoadRetries(), session_config: config_pb2.ConfigProto | None = None):
+                 retries: LoadRetries = LoadRetries(), session_config: config_pb2.ConfigProto | None = None,
+                 allow_version_labels_for_unavailable_models: bool = False):
         self._warm_up = warm_up
+        self._allow_unavailable_labels = allow_version_labels_for_unavailable_models
         self._session_config = session_config
         self._retries = retries
         self._poll_seconds = poll_seconds
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()  # one poll at a time: the timer's or a reload's
         self._models: dict[str, ModelState] = {}
+        self._labels: dict[str, dict[str, int]] = {}  # model -> label -> version, as last applied
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self.set_config(configs, poll=False)
@@ -136,11 +145,13 @@ class ModelManager:
     # --- configuration -----------------------------------------------------------------
 
     def set_config(self, configs: list[model_server_config_pb2.ModelConfig], poll: bool = True) -> None:
-        """Serve exactly these models: new ones are loaded (when `poll`), dropped ones unloaded."""
+        """Serve exactly these models: new ones are loaded (when `poll`), dropped ones unloaded.
+        A config whose labels TF Serving would refuse changes nothing (FAILED_PRECONDITION)."""
         names = [c.name for c in configs]
         if len(set(names)) != len(names) or not all(names):
             raise invalid(f"model names must be unique and non-empty; got {names}")
         with self._lock:
+            self._labels = self._label_map(configs)
             for name in set(self._models) - set(names):
                 for record in self._models.pop(name).versions.values():
                     record.servable, record.state = None, State.END
@@ -152,6 +163,24 @@ class ModelManager:
                     self._models[config.name] = ModelState(config)
         if poll:
             self.poll()
+
+    def _label_map(self, configs: list[model_server_config_pb2.ModelConfig]) -> dict[str, dict[str, int]]:
+        """The labels of `configs`, checked as ServerCore::UpdateModelVersionLabelMap checks them.
+        TF Serving runs it in ReloadConfig before AddModelsViaModelConfigList, so a refusal leaves
+        the old labels in force and the config's new versions not even added; ReloadConfig runs
+        again at every poll of the file, and so does this."""
+        labels: dict[str, dict[str, int]] = {}
+        for config in configs:
+            state = self._models.get(config.name)
+            for label, version in config.version_labels.items():
+                existing = self._labels.get(config.name, {}).get(label)
+                allowed = self._allow_unavailable_labels and existing in (None, version)
+                record = state.versions.get(version) if state is not None else None
+                if not allowed and (record is None or record.state != State.AVAILABLE):
+                    raise failed_precondition(f"Request to assign label to version {version} of model "
+                                              f"{config.name}, which is not currently available for inference")
+                labels.setdefault(config.name, {})[label] = version
+        return labels
 
     def knows(self, name: str) -> bool:
         """Whether `name` is a configured model (whatever its versions' state)."""
@@ -245,8 +274,9 @@ class ModelManager:
 
     # --- lookups -----------------------------------------------------------------------------
 
-    def _resolve_label(self, state: ModelState, label: str) -> int:
-        labels = state.config.version_labels
+    def _resolve_label(self, name: str, label: str) -> int:
+        """ServerCore::GetModelVersionForLabel: the labels last applied, whatever the model's state."""
+        labels = self._labels.get(name, {})
         if label not in labels:
             raise invalid(f"Unrecognized servable version label: {label}")
         return labels[label]
@@ -255,8 +285,8 @@ class ModelManager:
         """The servable for a request: a version, a labelled one, or the latest available."""
         with self._lock:
             state = self._models.get(name)
-            if state is not None and label:
-                version = self._resolve_label(state, label)
+            if label:
+                version = self._resolve_label(name, label)
             available = {} if state is None else {
                 v: r.servable for v, r in state.versions.items() if r.state == State.AVAILABLE}
         if version is not None:
@@ -273,7 +303,7 @@ class ModelManager:
             if state is None or not state.versions:
                 raise not_found(f"Could not find any versions of model {name}")
             if label:
-                version = self._resolve_label(state, label)
+                version = self._resolve_label(name, label)
             if version is not None:
                 if version not in state.versions:
                     raise not_found(f"Could not find version {version} of model {name}")

@@ -45,6 +45,8 @@ class ServerOptions:
     model_configs: tuple = ()
     model_config_file: str = ""
     model_config_file_poll_wait_seconds: int = 0
+    # TF Serving's rule for labels on versions that are not loaded (serving/server/manager.py).
+    allow_version_labels_for_unavailable_models: bool = False
     file_system_poll_wait_seconds: int = 1
     batching: BatchingOptions | None = None
     metrics_path: str | None = None
@@ -204,6 +206,7 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         rest_api_timeout_in_ms=args.rest_api_timeout_in_ms, model_configs=tuple(models),
         model_config_file=args.model_config_file,
         model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+        allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds, batching=batching,
         metrics_path=metrics_path, ssl_config=ssl_config, grpc_options=tuple(grpc_options.items()),
         enable_model_warmup=args.enable_model_warmup, grpc_max_threads=args.grpc_max_threads,

@@ -23,13 +23,10 @@ import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
 from tensorflow.python.client import pywrap_tf_session as tf_session
 
+from serving.contract import SERVING_DEFAULT as DEFAULT_SIGNATURE
 from serving.server.errors import ServingError, invalid
 
 SERVE_TAG = "serve"
-DEFAULT_SIGNATURE = "serving_default"
-PREDICT_METHOD = "tensorflow/serving/predict"
-CLASSIFY_METHOD = "tensorflow/serving/classify"
-REGRESS_METHOD = "tensorflow/serving/regress"
 INIT_OP_SIGNATURE = "__saved_model_init_op"  # TF2's initializer: described in the graph, not served
 
 

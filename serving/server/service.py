@@ -27,24 +27,17 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.apis import status_pb2
 
+from serving.contract import CLASSIFY_METHOD, EXAMPLES_INPUT, PREDICT_METHOD, REGRESS_METHOD, WARMUP_FILE
 from serving.server import tensors
 from serving.server.calls import NO_CALL, Call
 from serving.server.errors import ServingError, invalid
 from serving.server.manager import ModelManager
 from serving.server.flags import DEFAULT_MAX_REQUEST_ROWS, DEFAULT_MAX_REQUEST_TENSOR_BYTES
-from serving.server.servable import (
-    CLASSIFY_METHOD,
-    PREDICT_METHOD,
-    REGRESS_METHOD,
-    Servable,
-    Signature,
-)
+from serving.server.servable import Servable, Signature
 
 log = logging.getLogger(__name__)
 
-WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
-EXAMPLES_INPUT = "inputs"  # the input key of classify and regress signatures
 Runner = Callable[[Servable, Signature, dict[str, np.ndarray], list[str], Call], dict[str, np.ndarray]]
 
 

@@ -1,0 +1,222 @@
+"""The training recipes: each protocol as its source sets it, with its deviations named.
+
+A recipe is the optimizer, its learning-rate schedule and run length, and
+the model and data settings its source fixes; `accresnet train --recipe`
+picks one by name, and `--help` prints every recipe's description.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from pipeline.architecture import (BN_EPSILON, BN_MOMENTUM, HE2016_L2, KERAS_BN_EPSILON, KERAS_BN_MOMENTUM,
+                                   KERAS_L2, check_shortcut)
+from pipeline.errors import ConfigError
+
+
+ScheduleKind = Literal["piecewise", "cosine"]
+# Training-image augmentation: "pad-crop", He et al.'s 4-pixel zero pad, random
+# 32x32 crop and horizontal flip; "shift", the Keras example's random shift of
+# up to 10% each way with the nearest pixels filling in, and horizontal flip.
+AUGMENTATIONS = ("pad-crop", "shift")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A training protocol as its source sets it: the optimizer, its
+    learning-rate schedule and run length, and the model and data settings the
+    source fixes (shortcut, weight decay, BN, initialisation, augmentation).
+
+    The learning rate is given for `batch_size` images per step and follows
+    the linear scaling rule: the trainer multiplies it by
+    global_batch / batch_size (Goyal et al. 2017).
+    """
+
+    name: str
+    optimizer: Literal["sgd", "adam"]
+    learning_rate: float
+    batch_size: int
+    momentum: float = 0.0
+    schedule: ScheduleKind = "piecewise"
+    # Piecewise schedule: boundaries as fractions of the whole run and the
+    # factor applied to the learning rate after each boundary.
+    boundaries: tuple[float, ...] = ()
+    factors: tuple[float, ...] = ()
+    # Or boundaries in iterations that do not move with the run's length.
+    step_boundaries: tuple[int, ...] = ()
+    # Cosine schedule: linear warm-up over this fraction of the run.
+    warmup: float = 0.0
+    # Train on N images of the training split only, as many of each class (a subset protocol).
+    train_images: int | None = None
+    # Default length: iterations (steps) or epochs, exactly one set.
+    steps: int | None = None
+    epochs: int | None = None
+    # Where the recipe comes from and where it departs from its source.
+    description: str = ""
+    # The shortcut where a block changes shape (SHORTCUTS), as the source builds it.
+    shortcut: str = "projection"
+    # ModelConfig.zero_init_residual for the runs of this recipe (--zero-init-residual overrides it).
+    zero_init_residual: bool = False
+    # Keras' L2 factor of the convolution kernels: half an SGD weight decay (HE2016_L2).
+    weight_decay: float = KERAS_L2
+    batch_norm_momentum: float = BN_MOMENTUM
+    batch_norm_epsilon: float = BN_EPSILON
+    augmentation: str = "pad-crop"
+
+    def __post_init__(self):
+        check_shortcut(self.shortcut)
+        if self.augmentation not in AUGMENTATIONS:
+            raise ConfigError(f"unknown augmentation {self.augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
+
+
+# The subset recipes' length: 15 epochs of the 9,000 training images of the
+# CIFAR-10 folder subset, 1,050 steps at batch 128, about 5 minutes per
+# ResNet-32 run on a free 2-core AVX-512 machine.
+SUBSET_EPOCHS = 15
+
+HE2016 = Recipe(
+    name="he2016",
+    optimizer="sgd",
+    learning_rate=0.1,
+    momentum=0.9,
+    batch_size=128,
+    boundaries=(32_000 / 64_000, 48_000 / 64_000),
+    factors=(0.1, 0.01),
+    steps=64_000,
+    shortcut="padding",
+    weight_decay=HE2016_L2,
+    description="He et al. 2016 Sec. 4.2: option A shortcuts, SGD momentum 0.9, batch 128, weight decay 1e-4 "
+    "(Keras L2 5e-5), lr 0.1 divided by 10 at 32k and 48k of 64k iterations, 4-pixel zero pad, random crop and "
+    "flip; BN momentum 0.9, epsilon 1e-5 (Torch's). Not said by He et al.: decay on the convolution kernels "
+    "only, not on BN or the classifier",
+)
+
+KERAS = Recipe(
+    name="keras",
+    optimizer="adam",
+    learning_rate=1e-3,
+    batch_size=32,
+    # The example's lr_schedule counts epochs from 0 and lowers the rate when
+    # epoch > 80: after 81 whole epochs.
+    boundaries=(81 / 200, 121 / 200, 161 / 200, 181 / 200),
+    factors=(1e-1, 1e-2, 1e-3, 0.5e-3),
+    epochs=200,
+    weight_decay=KERAS_L2,
+    batch_norm_momentum=KERAS_BN_MOMENTUM,
+    batch_norm_epsilon=KERAS_BN_EPSILON,
+    augmentation="shift",
+    description="the Keras cifar10_resnet example (ResNet v1): projection shortcuts, L2 1e-4 (weight decay "
+    "2e-4), Adam 1e-3, batch 32, lr x0.1 after epoch 81, x0.01 after 121, x0.001 after 161, x0.0005 after 181 "
+    "of 200; BN momentum 0.99, epsilon 1e-3; random shifts of up to 10% each way, nearest fill, bilinear, and "
+    "flip. Deviations: a 45k/5k train/validation split (the example trains on 50k and validates on the test "
+    "set); shifts of the raw pixels before the per-pixel mean is subtracted (the example's: after); no "
+    "ReduceLROnPlateau (the example's scheduler undoes it at every epoch's start)",
+)
+
+# Halving at 50% and 75% of the run (He et al.'s 32k and 48k of 64k) for the short runs of both sources.
+SHORT_BOUNDARIES = (0.5, 0.75)
+SHORT_FACTORS = (0.1, 0.01)
+
+
+RECIPES: dict[str, Recipe] = {
+    "he2016": HE2016,
+    "he2016-subset": dataclasses.replace(
+        HE2016,
+        name="he2016-subset",
+        steps=None,
+        epochs=SUBSET_EPOCHS,
+        description=f"he2016 shortened for a CIFAR-10 subset on a CPU: the same settings for {SUBSET_EPOCHS} "
+        f"epochs, lr 0.1 divided by 10 at 50% and 75% of them (He et al.: of 64k iterations, 182 epochs of 45k "
+        "images)",
+    ),
+    # The first subset runs' settings, under a name of their own so that their records stay true.
+    "he2016-subset-v0": dataclasses.replace(
+        HE2016,
+        name="he2016-subset-v0",
+        steps=None,
+        epochs=5,
+        weight_decay=1e-4,
+        zero_init_residual=True,
+        description="he2016-subset as the first runs used it (docs/cifar10-subset/he2016-subset), kept to rerun "
+        "them: 5 epochs, L2 1e-4 (weight decay 2e-4, twice He et al.'s), and the last BN of every residual "
+        "branch starting at gamma 0 (Goyal et al. 2017, not He et al.'s)",
+    ),
+    "paper50": dataclasses.replace(
+        HE2016,
+        name="paper50",
+        # He et al.'s drops at 32k and 48k iterations lie beyond 50 epochs of
+        # 45k images at batch 128 (17.6k iterations): the paper's runs kept 0.1.
+        boundaries=(),
+        step_boundaries=(32_000, 48_000),
+        steps=None,
+        epochs=50,
+        description="Saraiya 2018's runs: he2016 for 50 epochs (lr 0.1 throughout: the drops at 32k and 48k "
+        "iterations come later)",
+    ),
+    "cpu-small": Recipe(
+        name="cpu-small",
+        optimizer="sgd",
+        learning_rate=0.1,
+        momentum=0.9,
+        batch_size=128,
+        boundaries=SHORT_BOUNDARIES,
+        factors=SHORT_FACTORS,
+        epochs=15,
+        train_images=10_000,
+        description="a reduced protocol for 2 CPU cores, not He et al.'s: at most 10k training images, 15 epochs, "
+        "SGD momentum 0.9, batch 128, lr 0.1 divided by 10 at 50% and 75%, L2 1e-4 (weight decay 2e-4), "
+        "projection shortcuts, pad-crop-flip",
+    ),
+    "keras": KERAS,
+    "keras-subset": dataclasses.replace(
+        KERAS,
+        name="keras-subset",
+        boundaries=SHORT_BOUNDARIES,
+        factors=SHORT_FACTORS,
+        epochs=SUBSET_EPOCHS,
+        description=f"keras shortened for a CIFAR-10 subset on a CPU: the same model, optimizer, BN and "
+        f"augmentation for {SUBSET_EPOCHS} epochs, lr x0.1 at 50% and x0.01 at 75% of them (the example's steps "
+        "at 40%, 60%, 80% and 90% would leave the last 40% of a short run at lr 1e-5 or less)",
+    ),
+    "keras-subset-v0": dataclasses.replace(
+        KERAS,
+        name="keras-subset-v0",
+        boundaries=(80 / 200, 120 / 200, 160 / 200, 180 / 200),
+        epochs=5,
+        batch_norm_momentum=BN_MOMENTUM,
+        batch_norm_epsilon=BN_EPSILON,
+        augmentation="pad-crop",
+        description="keras-subset as the first runs used it (docs/cifar10-subset/keras-subset), kept to rerun "
+        "them: 5 epochs with the example's lr steps at 40%, 60%, 80% and 90% (lr 1e-5 from epoch 4 on), He et "
+        "al.'s pad-crop-flip instead of the example's shifts, BN momentum 0.9 and epsilon 1e-5 instead of Keras' "
+        "0.99 and 1e-3",
+    ),
+    "quick": Recipe(
+        name="quick",
+        optimizer="sgd",
+        learning_rate=0.1,
+        momentum=0.9,
+        batch_size=128,
+        schedule="cosine",
+        warmup=0.1,
+        epochs=3,
+        description="a short run for demos and tests, after no source: SGD momentum 0.9, lr 0.1 with "
+        "10% linear warm-up and cosine decay, 3 epochs, L2 1e-4, projection shortcuts, pad-crop-flip",
+    ),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}") from None
+
+
+def recipes_help() -> str:
+    return "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values())
+
+
+def recipes_with(predicate) -> str:
+    return ", ".join(r.name for r in RECIPES.values() if predicate(r))
