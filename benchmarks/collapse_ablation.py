@@ -19,7 +19,6 @@ table is read back from the runs' history.csv and summary.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
@@ -27,7 +26,6 @@ import os
 import pathlib
 import statistics
 import sys
-from collections.abc import Callable, Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -45,78 +43,48 @@ class Variant:
     name: str
     description: str
     arch: str = "resnet"
-    shortcut: str | None = None  # None: the recipe's (projection for cpu-small)
-    model: Callable[[architecture.ModelConfig], architecture.ModelConfig] | None = None  # a change to the model's settings
-    module_settings: tuple[tuple[str, object], ...] = ()  # pipeline.model constants to set for the run
-    recipe: tuple[tuple[str, object], ...] = ()  # changes to the recipe
+    recipe: tuple[tuple[str, object], ...] = ()  # changes to the base recipe (its model settings included)
 
+    def recipe_for_run(self) -> recipes.Recipe:
+        """The base recipe with the variant's changes, under a name of its own (the run records it)."""
+        base = recipes.get_recipe(BASE_RECIPE)
+        if not self.recipe:
+            return base
+        return dataclasses.replace(base, name=f"{BASE_RECIPE}-{self.name}", **dict(self.recipe))
 
-def _keras_batch_norm(config: architecture.ModelConfig) -> architecture.ModelConfig:
-    return dataclasses.replace(config, fused_batch_norm=False)
+    def model_config(self, depth: int, num_classes: int) -> architecture.ModelConfig:
+        """The network as the variant's run builds it."""
+        return cfg.NetConfig(self.arch, depth).model_config(num_classes, self.recipe_for_run())
 
-
-def _zero_init_residual(config: architecture.ModelConfig) -> architecture.ModelConfig:
-    return dataclasses.replace(config, zero_init_residual=True)
-
-
-# Torch's nn.Linear default, which He et al.'s fb.resnet.torch keeps for the classifier: U(+-1/sqrt(fan_in)).
-TORCH_LINEAR_INIT = {"class_name": "VarianceScaling",
-                     "config": {"scale": 1 / 3, "mode": "fan_in", "distribution": "uniform"}}
-# fb.resnet.torch's convolution init: normal with variance 2 / (k * k * output channels).
-TORCH_CONV_INIT = {"class_name": "VarianceScaling",
-                   "config": {"scale": 2.0, "mode": "fan_out", "distribution": "untruncated_normal"}}
 
 VARIANTS = {variant.name: variant for variant in (
     Variant("baseline", "as before: 1x1 projection without BN, fused BN, he_normal classifier, no L2 on BN"),
-    Variant("keras-bn", "Keras' own BatchNormalization instead of the fused layer", model=_keras_batch_norm),
+    Variant("keras-bn", "Keras' own BatchNormalization instead of the fused layer",
+            recipe=(("fused_batch_norm", False),)),
     Variant("padding", "option A shortcut: subsampled identity with zero channels (He et al., CIFAR)",
-            shortcut="padding"),
+            recipe=(("shortcut", "padding"),)),
     Variant("projection-bn", "1x1 projection followed by BN (as the accumulated net's N_i(P_i(x)))",
-            shortcut="projection-bn"),
+            recipe=(("shortcut", "projection-bn"),)),
     Variant("classifier-init", "classifier initialised as Torch's nn.Linear, U(+-1/sqrt(fan_in)), not he_normal",
-            module_settings=(("CLASSIFIER_INITIALIZER", TORCH_LINEAR_INIT),)),
+            recipe=(("classifier_initializer", "torch-linear"),)),
     Variant("projection-init", "projection initialised with fan-out He init (fb.resnet.torch): half the variance",
-            module_settings=(("PROJECTION_INITIALIZER", TORCH_CONV_INIT),)),
-    Variant("bn-l2", "L2 1e-4 on BN's gamma and beta too", module_settings=(("BN_WEIGHT_DECAY", 1e-4),)),
+            recipe=(("projection_initializer", "torch-conv"),)),
+    Variant("bn-l2", "L2 1e-4 on BN's gamma and beta too", recipe=(("batch_norm_weight_decay", 1e-4),)),
     Variant("lr-0.05", "lr 0.05 instead of 0.1 (same batch 128)", recipe=(("learning_rate", 0.05),)),
     # He et al.'s remedy for ResNet-110: lr 0.01 until training starts converging, then 0.1. Here the
     # first quarter of the run (one epoch of four): 0.01, then 0.1, 0.01, 0.001 at 25%, 50%, 75%.
     Variant("warmup", "lr 0.01 for the first 25% of the run, then 0.1 (He et al.'s ResNet-110 warm-up)",
             recipe=(("learning_rate", 0.01), ("boundaries", (0.25, 0.5, 0.75)), ("factors", (10.0, 1.0, 0.1)))),
     Variant("zero-gamma", "last BN of every residual branch starts at gamma 0 (Goyal et al. 2017)",
-            model=_zero_init_residual),
+            recipe=(("zero_init_residual", True),)),
     Variant("padding-zero-gamma", "option A and gamma 0 in the last BN of every branch together",
-            shortcut="padding", model=_zero_init_residual),
+            recipe=(("shortcut", "padding"), ("zero_init_residual", True))),
     Variant("padding-classifier-init", "option A and the Torch classifier init together (He et al.'s CIFAR net)",
-            shortcut="padding", module_settings=(("CLASSIFIER_INITIALIZER", TORCH_LINEAR_INIT),)),
+            recipe=(("shortcut", "padding"), ("classifier_initializer", "torch-linear"))),
     Variant("accumulated", "the accumulated net, everything else as the baseline", arch="accumulated"),
     Variant("accumulated-padding", "the accumulated net with option A shortcuts", arch="accumulated",
-            shortcut="padding"),
+            recipe=(("shortcut", "padding"),)),
 )}
-
-
-@contextlib.contextmanager
-def _applied(variant: Variant) -> Iterator[str]:
-    """Set the variant's model constants and hooks for one run; yields the recipe name to train with."""
-    from pipeline import model as model_module
-    from pipeline import train as train_module
-
-    saved = {name: getattr(model_module, name) for name, _ in variant.module_settings}
-    build = train_module.build_model
-    recipe = BASE_RECIPE
-    try:
-        for name, value in variant.module_settings:
-            setattr(model_module, name, value)
-        if variant.model is not None:
-            train_module.build_model = lambda config: build(variant.model(config))
-        if variant.recipe:
-            recipe = f"{BASE_RECIPE}-{variant.name}"
-            recipes.RECIPES[recipe] = dataclasses.replace(recipes.RECIPES[BASE_RECIPE], name=recipe, **dict(variant.recipe))
-        yield recipe
-    finally:
-        for name, value in saved.items():
-            setattr(model_module, name, value)
-        train_module.build_model = build
 
 
 @functools.lru_cache(maxsize=1)
@@ -134,15 +102,11 @@ def initial_state(name: str, seed: int, args: argparse.Namespace, images: int = 
 
     from pipeline.model import set_pixel_mean
 
-    variant = VARIANTS[name]
-    data = _training_data(args.dataset, args.train_images)
-    with _applied(variant):
-        from pipeline import train as train_module
+    from pipeline.model import build_model
 
-        keras.utils.set_random_seed(seed)
-        shortcut = variant.shortcut or recipes.get_recipe(BASE_RECIPE).shortcut
-        model = train_module.build_model(architecture.ModelConfig(variant.arch, args.depth, data.num_classes,
-                                                         shortcut=shortcut))  # the run's build, hooks included
+    data = _training_data(args.dataset, args.train_images)
+    keras.utils.set_random_seed(seed)
+    model = build_model(VARIANTS[name].model_config(args.depth, data.num_classes))  # as the run builds it
     set_pixel_mean(model, data.pixel_mean())
     # A fixed random sample: the split keeps the class-by-class order of a folder.
     pick = np.random.default_rng(0).choice(len(data.train), images, replace=False)
@@ -166,26 +130,21 @@ def trace(name: str, seed: int, steps: int, args: argparse.Namespace, images: in
 
     from pipeline import input_pipeline
     from pipeline.distribute import Cluster, make_strategy
-    from pipeline.model import set_pixel_mean
+    from pipeline.model import build_model, set_pixel_mean
     from pipeline.optimizers import learning_rate_schedule, make_optimizer
     from pipeline.trainer import Trainer
 
     variant = VARIANTS[name]
     data = _training_data(args.dataset, args.train_images)
     strategy = make_strategy(Cluster(), None)
-    with _applied(variant) as recipe_name:
-        from pipeline import train as train_module
-
-        recipe = recipes.get_recipe(recipe_name)
-        with strategy.scope():
-            keras.utils.set_random_seed(seed)
-            shortcut = variant.shortcut or recipe.shortcut
-            model = train_module.build_model(architecture.ModelConfig(variant.arch, args.depth, data.num_classes,
-                                                             shortcut=shortcut))
-            set_pixel_mean(model, data.pixel_mean())
-            steps_per_epoch = len(data.train) // recipe.batch_size
-            schedule = learning_rate_schedule(recipe, recipe.learning_rate, steps_per_epoch * args.epochs)
-            optimizer = make_optimizer(recipe, schedule, loss_scaling=False)
+    recipe = variant.recipe_for_run()
+    with strategy.scope():
+        keras.utils.set_random_seed(seed)
+        model = build_model(variant.model_config(args.depth, data.num_classes))
+        set_pixel_mean(model, data.pixel_mean())
+        steps_per_epoch = len(data.train) // recipe.batch_size
+        schedule = learning_rate_schedule(recipe, recipe.learning_rate, steps_per_epoch * args.epochs)
+        optimizer = make_optimizer(recipe, schedule, loss_scaling=False)
     trainer = Trainer(strategy, model, optimizer, recipe.batch_size)
     batches = iter(strategy.distribute_datasets_from_function(lambda context: input_pipeline.train_dataset(
         data.train, batch_size=recipe.batch_size, seed=seed, start_epoch=0, steps_per_epoch=steps_per_epoch,
@@ -223,11 +182,10 @@ def run_variant(name: str, seed: int, args: argparse.Namespace) -> pathlib.Path:
         print(f"{name} seed {seed}: finished earlier, kept", flush=True)
         return run_dir
     print(f"{name} seed {seed}: training in {run_dir}", flush=True)
-    with _applied(variant) as recipe:
-        train(cfg.TrainConfig(
-            model_dir=str(run_dir), net=cfg.NetConfig(variant.arch, args.depth, shortcut=variant.shortcut),
-            data=cfg.DataConfig(args.dataset, train_images=args.train_images), recipe=recipe,
-            epochs=args.epochs, seed=seed, progress=False))
+    train(cfg.TrainConfig(
+        model_dir=str(run_dir), net=cfg.NetConfig(variant.arch, args.depth),
+        data=cfg.DataConfig(args.dataset, train_images=args.train_images), recipe=variant.recipe_for_run(),
+        epochs=args.epochs, seed=seed, progress=False))
     return run_dir
 
 

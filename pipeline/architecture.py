@@ -70,6 +70,23 @@ KERAS_BN_EPSILON = 1e-3
 HE2016_L2 = 1e-4 / 2
 KERAS_L2 = 1e-4
 
+# Kernel initialisers by name, as Keras identifiers: the Keras example's he_normal, and
+# fb.resnet.torch's (He et al.'s CIFAR code) for benchmarks/collapse_ablation.py.
+INITIALIZERS = {
+    "he_normal": "he_normal",
+    # Torch's nn.Linear default, which fb.resnet.torch keeps for the classifier: U(+-1/sqrt(fan_in)).
+    "torch-linear": {"class_name": "VarianceScaling",
+                     "config": {"scale": 1 / 3, "mode": "fan_in", "distribution": "uniform"}},
+    # fb.resnet.torch's convolutions: normal with variance 2 / (k * k * output channels).
+    "torch-conv": {"class_name": "VarianceScaling",
+                   "config": {"scale": 2.0, "mode": "fan_out", "distribution": "untruncated_normal"}},
+}
+
+
+def check_initializer(name: str) -> None:
+    if name not in INITIALIZERS:
+        raise ConfigError(f"unknown initializer {name!r}; choose one of {', '.join(INITIALIZERS)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -91,10 +108,18 @@ class ModelConfig:
     zero_init_residual: bool = False
     batch_norm_momentum: float = BN_MOMENTUM
     batch_norm_epsilon: float = BN_EPSILON
+    # The classifier's and the projection shortcut's kernel initialisers (INITIALIZERS; the
+    # other convolutions are he_normal), and the L2 factor of BN's gamma and beta (none, as
+    # in the Keras example).
+    classifier_initializer: str = "he_normal"
+    projection_initializer: str = "he_normal"
+    batch_norm_weight_decay: float = 0.0
 
     def __post_init__(self):
         check_architecture(self.arch, self.depth, self.width, self.cardinality)
         check_shortcut(self.shortcut)
+        check_initializer(self.classifier_initializer)
+        check_initializer(self.projection_initializer)
         if self.num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2; got {self.num_classes}")
 

@@ -110,9 +110,14 @@ def add_no_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_tf_config(args: argparse.Namespace) -> int:
-    from pipeline.distribute import tf_config_from_environment
+    from pipeline.distribute import Cluster, ClusterConfigError, tf_config_from_environment
 
-    config = tf_config_from_environment()
+    try:
+        config = tf_config_from_environment()
+        Cluster.from_tf_config(config)  # as strict as train: what it would refuse is not printed
+    except ClusterConfigError as error:
+        print(f"accresnet tf-config: error: {error}", file=sys.stderr)
+        return 2
     if config is None:
         print("accresnet tf-config: no TF_CONFIG and no Indexed Job variables: a single worker", file=sys.stderr)
         return 1
@@ -305,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, export, serve and query the accumulated residual network (Saraiya 2018) and its "
                     "plain ResNet baseline.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="TensorFlow's own logs too")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="TensorFlow's own logs too, its start-up lines included")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb in VERBS:
         sub = verbs.add_parser(verb.name, help=verb.help, description=verb.description)
@@ -316,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_logging(verbose: bool) -> None:
     if not verbose:
+        from pipeline.quiet import quiet_tensorflow_startup
+
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        quiet_tensorflow_startup()  # the lines TF_CPP_MIN_LOG_LEVEL cannot reach (pipeline/quiet.py)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "tensorflow", "h5py"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)

@@ -97,7 +97,10 @@ class NetConfig:
         return ModelConfig(self.arch, self.depth, num_classes, weight_decay=recipe.weight_decay, width=self.width,
                            cardinality=self.cardinality, shortcut=self.shortcut or recipe.shortcut,
                            zero_init_residual=zero_init, batch_norm_momentum=recipe.batch_norm_momentum,
-                           batch_norm_epsilon=recipe.batch_norm_epsilon)
+                           batch_norm_epsilon=recipe.batch_norm_epsilon, fused_batch_norm=recipe.fused_batch_norm,
+                           classifier_initializer=recipe.classifier_initializer,
+                           projection_initializer=recipe.projection_initializer,
+                           batch_norm_weight_decay=recipe.batch_norm_weight_decay)
 
 
 def _recipe_name(recipe: Recipe) -> str:

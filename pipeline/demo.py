@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import sys
 import time
 
 from pipeline.config import TrainConfig
@@ -87,6 +88,18 @@ def run_demo(config: DemoConfig) -> int:
     print(f"server stopped; total {time.monotonic() - started:.0f}s. Try it yourself:\n"
           f"  accresnet serve {' '.join(flags)}\n"
           f"  accresnet classify --server localhost:{grpc_port} {out / 'held-out'}")
-    chance = 1 / data.num_classes
-    return 0 if accuracy > chance else 1
+    problem = below_chance(accuracy, data.num_classes)
+    if problem:
+        print(f"accresnet demo: error: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def below_chance(accuracy: float, num_classes: int) -> str | None:
+    """Why the demo fails when the served model is no better than guessing; None when it is."""
+    chance = 1 / num_classes
+    if accuracy > chance:
+        return None
+    return (f"held-out accuracy {accuracy:.4f} is not above chance ({chance:.4f} for {num_classes} classes): the "
+            "chain ran, but the model did not learn; train longer (--steps) or check the data")
 

@@ -114,8 +114,13 @@ def tf_config_from_environment(environ: Mapping[str, str] = os.environ) -> str |
     """TF_CONFIG as set (by hand, or by Kubeflow's TFJob), else derived for an Indexed Job, else None."""
     if environ.get("TF_CONFIG"):
         return environ["TF_CONFIG"]
-    if INDEX_VARIABLE not in environ or WORKERS_VARIABLE not in environ:
+    if INDEX_VARIABLE not in environ:
         return None
+    if WORKERS_VARIABLE not in environ:
+        # A pod of an Indexed Job that says nothing of its peers: guessing one worker would
+        # train N separate models where N were meant to train one.
+        raise ClusterConfigError(f"{INDEX_VARIABLE} is set (a pod of an Indexed Job) but {WORKERS_VARIABLE} is "
+                                 f"not: set it to the Job's completions ({WORKERS_VARIABLE}=1 for one worker)")
     try:
         index, workers = int(environ[INDEX_VARIABLE]), int(environ[WORKERS_VARIABLE])
         port = int(environ.get(PORT_VARIABLE, DEFAULT_WORKER_PORT))

@@ -34,16 +34,11 @@ import keras
 import tensorflow as tf
 from keras import layers, ops
 
-from pipeline.architecture import BN_EPSILON, BN_MOMENTUM, KERAS_L2, blocks_per_stage, is_accumulated, ModelConfig
+from pipeline.architecture import (BN_EPSILON, BN_MOMENTUM, INITIALIZERS, KERAS_L2, ModelConfig, blocks_per_stage,
+                                   is_accumulated)
 from serving.contract import IMAGE_SHAPE, IMAGES_INPUT
 
 STAGE_FILTERS = (16, 32, 64)
-# Initialisers of the classifier and of the projection shortcut (the Keras
-# example's he_normal), and L2 on BN's gamma and beta (none, as there). Module
-# settings so that benchmarks/collapse_ablation.py can vary them.
-CLASSIFIER_INITIALIZER = "he_normal"
-PROJECTION_INITIALIZER = "he_normal"
-BN_WEIGHT_DECAY = 0.0
 
 
 @keras.saving.register_keras_serializable(package="accresnet")
@@ -79,9 +74,9 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
 
 def _batch_norm(name: str, fused: bool = True, gamma_initializer="ones", momentum: float = BN_MOMENTUM,
-                epsilon: float = BN_EPSILON) -> layers.BatchNormalization:
+                epsilon: float = BN_EPSILON, weight_decay: float = 0.0) -> layers.BatchNormalization:
     kind = FusedBatchNormalization if fused else layers.BatchNormalization
-    decay = keras.regularizers.L2(BN_WEIGHT_DECAY) if BN_WEIGHT_DECAY else None
+    decay = keras.regularizers.L2(weight_decay) if weight_decay else None
     return kind(momentum=momentum, epsilon=epsilon, gamma_initializer=gamma_initializer,
                 gamma_regularizer=decay, beta_regularizer=decay, name=name)
 
@@ -167,17 +162,19 @@ class _ConvUnit(layers.Layer):
     def __init__(self, filters: int, strides: int = 1, weight_decay: float = KERAS_L2, fused_batch_norm: bool = True,
                  style: str = "basic", bottleneck: int = 0, groups: int = 1, shortcut: str = "projection",
                  zero_init_residual: bool = False, batch_norm_momentum: float = BN_MOMENTUM,
-                 batch_norm_epsilon: float = BN_EPSILON, **kwargs):
+                 batch_norm_epsilon: float = BN_EPSILON, projection_initializer: str = "he_normal",
+                 batch_norm_weight_decay: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.strides, self.weight_decay = filters, strides, weight_decay
         self.fused_batch_norm, self.style = fused_batch_norm, style
         self.bottleneck, self.groups, self.shortcut = bottleneck, groups, shortcut
         self.zero_init_residual = zero_init_residual
         self.batch_norm_momentum, self.batch_norm_epsilon = batch_norm_momentum, batch_norm_epsilon
+        self.projection_initializer, self.batch_norm_weight_decay = projection_initializer, batch_norm_weight_decay
 
     def _norm(self, name: str, gamma_initializer="ones") -> layers.BatchNormalization:
         return _batch_norm(name, self.fused_batch_norm, gamma_initializer, self.batch_norm_momentum,
-                           self.batch_norm_epsilon)
+                           self.batch_norm_epsilon, self.batch_norm_weight_decay)
 
     def get_config(self):
         return {**super().get_config(), **self._unit_config()}
@@ -186,7 +183,9 @@ class _ConvUnit(layers.Layer):
         return dict(filters=self.filters, strides=self.strides, weight_decay=self.weight_decay,
                     fused_batch_norm=self.fused_batch_norm, style=self.style, bottleneck=self.bottleneck,
                     groups=self.groups, shortcut=self.shortcut, zero_init_residual=self.zero_init_residual,
-                    batch_norm_momentum=self.batch_norm_momentum, batch_norm_epsilon=self.batch_norm_epsilon)
+                    batch_norm_momentum=self.batch_norm_momentum, batch_norm_epsilon=self.batch_norm_epsilon,
+                    projection_initializer=self.projection_initializer,
+                    batch_norm_weight_decay=self.batch_norm_weight_decay)
 
 
 @keras.saving.register_keras_serializable(package="accresnet")
@@ -238,7 +237,7 @@ class _Block(_ConvUnit):
             self.padding = PaddingShortcut(self.filters, self.strides, name="padding")
             return
         self.projection = _conv(self.filters, 1, self.strides, self.weight_decay, "projection",
-                                initializer=PROJECTION_INITIALIZER)
+                                initializer=INITIALIZERS[self.projection_initializer])
         if self.shortcut == "projection-bn":
             self.projection_norm = self._norm("projection_bn")
 
@@ -346,7 +345,7 @@ def build_model(config: ModelConfig) -> keras.Model:
     x = PixelStandardization(name="standardize")(images)
     x = _conv(STAGE_FILTERS[0], 3, 1, config.weight_decay, "stem_conv")(x)
     norm = dict(fused=config.fused_batch_norm, momentum=config.batch_norm_momentum,
-                epsilon=config.batch_norm_epsilon)
+                epsilon=config.batch_norm_epsilon, weight_decay=config.batch_norm_weight_decay)
     if style != "preact":  # pre-activation blocks normalise their own input
         x = layers.ReLU(name="stem_relu")(_batch_norm("stem_bn", **norm)(x))
     accumulator = None
@@ -359,6 +358,8 @@ def build_model(config: ModelConfig) -> keras.Model:
                             zero_init_residual=config.zero_init_residual,
                             batch_norm_momentum=config.batch_norm_momentum,
                             batch_norm_epsilon=config.batch_norm_epsilon,
+                            projection_initializer=config.projection_initializer,
+                            batch_norm_weight_decay=config.batch_norm_weight_decay,
                             name=block_name(stage_number, block_number))
             if is_accumulated(config.arch):
                 # A stage's first block projects and restarts the accumulator
@@ -372,7 +373,8 @@ def build_model(config: ModelConfig) -> keras.Model:
         x = layers.ReLU(name="final_relu")(_batch_norm("final_bn", **norm)(x))
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     # Softmax in float32 under mixed precision, for a stable loss.
-    probabilities = layers.Dense(config.num_classes, activation="softmax", kernel_initializer=CLASSIFIER_INITIALIZER,
+    probabilities = layers.Dense(config.num_classes, activation="softmax",
+                                 kernel_initializer=INITIALIZERS[config.classifier_initializer],
                                  dtype="float32", name="probabilities")(x)
     return keras.Model(images, probabilities, name=name)
 
@@ -392,8 +394,3 @@ def precision_policy(name: str):
 def set_pixel_mean(model: keras.Model, mean) -> None:
     """Store the training split's per-pixel mean in the model's first layer."""
     model.get_layer("standardize").set_mean(mean)
-
-
-def count_batch_norms(model: keras.Model) -> int:
-    """BatchNormalization layers anywhere in the model, nested ones included."""
-    return sum(isinstance(layer, layers.BatchNormalization) for layer in model._flatten_layers())

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Literal
 
 from pipeline.architecture import (BN_EPSILON, BN_MOMENTUM, HE2016_L2, KERAS_BN_EPSILON, KERAS_BN_MOMENTUM,
-                                   KERAS_L2, check_shortcut)
+                                   KERAS_L2, check_initializer, check_shortcut)
 from pipeline.errors import ConfigError
 
 
@@ -62,10 +62,17 @@ class Recipe:
     weight_decay: float = KERAS_L2
     batch_norm_momentum: float = BN_MOMENTUM
     batch_norm_epsilon: float = BN_EPSILON
+    # ModelConfig's initialisers, BN decay and BN kernel for the runs of this recipe.
+    classifier_initializer: str = "he_normal"
+    projection_initializer: str = "he_normal"
+    batch_norm_weight_decay: float = 0.0
+    fused_batch_norm: bool = True
     augmentation: str = "pad-crop"
 
     def __post_init__(self):
         check_shortcut(self.shortcut)
+        check_initializer(self.classifier_initializer)
+        check_initializer(self.projection_initializer)
         if self.augmentation not in AUGMENTATIONS:
             raise ConfigError(f"unknown augmentation {self.augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
 

@@ -31,7 +31,8 @@ from serving.atomic import write_atomically
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
 # Settings that must match for a model directory to be resumed.
 RESUME_KEYS = ("arch", "depth", "width", "cardinality", "dataset", "num_classes", "seed", "recipe", "shortcut",
-               "zero_init_residual", "weight_decay", "batch_norm_momentum", "batch_norm_epsilon")
+               "zero_init_residual", "weight_decay", "batch_norm_momentum", "batch_norm_epsilon",
+               "classifier_initializer", "projection_initializer", "batch_norm_weight_decay", "fused_batch_norm")
 
 
 class ResumeMismatch(UserError, ValueError):
@@ -52,6 +53,10 @@ class RunSettings:
     weight_decay: float = KERAS_L2
     batch_norm_momentum: float = BN_MOMENTUM
     batch_norm_epsilon: float = BN_EPSILON
+    classifier_initializer: str = "he_normal"
+    projection_initializer: str = "he_normal"
+    batch_norm_weight_decay: float = 0.0
+    fused_batch_norm: bool = True
     augmentation: str | None = "pad-crop"  # None: --no-augment (runs from before: not recorded)
     dataset: str
     # SHA-256 over the files the dataset spec read (datasets.files_digest); None: generated, or not recorded.
@@ -72,10 +77,13 @@ class RunSettings:
     jit: bool
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(self.arch, self.depth, self.num_classes, weight_decay=self.weight_decay, width=self.width,
-                           cardinality=self.cardinality, shortcut=self.shortcut,
-                           zero_init_residual=self.zero_init_residual, batch_norm_momentum=self.batch_norm_momentum,
-                           batch_norm_epsilon=self.batch_norm_epsilon)
+        """The network the run trains: every ModelConfig field is a setting of the run."""
+        return ModelConfig(**{field.name: getattr(self, field.name) for field in dataclasses.fields(ModelConfig)})
+
+    @staticmethod
+    def model_settings(model: ModelConfig) -> dict[str, Any]:
+        """ModelConfig's fields as RunSettings keeps them (the inverse of model_config)."""
+        return dataclasses.asdict(model)
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "class_names": list(self.class_names)}
@@ -247,10 +255,6 @@ class RunDir:
         folder = self.path / "workers"
         folder.mkdir(parents=True, exist_ok=True)
         _write_json(folder / f"{record.task_type}-{record.task_id}.json", dataclasses.asdict(record))
-
-    def read_worker_records(self) -> list[WorkerRecord]:
-        return [WorkerRecord(**json.loads(path.read_text()))
-                for path in sorted((self.path / "workers").glob("*.json"))]
 
 
 def _write_json(path: pathlib.Path, value: dict) -> None:

@@ -146,11 +146,8 @@ def resolve(config: TrainConfig, data: datasets.ImageData, replicas: int, cluste
     length = run_length(recipe, len(data.train), global_batch, config.epochs, config.steps)
     model = net.model_config(data.num_classes, recipe)
     settings = RunSettings(
-        arch=net.arch, depth=net.depth, width=net.width, cardinality=net.cardinality,
-        shortcut=model.shortcut, zero_init_residual=model.zero_init_residual, weight_decay=model.weight_decay,
-        batch_norm_momentum=model.batch_norm_momentum, batch_norm_epsilon=model.batch_norm_epsilon,
-        augmentation=config.augmentation,
-        dataset=config.data.spec, data_digest=datasets.files_digest(config.data), num_classes=data.num_classes,
+        **RunSettings.model_settings(model), augmentation=config.augmentation,
+        dataset=config.data.spec, data_digest=datasets.files_digest(config.data),
         class_names=tuple(data.class_names),
         seed=config.seed, recipe=recipe.name, replicas=replicas, workers=cluster.num_workers,
         per_replica_batch=config.per_replica_batch, global_batch=global_batch,

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
+
+from serving.contract import DEFAULT_TOP_K, MODEL_NAME, SERVING_DEFAULT
+
+OUTPUT_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -14,15 +19,21 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help="HOST:PORT of the gRPC port, or of the REST port with --rest (default: %(default)s)")
     parser.add_argument("--rest", action="store_true",
                         help="talk to the REST API (--rest_api_port) instead of gRPC; versions and labels alike")
-    parser.add_argument("--model", default="accresnet", help="model name on the server (default: %(default)s)")
+    parser.add_argument("--model", default=MODEL_NAME, help="model name on the server (default: %(default)s)")
     version = parser.add_mutually_exclusive_group()
     version.add_argument("--version", type=int, help="a model version (default: the latest available)")
     version.add_argument("--label", help="a version label from the server's model config, e.g. stable")
-    parser.add_argument("--signature", default="serving_default",
+    parser.add_argument("--signature", default=SERVING_DEFAULT,
                         help="serving_default sends 32x32 pixels; serving_bytes sends the files' own bytes "
                              "(default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                        help="classes shown per image, at most the export's --top-k (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per request (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="requests in flight at once; the answers still come in order (default: %(default)s)")
+    parser.add_argument("--output", metavar="FILE",
+                        help="also write every prediction to FILE: JSON lines (.jsonl) or CSV (.csv), by its "
+                             "extension; written to FILE.partial and renamed when complete")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)")
     parser.add_argument("--retries", type=int, default=3,
                         help="retries with exponential backoff while the server is UNAVAILABLE (default: %(default)s)")
@@ -56,15 +67,67 @@ def _table_row(prediction, width: int) -> str:
     return f"{prediction.path:<{width}}  {prediction.class_name:<20} {prediction.probability:>7.3f}   {top}"
 
 
+class _OutputFile:
+    """--output FILE: every prediction as a JSON line or a CSV row, written to FILE.partial and
+    renamed to FILE only when the run completes, so a FILE is never a torn half."""
+
+    CSV_COLUMNS = ("path", "class_name", "class_id", "probability", "version", "label", "top_k")
+
+    def __init__(self, path: str):
+        import os
+
+        self.path, self.partial = path, path + ".partial"
+        self.format = OUTPUT_FORMATS[os.path.splitext(path)[1].lower()]
+        self.file = open(self.partial, "w", newline="", encoding="utf-8")
+        self.csv = csv.writer(self.file) if self.format == "csv" else None
+        if self.csv:
+            self.csv.writerow(self.CSV_COLUMNS)
+
+    def write(self, prediction) -> None:
+        if self.csv:
+            record = prediction.to_json()
+            record["top_k"] = " ".join(f"{name}:{p:.6f}" for name, p in prediction.top_k)
+            self.csv.writerow(["" if record[c] is None else record[c] for c in self.CSV_COLUMNS])
+        else:
+            self.file.write(json.dumps(prediction.to_json()) + "\n")
+
+    def close(self, complete: bool) -> None:
+        import os
+
+        self.file.close()
+        if complete:
+            os.replace(self.partial, self.path)
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    """The flags' own mistakes, named; None when there are none."""
+    import os
+
+    for name in ("top_k", "batch_size", "concurrency"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}"
+    if args.output:
+        if os.path.splitext(args.output)[1].lower() not in OUTPUT_FORMATS:
+            return f"--output {args.output}: name a .jsonl or .csv file (the extension says the format)"
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            return f"--output {args.output}: no folder {os.path.dirname(os.path.abspath(args.output))}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from serving.client import Classifier, ClientError, RestClassifier, image_files
 
-    if args.top_k < 1 or args.batch_size < 1:
-        print("accresnet classify: error: --top-k and --batch-size must be positive", file=sys.stderr)
+    problem = _check(args)
+    if problem:
+        print(f"accresnet classify: error: {problem}", file=sys.stderr)
         return 2
-    files = image_files(args.paths)
+    try:
+        files = image_files(args.paths)
+    except ClientError as error:
+        print(f"accresnet classify: error: {error}", file=sys.stderr)
+        return 2
     if not files:
-        print("accresnet classify: error: no image files found", file=sys.stderr)
+        print("accresnet classify: error: no image files given", file=sys.stderr)
         return 2
     failures = []
 
@@ -74,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
 
     progress = _Progress(len(files), sys.stderr.isatty() and not args.json and len(files) > args.batch_size)
     width = min(max(len(f) for f in files), 60)
+    output = _OutputFile(args.output) if args.output else None
+    complete = False
     try:
         client = RestClassifier if args.rest else Classifier
         with client(args.server, args.model, args.signature, args.version, args.label, args.timeout,
@@ -81,16 +146,25 @@ def run(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"{'image':<{width}}  {'class':<20} {'prob':>7}   top-{args.top_k}")
             for prediction in classifier.classify_files(files, args.batch_size, args.top_k, on_error,
-                                                        progress.advance):
+                                                        progress.advance, args.concurrency):
+                if output:
+                    output.write(prediction)
                 if args.json:
                     print(json.dumps(prediction.to_json()), flush=True)
                 else:
                     print(_table_row(prediction, width), flush=progress.enabled)
+        complete = True
     except ClientError as error:
         progress.finish()
         print(f"accresnet classify: error: {error}", file=sys.stderr)
         return 1
+    finally:
+        if output:
+            output.close(complete)
     progress.finish()
+    if output:
+        print(f"accresnet classify: wrote {len(files) - len(failures)} prediction(s) to {args.output}",
+              file=sys.stderr)
     if failures:
         print(f"accresnet classify: {len(failures)} of {len(files)} file(s) could not be read", file=sys.stderr)
         return 1

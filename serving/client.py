@@ -12,14 +12,17 @@ server that batches requests (where a signature without inputs is refused);
 a model that only outputs probabilities gets its classes named by index.
 
     from serving.client import Classifier
-    with Classifier("localhost:8500", model="accresnet") as classifier:
+    with Classifier("localhost:8500") as classifier:
         for prediction in classifier.classify_files(["cat.jpg"], top_k=3):
             print(prediction.path, prediction.class_name, prediction.probability)
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import os
 import pathlib
@@ -29,11 +32,16 @@ from collections.abc import Callable, Iterable, Iterator
 import grpc
 import numpy as np
 
-log = logging.getLogger(__name__)
+from serving.contract import (
+    DEFAULT_TOP_K,
+    MODEL_NAME,
+    PROBABILITIES,
+    SERVING_DEFAULT,
+    TOP_K_NAMES,
+    TOP_K_PROBABILITIES,
+)
 
-PROBABILITIES = "probabilities"
-TOP_K_NAMES = "top_k_class_names"
-TOP_K_PROBABILITIES = "top_k_probabilities"
+log = logging.getLogger(__name__)
 MAX_MESSAGE = 256 * 1024 * 1024
 
 
@@ -85,7 +93,7 @@ class Answer:
 class Classifier:
     """A gRPC connection to one model (and optionally one version or label)."""
 
-    def __init__(self, server: str, model: str = "accresnet", signature: str = "serving_default",
+    def __init__(self, server: str, model: str = MODEL_NAME, signature: str = SERVING_DEFAULT,
                  version: int | None = None, label: str | None = None, timeout: float = 30.0,
                  retries: int = 3, tls_ca: str | None = None):
         self._remember(server, model, signature, version, label, timeout, retries)
@@ -198,54 +206,76 @@ class Classifier:
                  for row in tf.make_ndarray(response.outputs[TOP_K_NAMES])]
         return Answer(probabilities, names, tf.make_ndarray(response.outputs[TOP_K_PROBABILITIES]), version)
 
-    def classify_files(self, paths: Iterable[str], batch_size: int = 64, top_k: int = 3,
+    def classify_files(self, paths: Iterable[str], batch_size: int = 64, top_k: int = DEFAULT_TOP_K,
                        on_error: Callable[[str, Exception], None] | None = None,
-                       on_batch: Callable[[int], None] | None = None) -> Iterator[Prediction]:
-        """Predictions for the readable files, in order; unreadable ones go to `on_error`."""
+                       on_batch: Callable[[int], None] | None = None,
+                       concurrency: int = 1) -> Iterator[Prediction]:
+        """Predictions for the readable files, in order; unreadable ones go to `on_error`.
+        `concurrency` batches are read and in flight at once (the answers still come in order)."""
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        takes_bytes = self.signature_input().takes_bytes  # once, before any thread asks
+        batches = _chunks(paths, batch_size)
+        with concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="classify") as pool:
+            in_flight = collections.deque()
+            for batch in itertools.islice(batches, concurrency):
+                in_flight.append(pool.submit(self._classify_batch, batch, takes_bytes, top_k, on_error is not None))
+            while in_flight:
+                outcomes = in_flight.popleft().result()
+                for batch in itertools.islice(batches, 1):  # keep `concurrency` in flight
+                    in_flight.append(pool.submit(self._classify_batch, batch, takes_bytes, top_k,
+                                                 on_error is not None))
+                for path, outcome in outcomes:
+                    if isinstance(outcome, Exception):
+                        on_error(path, outcome)
+                    else:
+                        yield outcome
+                if on_batch is not None:
+                    on_batch(sum(not isinstance(outcome, Exception) for _, outcome in outcomes))
+
+    def _classify_batch(self, paths: list[str], takes_bytes: bool, top_k: int,
+                        report_errors: bool) -> list[tuple[str, Prediction | Exception]]:
+        """Read and send one batch of files: (path, prediction or the error that stopped it), in order."""
         from serving.images import read_pixels
 
-        takes_bytes = self.signature_input().takes_bytes
-        pending: list[tuple[str, object]] = []
-
-        def answers(items: list[tuple[str, object]]):
-            """(path, answer, row) for each item; a file the server cannot decode is
-            reported on its own (its batch is sent again one file at a time)."""
-            batch = [item for _, item in items]
-            try:
-                answer = self.answer(batch if takes_bytes else np.stack(batch))
-            except ClientError as error:
-                if error.code != grpc.StatusCode.INVALID_ARGUMENT or not takes_bytes or on_error is None:
-                    raise
-                if len(items) == 1:
-                    on_error(items[0][0], error)
-                    return
-                for item in items:
-                    yield from answers([item])
-                return
-            for row, (path, _) in enumerate(items):
-                yield path, answer, row
-
-        def flush():
-            for path, answer, row in answers(pending):
-                yield dataclasses.replace(_prediction(path, answer, row, top_k), label=self.label or None)
-            if on_batch is not None:
-                on_batch(len(pending))
-            pending.clear()
-
+        outcomes: dict[str, Prediction | Exception] = {}
+        items: list[tuple[str, object]] = []
         for path in paths:
             try:
                 pixels = read_pixels(path)  # also proves the file is an image
-                item = pathlib.Path(path).read_bytes() if takes_bytes else pixels
+                items.append((path, pathlib.Path(path).read_bytes() if takes_bytes else pixels))
             except Exception as error:  # Pillow raises many kinds for bad files
-                if on_error is None:
+                if not report_errors:
                     raise
-                on_error(path, error)
-                continue
-            pending.append((path, item))
-            if len(pending) == batch_size:
-                yield from flush()
-        if pending:
-            yield from flush()
+                outcomes[path] = error
+
+        def answer(items: list[tuple[str, object]]) -> None:
+            """A file the server cannot decode is reported on its own (its batch is sent
+            again one file at a time)."""
+            batch = [item for _, item in items]
+            try:
+                reply = self.answer(batch if takes_bytes else np.stack(batch))
+            except ClientError as error:
+                if error.code != grpc.StatusCode.INVALID_ARGUMENT or not takes_bytes or not report_errors:
+                    raise
+                if len(items) == 1:
+                    outcomes[items[0][0]] = error
+                    return
+                for item in items:
+                    answer([item])
+                return
+            for row, (path, _) in enumerate(items):
+                outcomes[path] = dataclasses.replace(_prediction(path, reply, row, top_k), label=self.label or None)
+
+        if items:
+            answer(items)
+        return [(path, outcomes[path]) for path in paths if path in outcomes]
+
+
+def _chunks(paths: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(paths)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def _prediction(path: str, answer: Answer, row: int, top_k: int) -> Prediction:
@@ -261,17 +291,23 @@ def _prediction(path: str, answer: Answer, row: int, top_k: int) -> Prediction:
 
 
 def image_files(arguments: Iterable[str]) -> list[str]:
-    """Files named on the command line, and the image files under named folders (sorted)."""
+    """Files named on the command line, and the image files under named folders (sorted).
+    A folder with no image file in it is a ClientError that names it."""
     from serving.images import image_extensions
 
     extensions = image_extensions()
     files = []
     for argument in arguments:
         if os.path.isdir(argument):
+            found = []
             for root, dirs, names in os.walk(argument):
                 dirs.sort()
-                files.extend(os.path.join(root, n) for n in sorted(names)
+                found.extend(os.path.join(root, n) for n in sorted(names)
                              if os.path.splitext(n)[1].lower() in extensions and not n.startswith("."))
+            if not found:
+                raise ClientError(f"no image files in folder {argument} (looked for "
+                                  f"{', '.join(sorted(extensions))})")
+            files.extend(found)
         else:
             files.append(argument)
     return files
@@ -281,7 +317,7 @@ class RestClassifier(Classifier):
     """The same client over TF Serving's REST API (`--rest_api_port`): metadata and
     columnar Predict requests, versions and labels in the URL."""
 
-    def __init__(self, server: str, model: str = "accresnet", signature: str = "serving_default",
+    def __init__(self, server: str, model: str = MODEL_NAME, signature: str = SERVING_DEFAULT,
                  version: int | None = None, label: str | None = None, timeout: float = 30.0,
                  retries: int = 3, tls_ca: str | None = None):
         import ssl

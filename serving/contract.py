@@ -32,7 +32,10 @@ BYTES_INPUT = "image_bytes"
 EXAMPLES_INPUT = "inputs"  # the input of every classify and regress signature (TF Serving's name)
 # The tf.Example feature that carries the encoded image (TensorFlow's usual key).
 IMAGE_FEATURE = "image/encoded"
-PREDICT_OUTPUTS = ("probabilities", "class_ids", "class_names", "top_k_class_names", "top_k_probabilities")
+PROBABILITIES = "probabilities"
+TOP_K_NAMES = "top_k_class_names"
+TOP_K_PROBABILITIES = "top_k_probabilities"
+PREDICT_OUTPUTS = (PROBABILITIES, "class_ids", "class_names", TOP_K_NAMES, TOP_K_PROBABILITIES)
 CLASSIFY_OUTPUTS = ("classes", "scores")
 DEFAULT_TOP_K = 5
 

@@ -54,9 +54,6 @@ DEPLOYED_FLAGS = (
 )
 PORT_FLAGS = ("--port", "--rest_api_port")
 MODEL_CONFIG_FLAG = "--model_config_file"
-# Flags that only mean something with a model config file (KServe's runtime passes a base path instead).
-MODEL_CONFIG_FLAGS = (MODEL_CONFIG_FLAG, "--model_config_file_poll_wait_seconds",
-                      "--allow_version_labels_for_unavailable_models")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,3 +36,12 @@ def deployed_server(models_dir, scratch, **flags):
     extra = [f"--{name}={value}" for name, value in flags.items()]
     args = build_parser().parse_args([*local.flags, *extra])
     return RunningServer(options_from_args(args))
+
+
+def worker_records(run):
+    """The records each worker of a run wrote at its end (RunDir.write_worker_record), by task."""
+    import json
+
+    from pipeline.rundir import WorkerRecord
+
+    return [WorkerRecord(**json.loads(path.read_text())) for path in sorted((run.path / "workers").glob("*.json"))]

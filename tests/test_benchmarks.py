@@ -4,32 +4,49 @@ import json
 import pathlib
 import sys
 
+import keras
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import collapse_ablation  # noqa: E402
 import flops  # noqa: E402
 import gpu_estimate  # noqa: E402
-from pipeline import architecture  # noqa: E402
-from pipeline import recipes  # noqa: E402
-from pipeline import model as model_module  # noqa: E402
-from pipeline import train as train_module  # noqa: E402
+from pipeline import architecture, recipes  # noqa: E402
+from pipeline.model import build_model  # noqa: E402
+from pipeline.rundir import RunSettings  # noqa: E402
 
 
-def test_a_variant_changes_its_settings_for_its_run_only():
-    build = train_module.build_model
-    with collapse_ablation._applied(collapse_ablation.VARIANTS["bn-l2"]) as recipe:
-        assert model_module.BN_WEIGHT_DECAY == 1e-4 and recipe == "cpu-small"
-    assert model_module.BN_WEIGHT_DECAY == 0.0
-    with collapse_ablation._applied(collapse_ablation.VARIANTS["zero-gamma"]):
-        model = train_module.build_model(architecture.ModelConfig("resnet", 8))
-        assert not model.get_layer("stage1_block1").branch.bn2.gamma.numpy().any()
-    assert train_module.build_model is build
-    with collapse_ablation._applied(collapse_ablation.VARIANTS["warmup"]) as recipe:
-        warmup = recipes.get_recipe(recipe)
+def test_a_variant_is_a_recipe_of_its_own_and_changes_nothing_shared():
+    before = dict(recipes.RECIPES)
+    bn_l2 = collapse_ablation.VARIANTS["bn-l2"]
+    assert bn_l2.recipe_for_run().name == "cpu-small-bn-l2"
+    model = build_model(bn_l2.model_config(8, 10))
+    norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all(n.gamma_regularizer is not None and n.gamma_regularizer.l2 == 1e-4 for n in norms)
+    zero_gamma = build_model(collapse_ablation.VARIANTS["zero-gamma"].model_config(8, 10))
+    assert not zero_gamma.get_layer("stage1_block1").branch.bn2.gamma.numpy().any()
+    assert build_model(collapse_ablation.VARIANTS["baseline"].model_config(8, 10)).get_layer(
+        "stage1_block1").branch.bn2.gamma.numpy().all()
+    classifier = build_model(collapse_ablation.VARIANTS["classifier-init"].model_config(8, 10)).get_layer(
+        "probabilities")
+    # U(+-1/sqrt(64)): nothing beyond 0.125, where he_normal's std alone is 0.18.
+    assert abs(classifier.kernel.numpy()).max() <= 0.125
+    warmup = collapse_ablation.VARIANTS["warmup"].recipe_for_run()
     assert warmup.learning_rate == 0.01 and warmup.factors == (10.0, 1.0, 0.1)
     assert warmup.boundaries == (0.25, 0.5, 0.75) and warmup.momentum == 0.9
+    assert recipes.RECIPES == before and collapse_ablation.VARIANTS["baseline"].recipe_for_run() is before["cpu-small"]
+
+
+def test_the_run_records_every_model_setting_and_rebuilds_the_same_network():
+    model = collapse_ablation.VARIANTS["padding-classifier-init"].model_config(8, 10)
+    settings = RunSettings(**RunSettings.model_settings(model), dataset="synthetic", class_names=tuple("abcdefghij"),
+                           seed=0, recipe="r", replicas=1, workers=1, per_replica_batch=8, global_batch=8,
+                           learning_rate=0.1, total_steps=1, steps_per_epoch=1, epochs=1, mixed_precision=False,
+                           jit=False)
+    assert settings.model_config() == model
+    assert RunSettings.from_json(json.loads(json.dumps(settings.to_json()))).model_config() == model
 
 
 def test_table_lists_every_seed_and_the_mean():
@@ -96,3 +113,17 @@ def test_the_step_profile_sorts_kernels_into_classes_and_counts_their_flops():
     assert totals["conv grad kernel"].flops == 10**9 and totals["conv forward"].flops == 10**9
     assert totals["conv forward"].count == 1 and totals["conv forward"].seconds == pytest.approx(0.002)
     assert totals["BN forward"].flops == 0
+
+
+@pytest.mark.slow  # exports a model and starts a server
+def test_classify_concurrency_bench_runs_and_reports_a_ratio_per_setting():
+    import subprocess
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "classify_concurrency.py"), "--images", "40",
+                             "--depth", "8", "--batch-size", "8", "--concurrency", "1,3", "--rounds", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "--concurrency 1:" in result.stdout and "x --concurrency 1)" in result.stdout
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert figures["images"] == 40 and set(figures["images_per_sec"]) == {"1", "3"}
+    assert all(rate > 0 for rate in figures["images_per_sec"].values())

@@ -19,7 +19,7 @@ from pipeline.push import PushConfig, push
 from pipeline.validate import CONFUSION_FILE, ValidateConfig, validate
 from serving import labels
 from serving.deployment import MODEL_NAME
-from test_server import Clients, images, predict_request
+from server_clients import Clients, images, predict_request
 
 pytestmark = pytest.mark.slow  # every test here trains or starts processes
 

@@ -108,3 +108,11 @@ def test_train_experiment_and_demo_share_one_help_text_per_setting():
     # The verbs' own defaults: an experiment reproduces the paper, the demo is sized for a laptop.
     assert verbs["experiment"].parse_args(["--out", "o"]).recipe == "paper50"
     assert verbs["demo"].parse_args([]).batch_size == 64
+
+
+def test_the_demo_says_why_it_fails_at_chance():
+    from pipeline.demo import below_chance
+
+    assert below_chance(0.31, 10) is None
+    for accuracy in (0.1, 0.05):
+        assert "not above chance (0.1000 for 10 classes)" in below_chance(accuracy, 10)

@@ -239,3 +239,58 @@ def test_bytes_signature_names_and_skips_a_file_the_server_cannot_decode(server,
     assert [p.path for p in predictions] == files
     assert [path for path, _ in failed] == [str(odd)]
     assert "unsupported image format" in str(failed[0][1])
+
+
+def test_concurrent_requests_answer_in_order_as_one_at_a_time(server, picture_folder, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    files = image_files([str(picture_folder)])
+    paths = [*files[:3], str(broken), *files[3:]] * 3
+    answers = {}
+    for concurrency in (1, 4):
+        failed = []
+        with Classifier(f"localhost:{server.port}") as classifier:
+            answers[concurrency] = list(classifier.classify_files(
+                paths, batch_size=2, on_error=lambda path, error: failed.append(path), concurrency=concurrency))
+        assert failed == [str(broken)] * 3
+    assert [p.path for p in answers[4]] == [p for p in paths if p != str(broken)]
+    assert [(p.path, p.class_id, p.top_k) for p in answers[4]] == [(p.path, p.class_id, p.top_k) for p in answers[1]]
+
+
+@pytest.mark.parametrize("extension", ["jsonl", "csv"])
+def test_classify_writes_every_prediction_to_an_output_file(server, picture_folder, tmp_path, extension):
+    import csv
+
+    out = tmp_path / f"predictions.{extension}"
+    result = classify_command("--server", f"localhost:{server.port}", "--concurrency", "3", "--batch-size", "2",
+                              "--output", out, picture_folder)
+    assert result.returncode == 0, result.stderr
+    table = [line.split()[:2] for line in result.stdout.splitlines()[1:]]
+    if extension == "jsonl":
+        written = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [[r["path"], r["class_name"]] for r in written] == table
+        assert all(len(r["top_k"]) == 5 and r["version"] == 1 for r in written)  # the contract's top-k default
+    else:
+        with out.open(newline="") as file:
+            written = list(csv.DictReader(file))
+        assert [[r["path"], r["class_name"]] for r in written] == table
+        assert all(r["version"] == "1" and r["label"] == "" and len(r["top_k"].split()) == 5 for r in written)
+    assert len(table) == 6 and not (tmp_path / f"predictions.{extension}.partial").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--output", "predictions.txt"], "name a .jsonl or .csv file"),
+    (["--output", "/no/such/folder/p.jsonl"], "no folder /no/such/folder"),
+    (["--concurrency", "0"], "--concurrency must be at least 1, not 0"),
+])
+def test_classify_refuses_bad_flags_in_one_line(picture_folder, flags, message):
+    result = classify_command(*flags, picture_folder)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_classify_names_a_folder_without_images(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    result = classify_command(tmp_path / "empty")
+    assert result.returncode == 2
+    assert f"no image files in folder {tmp_path / 'empty'}" in result.stderr, result.stderr

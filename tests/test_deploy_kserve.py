@@ -16,6 +16,10 @@ from manifests import (KSERVE_MODEL_FIELDS, KSERVE_PREDICTOR_FIELDS, KSERVE_SPEC
                        KUBERNETES_VERSION, ROOT, objects, one, predictor_pod_spec)
 from serving import deployment
 
+# Flags that only mean something with a model config file (KServe's runtime passes a base path instead).
+MODEL_CONFIG_FLAGS = (deployment.MODEL_CONFIG_FLAG, "--model_config_file_poll_wait_seconds",
+                      "--allow_version_labels_for_unavailable_models")
+
 OVERLAY = "overlays/kserve"
 # KServe's ClusterServingRuntime kserve-tensorflow-serving (config/runtimes in
 # kserve/kserve) starts tensorflow_model_server with these; the InferenceService's
@@ -78,7 +82,7 @@ def test_it_serves_the_training_exports_on_the_shared_volume_with_tf_serving():
 
 def test_its_tf_serving_args_are_the_deployed_flags_the_runtime_does_not_set():
     args = model_container()["args"]
-    runtime_set = {flag_name(f) for f in RUNTIME_FLAGS} | set(deployment.MODEL_CONFIG_FLAGS)
+    runtime_set = {flag_name(f) for f in RUNTIME_FLAGS} | set(MODEL_CONFIG_FLAGS)
     expected = [f for f in deployment.DEPLOYED_FLAGS if flag_name(f) not in runtime_set]
     assert args == expected
     for flag in ("--enable_batching", "--batching_parameters_file", "--monitoring_config_file"):

@@ -85,3 +85,28 @@ def test_worker_index_puts_the_chief_first():
     assert [index(workers, {"type": "worker", "index": i}) for i in (0, 1)] == [0, 1]
     assert index(with_chief, {"type": "chief", "index": 0}) == 0
     assert [index(with_chief, {"type": "worker", "index": i}) for i in (0, 1)] == [1, 2]
+
+
+def test_an_indexed_job_pod_without_a_worker_count_is_refused():
+    environ = {key: value for key, value in JOB.items() if key != "ACCRESNET_NUM_WORKERS"}
+    with pytest.raises(ClusterConfigError, match="ACCRESNET_NUM_WORKERS is not"):
+        tf_config_from_environment(environ)
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"TF_CONFIG": "{not json"}, "not a JSON object"),
+    ({"TF_CONFIG": tf_config({"worker": ["a:1", "b:1"]}, index=5)}, "not one of the cluster's 2 workers"),
+    ({"JOB_COMPLETION_INDEX": "1"}, "ACCRESNET_NUM_WORKERS is not"),
+])
+def test_tf_config_verb_refuses_what_train_refuses(environ, message):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    clean = {k: v for k, v in os.environ.items() if k != "TF_CONFIG" and not k.startswith(("JOB_", "ACCRESNET_"))}
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "tf-config"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60, env={**clean, **environ})
+    assert result.returncode == 2 and result.stdout == "", result
+    assert result.stderr.startswith("accresnet tf-config: error:") and message in result.stderr, result.stderr

@@ -11,7 +11,6 @@ from tensorflow_serving.apis import prediction_log_pb2
 from hostile_files import gif_hiding_a_frame, gif_of_frames, gif_of_sub_blocks, jpeg_declaring, png_declaring
 from pipeline import export
 from pipeline.synthetic import CLASS_NAMES
-from serving.server.servable import read_meta_graph
 
 
 def images(count=5, seed=0):
@@ -35,6 +34,16 @@ def test_layout_of_a_version(exported_model):
     assert [log.classify_log.request.model_spec.signature_name for log in logs
             if log.WhichOneof("log_type") == "classify_log"] == ["classify"]
     assert not [p for p in exported_model.parent.iterdir() if p.name.startswith(".")]
+
+
+def read_meta_graph(path: str):
+    """The MetaGraphDef tagged "serve" in `path`/saved_model.pb."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    with open(f"{path}/saved_model.pb", "rb") as file:
+        saved_model = saved_model_pb2.SavedModel.FromString(file.read())
+    (meta_graph,) = [m for m in saved_model.meta_graphs if "serve" in m.meta_info_def.tags]
+    return meta_graph
 
 
 def test_every_signature_is_batchable_as_tf_serving_requires(exported_model):

@@ -19,7 +19,7 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import classification_pb2, predict_pb2
 
 from hostile_files import gif_hiding_a_frame
-from test_server import Clients, images, predict_request, start_server
+from server_clients import Clients, images, predict_request, start_server
 from test_server_hardening import rss_mib
 
 RSS_BUDGET_MIB = 300
@@ -35,7 +35,8 @@ def model_root(exported_model, tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["batching", "unbatched"])
 def served(model_root, request):
-    flags = ["--enable_batching=false"] if request.param == "unbatched" else []
+    # TF Serving refuses a batching parameters file without batching: the deployed one goes too.
+    flags = ["--enable_batching=false", "--batching_parameters_file="] if request.param == "unbatched" else []
     # Without --check_input_shapes the server feeds what arrives, as TF Serving does: only the
     # model's own checks stand between a wrong shape and the kernels.
     server = start_server(model_root, {"m": model_root / "m"}, "--check_input_shapes=false", *flags)

@@ -16,7 +16,7 @@ from tensorflow_serving.apis import get_model_status_pb2
 from pipeline.export import existing_versions
 from serving.server.main import build_parser
 from serving.server.options import OptionsError, options_from_args
-from test_server import Clients, images, predict_request, start_server
+from server_clients import Clients, images, predict_request, start_server
 
 STRANGE_NAMES = ["²", "١", "99999999999999999999", "-3", " 4", "1e3"]
 

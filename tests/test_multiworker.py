@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from helpers import accresnet, free_ports
+from helpers import accresnet, free_ports, worker_records
 from pipeline.rundir import RunDir
 
 pytestmark = pytest.mark.slow  # every test here trains or starts processes
@@ -43,7 +43,7 @@ def test_two_workers_train_together_with_identical_weights(tmp_path):
     assert summary.settings.workers == 2 and summary.settings.replicas == 2 and summary.settings.global_batch == 64
     assert summary.epochs_completed == 2
     # Synchronous training: both workers end with the same weights, bit for bit.
-    records = run.read_worker_records()
+    records = worker_records(run)
     assert [(r.task_type, r.task_id, r.steps_completed) for r in records] == [
         ("worker", 0, summary.steps_completed), ("worker", 1, summary.steps_completed)]
     assert records[0].weights_sha256 == records[1].weights_sha256

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import accresnet, free_ports
+from helpers import accresnet, free_ports, worker_records
 from pipeline.rundir import RunDir
 from pipeline.preemption import EXIT_PEER_LOST, EXIT_PREEMPTED
 
@@ -89,7 +89,7 @@ def test_sigterm_mid_epoch_loses_no_step_and_ends_with_the_uninterrupted_weights
             np.testing.assert_allclose(value, uninterrupted[name], rtol=1e-5, atol=1e-6, err_msg=name)
         else:
             np.testing.assert_array_equal(value, uninterrupted[name], err_msg=name)
-    records = run.read_worker_records()
+    records = worker_records(run)
     assert records[0].weights_sha256 == records[1].weights_sha256
 
 

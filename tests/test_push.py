@@ -13,7 +13,7 @@ from pipeline.push import LabelConfig, PushConfig, ReleaseError, promote, push
 from serving import labels
 from serving.deployment import MODEL_CONFIG_TEMPLATE, MODEL_NAME, local_deployed_server
 from test_model_folder_and_config import wait_until
-from test_server import Clients, images, predict_request
+from server_clients import Clients, images, predict_request
 
 SLOW_LOAD_SECONDS = 4
 

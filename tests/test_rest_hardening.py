@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from serving.server.main import build_parser, serve
-from test_server import Clients, start_server
+from server_clients import Clients, start_server
 
 READ_TIMEOUT = 1.0  # --rest_api_read_timeout_seconds of the shared server
 BODY_LIMIT = 32 << 20
@@ -334,7 +334,6 @@ def _certificates(folder):
 
     keys = {role: ec.generate_private_key(ec.SECP256R1()) for role in ("ca", "other_ca", "server", "client", "rogue")}
     ca = certificate(name("test CA"), name("test CA"), keys["ca"], keys["ca"], True)
-    other_ca = certificate(name("other CA"), name("other CA"), keys["other_ca"], keys["other_ca"], True)
     files = {"ca": pem(ca),
              "server": pem(certificate(name("localhost"), name("test CA"), keys["server"], keys["ca"], False,
                                        "localhost")),

@@ -3,13 +3,10 @@ gRPC stubs and plain HTTP, on our exported model and on a TF1-style SavedModel."
 
 import base64
 import io
-import json
 import math
 import shutil
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import grpc
 import numpy as np
@@ -22,58 +19,19 @@ from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_management_pb2,
-    model_service_pb2_grpc,
     predict_pb2,
-    prediction_service_pb2_grpc,
     regression_pb2,
 )
 from tensorflow_serving.config import model_server_config_pb2
 
 from helpers import free_ports
-from serving.deployment import local_deployed_server
 from serving.server.main import RunningServer, build_parser
 from serving.server.options import options_from_args
+from server_clients import Clients, images, predict_request, start_server
 from tf1_model import BIAS, WEIGHTS, build_tf1_saved_model, example
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 END = get_model_status_pb2.ModelVersionStatus.END
-
-
-def start_server(tmp_path, models: dict, *flags):
-    """An in-process server for {name: base_path}, on free ports: the deployed flags and
-    shipped configs (batching and metrics on), with this test's model config and a
-    1-second version poll; `flags` are added last, so they may override."""
-    config = tmp_path / "models.config"
-    config.write_text("model_config_list {\n" + "".join(
-        f'  config {{ name: "{name}" base_path: "{path}" model_platform: "tensorflow" }}\n'
-        for name, path in models.items()) + "}\n")
-    grpc_port, rest_port = free_ports(2)
-    local = local_deployed_server(tmp_path, tmp_path / "deployed-config", grpc_port, rest_port)
-    args = build_parser().parse_args([*local.flags, f"--model_config_file={config}",
-                                      "--file_system_poll_wait_seconds=1", *flags])
-    return RunningServer(options_from_args(args))
-
-
-class Clients:
-    def __init__(self, server):
-        self.server = server
-        self.channel = grpc.insecure_channel(f"localhost:{server.port}")
-        self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
-        self.rest = f"http://localhost:{server.rest_port}"
-
-    def http(self, path, body=None, raw=None):
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        request = urllib.request.Request(self.rest + path, data=data, method="POST" if data is not None else "GET")
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
-
-    def json(self, path, body=None, raw=None):
-        status, content = self.http(path, body, raw)
-        return status, json.loads(content)
 
 
 @pytest.fixture(scope="module")
@@ -84,23 +42,6 @@ def served(exported_model, tmp_path_factory):
     server = start_server(root, {"accresnet": root / "accresnet", "tf1": root / "tf1"})
     yield Clients(server), root
     server.stop(grace=5)
-
-
-def images(count=4, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
-
-
-def predict_request(model="accresnet", batch=None, signature="", **spec):
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model
-    request.model_spec.signature_name = signature
-    for key, value in spec.items():
-        if key == "version":
-            request.model_spec.version.value = value
-        else:
-            setattr(request.model_spec, key, value)
-    request.inputs["images"].CopyFrom(tf.make_tensor_proto(images() if batch is None else batch))
-    return request
 
 
 # --- Predict ------------------------------------------------------------------------------------
@@ -558,13 +499,13 @@ def test_version_labels_and_policies(exported_model, tmp_path):
     config.version_labels["stable"] = 1
     config.version_labels["canary"] = 2
     grpc_port, = free_ports(1)
+    # The labels name versions not loaded yet: TF Serving starts only with the last flag.
     args = build_parser().parse_args([f"--port={grpc_port}", f"--model_base_path={tmp_path / 'm'}",
-                                      "--model_name=m", "--file_system_poll_wait_seconds=0"])
+                                      "--model_name=m", "--file_system_poll_wait_seconds=0",
+                                      "--allow_version_labels_for_unavailable_models"])
     from dataclasses import replace
 
-    # The labels name versions not loaded yet: TF Serving starts only with this flag.
-    server = RunningServer(replace(options_from_args(args), model_configs=(config,),
-                                   allow_version_labels_for_unavailable_models=True))
+    server = RunningServer(replace(options_from_args(args), model_configs=(config,)))
     try:
         clients = Clients(server)
         versions = {label: clients.predictions.Predict(predict_request(model="m", version_label=label),

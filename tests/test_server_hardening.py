@@ -16,7 +16,7 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
 
 from hostile_files import png_declaring
-from test_server import Clients, images, predict_request, start_server
+from server_clients import Clients, images, predict_request, start_server
 
 
 def rss_mib() -> float:

@@ -20,7 +20,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
 from half_plus_two import build_half_plus_two
-from test_server import Clients, start_server
+from server_clients import Clients, start_server
 
 TESTDATA = os.environ.get("TF_SERVING_TESTDATA")
 

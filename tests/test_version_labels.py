@@ -16,8 +16,9 @@ import grpc
 import pytest
 from tensorflow_serving.apis import get_model_status_pb2
 
+from helpers import free_ports
 from test_model_folder_and_config import versions, wait_until
-from test_server import Clients, images, predict_request, start_server
+from server_clients import Clients, images, predict_request, start_server
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 REFUSAL = "Request to assign label to version {} of model m, which is not currently available for inference"
@@ -93,7 +94,8 @@ def test_without_the_flag_a_first_config_labelling_what_is_not_loaded_stops_the_
     shutil.copytree(exported_model, tmp_path / "m" / "1")
     config = tmp_path / "labelled.config"
     config.write_text(config_text(tmp_path / "m", [1], {"stable": 1}))
-    args = build_parser().parse_args([f"--model_config_file={config}", "--port=0"])
+    port, = free_ports(1)
+    args = build_parser().parse_args([f"--model_config_file={config}", f"--port={port}"])
     # As ServerCore::Create fails in TF Serving: nothing is loaded when the first config is applied.
     with pytest.raises(ServingError, match=REFUSAL.format(1)) as refused:
         RunningServer(options_from_args(args))

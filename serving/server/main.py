@@ -21,7 +21,7 @@ from concurrent import futures
 
 import grpc
 
-from serving.server.flags import add_flags
+from serving.server.flags import add_flags, ignored_flags_given
 
 log = logging.getLogger("serving.server")
 
@@ -32,25 +32,15 @@ class RunningServer:
     def __init__(self, options):
         from serving.server.batching import Batcher
         from serving.server.grpc_api import Health, add_services
-        from serving.server.manager import LoadRetries, ModelManager
         from serving.server.metrics import ServingMetrics
         from serving.server.service import ModelServer
 
+        flags = options.flags
         self.options = options
         self.batcher = Batcher(options.batching) if options.batching else None
-        self.model_server = ModelServer(runner=self.batcher, max_request_tensor_bytes=options.max_request_tensor_bytes,
-                                        reload_roots=options.reload_roots, max_request_rows=options.max_request_rows,
-                                        check_input_shapes=options.check_input_shapes)
-        self.manager = ModelManager(list(options.model_configs),
-                                    warm_up=self.model_server.warm_up if options.enable_model_warmup else None,
-                                    poll_seconds=options.file_system_poll_wait_seconds,
-                                    retries=LoadRetries(options.max_num_load_retries,
-                                                        options.load_retry_interval_micros / 1e6),
-                                    session_config=options.session_config,
-                                    allow_version_labels_for_unavailable_models=(
-                                        options.allow_version_labels_for_unavailable_models))
+        self.model_server = ModelServer(options, runner=self.batcher)
+        self.manager = self.model_server.manager
         self.metrics = ServingMetrics(is_configured=self.manager.knows)
-        self.model_server.manager = self.manager
         self.health = Health()
         self._stopped = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -58,35 +48,55 @@ class RunningServer:
         self.manager.start()
         # NOT_SERVING until both APIs listen: a client told SERVING may use either.
         self.health.update(False)
-        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(options.grpc_max_threads),
+        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(flags.grpc_max_threads),
                                        options=list(options.grpc_options))
         add_services(self.grpc_server, self.model_server, self.metrics, self.health)
-        host = options.grpc_bind_address
-        address = f"[{host}]:{options.port}" if ":" in host else f"{host}:{options.port}"
-        try:
-            if options.ssl_config is not None:
-                ssl = options.ssl_config
-                credentials = grpc.ssl_server_credentials(
-                    [(ssl.server_key.encode(), ssl.server_cert.encode())],
-                    root_certificates=ssl.custom_ca.encode() or None, require_client_auth=ssl.client_verify)
-                self.port = self.grpc_server.add_secure_port(address, credentials)
-            else:
-                self.port = self.grpc_server.add_insecure_port(address)
-        except RuntimeError:
-            self.port = 0
-        if not self.port:
-            self.manager.stop()
-            raise OSError(f"cannot listen for gRPC on {address}: the port is in use or the address is not this "
-                          "machine's")
+        self.port = self._listen_grpc(options)
         self.grpc_server.start()
-        log.info("Running gRPC ModelServer at %s ...", address.rsplit(":", 1)[0] + f":{self.port}")
         self.rest_port = None
-        if options.rest_api_port:
+        if flags.rest_api_port:
             self._start_rest()
         self.health.update(self.manager.any_available())
         self._watch(self._health_loop, "health")
-        if options.model_config_file and options.model_config_file_poll_wait_seconds > 0:
+        if flags.model_config_file and flags.model_config_file_poll_wait_seconds > 0:
             self._watch(self._config_loop, "config-poller")
+
+    def _listen_grpc(self, options) -> int | None:
+        """Add the TCP port (unless --port=0) and the UNIX socket (--grpc_socket_path); the TCP port bound."""
+        flags = options.flags
+        if flags.use_alts_credentials:
+            credentials = grpc.alts_server_credentials()
+        elif options.ssl_config is not None:
+            ssl = options.ssl_config
+            credentials = grpc.ssl_server_credentials(
+                [(ssl.server_key.encode(), ssl.server_cert.encode())],
+                root_certificates=ssl.custom_ca.encode() or None, require_client_auth=ssl.client_verify)
+        else:
+            credentials = None
+        host = flags.grpc_bind_address
+        addresses = []
+        if flags.port:
+            addresses.append(f"[{host}]:{flags.port}" if ":" in host else f"{host}:{flags.port}")
+        if flags.grpc_socket_path:
+            addresses.append(f"unix:{flags.grpc_socket_path}")
+        port = None
+        for address in addresses:
+            try:
+                bound = (self.grpc_server.add_secure_port(address, credentials) if credentials is not None
+                         else self.grpc_server.add_insecure_port(address))
+            except RuntimeError:
+                bound = 0
+            if not bound:
+                self.manager.stop()
+                why = ("ALTS credentials work on Google Cloud only" if flags.use_alts_credentials
+                       else "the port is in use or the address is not this machine's")
+                raise OSError(f"cannot listen for gRPC on {address}: {why}")
+            if address.startswith("unix:"):
+                log.info("Running gRPC ModelServer at UNIX socket %s ...", flags.grpc_socket_path)
+            else:
+                port = bound
+                log.info("Running gRPC ModelServer at %s ...", address.rsplit(":", 1)[0] + f":{port}")
+        return port
 
     # --- REST on its own event loop ------------------------------------------------------------
 
@@ -94,19 +104,20 @@ class RunningServer:
         from serving.server.rest_api import RestApi, RestLimits
         from serving.server.rest_server import RestServer, ssl_context
 
-        options = self.options
-        limits = RestLimits(max_body_bytes=options.rest_api_max_body_bytes,
-                            max_json_depth=options.rest_api_max_json_depth,
-                            read_timeout=options.rest_api_read_timeout_seconds,
+        options, flags = self.options, self.options.flags
+        limits = RestLimits(max_body_bytes=flags.rest_api_max_body_bytes,
+                            max_json_depth=flags.rest_api_max_json_depth,
+                            read_timeout=flags.rest_api_read_timeout_seconds,
                             max_connections=options.rest_api_max_connections)
-        self.rest = RestApi(self.model_server, self.metrics, options.rest_api_num_threads,
-                            options.rest_api_timeout_in_ms, options.metrics_path, limits)
+        self.rest = RestApi(self.model_server, self.metrics, flags.rest_api_num_threads,
+                            flags.rest_api_timeout_in_ms, options.metrics_path, limits,
+                            cors=flags.rest_api_enable_cors_support)
         try:
             # With TLS on gRPC, REST serves the same certificate and verifies clients as gRPC does:
             # never plain HTTP beside a mutual-TLS gRPC port.
             tls = ssl_context(options.ssl_config) if options.ssl_config is not None else None
-            self.rest_server = RestServer(self.rest, tls, drain_seconds=options.drain_timeout_seconds)
-            host, self.rest_port = self.rest_server.start(options.rest_api_bind_address, options.rest_api_port)
+            self.rest_server = RestServer(self.rest, tls, drain_seconds=flags.drain_timeout_seconds)
+            host, self.rest_port = self.rest_server.start(flags.rest_api_bind_address, flags.rest_api_port)
         except OSError as error:  # ssl.SSLError included
             self.grpc_server.stop(0).wait(5)
             self.manager.stop()
@@ -139,9 +150,9 @@ class RunningServer:
         from serving.server.options import read_model_config_file
 
         # Compared with what the server started with: a change made before the first poll counts too.
-        path = self.options.model_config_file
+        path = self.options.flags.model_config_file
         previous = [m.SerializeToString() for m in self.options.model_configs]
-        while not self._stopped.wait(self.options.model_config_file_poll_wait_seconds):
+        while not self._stopped.wait(self.options.flags.model_config_file_poll_wait_seconds):
             try:
                 models = read_model_config_file(path)
                 text = [m.SerializeToString() for m in models]
@@ -162,7 +173,7 @@ class RunningServer:
             return
         self._stopped.set()
         self.health.shutdown()
-        grace = self.options.drain_timeout_seconds if grace is None else grace
+        grace = self.options.flags.drain_timeout_seconds if grace is None else grace
         done = self.grpc_server.stop(grace)
         if getattr(self, "rest_server", None) is not None:
             self.rest_server.stop(grace)  # at most `grace`: then open connections are closed
@@ -186,8 +197,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version_text() -> str:
+    """--version, in tensorflow_model_server's words (model_servers/main.cc), without importing TensorFlow."""
+    from importlib import metadata
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (f"TensorFlow ModelServer: accresnet serve {installed('accresnet')} "
+            f"(TF Serving API {installed('tensorflow-serving-api')})\n"
+            f"TensorFlow Library: {installed('tensorflow')}")
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run until SIGTERM/SIGINT with flags parsed by `add_flags`; the exit status. Logging is the caller's."""
+    if args.version:
+        print(version_text())
+        return 0
+    for line in ignored_flags_given(args):
+        log.warning("%s", line)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from serving.server.options import OptionsError, options_from_args
 

@@ -33,7 +33,8 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving.contract import version_number
 from serving.server.errors import failed_precondition, invalid, not_found
-from serving.server.servable import Servable
+from serving.server.flags import ServerFlags
+from serving.server.servable import SERVE_TAG, Servable
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,14 @@ class VersionRecord:
 
 @dataclasses.dataclass(frozen=True)
 class LoadRetries:
-    """TF Serving's defaults: 5 more tries, a minute apart."""
+    """--max_num_load_retries more tries after a failed load, --load_retry_interval_micros apart."""
 
-    max_retries: int = 5
-    interval_seconds: float = 60.0
+    max_retries: int
+    interval_seconds: float
+
+    @classmethod
+    def from_flags(cls, flags: ServerFlags) -> LoadRetries:
+        return cls(flags.max_num_load_retries, flags.load_retry_interval_seconds)
 
 
 @dataclasses.dataclass
@@ -126,14 +131,17 @@ class ModelManager:
     """The served models' versions; thread-safe, polled in the background."""
 
     def __init__(self, configs: list[model_server_config_pb2.ModelConfig],
-                 warm_up: Callable[[Servable], None] | None = None, poll_seconds: float = 1.0,
-                 retries: LoadRetries = LoadRetries(), session_config: config_pb2.ConfigProto | None = None,
-                 allow_version_labels_for_unavailable_models: bool = False):
+                 warm_up: Callable[[Servable], None] | None = None, poll_seconds: float | None = None,
+                 retries: LoadRetries | None = None, session_config: config_pb2.ConfigProto | None = None,
+                 allow_version_labels_for_unavailable_models: bool = False,
+                 saved_model_tags: tuple[str, ...] = (SERVE_TAG,)):
+        """What is not given is as the server's flags default it (ServerFlags)."""
         self._warm_up = warm_up
         self._allow_unavailable_labels = allow_version_labels_for_unavailable_models
         self._session_config = session_config
-        self._retries = retries
-        self._poll_seconds = poll_seconds
+        self._tags = saved_model_tags
+        self._retries = retries or LoadRetries.from_flags(ServerFlags())
+        self._poll_seconds = ServerFlags().file_system_poll_wait_seconds if poll_seconds is None else poll_seconds
         self._lock = threading.Lock()
         self._poll_lock = threading.Lock()  # one poll at a time: the timer's or a reload's
         self._models: dict[str, ModelState] = {}
@@ -254,7 +262,7 @@ class ModelManager:
             record = state.versions[version] = VersionRecord(version, State.LOADING, fingerprint=fingerprint,
                                                              failed_loads=failed_loads)
         try:
-            servable = Servable(name, version, path, self._session_config)
+            servable = Servable(name, version, path, self._session_config, self._tags)
             if self._warm_up is not None:
                 self._warm_up(servable)
         except Exception as error:  # any broken folder: log it and keep serving the others

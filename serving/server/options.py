@@ -1,14 +1,15 @@
-"""`tensorflow_model_server`'s flags and configuration files.
+"""The server's flags (serving/server/flags.py) read and checked into ServerOptions.
 
-The flag names, defaults and file formats (ASCII protos) are TF Serving's, so
-a script or a Kubernetes manifest can start either server with the same
-arguments.
+The configuration files the flags name are TF Serving's ASCII protos and are
+read as TF Serving reads them; the checks are TF Serving's (BuildAndStart,
+model_servers/server.cc), plus this server's own limits.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import pathlib
 
 from google.protobuf import text_format
@@ -16,54 +17,40 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving.server import protos
 from serving.server.batching import BatchingOptions
-from serving.server.flags import (DEFAULT_DRAIN_TIMEOUT_SECONDS, DEFAULT_MAX_REQUEST_ROWS,
-                                  DEFAULT_MAX_REQUEST_TENSOR_BYTES, GRPC_MESSAGE_SLACK_BYTES,
-                                  DEFAULT_REST_MAX_BODY_BYTES, DEFAULT_REST_MAX_CONNECTIONS,
-                                  DEFAULT_REST_MAX_JSON_DEPTH, DEFAULT_REST_READ_TIMEOUT_SECONDS)
+from serving.server.flags import ServerFlags
+
+log = logging.getLogger(__name__)
 
 # TF Serving accepts messages up to INT_MAX; responses may be as large here.
 DEFAULT_GRPC_MAX_SEND = 2**31 - 1
+# A gRPC message may exceed its tensors' bytes by its other fields and framing.
+GRPC_MESSAGE_SLACK_BYTES = 4 << 20
+# --rest_api_max_connections=0: a quarter of the open-file limit, at most this many.
+REST_MAX_CONNECTIONS_CAP = 1024
 
 
 class OptionsError(ValueError):
     """Flags or configuration files the server cannot start with."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ServerOptions:
-    port: int = 8500
-    rest_api_port: int = 0
-    rest_api_num_threads: int = 16
-    rest_api_timeout_in_ms: int = 30000
-    # REST hardening (not TF Serving flags): where REST listens and what one client may cost.
-    rest_api_bind_address: str = "0.0.0.0"
-    rest_api_max_body_bytes: int = DEFAULT_REST_MAX_BODY_BYTES
-    rest_api_max_json_depth: int = DEFAULT_REST_MAX_JSON_DEPTH
-    rest_api_read_timeout_seconds: float = DEFAULT_REST_READ_TIMEOUT_SECONDS
-    rest_api_max_connections: int = DEFAULT_REST_MAX_CONNECTIONS
-    drain_timeout_seconds: float = DEFAULT_DRAIN_TIMEOUT_SECONDS
-    model_configs: tuple = ()
-    model_config_file: str = ""
-    model_config_file_poll_wait_seconds: int = 0
-    # TF Serving's rule for labels on versions that are not loaded (serving/server/manager.py).
-    allow_version_labels_for_unavailable_models: bool = False
-    file_system_poll_wait_seconds: int = 1
+    """What the server starts with: its flags, and what they name read and checked."""
+
+    flags: ServerFlags
+    model_configs: tuple
+    # --rest_api_max_connections with 0 resolved.
+    rest_api_max_connections: int
+    # --saved_model_tags as tags ("serve" when the flag names none, as in TF Serving).
+    saved_model_tags: tuple[str, ...]
+    # The tensorflow.ConfigProto every model version's session is created with.
+    session_config: object
+    grpc_options: tuple[tuple[str, object], ...] = ()
     batching: BatchingOptions | None = None
     metrics_path: str | None = None
     ssl_config: object | None = None
-    grpc_options: tuple[tuple[str, object], ...] = ()
-    enable_model_warmup: bool = True
-    grpc_max_threads: int = 32
-    max_request_tensor_bytes: int = DEFAULT_MAX_REQUEST_TENSOR_BYTES
-    max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS
-    check_input_shapes: bool = True
-    grpc_bind_address: str = "0.0.0.0"
-    max_num_load_retries: int = 5
-    load_retry_interval_micros: int = 60_000_000
     # Roots under which HandleReloadConfigRequest may load base paths; None turns the RPC off.
     reload_roots: tuple[str, ...] | None = None
-    # The tensorflow.ConfigProto every model version's session is created with; None: TensorFlow's defaults.
-    session_config: object | None = None
 
 
 def _read_text_proto(path: str, message, what: str):
@@ -102,16 +89,21 @@ def _grpc_arguments(text: str) -> tuple[tuple[str, object], ...]:
     return tuple(arguments)
 
 
-def session_config(args: argparse.Namespace):
-    """The sessions' tensorflow.ConfigProto as TF Serving builds it: the file's, then its thread
-    counts replaced by the flags (either the per-pool flags or --tensorflow_session_parallelism)."""
-    from tensorflow.core.protobuf import config_pb2  # imports TensorFlow: not before the flags are read
+def session_config(flags: ServerFlags):
+    """The sessions' tensorflow.ConfigProto as TF Serving builds it (BuildAndStart, model_servers/server.cc):
+    the file's, its GPU memory fraction and thread counts replaced by the flags (either the per-pool
+    flags or --tensorflow_session_parallelism); then --mixed_precision as SavedModelBundleFactory
+    applies it (servables/tensorflow/saved_model_bundle_factory.cc)."""
+    from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2  # TensorFlow: not before the flags are read
 
     config = config_pb2.ConfigProto()
-    if args.tensorflow_session_config_file:
-        config = _read_text_proto(args.tensorflow_session_config_file, config, "tensorflow.ConfigProto")
-    intra, inter, both = (args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism,
-                          args.tensorflow_session_parallelism)
+    if flags.tensorflow_session_config_file:
+        config = _read_text_proto(flags.tensorflow_session_config_file, config, "tensorflow.ConfigProto")
+    if not 0.0 <= flags.per_process_gpu_memory_fraction <= 1.0:
+        raise OptionsError("--per_process_gpu_memory_fraction must lie between 0 and 1")
+    config.gpu_options.per_process_gpu_memory_fraction = flags.per_process_gpu_memory_fraction
+    intra, inter, both = (flags.tensorflow_intra_op_parallelism, flags.tensorflow_inter_op_parallelism,
+                          flags.tensorflow_session_parallelism)
     if intra > 0 and inter > 0 and both > 0:
         raise OptionsError("give either --tensorflow_session_parallelism or --tensorflow_intra_op_parallelism "
                            "and --tensorflow_inter_op_parallelism, not all three")
@@ -121,15 +113,20 @@ def session_config(args: argparse.Namespace):
         config.intra_op_parallelism_threads, config.inter_op_parallelism_threads = intra, inter
     else:
         config.intra_op_parallelism_threads = config.inter_op_parallelism_threads = both
+    if flags.mixed_precision == "bfloat16":
+        config.graph_options.rewrite_options.auto_mixed_precision_onednn_bfloat16 = \
+            rewriter_config_pb2.RewriterConfig.ON
+    elif flags.mixed_precision:
+        log.warning("%s auto mixed precision is not supported. Valid option: bfloat16", flags.mixed_precision)
     return config
 
 
-def _reload_roots(args: argparse.Namespace, models: list) -> tuple[str, ...] | None:
-    if not args.enable_model_reload_rpc:
-        if args.model_reload_allowed_roots:
+def _reload_roots(flags: ServerFlags, models: list) -> tuple[str, ...] | None:
+    if not flags.enable_model_reload_rpc:
+        if flags.model_reload_allowed_roots:
             raise OptionsError("--model_reload_allowed_roots needs --enable_model_reload_rpc")
         return None
-    roots = [root.strip() for root in args.model_reload_allowed_roots.split(",") if root.strip()]
+    roots = [root.strip() for root in flags.model_reload_allowed_roots.split(",") if root.strip()]
     if not roots:
         roots = [model.base_path.rstrip("/").rsplit("/", 1)[0] or "/" for model in models]
     return tuple(dict.fromkeys(roots))
@@ -141,49 +138,56 @@ def _default_rest_connections() -> int:
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
-        return DEFAULT_REST_MAX_CONNECTIONS
-    return max(1, min(DEFAULT_REST_MAX_CONNECTIONS, soft // 4))
+        return REST_MAX_CONNECTIONS_CAP
+    return max(1, min(REST_MAX_CONNECTIONS_CAP, soft // 4))
 
 
-def _rest_options(args: argparse.Namespace) -> dict:
-    for flag in ("rest_api_max_body_bytes", "rest_api_max_json_depth", "rest_api_read_timeout_seconds"):
-        if getattr(args, flag) <= 0:
+def _check_numbers(flags: ServerFlags) -> None:
+    for flag in ("max_request_tensor_bytes", "max_request_rows", "rest_api_max_body_bytes",
+                 "rest_api_max_json_depth", "rest_api_read_timeout_seconds", "rest_api_num_threads",
+                 "grpc_max_threads"):
+        if getattr(flags, flag) <= 0:
             raise OptionsError(f"--{flag} must be positive")
-    if args.rest_api_max_connections < 0 or args.drain_timeout_seconds < 0:
+    if flags.rest_api_max_connections < 0 or flags.drain_timeout_seconds < 0:
         raise OptionsError("--rest_api_max_connections and --drain_timeout_seconds cannot be negative")
-    return dict(rest_api_bind_address=args.rest_api_bind_address,
-                rest_api_max_body_bytes=args.rest_api_max_body_bytes,
-                rest_api_max_json_depth=args.rest_api_max_json_depth,
-                rest_api_read_timeout_seconds=args.rest_api_read_timeout_seconds,
-                rest_api_max_connections=args.rest_api_max_connections or _default_rest_connections(),
-                drain_timeout_seconds=args.drain_timeout_seconds)
+    # TF Serving's own checks (BuildAndStart, model_servers/server.cc).
+    if flags.port == 0 and not flags.grpc_socket_path:
+        raise OptionsError("--port=0 turns the gRPC port off: give another --port or a --grpc_socket_path")
+    if flags.use_alts_credentials and flags.ssl_config_file:
+        raise OptionsError("give --use_alts_credentials or --ssl_config_file, not both")
+    if flags.batching_parameters_file and not flags.enable_batching:
+        raise OptionsError("--batching_parameters_file is set without --enable_batching")
+    if flags.rest_api_port and flags.rest_api_port == flags.port:
+        raise OptionsError("--rest_api_port must differ from --port")
 
 
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
-    if args.model_config_file:
-        models = read_model_config_file(args.model_config_file)
-    elif args.model_base_path:
-        models = [model_server_config_pb2.ModelConfig(name=args.model_name, base_path=args.model_base_path,
+    """The options of flags parsed by serving.server.flags.add_flags."""
+    return options_from_flags(ServerFlags.from_args(args))
+
+
+def options_from_flags(flags: ServerFlags) -> ServerOptions:
+    """Read and check what the flags name: the model config, batching, monitoring and TLS files."""
+    if flags.model_config_file:
+        models = read_model_config_file(flags.model_config_file)
+    elif flags.model_base_path:
+        models = [model_server_config_pb2.ModelConfig(name=flags.model_name, base_path=flags.model_base_path,
                                                       model_platform="tensorflow")]
     else:
         raise OptionsError("give --model_base_path (with --model_name) or --model_config_file")
-    for flag in ("max_request_tensor_bytes", "max_request_rows"):
-        if getattr(args, flag) < 1:
-            raise OptionsError(f"--{flag} must be positive")
-    if args.rest_api_port and args.rest_api_port == args.port:
-        raise OptionsError("--rest_api_port must differ from --port")
+    _check_numbers(flags)
     batching = None
-    if args.enable_batching:
+    if flags.enable_batching:
         parameters = protos.BatchingParameters()
-        if args.batching_parameters_file:
-            parameters = _read_text_proto(args.batching_parameters_file, parameters, "BatchingParameters")
+        if flags.batching_parameters_file:
+            parameters = _read_text_proto(flags.batching_parameters_file, parameters, "BatchingParameters")
         try:
             batching = BatchingOptions.from_proto(parameters)
         except ValueError as error:
             raise OptionsError(f"batching parameters: {error}") from None
     metrics_path = None
-    if args.monitoring_config_file:
-        monitoring = _read_text_proto(args.monitoring_config_file, protos.MonitoringConfig(), "MonitoringConfig")
+    if flags.monitoring_config_file:
+        monitoring = _read_text_proto(flags.monitoring_config_file, protos.MonitoringConfig(), "MonitoringConfig")
         if monitoring.prometheus_config.enable:
             from serving.server.metrics import DEFAULT_PATH
 
@@ -191,28 +195,20 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
             if not metrics_path.startswith("/"):
                 raise OptionsError(f"prometheus_config path must start with '/': {metrics_path!r}")
     ssl_config = None
-    if args.ssl_config_file:
-        ssl_config = _read_text_proto(args.ssl_config_file, protos.SSLConfig(), "SSLConfig")
+    if flags.ssl_config_file:
+        ssl_config = _read_text_proto(flags.ssl_config_file, protos.SSLConfig(), "SSLConfig")
         if not ssl_config.server_key or not ssl_config.server_cert:
-            raise OptionsError(f"{args.ssl_config_file}: SSLConfig needs server_key and server_cert (PEM text)")
+            raise OptionsError(f"{flags.ssl_config_file}: SSLConfig needs server_key and server_cert (PEM text)")
     # No SO_REUSEPORT: a second server on the same port must fail to start, not share the traffic.
     # Requests no larger than what their tensors may take: gRPC checks the limit after
     # decompression, so a small gzip body cannot inflate to gigabytes (TF Serving takes INT_MAX).
-    grpc_options = dict([("grpc.max_receive_message_length", args.max_request_tensor_bytes + GRPC_MESSAGE_SLACK_BYTES),
+    grpc_options = dict([("grpc.max_receive_message_length", flags.max_request_tensor_bytes + GRPC_MESSAGE_SLACK_BYTES),
                          ("grpc.max_send_message_length", DEFAULT_GRPC_MAX_SEND), ("grpc.so_reuseport", 0)])
-    grpc_options.update(_grpc_arguments(args.grpc_channel_arguments))
+    grpc_options.update(_grpc_arguments(flags.grpc_channel_arguments))
+    # TF Serving splits the flag on commas and loads "serve" when it names no tag.
+    tags = tuple(tag for tag in flags.saved_model_tags.split(",") if tag) or ("serve",)
     return ServerOptions(
-        port=args.port, rest_api_port=args.rest_api_port, rest_api_num_threads=args.rest_api_num_threads,
-        rest_api_timeout_in_ms=args.rest_api_timeout_in_ms, model_configs=tuple(models),
-        model_config_file=args.model_config_file,
-        model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
-        allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
-        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds, batching=batching,
-        metrics_path=metrics_path, ssl_config=ssl_config, grpc_options=tuple(grpc_options.items()),
-        enable_model_warmup=args.enable_model_warmup, grpc_max_threads=args.grpc_max_threads,
-        max_request_tensor_bytes=args.max_request_tensor_bytes, grpc_bind_address=args.grpc_bind_address,
-        max_request_rows=args.max_request_rows, check_input_shapes=args.check_input_shapes,
-        reload_roots=_reload_roots(args, models), max_num_load_retries=args.max_num_load_retries,
-        load_retry_interval_micros=args.load_retry_interval_micros, session_config=session_config(args),
-        **_rest_options(args),
-    )
+        flags=flags, model_configs=tuple(models), batching=batching, metrics_path=metrics_path,
+        ssl_config=ssl_config, grpc_options=tuple(grpc_options.items()), reload_roots=_reload_roots(flags, models),
+        session_config=session_config(flags), saved_model_tags=tags,
+        rest_api_max_connections=flags.rest_api_max_connections or _default_rest_connections())

@@ -48,12 +48,6 @@ from serving.server.rest_codec import (INT64_MAX, INT64_MIN, examples_input, jso
 from serving.server.calls import Call
 from serving.server.errors import ServingError, invalid
 from serving.server.metrics import ServingMetrics
-from serving.server.flags import (
-    DEFAULT_REST_MAX_BODY_BYTES,
-    DEFAULT_REST_MAX_CONNECTIONS,
-    DEFAULT_REST_MAX_JSON_DEPTH,
-    DEFAULT_REST_READ_TIMEOUT_SECONDS,
-)
 from serving.server.service import ModelServer
 
 log = logging.getLogger(__name__)
@@ -69,12 +63,17 @@ _MODEL_PATH = re.compile(
 
 @dataclasses.dataclass(frozen=True)
 class RestLimits:
-    """What one REST client may cost the server."""
+    """What one REST client may cost the server (the --rest_api_* flags)."""
 
-    max_body_bytes: int = DEFAULT_REST_MAX_BODY_BYTES
-    max_json_depth: int = DEFAULT_REST_MAX_JSON_DEPTH
-    read_timeout: float = DEFAULT_REST_READ_TIMEOUT_SECONDS  # for a request's headers, and again for its body
-    max_connections: int = DEFAULT_REST_MAX_CONNECTIONS
+    max_body_bytes: int
+    max_json_depth: int
+    read_timeout: float  # for a request's headers, and again for its body
+    max_connections: int
+
+# --rest_api_enable_cors_support: TF Serving's headers (AddCORSHeaders, model_servers/http_rest_api_util.cc).
+CORS_HEADERS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "POST, GET",
+                "Access-Control-Allow-Headers": "Content-Type"}
+_CORS_ORIGIN = re.compile(r"https?://")
 
 
 def _json_response(body: bytes, status: int = 200) -> web.Response:
@@ -111,16 +110,19 @@ def _connected(request: web.Request) -> Callable[[], bool]:
 
 class RestApi:
     def __init__(self, server: ModelServer, metrics: ServingMetrics, threads: int, timeout_ms: int,
-                 metrics_path: str | None, limits: RestLimits = RestLimits()):
+                 metrics_path: str | None, limits: RestLimits, cors: bool = False):
         self.server, self.metrics = server, metrics
         self.executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="rest")
         self.timeout = timeout_ms / 1000 if timeout_ms > 0 else None
         self.metrics_path = metrics_path
         self.limits = limits
+        self.cors = cors
         self._calls: set[Call] = set()  # requests in flight, cancelled when the drain time is up
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._errors_as_json])
+        middlewares = [self._cors] if self.cors else []
+        app = web.Application(client_max_size=self.limits.max_body_bytes,
+                              middlewares=[*middlewares, self._errors_as_json])
         app.router.add_route("*", "/v1/models/{tail:.*}", self._models, expect_handler=self._expect)
         if self.metrics_path:
             app.router.add_get(self.metrics_path, self._metrics)
@@ -147,6 +149,18 @@ class RestApi:
         for call in list(self._calls):
             call.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    @web.middleware
+    async def _cors(self, request: web.Request, handler):
+        """TF Serving's CORS (RestApiRequestDispatcher, model_servers/http_server.cc): a preflight
+        from an http(s) origin is answered 200, any other 400; every answer has the headers."""
+        if request.method == "OPTIONS":
+            response = (web.Response(status=200) if _CORS_ORIGIN.search(request.headers.get("Origin", ""))
+                        else _error(400, "Origin header is missing in CORS preflight"))
+        else:
+            response = await handler(request)
+        response.headers.update(CORS_HEADERS)
+        return response
 
     @web.middleware
     async def _errors_as_json(self, request: web.Request, handler):

@@ -27,7 +27,6 @@ from collections.abc import Callable
 import numpy as np
 
 CHUNK_CHARS = 1 << 16
-DEFAULT_MAX_DEPTH = 64
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _scan_value = json.scanner.make_scanner(json.JSONDecoder())
@@ -88,7 +87,7 @@ def _escaped(quotes: np.ndarray, backslashes: np.ndarray) -> np.ndarray:
     return adjacent & ((quotes - run_start[safe]) % 2 == 1)
 
 
-def decode(data: bytes, max_depth: int = DEFAULT_MAX_DEPTH, check: Callable[[], None] | None = None,
+def decode(data: bytes, max_depth: int, check: Callable[[], None] | None = None,
            numeric_rows: bool = False):
     """The JSON value of `data`. Raises TooDeep, json.JSONDecodeError or
     UnicodeDecodeError; `check` runs between pieces (it may raise to give up)."""

@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from serving.server.flags import DEFAULT_DRAIN_TIMEOUT_SECONDS
 from serving.server.rest_api import RestApi
 from serving.server.rest_codec import json_bytes
 
@@ -74,8 +73,7 @@ def ssl_context(config) -> ssl.SSLContext:
 class RestServer:
     """The REST API on an event loop thread of its own."""
 
-    def __init__(self, api: RestApi, tls: ssl.SSLContext | None = None,
-                 drain_seconds: float = DEFAULT_DRAIN_TIMEOUT_SECONDS):
+    def __init__(self, api: RestApi, tls: ssl.SSLContext | None, drain_seconds: float):
         self.api, self.limits, self.tls, self.drain_seconds = api, api.limits, tls, drain_seconds
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(self._loop_error)

@@ -20,7 +20,7 @@ import threading
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
+from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
 from tensorflow.python.client import pywrap_tf_session as tf_session
 
 from serving.contract import SERVING_DEFAULT as DEFAULT_SIGNATURE
@@ -65,28 +65,17 @@ class Signature:
     outputs: dict[str, TensorInfo]
 
 
-def read_meta_graph(path: str) -> meta_graph_pb2.MetaGraphDef:
-    """The MetaGraphDef tagged "serve" in `path`/saved_model.pb (local, gs://, ...)."""
-    proto_file = tf.io.gfile.join(path, "saved_model.pb")
-    if not tf.io.gfile.exists(proto_file):
-        raise FileNotFoundError(f"{proto_file} does not exist")
-    with tf.io.gfile.GFile(proto_file, "rb") as file:
-        saved_model = saved_model_pb2.SavedModel.FromString(file.read())
-    for meta_graph in saved_model.meta_graphs:
-        if SERVE_TAG in meta_graph.meta_info_def.tags:
-            return meta_graph
-    raise ValueError(f"{path} has no MetaGraph tagged '{SERVE_TAG}'")
-
-
 class Servable:
     """A version loaded into its own graph and session; TF1 and TF2 SavedModels alike."""
 
-    def __init__(self, name: str, version: int, path: str, session_config: config_pb2.ConfigProto | None = None):
+    def __init__(self, name: str, version: int, path: str, session_config: config_pb2.ConfigProto | None = None,
+                 tags: tuple[str, ...] = (SERVE_TAG,)):
+        """Load the MetaGraph tagged with exactly `tags` (--saved_model_tags)."""
         self.name, self.version, self.path = name, version, str(path)
         self.graph = tf.Graph()
         self.session = tf.compat.v1.Session(graph=self.graph, config=session_config)
         with self.graph.as_default():
-            self.meta_graph = tf.compat.v1.saved_model.loader.load(self.session, [SERVE_TAG], self.path)
+            self.meta_graph = tf.compat.v1.saved_model.loader.load(self.session, list(tags), self.path)
         self.signatures: dict[str, Signature] = {
             key: Signature(key, definition.method_name,
                            {alias: TensorInfo.from_proto(info) for alias, info in definition.inputs.items()},

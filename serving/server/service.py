@@ -31,8 +31,8 @@ from serving.contract import CLASSIFY_METHOD, EXAMPLES_INPUT, PREDICT_METHOD, RE
 from serving.server import tensors
 from serving.server.calls import NO_CALL, Call
 from serving.server.errors import ServingError, invalid
-from serving.server.manager import ModelManager
-from serving.server.flags import DEFAULT_MAX_REQUEST_ROWS, DEFAULT_MAX_REQUEST_TENSOR_BYTES
+from serving.server.manager import LoadRetries, ModelManager
+from serving.server.options import ServerOptions
 from serving.server.servable import Servable, Signature
 
 log = logging.getLogger(__name__)
@@ -47,25 +47,30 @@ def _direct_runner(servable: Servable, signature: Signature, inputs, outputs, ca
 
 
 class ModelServer:
-    """The APIs over a ModelManager; `runner` is where batching plugs in.
+    """The APIs over the ModelManager of the server's models; `runner` is where batching plugs in.
 
-    What a request may become is bounded before it is built: `max_request_tensor_bytes`
+    What a request may become is bounded before it is built: --max_request_tensor_bytes
     bounds a Predict request's tensors once decoded, and a Classify or Regress
-    request's examples once the context is merged into each; `max_request_rows`
-    bounds its rows (examples). With `check_input_shapes`, an input whose shape
+    request's examples once the context is merged into each; --max_request_rows
+    bounds its rows (examples). With --check_input_shapes, an input whose shape
     the signature does not declare is refused before the model runs (TF Serving
     feeds it as it is)."""
 
-    def __init__(self, manager: ModelManager | None = None, runner: Runner | None = None,
-                 max_request_tensor_bytes: int = DEFAULT_MAX_REQUEST_TENSOR_BYTES,
-                 reload_roots: tuple[str, ...] | None = None, max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS,
-                 check_input_shapes: bool = True):
-        self.manager = manager
+    def __init__(self, options: ServerOptions, runner: Runner | None = None):
+        flags = options.flags
         self.runner = runner or _direct_runner
-        self.max_request_tensor_bytes = max_request_tensor_bytes
-        self.max_request_rows = max_request_rows
-        self.check_input_shapes = check_input_shapes
-        self.reload_roots = reload_roots
+        self.max_request_tensor_bytes = flags.max_request_tensor_bytes
+        self.max_request_rows = flags.max_request_rows
+        self.check_input_shapes = flags.check_input_shapes
+        self.reload_roots = options.reload_roots
+        self.tensor_content = flags.enable_serialization_as_tensor_content
+        self.warmup_iterations = max(1, flags.num_request_iterations_for_warmup)
+        # The manager loads versions only once started, so warm_up may be handed over before it exists.
+        self.manager = ModelManager(
+            list(options.model_configs), warm_up=self.warm_up if flags.enable_model_warmup else None,
+            poll_seconds=flags.file_system_poll_wait_seconds, retries=LoadRetries.from_flags(flags),
+            session_config=options.session_config, saved_model_tags=options.saved_model_tags,
+            allow_version_labels_for_unavailable_models=flags.allow_version_labels_for_unavailable_models)
 
     # --- finding the servable ------------------------------------------------------------
 
@@ -125,7 +130,7 @@ class ModelServer:
         response = predict_pb2.PredictResponse()
         self._response_spec(response.model_spec, request.model_spec.name, servable, signature.key)
         for alias, value in outputs.items():
-            response.outputs[alias].CopyFrom(tensors.to_proto(value))
+            response.outputs[alias].CopyFrom(tensors.to_proto(value, as_content=self.tensor_content))
         return response
 
     def _check_rows(self, rows: int, what: str) -> None:
@@ -281,14 +286,15 @@ class ModelServer:
         for record in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
             entry = prediction_log_pb2.PredictionLog.FromString(record.numpy())
             kind = entry.WhichOneof("log_type")
-            if kind == "predict_log":
-                self.predict(entry.predict_log.request, servable)
-            elif kind == "classify_log":
-                self.classify(entry.classify_log.request, servable)
-            elif kind == "regress_log":
-                self.regress(entry.regress_log.request, servable)
-            else:
-                raise ValueError(f"warmup record of type {kind} is not supported")
+            for _ in range(self.warmup_iterations):  # --num_request_iterations_for_warmup
+                if kind == "predict_log":
+                    self.predict(entry.predict_log.request, servable)
+                elif kind == "classify_log":
+                    self.classify(entry.classify_log.request, servable)
+                elif kind == "regress_log":
+                    self.regress(entry.regress_log.request, servable)
+                else:
+                    raise ValueError(f"warmup record of type {kind} is not supported")
             count += 1
         log.info("%s version %d: replayed %d warmup request(s)", servable.name, servable.version, count)
 

@@ -98,8 +98,10 @@ def to_arrays(protos, max_bytes: int | None = None, max_rows: int | None = None)
     return {alias: to_array(proto, alias) for alias, proto in protos.items()}
 
 
-def to_proto(value) -> tensor_pb2.TensorProto:
-    """A response tensor in TF Serving's layout: dtype, shape and the typed value field.
+def to_proto(value, as_content: bool = False) -> tensor_pb2.TensorProto:
+    """A response tensor in TF Serving's layout: dtype, shape and the typed value field, or with
+    `as_content` (--enable_serialization_as_tensor_content) the raw bytes in tensor_content, as
+    Tensor::AsProtoTensorContent writes them (strings keep string_val).
     Built from the numpy array as it is, without a round trip through a tf.Tensor."""
     array = np.asarray(value)
     if array.dtype == object or array.dtype.kind in "SU":
@@ -112,6 +114,9 @@ def to_proto(value) -> tensor_pb2.TensorProto:
             dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape]),
     )
     flat = array.ravel()
+    if as_content and dtype != types_pb2.DT_STRING:
+        proto.tensor_content = np.ascontiguousarray(array).tobytes()  # the session's own, native byte order
+        return proto
     if dtype == types_pb2.DT_STRING:
         proto.string_val.extend(v if isinstance(v, bytes) else str(v).encode("utf-8") for v in flat)
     elif dtype in _HALF_TYPES:

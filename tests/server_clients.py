@@ -1,0 +1,71 @@
+"""Starting the project's server as deployed, and talking to it as TF Serving's clients do:
+what the server tests share."""
+
+import json
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc
+
+from helpers import free_ports
+from serving.contract import IMAGE_SHAPE, IMAGES_INPUT, MODEL_NAME
+from serving.deployment import local_deployed_server
+from serving.server.main import RunningServer, build_parser
+from serving.server.options import options_from_args
+
+
+def start_server(tmp_path, models: dict, *flags):
+    """An in-process server for {name: base_path}, on free ports: the deployed flags and
+    shipped configs (batching and metrics on), with this test's model config and a
+    1-second version poll; `flags` are added last, so they may override."""
+    config = tmp_path / "models.config"
+    config.write_text("model_config_list {\n" + "".join(
+        f'  config {{ name: "{name}" base_path: "{path}" model_platform: "tensorflow" }}\n'
+        for name, path in models.items()) + "}\n")
+    grpc_port, rest_port = free_ports(2)
+    local = local_deployed_server(tmp_path, tmp_path / "deployed-config", grpc_port, rest_port)
+    args = build_parser().parse_args([*local.flags, f"--model_config_file={config}",
+                                      "--file_system_poll_wait_seconds=1", *flags])
+    return RunningServer(options_from_args(args))
+
+
+class Clients:
+    def __init__(self, server):
+        self.server = server
+        self.channel = grpc.insecure_channel(f"localhost:{server.port}")
+        self.predictions = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        self.rest = f"http://localhost:{server.rest_port}"
+
+    def http(self, path, body=None, raw=None):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        request = urllib.request.Request(self.rest + path, data=data, method="POST" if data is not None else "GET")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def json(self, path, body=None, raw=None):
+        status, content = self.http(path, body, raw)
+        return status, json.loads(content)
+
+
+def images(count=4, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (count, *IMAGE_SHAPE), dtype=np.uint8)
+
+
+def predict_request(model=MODEL_NAME, batch=None, signature="", **spec):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.model_spec.signature_name = signature
+    for key, value in spec.items():
+        if key == "version":
+            request.model_spec.version.value = value
+        else:
+            setattr(request.model_spec, key, value)
+    request.inputs[IMAGES_INPUT].CopyFrom(tf.make_tensor_proto(images() if batch is None else batch))
+    return request
