@@ -34,6 +34,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import flops  # noqa: E402
 from pipeline.architecture import ModelConfig  # noqa: E402
 
 # fp32 peak (non-tensor-core) TFLOPS from NVIDIA's data sheets.
@@ -46,24 +47,8 @@ PROTOCOLS = {
 
 
 def training_flops_per_image(arch: str, depth: int) -> float:
-    """3 x the forward pass's 2 x multiply-adds of the convolutions and the classifier,
-    read from the traced graph of one image (every shape is static there)."""
-    import tensorflow as tf
-
-    from pipeline.model import build_model
-
-    model = build_model(ModelConfig(arch, depth, shortcut="padding"))
-    forward = tf.function(lambda images: model(images, training=False))
-    graph = forward.get_concrete_function(tf.TensorSpec([1, 32, 32, 3], tf.uint8)).graph
-    total = 0
-    for op in graph.get_operations():
-        if op.type == "Conv2D":
-            _, height, width, _ = op.outputs[0].shape
-            kernel_h, kernel_w, inputs, outputs = op.inputs[1].shape
-            total += 2 * height * width * kernel_h * kernel_w * inputs * outputs
-        elif op.type == "MatMul":
-            total += 2 * op.inputs[0].shape[-1] * op.outputs[0].shape[-1]
-    return 3.0 * total
+    """One training image's FLOPs (benchmarks/flops.py), with He et al.'s parameter-free shortcuts."""
+    return flops.training_flops_per_image(ModelConfig(arch, depth, shortcut="padding"))
 
 
 def measured_images_per_sec(paths: list[str], arch: str) -> list[float]:
@@ -90,15 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-overhead-ms", type=float, default=5.0)
     args = parser.parse_args(argv)
 
-    flops = training_flops_per_image(args.arch, args.depth)
+    image_flops = training_flops_per_image(args.arch, args.depth)
     rates = measured_images_per_sec(args.results, args.arch)
     if not rates:
         parser.error(f"no {args.arch} runs with a measured images/s in {args.results}")
     cpu_rate = statistics.median(rates)
-    cpu_flops = cpu_rate * flops
+    cpu_flops = cpu_rate * image_flops
     cpu_peak = args.cpu_cores * args.cpu_ghz * 1e9 * args.cpu_flops_per_cycle
-    print(f"{args.arch}-{args.depth}: {flops / 1e9:.3f} GFLOP per training image "
-          f"({flops * args.batch / 1e9:.1f} GFLOP per step of {args.batch})")
+    print(f"{args.arch}-{args.depth}: {image_flops / 1e9:.3f} GFLOP per training image "
+          f"({image_flops * args.batch / 1e9:.1f} GFLOP per step of {args.batch})")
     print(f"measured here: median {cpu_rate:.1f} images/s over {len(rates)} runs "
           f"(step {args.batch / cpu_rate:.2f} s), {cpu_flops / 1e9:.1f} GFLOP/s = "
           f"{100 * cpu_flops / cpu_peak:.0f}% of this CPU's {cpu_peak / 1e9:.0f} GFLOP/s peak on "
@@ -111,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
           + " | ".join(names) + " |")
     print("|---|---:|---:|" + "---:|" * len(names))
     for gpu, peak in GPUS.items():
-        rates_gpu = [peak * 1e12 * u / flops for u in (measured, low, high)]
+        rates_gpu = [peak * 1e12 * u / image_flops for u in (measured, low, high)]
         cells = []
         for images, steps in PROTOCOLS.values():
             central, slow, fast = [(images / r + steps * args.step_overhead_ms / 1e3) / 60 for r in rates_gpu]

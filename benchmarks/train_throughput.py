@@ -10,7 +10,10 @@ ratios against the baseline measured here too:
 - the trainer (`pipeline.train.train`), float32 and with --mixed-precision
   (and --jit, for information), steady-state images/s from its summary.json;
 - the input pipeline alone, augmentation on, in images/s;
-- the accumulated net's step time over the plain net's.
+- the accumulated net's step time over the plain net's;
+- the machine's matmul peak, float32 and bfloat16 (GFLOP/s of large
+  square matmuls), and the trainer's share of it: images/s x the training
+  FLOPs of one image (benchmarks/flops.py) over the peak of its precision.
 
 Each configuration runs `--rounds` times, interleaved, and the best round
 counts: the machine is shared, and the best round is the least disturbed.
@@ -23,23 +26,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
+import platform
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from flops import training_flops_per_image  # noqa: E402
 from pipeline import datasets, flags, input_pipeline  # noqa: E402
 from pipeline.architecture import ModelConfig  # noqa: E402
 from pipeline.config import DataConfig, TrainConfig  # noqa: E402
+from pipeline.cpu import CpuInfo  # noqa: E402
+from pipeline.recipes import get_recipe  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.train import train  # noqa: E402
 
 BATCH = 128
 WARMUP_STEPS = 3
+# Square matmuls for the peak: big enough for oneDNN's best kernels, small enough
+# to repeat; the best of the sizes counts.
+PEAK_SIZES = (1024, 2048)
 
 
 class _BatchTimer(keras.callbacks.Callback):
@@ -104,6 +117,87 @@ def input_pipeline_rate(split: datasets.Split, batches: int = 200) -> float:
     return batches * BATCH / (time.perf_counter() - started)
 
 
+def matmul_peak(dtype: tf.DType, repeats: int = 8) -> float:
+    """GFLOP/s of the fastest of PEAK_SIZES' square matmuls, `repeats` per call in a
+    loop inside one graph (no Python between them), best of 3 calls."""
+
+    @tf.function(autograph=False)
+    def repeated(a, b):
+        def body(i, total):  # one element of each product kept: none is optimized away
+            return i + 1, total + tf.cast(tf.matmul(a, b)[0, 0], tf.float32)
+
+        return tf.while_loop(lambda i, _: i < repeats, body, (tf.constant(0), tf.constant(0.0)))[1]
+
+    best = 0.0
+    for size in PEAK_SIZES:
+        a, b = (tf.cast(tf.random.normal([size, size]), dtype) for _ in range(2))
+        repeated(a, b).numpy()
+        for _ in range(3):
+            started = time.perf_counter()
+            repeated(a, b).numpy()
+            best = max(best, 2 * size**3 * repeats / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def cpu_name() -> str:
+    info = CpuInfo.read()
+    return info.describe() if info else platform.processor() or "unknown CPU"
+
+
+BASELINE = "baseline: keras model.fit + augmentation layers"
+FP32 = "trainer float32"
+MIXED = "trainer --mixed-precision"
+PLAIN_FP32 = "trainer float32, plain ResNet"
+PLAIN_MIXED = "trainer --mixed-precision, plain ResNet"
+INPUT = "input pipeline alone (augmentation on)"
+PEAK_FP32 = "matmul peak, float32"
+PEAK_BF16 = "matmul peak, bfloat16"
+MIXED_PRECISION = (MIXED, PLAIN_MIXED)
+
+
+def shares(best: dict[str, float], depth: int) -> dict[str, float]:
+    """The issue-23 figures from the best rates: each trainer's share of its precision's
+    matmul peak, mixed precision over float32, and the accumulated net's step cost."""
+    flops = {arch: training_flops_per_image(ModelConfig(arch, depth, shortcut=get_recipe("quick").shortcut))
+             for arch in ("resnet", "accumulated")}
+    figures = {}
+    for name in (FP32, MIXED, PLAIN_FP32, PLAIN_MIXED):
+        peak = best[PEAK_BF16] if name in MIXED_PRECISION else best[PEAK_FP32]
+        arch = "resnet" if "plain" in name else "accumulated"
+        figures[f"{name}: share of peak"] = best[name] * flops[arch] / 1e9 / peak
+    figures["mixed precision over float32, accumulated"] = best[MIXED] / best[FP32]
+    figures["mixed precision over float32, plain"] = best[PLAIN_MIXED] / best[PLAIN_FP32]
+    figures["accumulated step cost, float32"] = best[PLAIN_FP32] / best[FP32]
+    figures["accumulated step cost, mixed precision"] = best[PLAIN_MIXED] / best[MIXED]
+    return figures
+
+
+def report(best: dict[str, float], depth: int) -> str:
+    """The table of the best rounds and the issue-23 figures under it."""
+    figures = shares(best, depth)
+    lines = ["| measurement | images/s | ratio | GFLOP/s | share of the matmul peak |", "|---|---:|---:|---:|---:|"]
+    for name, rate in best.items():
+        if name in (PEAK_FP32, PEAK_BF16):
+            lines.append(f"| {name} | | | {rate:.0f} | |")
+            continue
+        reference, against = (best[FP32], "trainer") if name == INPUT else (best[BASELINE], "baseline")
+        share = figures.get(f"{name}: share of peak")
+        flop_cells = f"{share * best[PEAK_BF16 if name in MIXED_PRECISION else PEAK_FP32]:.0f} | {share:.0%}" \
+            if share is not None else " | "
+        lines.append(f"| {name} | {rate:.0f} | {rate / reference:.2f}x {against} | {flop_cells} |")
+    lines += [
+        "",
+        f"float32 share of the float32 matmul peak: accumulated {figures[f'{FP32}: share of peak']:.0%}, "
+        f"plain {figures[f'{PLAIN_FP32}: share of peak']:.0%} (target: 75%)",
+        f"mixed precision over float32: accumulated {figures['mixed precision over float32, accumulated']:.2f}x, "
+        f"plain {figures['mixed precision over float32, plain']:.2f}x (target: 1.5x)",
+        f"accumulated step cost (plain images/s over accumulated): float32 "
+        f"{figures['accumulated step cost, float32']:.3f}, mixed precision "
+        f"{figures['accumulated step cost, mixed precision']:.3f} (target: 1.10 at most)",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=32)
@@ -115,37 +209,34 @@ def main() -> None:
 
     spec = "synthetic:10000"
     split = datasets.load(DataConfig(spec, val_split=0.0)).train
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores; "
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores: {cpu_name()}; "
           f"ResNet-{args.depth}, batch {BATCH}, {args.steps} timed steps, best of {args.rounds} round(s)\n")
 
     steps = args.steps + WARMUP_STEPS
+
+    def trainer(arch, **settings):
+        return lambda: trainer_run(spec, arch, args.depth, steps, **settings).train_images_per_sec
+
     measurements = {
-        "baseline: keras model.fit + augmentation layers": lambda: baseline_fit(split, "accumulated", args.depth,
-                                                                                args.steps),
-        "trainer float32": lambda: trainer_run(spec, "accumulated", args.depth, steps).train_images_per_sec,
-        "trainer --mixed-precision": lambda: trainer_run(spec, "accumulated", args.depth, steps,
-                                                         mixed_precision=True).train_images_per_sec,
-        "trainer --jit": lambda: trainer_run(spec, "accumulated", args.depth, steps, jit=True).train_images_per_sec,
-        "trainer float32, plain ResNet": lambda: trainer_run(spec, "resnet", args.depth, steps).train_images_per_sec,
-        "input pipeline alone (augmentation on)": lambda: input_pipeline_rate(split),
+        BASELINE: lambda: baseline_fit(split, "accumulated", args.depth, args.steps),
+        FP32: trainer("accumulated"),
+        MIXED: trainer("accumulated", mixed_precision=True),
+        "trainer --jit": trainer("accumulated", jit=True),
+        PLAIN_FP32: trainer("resnet"),
+        PLAIN_MIXED: trainer("resnet", mixed_precision=True),
+        INPUT: lambda: input_pipeline_rate(split),
+        PEAK_FP32: lambda: matmul_peak(tf.float32),
+        PEAK_BF16: lambda: matmul_peak(tf.bfloat16),
     }
     best = {name: 0.0 for name in measurements}
     for round_number in range(args.rounds):
         for name, measure in measurements.items():
             rate = measure()
             best[name] = max(best[name], rate)
-            print(f"  round {round_number + 1}: {name}: {rate:.0f} images/s", flush=True)
-
-    baseline = best["baseline: keras model.fit + augmentation layers"]
-    trainer = best["trainer float32"]
-    print("\n| measurement | images/s | ratio |")
-    print("|---|---:|---:|")
-    for name, rate in best.items():
-        reference = trainer if name.startswith("input pipeline") else baseline
-        against = "trainer" if reference is trainer else "baseline"
-        print(f"| {name} | {rate:.0f} | {rate / reference:.2f}x {against} |")
-    step_ratio = best["trainer float32, plain ResNet"] / trainer
-    print(f"\naccumulated / plain step time: {step_ratio:.3f}")
+            unit = "GFLOP/s" if name in (PEAK_FP32, PEAK_BF16) else "images/s"
+            print(f"  round {round_number + 1}: {name}: {rate:.0f} {unit}", flush=True)
+    print()
+    print(report(best, args.depth))
 
     if args.accuracy_epochs:
         results = {}
@@ -158,7 +249,7 @@ def main() -> None:
         print(f"\naccuracy after {args.accuracy_epochs} epochs of {spec} (quick recipe, seed 0):")
         for label, final in results.items():
             print(f"  {label}: val_accuracy {final['val_accuracy']:.4f}, test_accuracy {final['test_accuracy']:.4f}")
-    print("\n" + json.dumps({"best_images_per_sec": best, "accumulated_over_plain_step_time": step_ratio}))
+    print("\n" + json.dumps({"best": best, **shares(best, args.depth)}))
 
 
 if __name__ == "__main__":

@@ -136,7 +136,9 @@ class TrainConfig:
     seed: int = setting(0, help="weights, data order and augmentation")
     devices: int | None = setting(None, help="replicas on this machine: N GPUs, or the CPU split into N "
                                              "logical devices", unset="all GPUs, else one CPU")
-    mixed_precision: bool = setting(False, help="bfloat16 compute on CPU, float16 with loss scaling on GPU")
+    mixed_precision: bool = setting(False, help="bfloat16 compute on CPU, float16 with loss scaling on GPU. On a "
+                                               "CPU without AVX512-BF16 or AMX bfloat16 is emulated and training "
+                                               "is several times slower than float32")
     jit: bool = setting(False, help="compile the forward and backward pass with XLA")
     deterministic: bool = setting(False, help="deterministic kernels for bit-identical reruns (slower)")
     checkpoint_every_steps: int | None = setting(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import keras
 import tensorflow as tf
 
+from pipeline.cpu import CpuInfo
 from pipeline.recipes import Recipe
+
+log = logging.getLogger(__name__)
 
 
 def learning_rate_schedule(recipe: Recipe, learning_rate: float, total_steps: int):
@@ -32,8 +37,17 @@ def make_optimizer(recipe: Recipe, schedule, loss_scaling: bool) -> keras.optimi
     return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scaling else optimizer
 
 
-def mixed_precision_policy(enabled: bool) -> str:
-    """Mixed precision: float16 on GPUs, bfloat16 on CPUs (AVX512-BF16 / AMX)."""
+def mixed_precision_policy(enabled: bool, cpu: CpuInfo | None = None) -> str:
+    """Mixed precision: float16 on GPUs, bfloat16 on CPUs (AVX512-BF16 / AMX). On a CPU
+    without either, says that it will be slower than float32 (`cpu`: this machine's by default)."""
     if not enabled:
         return "float32"
-    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    cpu = cpu or CpuInfo.read()
+    if cpu is not None and not cpu.native_bfloat16:
+        log.warning("--mixed-precision: this CPU (%s) has no native bfloat16 (AVX512-BF16 or AMX), so every "
+                    "bfloat16 operation is emulated and training runs several times slower than float32 "
+                    "(about 6x on an AVX2 machine, docs/benchmarks.md); leave --mixed-precision off here",
+                    cpu.describe())
+    return "mixed_bfloat16"

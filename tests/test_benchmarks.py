@@ -11,8 +11,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import collapse_ablation  # noqa: E402
+import flops  # noqa: E402
 import gpu_estimate  # noqa: E402
-from pipeline import recipes  # noqa: E402
+from pipeline import architecture, recipes  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.rundir import RunSettings  # noqa: E402
 
@@ -70,6 +71,48 @@ def test_estimate_reads_measured_rates(tmp_path, capsys):
     assert gpu_estimate.main(["--results", str(results)]) == 0
     output = capsys.readouterr().out
     assert "median 40.0 images/s over 1 runs" in output and "| V100 (SXM2) | 15.7 |" in output
+
+
+def test_the_bench_reports_shares_of_the_peak_the_precision_gain_and_the_step_cost():
+    import train_throughput as bench
+
+    best = {bench.BASELINE: 400.0, bench.FP32: 500.0, bench.MIXED: 800.0, "trainer --jit": 200.0,
+            bench.PLAIN_FP32: 540.0, bench.PLAIN_MIXED: 840.0, bench.INPUT: 50_000.0,
+            bench.PEAK_FP32: 250.0, bench.PEAK_BF16: 500.0}
+    figures = bench.shares(best, 32)
+    per_image = flops.training_flops_per_image(architecture.ModelConfig("accumulated", 32))
+    assert figures[f"{bench.FP32}: share of peak"] == pytest.approx(500 * per_image / 1e9 / 250)
+    assert figures[f"{bench.MIXED}: share of peak"] == pytest.approx(800 * per_image / 1e9 / 500)
+    assert figures["mixed precision over float32, accumulated"] == pytest.approx(1.6)
+    assert figures["accumulated step cost, float32"] == pytest.approx(1.08)
+    text = bench.report(best, 32)
+    assert "| trainer float32 | 500 | 1.25x baseline | 207 | 83% |" in text
+    assert "| input pipeline alone (augmentation on) | 50000 | 100.00x trainer |" in text
+    assert "mixed precision over float32: accumulated 1.60x, plain 1.56x" in text
+
+
+def test_the_step_profile_sorts_kernels_into_classes_and_counts_their_flops():
+    import step_profile
+
+    classes = {
+        ("gradient_tape/m_1/stage1_block1_1/branch_1/conv1_1/convolution/Conv2DBackpropFilter",
+         "_MklNativeConv2DBackpropFilter"): "conv grad kernel",
+        ("m_1/stage1_block1_1/branch_1/conv1_1/convolution", "_MklNativeConv2D"): "conv forward",
+        ("m_1/stage1_block1_1/branch_1/bn1_1/FusedBatchNormV3", "_MklNativeFusedBatchNormEx"): "BN forward",
+        ("gradient_tape/m_1/stage1_block1_1/branch_1/bn1_1/FusedBatchNormGradV3",
+         "_MklNativeFusedBatchNormGradV3"): "BN backward",
+        ("m_1/stage1_block2_1/add", "AddV2"): "residual and accumulator adds",
+        ("m_1/standardize_1/Cast", "Cast"): "casts",
+        ("IteratorGetNext", "IteratorGetNext"): "input pipeline (IteratorGetNext)",
+        ("SGD/AssignVariableOp", "AssignVariableOp"): "optimizer update",
+    }
+    for (name, op_type), label in classes.items():
+        assert step_profile.op_class(name, op_type) == label
+    events = [(name, op_type, 0.002) for name, op_type in classes] * 2  # two traced steps
+    totals = step_profile.classify(events, {"stage1_block1/branch/conv1": 10**9}, steps=2)
+    assert totals["conv grad kernel"].flops == 10**9 and totals["conv forward"].flops == 10**9
+    assert totals["conv forward"].count == 1 and totals["conv forward"].seconds == pytest.approx(0.002)
+    assert totals["BN forward"].flops == 0
 
 
 @pytest.mark.slow  # exports a model and starts a server
