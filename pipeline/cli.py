@@ -48,7 +48,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return flags.build(TrainConfig, vars(args))
+    return flags.from_args(TrainConfig, args)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -100,7 +100,7 @@ def run_prepare_data(args: argparse.Namespace) -> int:
     from pipeline.config import DataConfig
     from pipeline.prepare import PrepareConfig, prepare
 
-    config = PrepareConfig(flags.build(DataConfig, vars(args)), images_dir=args.images_dir, images=args.images)
+    config = PrepareConfig(flags.from_args(DataConfig, args), images_dir=args.images_dir, images=args.images)
     print(prepare(config))
     return 0
 
@@ -138,7 +138,7 @@ def run_experiment(args: argparse.Namespace) -> int:
     from pipeline.experiment import ExperimentConfig, run_experiment as run
     from pipeline.report import ReportConfig
 
-    config = flags.build(ExperimentConfig, vars(args))
+    config = flags.from_args(ExperimentConfig, args)
     run(config, announce=lambda line: print(line, flush=True))
     print((ReportConfig(str(config.records)).report_dir / "table.md").read_text())
     return 0
@@ -153,7 +153,7 @@ def add_report_flags(parser: argparse.ArgumentParser) -> None:
 def run_report(args: argparse.Namespace) -> int:
     from pipeline.report import ReportConfig, report
 
-    config = flags.build(ReportConfig, vars(args))
+    config = flags.from_args(ReportConfig, args)
     report(config)
     print((config.report_dir / "table.md").read_text())
     return 0
@@ -168,7 +168,7 @@ def add_demo_flags(parser: argparse.ArgumentParser) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import DemoConfig, run_demo as run
 
-    return run(flags.build(DemoConfig, vars(args)))
+    return run(flags.from_args(DemoConfig, args))
 
 
 def add_validate_flags(parser: argparse.ArgumentParser) -> None:
@@ -185,7 +185,7 @@ def run_validate(args: argparse.Namespace) -> int:
     from pipeline.blessing import BLESSING_FILE, REFUSED
     from pipeline.validate import ValidateConfig, validate
 
-    config = flags.build(ValidateConfig, vars(args))
+    config = flags.from_args(ValidateConfig, args)
     record = validate(config, announce=lambda line: print(line, flush=True))
     metrics, current = record["candidate_metrics"], record["current"]["metrics"]
     if metrics:
@@ -206,7 +206,7 @@ def add_push_flags(parser: argparse.ArgumentParser) -> None:
 def run_push(args: argparse.Namespace) -> int:
     from pipeline.push import PushConfig, push
 
-    pushed = push(flags.build(PushConfig, vars(args)), announce=lambda line: print(line, flush=True))
+    pushed = push(flags.from_args(PushConfig, args), announce=lambda line: print(line, flush=True))
     print(pushed.path + (f" (labels: {_labels_text(pushed.labels)})" if pushed.labels else ""))
     return 0
 
@@ -224,14 +224,14 @@ def add_label_flags(parser: argparse.ArgumentParser) -> None:
 def run_promote(args: argparse.Namespace) -> int:
     from pipeline.push import LabelConfig, promote
 
-    print(_labels_text(promote(flags.build(LabelConfig, vars(args)), announce=lambda line: print(line, flush=True))))
+    print(_labels_text(promote(flags.from_args(LabelConfig, args), announce=lambda line: print(line, flush=True))))
     return 0
 
 
 def run_rollback(args: argparse.Namespace) -> int:
     from pipeline.push import LabelConfig, rollback
 
-    print(_labels_text(rollback(flags.build(LabelConfig, vars(args)), announce=lambda line: print(line, flush=True))))
+    print(_labels_text(rollback(flags.from_args(LabelConfig, args), announce=lambda line: print(line, flush=True))))
     return 0
 
 

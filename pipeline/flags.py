@@ -131,8 +131,20 @@ def build(config_class: type, values: Mapping[str, Any]):
     """A `config_class` tree from settings by name; settings not given keep their defaults.
 
     A text value of a setting that parses its flag's text (a recipe name) is parsed.
+    A name that is no setting of the tree is refused: a misspelt one would be ignored.
     """
-    return _build(config_class, values, {s.path: s for s in settings(config_class)}, ())
+    leaves = {s.path: s for s in settings(config_class)}
+    unknown = sorted(set(values) - {leaf.name for leaf in leaves.values()})
+    if unknown:
+        raise TypeError(f"{config_class.__name__} has no setting {', '.join(unknown)}")
+    return _build(config_class, values, leaves, ())
+
+
+def from_args(config_class: type, args: argparse.Namespace):
+    """A `config_class` tree from a parsed command line: the flags of its settings
+    (a verb's parser also holds flags of its own, such as -v)."""
+    names = {leaf.name for leaf in settings(config_class)}
+    return build(config_class, {k: v for k, v in vars(args).items() if k in names})
 
 
 def _build(config_class: type, values: Mapping[str, Any], leaves: dict, path: tuple[str, ...]):

@@ -1,10 +1,12 @@
 """The trainer's numbers stay what they were: the first steps' losses of a seeded run,
 recorded from the trainer before its speed work (issue 23), must come out again.
 
-A faster trainer may sum in another order (threads, fused kernels), so float32
-losses are compared within a tolerance far below what any change of the model,
-the data or the update would move them by; bfloat16 rounds every activation,
-so its losses must stay near the float32 ones.
+A faster trainer may sum in another order (threads, fused kernels), and so do
+TensorFlow's two CPU kernel libraries: with TF_ENABLE_ONEDNN_OPTS=0 (Eigen) the
+8th loss differs from oneDNN's by up to 0.16 % (AMD EPYC Zen 4, AVX-512). So
+float32 losses are compared within 0.5 %, far below what a change of the model,
+the data order, the initialisation or the learning rate moves them by;
+bfloat16 rounds every activation, so its losses must stay near the float32 ones.
 """
 
 import pytest
@@ -16,7 +18,8 @@ from pipeline.trainer import Trainer
 pytestmark = pytest.mark.slow  # trains
 
 # Cross-entropy of each of the first 8 steps: depth 14, synthetic:400, quick recipe,
-# batch 32 per replica, seed 0; recorded from the trainer of commit dd5bb24.
+# batch 32 per replica, seed 0; recorded from the trainer of commit dd5bb24 (oneDNN on).
+FLOAT32_TOLERANCE = 5e-3
 RECORDED = {
     ("accumulated", None): [3.129466, 2.945391, 2.566552, 2.535754, 2.504222, 2.649834, 2.65037, 2.395367],
     ("accumulated", 2): [3.082185, 2.606935, 2.516215, 2.480619, 2.287812, 2.340101, 2.456834, 2.520773],
@@ -42,7 +45,7 @@ def step_losses(tmp_path, monkeypatch, arch, devices=None, mixed_precision=False
 
 @pytest.mark.parametrize("arch, devices", list(RECORDED))
 def test_float32_losses_are_the_recorded_ones(tmp_path, monkeypatch, arch, devices):
-    assert step_losses(tmp_path, monkeypatch, arch, devices) == pytest.approx(RECORDED[arch, devices], rel=1e-4)
+    assert step_losses(tmp_path, monkeypatch, arch, devices) == pytest.approx(RECORDED[arch, devices], rel=FLOAT32_TOLERANCE)
 
 
 def test_bfloat16_losses_stay_near_the_float32_ones(tmp_path, monkeypatch):
