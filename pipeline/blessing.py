@@ -15,12 +15,17 @@ may also write a record that matches it (docs/serving.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import UserError
 from pipeline.provenance import combined_digest, folder_digests
 from serving.atomic import write_atomically
+
+if TYPE_CHECKING:
+    import numpy as np
 
 BLESSING_FILE = "blessing.json"
 FORMAT = 1
@@ -36,57 +41,152 @@ class BlessingError(UserError, RuntimeError):
     exit_status = REFUSED
 
 
-def content(candidate: pathlib.Path) -> dict:
-    """The record's "content": every file's digest and their combined digest."""
-    files = folder_digests(candidate, exclude=(BLESSING_FILE,))
-    return {"files": files, "digest": combined_digest(files)}
+@dataclasses.dataclass(frozen=True)
+class Metrics:
+    """A model's answers on the evaluation images, as validate measures them."""
+
+    images: int
+    accuracy: float
+    loss: float
+    per_class_accuracy: list[float]
+    confusion: list[list[int]]  # rows: true class, columns: predicted class
+
+    @classmethod
+    def of(cls, probabilities: np.ndarray, labels: np.ndarray) -> Metrics:
+        import numpy as np
+
+        classes = probabilities.shape[1]
+        predicted = probabilities.argmax(axis=1)
+        confusion = np.zeros((classes, classes), np.int64)
+        np.add.at(confusion, (labels, predicted), 1)
+        per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+        true_probability = probabilities[np.arange(len(labels)), labels]
+        return cls(len(labels), float(np.mean(predicted == labels)),
+                   float(np.mean(-np.log(np.maximum(true_probability, 1e-12)))),
+                   [round(float(a), 4) for a in per_class], confusion.tolist())
 
 
-def write(candidate: pathlib.Path, record: dict) -> dict:
-    """Bind `record` to the candidate's files as they are now, and write it beside them."""
-    record = {"format": FORMAT, **record, "content": content(candidate)}
-    write_atomically(candidate / BLESSING_FILE, json.dumps(record, indent=2) + "\n")
-    return record
+@dataclasses.dataclass(frozen=True)
+class Content:
+    """What a record blesses: every file's SHA-256 by name, and one digest over them all."""
+
+    files: dict[str, str]
+    digest: str
+
+    @classmethod
+    def of(cls, folder: pathlib.Path) -> Content:
+        files = folder_digests(folder, exclude=(BLESSING_FILE,))
+        return cls(files, combined_digest(files))
+
+    def differences(self, other: Content) -> str | None:
+        """How `other` differs from the blessed files, None if it does not."""
+        changed = sorted(name for name in set(other.files) & set(self.files) if other.files[name] != self.files[name])
+        added, missing = sorted(set(other.files) - set(self.files)), sorted(set(self.files) - set(other.files))
+        return "; ".join(f"{kind} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                         for kind, names in (("changed:", changed), ("added:", added), ("missing:", missing))
+                         if names) or None
 
 
-def read(candidate: pathlib.Path) -> dict | None:
-    """The record as written, None if there is none; BlessingError if it is not JSON."""
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """The version served under a label that the candidate was compared with."""
+
+    server: str | None
+    label: str | None
+    metrics: Metrics | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Blessing:
+    """validate's verdict on one candidate, the record blessing.json holds."""
+
+    candidate: str  # the folder judged
+    verdict: str  # one of VERDICTS
+    reasons: tuple[str, ...]  # why it was refused; none when blessed
+    checks: dict[str, str]  # every check by name: "passed" or why it failed
+    time: str
+    dataset: str
+    class_names: tuple[str, ...]
+    data: dict[str, Any]  # the evaluation data: spec, data_dir, images, digest
+    thresholds: dict[str, Any]
+    ops: tuple[str, ...]  # the graph's op types
+    infra: dict[str, Any]  # serving checks: latency, gRPC and REST agreement, or the server's error
+    candidate_metrics: Metrics | None  # None when it was not evaluated
+    current: Served
+    project: dict[str, Any]
+    tensorflow: str
+    content: Content | None = None  # bound by `write`
+    format: int = FORMAT
+
+    @property
+    def blessed(self) -> bool:
+        return self.verdict == "blessed"
+
+    def to_json(self) -> dict:
+        record = dataclasses.asdict(self)
+        return {"format": record.pop("format"), **record}
+
+    @classmethod
+    def from_json(cls, record: Any, path: pathlib.Path) -> Blessing:
+        """The record read back; BlessingError naming what is missing or malformed."""
+        if not isinstance(record, dict) or record.get("verdict") not in VERDICTS:
+            raise BlessingError(f"{path} is not a blessing record validate writes (no verdict)")
+        named = record.get("content")
+        if not (isinstance(named, dict) and isinstance(named.get("files"), dict) and named["files"]
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in named["files"].items())
+                and isinstance(named.get("digest"), str)):
+            raise BlessingError(f"{path} names no content (no file digests): it is forged or from an older "
+                                "validate; run `accresnet validate` on the candidate again")
+        try:
+            metrics, current = record["candidate_metrics"], record["current"]
+            return cls(candidate=str(record["candidate"]), verdict=record["verdict"],
+                       reasons=tuple(str(r) for r in record["reasons"]), checks=dict(record["checks"]),
+                       time=str(record["time"]), dataset=str(record["dataset"]),
+                       class_names=tuple(record["class_names"]), data=dict(record["data"]),
+                       thresholds=dict(record["thresholds"]), ops=tuple(record["ops"]), infra=dict(record["infra"]),
+                       candidate_metrics=Metrics(**metrics) if metrics is not None else None,
+                       current=Served(current["server"], current["label"],
+                                      Metrics(**current["metrics"]) if current["metrics"] is not None else None),
+                       project=dict(record["project"]), tensorflow=str(record["tensorflow"]),
+                       content=Content(dict(named["files"]), named["digest"]), format=record.get("format", FORMAT))
+        except (KeyError, TypeError, ValueError) as error:
+            raise BlessingError(f"{path} is not a whole blessing record ({type(error).__name__}: {error}); "
+                                "run `accresnet validate` on the candidate again") from None
+
+
+def write(candidate: pathlib.Path, blessing: Blessing) -> Blessing:
+    """Bind the verdict to the candidate's files as they are now, and write it beside them."""
+    blessing = dataclasses.replace(blessing, content=Content.of(candidate))
+    write_atomically(candidate / BLESSING_FILE, json.dumps(blessing.to_json(), indent=2) + "\n")
+    return blessing
+
+
+def read(candidate: pathlib.Path) -> Blessing | None:
+    """The record as written, None if there is none; BlessingError if it is not a whole record."""
     path = candidate / BLESSING_FILE
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
         raise BlessingError(f"{path} cannot be read as a blessing record: {' '.join(str(error).split())}") from None
+    return Blessing.from_json(record, path)
 
 
-def verify(candidate: pathlib.Path, folder: pathlib.Path | None = None) -> dict:
+def verify(candidate: pathlib.Path, folder: pathlib.Path | None = None) -> Blessing:
     """The candidate's record if it blesses exactly the files of `folder` (the candidate
     itself, or the copy about to be published); BlessingError saying why not."""
     folder = folder or candidate
-    record = read(candidate)
     path = candidate / BLESSING_FILE
-    if record is None:
+    blessing = read(candidate)
+    if blessing is None:
         raise BlessingError(f"{candidate} has no blessing record: run `accresnet validate` on it first "
                             "(or push --force)")
-    if not isinstance(record, dict) or record.get("verdict") not in VERDICTS:
-        raise BlessingError(f"{path} is not a blessing record validate writes (no verdict)")
-    if record["verdict"] != "blessed":
-        reasons = record.get("reasons") if isinstance(record.get("reasons"), list) else []
-        raise BlessingError(f"{candidate} was refused by validate: {'; '.join(map(str, reasons)) or 'no reason given'}")
-    named = record.get("content")
-    if not (isinstance(named, dict) and isinstance(named.get("files"), dict) and named["files"]
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in named["files"].items())
-            and isinstance(named.get("digest"), str)):
-        raise BlessingError(f"{path} names no content (no file digests): it is forged or from an older validate; "
-                            "run `accresnet validate` on the candidate again")
-    if combined_digest(named["files"]) != named["digest"]:
+    if not blessing.blessed:
+        raise BlessingError(f"{candidate} was refused by validate: {'; '.join(blessing.reasons) or 'no reason given'}")
+    if combined_digest(blessing.content.files) != blessing.content.digest:
         raise BlessingError(f"{path} is forged: its digest is not that of the files it lists")
-    actual = folder_digests(folder, exclude=(BLESSING_FILE,))
-    changed = sorted(name for name in set(actual) & set(named["files"]) if actual[name] != named["files"][name])
-    added, missing = sorted(set(actual) - set(named["files"])), sorted(set(named["files"]) - set(actual))
-    if changed or added or missing:
-        what = "; ".join(f"{kind} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-                         for kind, names in (("changed:", changed), ("added:", added), ("missing:", missing)) if names)
-        raise BlessingError(f"{candidate} is not what validate blessed (stale blessing): {what}")
-    return record
+    differences = blessing.content.differences(Content.of(folder))
+    if differences:
+        raise BlessingError(f"{candidate} is not what validate blessed (stale blessing): {differences}")
+    return blessing

@@ -186,15 +186,15 @@ def run_validate(args: argparse.Namespace) -> int:
     from pipeline.validate import ValidateConfig, validate
 
     config = flags.from_args(ValidateConfig, args)
-    record = validate(config, announce=lambda line: print(line, flush=True))
-    metrics, current = record["candidate_metrics"], record["current"]["metrics"]
+    blessing = validate(config, announce=lambda line: print(line, flush=True))
+    metrics, current = blessing.candidate_metrics, blessing.current.metrics
     if metrics:
-        print(f"candidate accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f} on {metrics['images']} images"
-              + (f"; served {current['accuracy']:.4f}" if current else "; no served version to compare with"))
-    print(f"{record['verdict']}: {pathlib.Path(record['candidate']) / BLESSING_FILE}")
-    for reason in record["reasons"]:
+        print(f"candidate accuracy {metrics.accuracy:.4f}, loss {metrics.loss:.4f} on {metrics.images} images"
+              + (f"; served {current.accuracy:.4f}" if current else "; no served version to compare with"))
+    print(f"{blessing.verdict}: {pathlib.Path(blessing.candidate) / BLESSING_FILE}")
+    for reason in blessing.reasons:
         print(f"  refused: {reason}")
-    return 0 if record["verdict"] == "blessed" else REFUSED
+    return 0 if blessing.blessed else REFUSED
 
 
 def add_push_flags(parser: argparse.ArgumentParser) -> None:

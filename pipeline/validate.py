@@ -44,7 +44,7 @@ import tempfile
 import time
 from typing import TYPE_CHECKING
 
-from pipeline.blessing import BLESSING_FILE
+from pipeline.blessing import BLESSING_FILE, Blessing, Metrics
 from pipeline.config import DataConfig
 from pipeline.errors import UserError
 from pipeline.flags import nested, setting
@@ -115,29 +115,6 @@ class ValidateConfig:
         if bool(self.candidate_server) != bool(self.candidate_rest_server):
             raise ValidationError("--candidate-server and --candidate-rest-server go together: the checks ask the "
                                   "same server over gRPC and REST")
-
-
-@dataclasses.dataclass(frozen=True)
-class Metrics:
-    images: int
-    accuracy: float
-    loss: float
-    per_class_accuracy: list[float]
-    confusion: list[list[int]]  # rows: true class, columns: predicted class
-
-    @classmethod
-    def of(cls, probabilities: np.ndarray, labels: np.ndarray) -> Metrics:
-        import numpy as np
-
-        classes = probabilities.shape[1]
-        predicted = probabilities.argmax(axis=1)
-        confusion = np.zeros((classes, classes), np.int64)
-        np.add.at(confusion, (labels, predicted), 1)
-        per_class = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
-        true_probability = probabilities[np.arange(len(labels)), labels]
-        return cls(len(labels), float(np.mean(predicted == labels)),
-                   float(np.mean(-np.log(np.maximum(true_probability, 1e-12)))),
-                   [round(float(a), 4) for a in per_class], confusion.tolist())
 
 
 def evaluate_over_grpc(address: str, model: str, images: np.ndarray, labels: np.ndarray,
@@ -240,7 +217,7 @@ def operations_check(candidate_dir: pathlib.Path) -> tuple[list[str], str | None
     return sorted(ops.all), reason
 
 
-def validate(config: ValidateConfig, announce=print) -> dict:
+def validate(config: ValidateConfig, announce=print) -> Blessing:
     """Check the candidate, write confusion.png and blessing.json into it; returns the record."""
     from pipeline import blessing, model_card
     from pipeline.provenance import project, tensorflow_version
@@ -277,18 +254,14 @@ def validate(config: ValidateConfig, announce=print) -> dict:
         "accuracy": candidate.accuracy if candidate else None, "loss": candidate.loss if candidate else None,
         "latency_ms_p50": infra.get("latency_ms_p50"),
         "served": {"label": config.current_label, "accuracy": current.accuracy} if current else None})
-    return blessing.write(candidate_dir, {
-        "candidate": str(candidate_dir.resolve()), "verdict": outcome,
-        "reasons": reasons, "checks": {name: reason or "passed" for name, reason in checks.items()},
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "dataset": config.data.spec, "class_names": list(class_names), "data": data, "thresholds": thresholds,
-        "ops": ops,
-        "infra": infra,
-        "candidate_metrics": dataclasses.asdict(candidate) if candidate else None,
-        "current": {"server": config.current_server, "label": config.current_label,
-                    "metrics": dataclasses.asdict(current) if current else None},
-        "project": project(), "tensorflow": tensorflow_version(),
-    })
+    return blessing.write(candidate_dir, blessing.Blessing(
+        candidate=str(candidate_dir.resolve()), verdict=outcome, reasons=tuple(reasons),
+        checks={name: reason or "passed" for name, reason in checks.items()},
+        time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        dataset=config.data.spec, class_names=tuple(class_names), data=data, thresholds=thresholds,
+        ops=tuple(ops), infra=infra, candidate_metrics=candidate,
+        current=blessing.Served(config.current_server, config.current_label, current),
+        project=project(), tensorflow=tensorflow_version()))
 
 
 def _serve_and_evaluate(config: ValidateConfig, candidate_dir: pathlib.Path, images: np.ndarray,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from helpers import deployed_server, free_ports, run_accresnet
-from pipeline import export
+from pipeline import blessing, export
 from pipeline.blessing import BLESSING_FILE, BlessingError
 from pipeline.push import PushConfig, push
 from pipeline.validate import CONFUSION_FILE, ValidateConfig, validate
@@ -71,24 +71,26 @@ def class_names(trained_run):
 
 def test_a_good_candidate_is_blessed_and_pushed_whole_as_the_next_version(candidate, tmp_path):
     record = validate(validate_config(candidate), announce=lambda line: None)
-    assert record["verdict"] == "blessed", record["reasons"]
-    assert record["infra"]["grpc_rest_max_difference"] < 1e-3 and record["infra"]["latency_ms_p50"] > 0
-    metrics = record["candidate_metrics"]
-    assert metrics["accuracy"] > 0.25 and sum(map(sum, metrics["confusion"])) == metrics["images"] == 200
-    assert json.loads((candidate / BLESSING_FILE).read_text()) == record
+    assert record.verdict == "blessed", record.reasons
+    assert record.infra["grpc_rest_max_difference"] < 1e-3 and record.infra["latency_ms_p50"] > 0
+    metrics = record.candidate_metrics
+    assert metrics.accuracy > 0.25 and sum(map(sum, metrics.confusion)) == metrics.images == 200
+    written = json.loads((candidate / BLESSING_FILE).read_text())
+    assert written["verdict"] == "blessed" and written["candidate_metrics"]["accuracy"] == metrics.accuracy
+    assert blessing.read(candidate) == record  # the record reads back as it was written
     assert (candidate / CONFUSION_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The record is bound to every file of the candidate, the confusion matrix included.
-    files = record["content"]["files"]
+    files = record.content.files
     assert {"saved_model.pb", CONFUSION_FILE, "variables/variables.index"} <= set(files) and BLESSING_FILE not in files
     assert files["saved_model.pb"] == hashlib.sha256((candidate / "saved_model.pb").read_bytes()).hexdigest()
-    assert set(record["checks"]) == {"operations", "serving", "grpc_rest_agree", "probabilities", "latency",
-                                     "accuracy"} and set(record["checks"].values()) == {"passed"}
-    assert record["data"]["spec"] == DATASET and record["data"]["images"] == 200 and len(record["data"]["digest"]) == 64
-    assert record["project"]["version"] == "0.1.0" and record["tensorflow"] and "Conv2D" in record["ops"]
+    assert set(record.checks) == {"operations", "serving", "grpc_rest_agree", "probabilities", "latency",
+                                  "accuracy"} and set(record.checks.values()) == {"passed"}
+    assert record.data["spec"] == DATASET and record.data["images"] == 200 and len(record.data["digest"]) == 64
+    assert record.project["version"] == "0.1.0" and record.tensorflow and "Conv2D" in record.ops
     # The model card, written at export, carries validate's measurements too, and is bound like the rest.
     card = json.loads((candidate / "model_card.json").read_text())
     assert card["model"]["depth"] == 8 and card["validation"]["verdict"] == "blessed"
-    assert card["validation"]["accuracy"] == metrics["accuracy"] and "model_card.json" in files
+    assert card["validation"]["accuracy"] == metrics.accuracy and "model_card.json" in files
 
     base = tmp_path / "models" / MODEL_NAME
     pushed = push(PushConfig(candidate=str(candidate), export_base=str(base)))
@@ -106,8 +108,8 @@ def test_a_broken_candidate_is_refused_and_cannot_be_pushed(candidate, tmp_path)
     for data_file in (broken / "variables").glob("variables.data-*"):
         data_file.write_bytes(data_file.read_bytes()[:100])  # a copy cut short
     record = validate(validate_config(broken), announce=lambda line: None)
-    assert record["verdict"] == "refused" and "does not load or answer" in record["reasons"][0], record
-    assert record["candidate_metrics"] is None
+    assert record.verdict == "refused" and "does not load or answer" in record.reasons[0], record
+    assert record.candidate_metrics is None
     with pytest.raises(BlessingError, match="refused by validate: it does not load"):
         push(PushConfig(candidate=str(broken), export_base=str(tmp_path / "models")))
     assert not (tmp_path / "models").exists()
@@ -125,7 +127,7 @@ def blessed(candidate, tmp_path_factory):
     """A copy of the candidate that validate blessed."""
     folder = tmp_path_factory.mktemp("blessed") / "1"
     shutil.copytree(candidate, folder, ignore=shutil.ignore_patterns(BLESSING_FILE, CONFUSION_FILE))
-    assert validate(validate_config(folder), announce=lambda line: None)["verdict"] == "blessed"
+    assert validate(validate_config(folder), announce=lambda line: None).blessed
     return folder
 
 
@@ -144,6 +146,10 @@ def tampered(blessed, tmp_path, how):
         data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
     elif how == "file-added":
         (folder / "assets.extra" / "note.txt").write_text("added after validate")
+    elif how == "incomplete":
+        record = json.loads(blessing.read_text())
+        del record["checks"]
+        blessing.write_text(json.dumps(record))
     elif how == "malformed":
         blessing.write_text('{"verdict": "blessed", ')
     elif how == "not-an-object":
@@ -156,6 +162,7 @@ def tampered(blessed, tmp_path, how):
     ("digest-mismatch", "is forged: its digest is not that of the files it lists"),
     ("changed-after", "is not what validate blessed (stale blessing): changed: variables/variables.data-"),
     ("file-added", "is not what validate blessed (stale blessing): added: assets.extra/note.txt"),
+    ("incomplete", "is not a whole blessing record (KeyError: 'checks')"),
     ("malformed", "cannot be read as a blessing record"),
     ("not-an-object", "is not a blessing record validate writes"),
 ])
@@ -197,17 +204,17 @@ def test_a_graph_that_reads_or_writes_files_is_refused_before_any_server_runs_it
     leaky = tmp_path / "staging" / "1"
     tf.saved_model.save(module, str(leaky), signatures=module.signatures())
     record = validate(validate_config(leaky), announce=lambda line: None)
-    assert record["verdict"] == "refused" and record["candidate_metrics"] is None, record["reasons"]
-    (reason,) = record["reasons"]
+    assert record.verdict == "refused" and record.candidate_metrics is None, record.reasons
+    (reason,) = record.reasons
     assert "uses operations no export of this project uses" in reason and reason.endswith("ReadFile, WriteFile")
-    assert record["checks"] == {"operations": reason} and {"ReadFile", "WriteFile"} <= set(record["ops"])
+    assert record.checks == {"operations": reason} and {"ReadFile", "WriteFile"} <= set(record.ops)
     assert not target.exists()  # no server ever ran it
     handed_over = tmp_path / "sidecar" / MODEL_NAME
     handed_over.mkdir(parents=True)
     (port,) = free_ports(1)
     again = validate(validate_config(leaky, candidate_server=f"localhost:{port}", candidate_rest_server=f"localhost:{port}",
                                      candidate_server_base=str(handed_over)), announce=lambda line: None)
-    assert again["reasons"] == [reason] and not list(handed_over.iterdir())  # never handed to the sidecar
+    assert again.reasons == (reason,) and not list(handed_over.iterdir())  # never handed to the sidecar
     with pytest.raises(BlessingError, match="refused by validate: its graph uses operations"):
         push(PushConfig(candidate=str(leaky), export_base=str(tmp_path / "models")))
 
@@ -226,8 +233,8 @@ def test_validate_checks_the_candidate_on_a_server_it_hands_it_to(candidate, tmp
                                           candidate_server_base=str(served)), announce=lambda line: None)
     finally:
         server.stop(grace=1)
-    assert record["verdict"] == "blessed", record["reasons"]
-    assert record["infra"]["latency_ms_p50"] > 0 and record["candidate_metrics"]["images"] == 200
+    assert record.blessed, record.reasons
+    assert record.infra["latency_ms_p50"] > 0 and record.candidate_metrics.images == 200
     assert sorted(p.name for p in served.iterdir()) == ["4"]  # served as its own version, nothing else
 
 
@@ -242,10 +249,10 @@ def test_a_worse_candidate_is_refused_by_the_comparison_with_the_served_version(
                           announce=lambda line: None)
     finally:
         server.stop(grace=1)
-    assert record["verdict"] == "refused", record
-    assert any("below the served version's" in reason for reason in record["reasons"]), record["reasons"]
-    current = record["current"]["metrics"]
-    assert current["accuracy"] > record["candidate_metrics"]["accuracy"]
+    assert record.verdict == "refused", record
+    assert any("below the served version's" in reason for reason in record.reasons), record.reasons
+    current = record.current.metrics
+    assert current.accuracy > record.candidate_metrics.accuracy
     assert (worse / CONFUSION_FILE).exists()  # both confusion matrices, side by side
     with pytest.raises(BlessingError):
         push(PushConfig(candidate=str(worse), export_base=str(served_base)))
