@@ -154,7 +154,7 @@ def existing_versions(export_base: str | os.PathLike) -> list[int]:
 
 
 def export_saved_model(model: keras.Model, class_names: list[str], export_base: str | os.PathLike,
-                       top_k: int = DEFAULT_TOP_K, card: dict | None = None) -> str:
+                       top_k: int = DEFAULT_TOP_K, card: model_card.ModelCard | None = None) -> str:
     """Write the next version under `export_base`, with its model card if given; returns its path."""
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="accresnet-export-"))
     local_base = scratch / "base" if is_remote(export_base) else pathlib.Path(export_base)

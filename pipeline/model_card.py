@@ -11,9 +11,11 @@ volume holds, beside every version, what made it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
+from typing import Any
 
 from pipeline.provenance import project, tensorflow_version
 from pipeline.rundir import RunDir
@@ -27,43 +29,110 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def from_run(run: RunDir) -> dict:
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    architecture: str
+    depth: int
+    width: int | None
+    cardinality: int | None
+    shortcut: str
+    zero_init_residual: bool
+    classes: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSection:
+    recipe: str
+    seed: int
+    epochs: int | None
+    epochs_completed: int | None
+    global_batch: int
+    learning_rate: float
+    workers: int
+    replicas: int
+    mixed_precision: bool
+    # The last session's: a resumed run's earlier sessions are not counted.
+    wall_time_sec: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    spec: str
+    digest: str | None  # SHA-256 over the files the spec read; None for generated data
+
+
+@dataclasses.dataclass(frozen=True)
+class Made:
+    exported: str
+    project: dict[str, Any]  # version and commit
+    tensorflow: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    """What made a version (written at export) and how it did (added by validate)."""
+
+    model: ModelSection | None = None
+    training: TrainingSection | None = None
+    data: DataSection | None = None
+    # The last epoch's metrics, and test_loss and test_accuracy where the data has a test split.
+    metrics: dict[str, float] | None = None
+    made: Made | None = None
+    validation: dict[str, Any] | None = None  # validate's verdict and measurements, with its time
+    note: str | None = None  # why the card says less than it should
+    format: int = FORMAT
+
+    def to_json(self) -> dict:
+        card = dataclasses.asdict(self)
+        optional = ("validation", "note")  # written only when there is something to say
+        return {"format": card.pop("format"),
+                **{name: value for name, value in card.items() if value is not None or name not in optional}}
+
+    @classmethod
+    def from_json(cls, card: dict) -> ModelCard:
+        """The card read back; KeyError or TypeError when it is not one export writes."""
+        def section(kind, name):
+            value = card.get(name)
+            return kind(**value) if value is not None else None
+
+        model = card.get("model")
+        return cls(model=ModelSection(**{**model, "classes": tuple(model["classes"])}) if model is not None else None,
+                   training=section(TrainingSection, "training"), data=section(DataSection, "data"),
+                   metrics=card.get("metrics"), made=section(Made, "made"), validation=card.get("validation"),
+                   note=card.get("note"), format=card.get("format", FORMAT))
+
+
+def from_run(run: RunDir) -> ModelCard:
     """The card of an export of the run's latest checkpoint."""
     settings, summary = run.read_settings(), run.read_summary()
-    return {
-        "format": FORMAT,
-        "model": {"architecture": settings.arch, "depth": settings.depth, "width": settings.width,
-                  "cardinality": settings.cardinality, "shortcut": settings.shortcut,
-                  "zero_init_residual": settings.zero_init_residual, "classes": list(settings.class_names)},
-        "training": {"recipe": settings.recipe, "seed": settings.seed, "epochs": settings.epochs,
-                     "epochs_completed": summary.epochs_completed if summary else None,
-                     "global_batch": settings.global_batch, "learning_rate": settings.learning_rate,
-                     "workers": settings.workers, "replicas": settings.replicas,
-                     "mixed_precision": settings.mixed_precision,
-                     # The last session's: a resumed run's earlier sessions are not counted.
-                     "wall_time_sec": summary.wall_time_sec if summary else None},
-        "data": {"spec": settings.dataset, "digest": settings.data_digest},
-        # The last epoch's metrics, and test_loss and test_accuracy where the data has a test split.
-        "metrics": dict(summary.final) if summary else None,
-        "made": {"exported": _now(), "project": project(), "tensorflow": tensorflow_version()},
-    }
+    return ModelCard(
+        model=ModelSection(settings.arch, settings.depth, settings.width, settings.cardinality, settings.shortcut,
+                           settings.zero_init_residual, tuple(settings.class_names)),
+        training=TrainingSection(settings.recipe, settings.seed, settings.epochs,
+                                 summary.epochs_completed if summary else None, settings.global_batch,
+                                 settings.learning_rate, settings.workers, settings.replicas,
+                                 settings.mixed_precision, summary.wall_time_sec if summary else None),
+        data=DataSection(settings.dataset, settings.data_digest),
+        metrics=dict(summary.final) if summary else None,
+        made=Made(_now(), project(), tensorflow_version()))
 
 
-def read(folder: pathlib.Path) -> dict | None:
+def read(folder: pathlib.Path) -> ModelCard | None:
     path = folder / CARD_FILE
+    if not path.exists():
+        return None
     try:
-        return json.loads(path.read_text()) if path.exists() else None
-    except ValueError:  # not a card validate can extend: replaced by one that says so
-        return {"format": FORMAT, "note": f"the {CARD_FILE} found here could not be read"}
+        return ModelCard.from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError):  # not a card validate can extend: replaced by one that says so
+        return ModelCard(note=f"the {CARD_FILE} found here could not be read")
 
 
-def write(folder: pathlib.Path, card: dict) -> None:
-    write_atomically(folder / CARD_FILE, json.dumps(card, indent=2) + "\n")
+def write(folder: pathlib.Path, card: ModelCard) -> None:
+    write_atomically(folder / CARD_FILE, json.dumps(card.to_json(), indent=2) + "\n")
 
 
-def add_validation(folder: pathlib.Path, validation: dict) -> dict:
+def add_validation(folder: pathlib.Path, validation: dict) -> ModelCard:
     """The folder's card with validate's measurements in it (a card of their own if it had none)."""
-    card = read(folder) or {"format": FORMAT}
-    card["validation"] = {"time": _now(), **validation}
+    card = dataclasses.replace(read(folder) or ModelCard(), validation={"time": _now(), **validation})
     write(folder, card)
     return card

@@ -7,7 +7,7 @@ from PIL import Image
 
 from pipeline import datasets
 from pipeline.config import DataConfig
-from pipeline.model_card import CARD_FILE, add_validation
+from pipeline.model_card import CARD_FILE, add_validation, read
 
 
 def test_an_export_carries_its_model_card(exported_model, trained_run):
@@ -35,9 +35,17 @@ def test_validate_extends_the_card_and_keeps_what_export_wrote(exported_model, t
     folder = tmp_path / "1"
     shutil.copytree(exported_model, folder)
     card = add_validation(folder, {"verdict": "blessed", "accuracy": 0.5})
-    assert card["validation"]["verdict"] == "blessed" and card["validation"]["time"].endswith("Z")
-    assert card["model"] == json.loads((exported_model / CARD_FILE).read_text())["model"]
-    assert json.loads((folder / CARD_FILE).read_text()) == card
+    assert card.validation["verdict"] == "blessed" and card.validation["time"].endswith("Z")
+    written = json.loads((folder / CARD_FILE).read_text())
+    assert written["model"] == json.loads((exported_model / CARD_FILE).read_text())["model"]
+    assert written == json.loads(json.dumps(card.to_json())) and read(folder) == card  # reads back as written
+
+
+def test_a_card_that_cannot_be_read_is_replaced_by_one_that_says_so(tmp_path):
+    (tmp_path / CARD_FILE).write_text('{"model": {"architecture": "accumulated"}}')  # a section cut short
+    card = add_validation(tmp_path, {"verdict": "refused"})
+    assert card.model is None and card.note == f"the {CARD_FILE} found here could not be read"
+    assert json.loads((tmp_path / CARD_FILE).read_text())["validation"]["verdict"] == "refused"
 
 
 def test_the_data_digest_covers_the_files_a_spec_reads(tmp_path):
