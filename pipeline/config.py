@@ -15,7 +15,7 @@ import math
 from pipeline.architecture import ARCHES, SHORTCUTS, ModelConfig, check_architecture, check_shortcut
 from pipeline.errors import ConfigError
 from pipeline.flags import setting
-from pipeline.recipes import RECIPES, Recipe, get_recipe, recipes_help, recipes_with
+from pipeline.recipes import RECIPES, Recipe, get_recipe, model_settings, recipes_help, recipes_with
 
 
 # Every dataset spec and what it reads: the one list, for --help, the errors and the docs.
@@ -94,13 +94,11 @@ class NetConfig:
 
     def model_config(self, num_classes: int, recipe: Recipe) -> ModelConfig:
         zero_init = recipe.zero_init_residual if self.zero_init_residual is None else self.zero_init_residual
-        return ModelConfig(self.arch, self.depth, num_classes, weight_decay=recipe.weight_decay, width=self.width,
-                           cardinality=self.cardinality, shortcut=self.shortcut or recipe.shortcut,
-                           zero_init_residual=zero_init, batch_norm_momentum=recipe.batch_norm_momentum,
-                           batch_norm_epsilon=recipe.batch_norm_epsilon, fused_batch_norm=recipe.fused_batch_norm,
-                           classifier_initializer=recipe.classifier_initializer,
-                           projection_initializer=recipe.projection_initializer,
-                           batch_norm_weight_decay=recipe.batch_norm_weight_decay)
+        # The recipe's network settings, of which the flags override the shortcut and zero-init.
+        settings = {**model_settings(recipe), "shortcut": self.shortcut or recipe.shortcut,
+                    "zero_init_residual": zero_init}
+        return ModelConfig(self.arch, self.depth, num_classes, width=self.width, cardinality=self.cardinality,
+                           **settings)
 
 
 def _recipe_name(recipe: Recipe) -> str:

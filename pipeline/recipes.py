@@ -11,7 +11,7 @@ import dataclasses
 from typing import Literal
 
 from pipeline.architecture import (BN_EPSILON, BN_MOMENTUM, HE2016_L2, KERAS_BN_EPSILON, KERAS_BN_MOMENTUM,
-                                   KERAS_L2, check_initializer, check_shortcut)
+                                   KERAS_L2, ModelConfig, check_initializer, check_shortcut)
 from pipeline.errors import ConfigError
 
 
@@ -212,6 +212,13 @@ RECIPES: dict[str, Recipe] = {
         "10% linear warm-up and cosine decay, 3 epochs, L2 1e-4, projection shortcuts, pad-crop-flip",
     ),
 }
+
+
+def model_settings(recipe: Recipe) -> dict:
+    """The network settings a recipe fixes: its fields that ModelConfig has too, by name."""
+    model_fields = {field.name for field in dataclasses.fields(ModelConfig)}
+    return {field.name: getattr(recipe, field.name) for field in dataclasses.fields(recipe)
+            if field.name in model_fields}
 
 
 def get_recipe(name: str) -> Recipe:

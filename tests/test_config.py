@@ -125,6 +125,16 @@ def test_zero_init_residual_is_the_recipes_unless_set():
     assert (keras.batch_norm_momentum, keras.batch_norm_epsilon, keras.weight_decay) == (0.99, 1e-3, 1e-4)
 
 
+def test_every_network_setting_of_a_recipe_reaches_the_model():
+    recipe = dataclasses.replace(recipes.get_recipe("he2016"), shortcut="projection-bn", zero_init_residual=True,
+                                 weight_decay=3e-4, batch_norm_momentum=0.5, batch_norm_epsilon=1e-2,
+                                 classifier_initializer="torch-linear", projection_initializer="torch-conv",
+                                 batch_norm_weight_decay=2e-5, fused_batch_norm=False)
+    model = cfg.NetConfig().model_config(10, recipe)
+    shared = recipes.model_settings(recipe)
+    assert len(shared) == 9 and {name: getattr(model, name) for name in shared} == shared
+
+
 def test_unknown_augmentation_is_a_clear_error():
     with pytest.raises(errors.ConfigError, match="unknown augmentation 'cutout'"):
         dataclasses.replace(recipes.get_recipe("he2016"), augmentation="cutout")
