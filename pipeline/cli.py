@@ -150,6 +150,19 @@ def add_report_flags(parser: argparse.ArgumentParser) -> None:
     flags.add_flags(parser, ReportConfig)
 
 
+def add_compare_flags(parser: argparse.ArgumentParser) -> None:
+    from pipeline.compare import CompareConfig
+
+    flags.add_flags(parser, CompareConfig)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from pipeline.compare import CompareConfig, run, summary_lines
+
+    print("\n".join(summary_lines(run(flags.from_args(CompareConfig, args)))))
+    return 0
+
+
 def run_report(args: argparse.Namespace) -> int:
     from pipeline.report import ReportConfig, report
 
@@ -273,6 +286,12 @@ VERBS = (
          "Read every run record (<arch>-seed<N>.json) of --records and write results.json, table.md and "
          "figures 3-6, as `accresnet experiment` does at its end; no checkpoint and no TensorFlow needed.",
          "pipeline.cli:add_report_flags", "pipeline.cli:run_report"),
+    Verb("compare", "one experiment's architecture against another's, paired by seed, from the records",
+         "Pair the runs of --arch in --records with those of --baseline-arch in --baseline-records by seed and "
+         "print the differences (compared - baseline) of the final test error (the primary metric) and the "
+         "validation errors, with Student-t 95% intervals, p-values and sign counts. The two sides must agree "
+         "in data, depth, recipe and length; the settings they differ in are printed with the result.",
+         "pipeline.cli:add_compare_flags", "pipeline.cli:run_compare"),
     Verb("validate", "check that a candidate export loads, answers and is at least as good as the served one",
          "Start a model server on the candidate as the Deployment starts one, check its gRPC and REST answers and "
          "latency, evaluate it through that server and compare it with the version a server now serves (over "
