@@ -19,9 +19,13 @@ steps, `--steps` steps are timed, then `--traced-steps` more run under
 
 With --convs, each of the net's convolution shapes is timed alone instead
 (forward and both gradients, float32 and bfloat16, batch 128): the rate the
-convolutions reach at these shapes, which bounds the whole step's.
+convolutions reach at these shapes, which bounds the whole step's. With
+--memory-ops, the blocks' memory-bound kernels (additions, ReLU and its
+gradient, BN forward and backward) alone at each stage's activation shape:
+the bytes per second they move, in float32 and in bfloat16.
 
     python benchmarks/step_profile.py --convs
+    python benchmarks/step_profile.py --memory-ops
 """
 
 from __future__ import annotations
@@ -200,23 +204,26 @@ def time_conv(shape: ConvShape, dtype: tf.DType, repeats: int = 10) -> dict[str,
         "conv grad kernel": lambda: tf.raw_ops.Conv2DBackpropFilter(
             input=x, filter_sizes=tf.shape(w), out_backprop=dy, strides=strides, padding="SAME"),
     }
-    seconds = {}
-    for name, kernel in kernels.items():
-        @tf.function(autograph=False)
-        def repeated():
-            def body(i, total):  # one element of each result kept: none is optimized away
-                return i + 1, total + tf.cast(tf.reshape(kernel(), [-1])[0], tf.float32)
+    return {name: time_in_graph(kernel, repeats) for name, kernel in kernels.items()}
 
-            return tf.while_loop(lambda i, _: i < repeats, body, (tf.constant(0), tf.constant(0.0)))[1]
 
+def time_in_graph(kernel, repeats: int) -> float:
+    """Seconds of one call of `kernel()`, alone: `repeats` calls in a loop inside one graph (no
+    Python or function-call overhead per call), best of 5 runs of the loop."""
+    @tf.function(autograph=False)
+    def repeated():
+        def body(i, total):  # one element of each result kept: none is optimized away
+            return i + 1, total + tf.cast(tf.reshape(kernel(), [-1])[0], tf.float32)
+
+        return tf.while_loop(lambda i, _: i < repeats, body, (tf.constant(0), tf.constant(0.0)))[1]
+
+    repeated().numpy()
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
         repeated().numpy()
-        best = float("inf")
-        for _ in range(5):
-            started = time.perf_counter()
-            repeated().numpy()
-            best = min(best, (time.perf_counter() - started) / repeats)
-        seconds[name] = best
-    return seconds
+        best = min(best, (time.perf_counter() - started) / repeats)
+    return best
 
 
 def conv_table(arch: str, batch: int) -> str:
@@ -249,6 +256,41 @@ def conv_table(arch: str, batch: int) -> str:
     return "\n".join(lines)
 
 
+# The memory-bound kernels of a block, as the trainer's graph runs them, and the tensors each one
+# reads and writes (in units of one activation tensor): what its GB/s is counted from.
+MEMORY_OPS = {
+    "AddV2": (lambda a, b: a + b, 3),
+    "AddN of 2 (gradients)": (lambda a, b: tf.add_n([a, b]), 3),
+    "Relu": (lambda a, b: tf.nn.relu(a), 2),
+    "ReluGrad": (lambda a, b: tf.raw_ops.ReluGrad(gradients=a, features=b), 3),
+    # The statistics pass and the normalising pass each read the input: 3 tensors moved.
+    "FusedBatchNormV3 (training)": (lambda a, b: tf.compat.v1.nn.fused_batch_norm(
+        a, tf.ones(a.shape[-1:]), tf.zeros(a.shape[-1:]), epsilon=1e-5, is_training=True)[0], 3),
+    # Reductions over (dy, x), then dx from both again: 5 tensors moved.
+    "FusedBatchNormGradV3": (lambda a, b: tf.raw_ops.FusedBatchNormGradV3(
+        y_backprop=a, x=b, scale=tf.ones(a.shape[-1:]), reserve_space_1=tf.zeros(a.shape[-1:]),
+        reserve_space_2=tf.ones(a.shape[-1:]), reserve_space_3=tf.zeros(a.shape[-1:]), is_training=True)[0], 5),
+}
+
+
+def memory_ops_table(batch: int, repeats: int = 20) -> str:
+    """Each memory-bound kernel of a block alone, at each stage's activation shape, float32 and
+    bfloat16: milliseconds and the bytes it moves per second."""
+    lines = ["| kernel | activation | float32 ms | float32 GB/s | bfloat16 ms | bfloat16 GB/s | bfloat16 / float32 time |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, (kernel, tensors) in MEMORY_OPS.items():
+        for size, channels in ((32, 16), (16, 32), (8, 64)):
+            cells = []
+            for dtype in (tf.float32, tf.bfloat16):
+                a, b = (tf.cast(tf.random.normal([batch, size, size, channels]), dtype) for _ in range(2))
+                best = time_in_graph(lambda: kernel(a, b), repeats)
+                cells.append((best, tensors * a.shape.num_elements() * dtype.size / best / 1e9))
+            (fp32, fp32_rate), (bf16, bf16_rate) = cells
+            lines.append(f"| {name} | {batch}x{size}x{size}x{channels} | {1000 * fp32:.2f} | {fp32_rate:.0f} | "
+                         f"{1000 * bf16:.2f} | {bf16_rate:.0f} | {bf16 / fp32:.2f} |")
+    return "\n".join(lines)
+
+
 def table(rate: float, classes: dict[str, ClassTotal], batch: int) -> str:
     step_ms = 1000 * batch / rate
     op_ms = sum(total.seconds for total in classes.values()) * 1000
@@ -274,7 +316,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trace-dir", default=None, help="keep the trace here (TensorBoard's profile plugin reads it)")
     parser.add_argument("--convs", action="store_true",
                         help="instead: time each of the net's convolution shapes alone, float32 and bfloat16")
+    parser.add_argument("--memory-ops", action="store_true",
+                        help="instead: time the blocks' memory-bound kernels (adds, ReLU, BN) alone at each "
+                             "stage's shape, float32 and bfloat16")
     args = parser.parse_args(argv)
+    if args.memory_ops:
+        print(memory_ops_table(args.batch))
+        return
     if args.convs:
         print(conv_table(args.arch, args.batch))
         return

@@ -115,6 +115,23 @@ def test_the_step_profile_sorts_kernels_into_classes_and_counts_their_flops():
     assert totals["BN forward"].flops == 0
 
 
+def test_the_memory_bound_kernels_timed_alone_are_the_ones_the_graph_runs():
+    import step_profile
+    import tensorflow as tf
+
+    a = tf.constant([[[[-1.0, 2.0]]], [[[3.0, -4.0]]]])
+    b = tf.constant([[[[1.0, -1.0]]], [[[1.0, 1.0]]]])
+    results = {name: kernel(a, b).numpy() for name, (kernel, _) in step_profile.MEMORY_OPS.items()}
+    assert results["AddV2"].ravel().tolist() == results["AddN of 2 (gradients)"].ravel().tolist() == [0, 1, 4, -3]
+    assert results["Relu"].ravel().tolist() == [0, 2, 3, 0]
+    assert results["ReluGrad"].ravel().tolist() == [-1, 0, 3, -4]
+    normalized = results["FusedBatchNormV3 (training)"]
+    assert normalized.mean(axis=(0, 1, 2)) == pytest.approx([0, 0], abs=1e-6)
+    assert results["FusedBatchNormGradV3"].shape == a.shape
+    for kernel, _ in step_profile.MEMORY_OPS.values():  # every one also takes bfloat16, as under mixed precision
+        assert kernel(tf.cast(a, tf.bfloat16), tf.cast(b, tf.bfloat16)).dtype == tf.bfloat16
+
+
 @pytest.mark.slow  # exports a model and starts a server
 def test_classify_concurrency_bench_runs_and_reports_a_ratio_per_setting():
     import subprocess
