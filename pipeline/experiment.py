@@ -49,13 +49,17 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     """"3" means seeds 0, 1, 2; "0,4,7" means those seeds."""
     try:
         if "," in text:
-            return tuple(int(s) for s in text.split(","))
-        count = int(text)
+            seeds = tuple(int(s) for s in text.split(","))
+        else:
+            count = int(text)
+            if count < 1:
+                raise ConfigError(f"--seeds needs at least one seed; got {count}")
+            return tuple(range(count))
     except ValueError:
         raise ConfigError(f"--seeds takes a count (3) or a list (0,4,7); got {text!r}") from None
-    if count < 1:
-        raise ConfigError(f"--seeds needs at least one seed; got {count}")
-    return tuple(range(count))
+    if any(seed < 0 for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds lists each seed once, none negative; got {text!r}")
+    return seeds
 
 
 def _show_list(values: tuple) -> str:
