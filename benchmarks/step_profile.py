@@ -204,25 +204,30 @@ def time_conv(shape: ConvShape, dtype: tf.DType, repeats: int = 10) -> dict[str,
         "conv grad kernel": lambda: tf.raw_ops.Conv2DBackpropFilter(
             input=x, filter_sizes=tf.shape(w), out_backprop=dy, strides=strides, padding="SAME"),
     }
-    return {name: time_in_graph(kernel, repeats) for name, kernel in kernels.items()}
+    return {name: time_in_graph([kernel], repeats) for name, kernel in kernels.items()}
 
 
-def time_in_graph(kernel, repeats: int) -> float:
-    """Seconds of one call of `kernel()`, alone: `repeats` calls in a loop inside one graph (no
-    Python or function-call overhead per call), best of 5 runs of the loop."""
+def time_in_graph(calls, repeats: int) -> float:
+    """Seconds of one call, alone: each loop iteration makes `calls` (functions of no argument
+    returning a tensor) one after the other, `repeats` iterations in a loop inside one graph (no
+    Python or function-call overhead per call, no two calls at once), best of 5 runs of the loop."""
     @tf.function(autograph=False)
     def repeated():
         def body(i, total):  # one element of each result kept: none is optimized away
-            return i + 1, total + tf.cast(tf.reshape(kernel(), [-1])[0], tf.float32)
+            for call in calls:
+                with tf.control_dependencies([total]):
+                    total = total + tf.cast(tf.reshape(call(), [-1])[0], tf.float32)
+            return i + 1, total
 
-        return tf.while_loop(lambda i, _: i < repeats, body, (tf.constant(0), tf.constant(0.0)))[1]
+        return tf.while_loop(lambda i, _: i < repeats, body, (tf.constant(0), tf.constant(0.0)),
+                             parallel_iterations=1)[1]
 
     repeated().numpy()
     best = float("inf")
     for _ in range(5):
         started = time.perf_counter()
         repeated().numpy()
-        best = min(best, (time.perf_counter() - started) / repeats)
+        best = min(best, (time.perf_counter() - started) / (repeats * len(calls)))
     return best
 
 
@@ -256,38 +261,55 @@ def conv_table(arch: str, batch: int) -> str:
     return "\n".join(lines)
 
 
-# The memory-bound kernels of a block, as the trainer's graph runs them, and the tensors each one
-# reads and writes (in units of one activation tensor): what its GB/s is counted from.
+# The memory-bound kernels of a block, as the trainer's graph runs them, and the fewest tensors
+# each one can read and write (in units of one activation tensor): what its GB/s is counted from.
 MEMORY_OPS = {
     "AddV2": (lambda a, b: a + b, 3),
     "AddN of 2 (gradients)": (lambda a, b: tf.add_n([a, b]), 3),
     "Relu": (lambda a, b: tf.nn.relu(a), 2),
     "ReluGrad": (lambda a, b: tf.raw_ops.ReluGrad(gradients=a, features=b), 3),
-    # The statistics pass and the normalising pass each read the input: 3 tensors moved.
+    # At least: the statistics read the input, the normalising pass reads it again and writes.
     "FusedBatchNormV3 (training)": (lambda a, b: tf.compat.v1.nn.fused_batch_norm(
         a, tf.ones(a.shape[-1:]), tf.zeros(a.shape[-1:]), epsilon=1e-5, is_training=True)[0], 3),
-    # Reductions over (dy, x), then dx from both again: 5 tensors moved.
+    # At least: the reductions read dy and x, the pass that writes dx reads both again.
     "FusedBatchNormGradV3": (lambda a, b: tf.raw_ops.FusedBatchNormGradV3(
         y_backprop=a, x=b, scale=tf.ones(a.shape[-1:]), reserve_space_1=tf.zeros(a.shape[-1:]),
         reserve_space_2=tf.ones(a.shape[-1:]), reserve_space_3=tf.zeros(a.shape[-1:]), is_training=True)[0], 5),
 }
 
 
-def memory_ops_table(batch: int, repeats: int = 20) -> str:
+# More than the last-level cache: the inputs rotate through copies this large in all, so that each
+# call reads them from memory, as a training step does (its activations do not stay in cache).
+FROM_MEMORY_BYTES = 256 * 2**20
+
+
+def time_memory_op(kernel, shape: list[int], dtype: tf.DType, copies: int) -> float:
+    """Seconds of one call of `kernel(a, b)` on activations of `shape`, its inputs taken in turn
+    from `copies` distinct pairs."""
+    pairs = [tuple(tf.cast(tf.random.normal(shape), dtype) for _ in range(2)) for _ in range(copies)]
+    return time_in_graph([lambda a=a, b=b: kernel(a, b) for a, b in pairs], max(2, 40 // copies))
+
+
+def memory_ops_table(batch: int) -> str:
     """Each memory-bound kernel of a block alone, at each stage's activation shape, float32 and
-    bfloat16: milliseconds and the bytes it moves per second."""
-    lines = ["| kernel | activation | float32 ms | float32 GB/s | bfloat16 ms | bfloat16 GB/s | bfloat16 / float32 time |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    bfloat16: milliseconds with the inputs in cache and read from memory, and the bytes it moves
+    per second from memory (counted as the least traffic the kernel can have)."""
+    lines = ["| kernel | activation | float32 ms, cached / from memory | bfloat16 ms, cached / from memory | "
+             "bfloat16 / float32 time, from memory | GB/s from memory (least traffic), float32 / bfloat16 |",
+             "|---|---|---:|---:|---:|---:|"]
     for name, (kernel, tensors) in MEMORY_OPS.items():
         for size, channels in ((32, 16), (16, 32), (8, 64)):
-            cells = []
+            shape = [batch, size, size, channels]
+            cells = {}
             for dtype in (tf.float32, tf.bfloat16):
-                a, b = (tf.cast(tf.random.normal([batch, size, size, channels]), dtype) for _ in range(2))
-                best = time_in_graph(lambda: kernel(a, b), repeats)
-                cells.append((best, tensors * a.shape.num_elements() * dtype.size / best / 1e9))
-            (fp32, fp32_rate), (bf16, bf16_rate) = cells
-            lines.append(f"| {name} | {batch}x{size}x{size}x{channels} | {1000 * fp32:.2f} | {fp32_rate:.0f} | "
-                         f"{1000 * bf16:.2f} | {bf16_rate:.0f} | {bf16 / fp32:.2f} |")
+                tensor_bytes = batch * size * size * channels * dtype.size
+                copies = -(-FROM_MEMORY_BYTES // (2 * tensor_bytes))
+                cells[dtype] = (time_memory_op(kernel, shape, dtype, 1), time_memory_op(kernel, shape, dtype, copies),
+                                tensor_bytes)
+            (fp32_hot, fp32, fp32_bytes), (bf16_hot, bf16, bf16_bytes) = cells[tf.float32], cells[tf.bfloat16]
+            lines.append(f"| {name} | {'x'.join(map(str, shape))} | {1000 * fp32_hot:.2f} / {1000 * fp32:.2f} | "
+                         f"{1000 * bf16_hot:.2f} / {1000 * bf16:.2f} | {bf16 / fp32:.2f} | "
+                         f"{tensors * fp32_bytes / fp32 / 1e9:.0f} / {tensors * bf16_bytes / bf16 / 1e9:.0f} |")
     return "\n".join(lines)
 
 
