@@ -19,7 +19,7 @@ import dataclasses
 import json
 import pathlib
 
-from pipeline.experiment import parse_seeds
+from pipeline.experiment import parse_seeds, show_list
 from pipeline.flags import setting
 from pipeline.records import RecordError, RunRecord, read_records
 from pipeline.report import METRICS, PRIMARY_METRIC, context_of, paired_difference, run_metrics
@@ -46,7 +46,7 @@ class CompareConfig:
     arch: str = setting("accumulated", help="the architecture compared")
     baseline_arch: str = setting("resnet", help="the baseline's architecture")
     seeds: tuple[int, ...] | None = setting(
-        None, parse=parse_seeds, show=lambda seeds: ",".join(map(str, seeds)),
+        None, parse=parse_seeds, show=show_list,
         help="the seeds to pair, as `accresnet experiment` takes them: a count (3: seeds 0, 1, 2) or a list "
              "(3,4,5)", unset="every seed both sides have")
     out: str | None = setting(None, help="write the comparison as JSON here", unset="print it only")
@@ -75,8 +75,9 @@ def _differences(mine: RunRecord, theirs: RunRecord) -> dict[str, list]:
     if recipe_fields:
         raise RecordError(f"seed {seed}: the two sides' recipes differ in {', '.join(recipe_fields)}, "
                           "so their errors are not comparable")
-    return {name: [getattr(mine.summary.settings, name), getattr(theirs.summary.settings, name)]
-            for name in MAY_DIFFER if getattr(mine.summary.settings, name) != getattr(theirs.summary.settings, name)}
+    pairs = {name: [getattr(mine.summary.settings, name), getattr(theirs.summary.settings, name)]
+             for name in MAY_DIFFER}
+    return {name: pair for name, pair in pairs.items() if pair[0] != pair[1]}
 
 
 def compare(config: CompareConfig) -> dict:

@@ -62,7 +62,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def _show_list(values: tuple) -> str:
+def show_list(values: tuple) -> str:
     return ",".join(str(v) for v in values)
 
 
@@ -76,9 +76,9 @@ class ExperimentConfig:
         help="where each finished run's record goes (<arch>-seed<N>.json: settings, per-epoch history, final and "
              "test metrics), a folder to commit; results.json, table.md and the figures go into the folder "
              "that holds it. Recorded runs are not run again", unset="OUT/records")
-    arches: tuple[str, ...] = setting(("resnet", "accumulated"), parse=parse_arches, show=_show_list,
+    arches: tuple[str, ...] = setting(("resnet", "accumulated"), parse=parse_arches, show=show_list,
                                       help=f"comma-separated, from {', '.join(ARCHES)}")
-    seeds: tuple[int, ...] = setting((0, 1, 2), parse=parse_seeds, show=_show_list,
+    seeds: tuple[int, ...] = setting((0, 1, 2), parse=parse_seeds, show=show_list,
                                      help="a count (3: seeds 0, 1, 2) or a list (0,4,7)")
     run: TrainConfig = nested(TrainConfig, recipe="paper50", dataset="cifar10", progress=False)
 
