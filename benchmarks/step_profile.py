@@ -46,7 +46,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import tensorflow as tf  # noqa: E402
 
 from flops import forward_flops, layer_key  # noqa: E402
-from pipeline import datasets, flags  # noqa: E402
+from pipeline import bfloat16_kernels, datasets, flags  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.distribute import Cluster, make_strategy  # noqa: E402
 from pipeline.model import precision_policy  # noqa: E402
@@ -142,6 +142,7 @@ def profile(arch: str, mixed_precision: bool, devices: int | None, batch: int, s
         data = datasets.load(config.resolved_data)
         settings, length = resolve(config, data, strategy.num_replicas_in_sync, cluster)
         policy = mixed_precision_policy(mixed_precision)
+        bfloat16_kernels.load(policy)
         with precision_policy(policy):
             trainer, _, _ = build_trainer(config, settings, length, data, strategy, cluster, policy)
             flops = forward_flops(trainer.model, batch // replicas)

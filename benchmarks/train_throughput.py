@@ -11,6 +11,9 @@ ratios against the baseline measured here too:
   (and --jit, for information), steady-state images/s from its summary.json;
 - the input pipeline alone, augmentation on, in images/s;
 - the accumulated net's step time over the plain net's;
+- under --mixed-precision, the project's bfloat16 kernels where the CPU has
+  AVX-512 (pipeline/bfloat16_kernels.py; ACCRESNET_BFLOAT16_KERNELS=stock
+  measures TensorFlow's own instead);
 - the machine's matmul peak, float32 and bfloat16 (GFLOP/s of large
   square matmuls), and the trainer's share of it: images/s x the training
   FLOPs of one image (benchmarks/flops.py) over the peak of its precision.
@@ -40,7 +43,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from flops import training_flops_per_image  # noqa: E402
-from pipeline import datasets, flags, input_pipeline  # noqa: E402
+from pipeline import bfloat16_kernels, datasets, flags, input_pipeline  # noqa: E402
 from pipeline.architecture import ModelConfig  # noqa: E402
 from pipeline.config import DataConfig, TrainConfig  # noqa: E402
 from pipeline.cpu import CpuInfo  # noqa: E402
@@ -210,7 +213,11 @@ def main() -> None:
     spec = "synthetic:10000"
     split = datasets.load(DataConfig(spec, val_split=0.0)).train
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores: {cpu_name()}; "
-          f"ResNet-{args.depth}, batch {BATCH}, {args.steps} timed steps, best of {args.rounds} round(s)\n")
+          f"ResNet-{args.depth}, batch {BATCH}, {args.steps} timed steps, best of {args.rounds} round(s)")
+    # Built (once) and loaded before anything is timed, as the trainer would under --mixed-precision.
+    library = bfloat16_kernels.load("mixed_bfloat16")
+    kernels = "the project's AVX-512 kernels" if library else "TensorFlow's kernels"
+    print(f"bfloat16 additions, ReLU and its gradient: {kernels}\n")
 
     steps = args.steps + WARMUP_STEPS
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from serving import images as image_files
 from pipeline import synthetic
+from pipeline.cache import project_cache
 from pipeline.config import DATASET_SPECS_LIST, DataConfig
 from pipeline.errors import UserError
 from serving.contract import IMAGE_SHAPE
@@ -294,7 +295,7 @@ def _extract_archive(archive: pathlib.Path) -> pathlib.Path:
     """Unpack a .tar.gz once into a cache folder keyed by the archive's identity."""
     stat = archive.stat()
     key = hashlib.sha256(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "accresnet"
+    cache = project_cache()
     target = cache / f"{archive.name}-{key}"
     if target.is_dir():
         return target

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import datasets, input_pipeline
+from pipeline import bfloat16_kernels, datasets, input_pipeline
 from pipeline.config import run_length, RunLength, scaled_learning_rate, TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.distribute import Cluster, make_strategy
@@ -111,6 +111,7 @@ def _train(config: TrainConfig, cluster: Cluster, strategy: tf.distribute.Strate
              settings.workers, settings.global_batch, settings.learning_rate, length.total_steps, length.epochs,
              length.steps_per_epoch)
     policy = mixed_precision_policy(config.mixed_precision)
+    bfloat16_kernels.load(policy)
     with precision_policy(policy):
         trainer, checkpoint, epoch = build_trainer(config, settings, length, data, strategy, cluster, policy)
         history = restore(run, checkpoint, epoch, settings, cluster)

@@ -1,0 +1,123 @@
+"""The project's AVX-512 kernels for bfloat16 additions, ReLU and its gradient.
+
+Under --mixed-precision a CPU training step spends as long in AddV2, AddN,
+Relu and ReluGrad as in float32, because TensorFlow's wheel runs them as
+Eigen kernels built for its baseline instruction set
+(docs/benchmarks.md). pipeline/kernels/bfloat16_elementwise.cc does the same
+arithmetic 16 elements at a time, bit for bit, and registers itself for the
+standard ops at a higher priority: the graph, its checkpoints and its exports
+do not change, only which code this process runs for them.
+
+The library is compiled once per machine, TensorFlow version and source, into
+the user's cache (a C++ compiler and TensorFlow's headers are needed, as for
+any custom op), and loaded only where it can help: a bfloat16 policy on a CPU
+with AVX-512. Where it cannot be built or loaded, training goes on with
+TensorFlow's kernels and says why. ACCRESNET_BFLOAT16_KERNELS=stock keeps
+TensorFlow's kernels (for comparisons).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+from pipeline.cache import project_cache
+from pipeline.cpu import CpuInfo
+
+log = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).with_name("kernels") / "bfloat16_elementwise.cc"
+# What the vector loops are compiled for (the source's ACCRESNET_AVX512 attribute).
+REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
+SWITCH = "ACCRESNET_BFLOAT16_KERNELS"
+COMPILE_TIMEOUT_SEC = 600
+
+_loaded: dict[pathlib.Path, object] = {}
+
+
+class KernelBuildError(RuntimeError):
+    """The library could not be compiled here; the message says why."""
+
+
+def missing_flags(cpu: CpuInfo | None) -> list[str]:
+    """The instructions the kernels need that `cpu` lacks (all of them when unknown)."""
+    return [flag for flag in REQUIRED_FLAGS if cpu is None or flag not in cpu.flags]
+
+
+def library_path(cache: pathlib.Path | None = None) -> pathlib.Path:
+    """Where the library for this source, TensorFlow and compiler is cached."""
+    import tensorflow as tf
+
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), tf.__version__.encode(), " ".join(_compile_command("in", "out")).encode()):
+        key.update(part)
+    return (cache or project_cache() / "kernels") / f"bfloat16_elementwise-{key.hexdigest()[:16]}.so"
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def _compile_command(source: str, output: str) -> list[str]:
+    import tensorflow as tf
+
+    return [_compiler(), "-O2", "-shared", "-fPIC", "-w", *tf.sysconfig.get_compile_flags(), source, "-o", output,
+            *tf.sysconfig.get_link_flags()]
+
+
+def build(target: pathlib.Path) -> pathlib.Path:
+    """Compile the library to `target` unless it is there; a half-written file is never
+    left under that name (compiled beside it, then renamed)."""
+    if target.is_file():
+        return target
+    if shutil.which(_compiler()) is None:
+        raise KernelBuildError(f"no C++ compiler ({_compiler()!r} is not on PATH; set CXX or install g++)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as scratch:
+        staged = pathlib.Path(scratch) / target.name
+        try:
+            result = subprocess.run(_compile_command(str(SOURCE), str(staged)), capture_output=True, text=True,
+                                    timeout=COMPILE_TIMEOUT_SEC)
+        except subprocess.TimeoutExpired:
+            raise KernelBuildError(f"compiling {SOURCE.name} took over {COMPILE_TIMEOUT_SEC} s") from None
+        if result.returncode != 0:
+            errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
+            raise KernelBuildError(f"compiling {SOURCE.name} failed: {(errors or ['no output'])[0].strip()}")
+        os.replace(staged, target)
+    for stale in target.parent.glob("bfloat16_elementwise-*.so"):  # other sources or TensorFlow versions
+        if stale != target:
+            stale.unlink(missing_ok=True)
+    return target
+
+
+def load(policy: str, cpu: CpuInfo | None = None, cache: pathlib.Path | None = None) -> pathlib.Path | None:
+    """Build if needed and load the kernels for a bfloat16 `policy` on a CPU (`cpu`: this
+    machine's) with AVX-512; returns the library loaded, or None where TensorFlow's own
+    kernels stay, with the reason logged. Loading is for the whole process and once."""
+    if policy != "mixed_bfloat16":
+        return None
+    if os.environ.get(SWITCH, "").lower() == "stock":
+        log.info("bfloat16 elementwise ops: TensorFlow's kernels (%s=stock)", SWITCH)
+        return None
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return None
+    lacking = missing_flags(cpu or CpuInfo.read())
+    if lacking:
+        log.info("bfloat16 elementwise ops: TensorFlow's kernels (this CPU lacks %s)", ", ".join(lacking))
+        return None
+    try:
+        path = build(library_path(cache))
+        if path not in _loaded:
+            _loaded[path] = tf.load_op_library(str(path))
+    except (KernelBuildError, OSError, tf.errors.OpError) as error:
+        log.warning("bfloat16 elementwise ops: TensorFlow's kernels, slower under --mixed-precision (%s)", error)
+        return None
+    log.info("bfloat16 elementwise ops: the project's AVX-512 kernels (%s)", path)
+    return path

@@ -1,0 +1,141 @@
+"""The project's bfloat16 kernels: bit for bit TensorFlow's results, registered above the
+stock kernels, loaded only where they can run, and never in the way when they cannot be
+built.
+
+The comparisons run each side in a subprocess (tests/bfloat16_probe.py): a loaded op
+library stays for the life of a process, so one process cannot run both kernels.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import REPO
+from pipeline import bfloat16_kernels
+from pipeline.cpu import CpuInfo
+
+THIS_CPU = CpuInfo.read()
+needs_avx512 = pytest.mark.skipif(bool(bfloat16_kernels.missing_flags(THIS_CPU)),
+                                  reason="the kernels need AVX-512 (avx512f/bw/vl/dq and FMA)")
+AVX512 = CpuInfo(flags=frozenset(bfloat16_kernels.REQUIRED_FLAGS))
+
+
+def is_nan(bits):
+    return (bits & 0x7F80 == 0x7F80) & (bits & 0x7F != 0)
+
+
+def probe(mode, out, kernels, onednn="1"):
+    environment = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    environment.pop(bfloat16_kernels.SWITCH, None)
+    if kernels == "stock":
+        environment[bfloat16_kernels.SWITCH] = "stock"
+    process = subprocess.run([sys.executable, os.path.join(REPO, "tests", "bfloat16_probe.py"), mode, str(out)],
+                             env=environment, capture_output=True, text=True, timeout=900)
+    assert process.returncode == 0, process.stderr[-3000:]
+    lines = process.stdout.splitlines()
+    library = next(line.split(": ", 1)[1] for line in lines if line.startswith("library: "))
+    priorities = {line.split()[1].rstrip(":"): json.loads(line.split(": ", 1)[1])
+                  for line in lines if line.startswith("priorities ")}
+    return library, priorities
+
+
+@pytest.mark.slow
+@needs_avx512
+@pytest.mark.parametrize("onednn", ["1", "0"])
+def test_the_kernels_give_tensorflows_bits_and_win_the_registration(tmp_path, onednn):
+    library, priorities = probe("ops", tmp_path / "project.npz", "project", onednn)
+    assert library.endswith(".so")
+    # The project's kernel for each op outranks TensorFlow's (priority 0), so it is the one that runs.
+    assert priorities == {op: [0, 1] for op in ("AddV2", "AddN", "Relu", "ReluGrad")}
+    stock_library, stock_priorities = probe("ops", tmp_path / "stock.npz", "stock", onednn)
+    assert stock_library == "stock" and stock_priorities == {op: [0] for op in priorities}
+
+    ours, theirs = np.load(tmp_path / "project.npz"), np.load(tmp_path / "stock.npz")
+    assert sorted(ours) == sorted(theirs) and len(ours) == 15
+    for name in theirs:
+        # Every bit is compared, but for the sign of a NaN (which IEEE 754 leaves unspecified, and in
+        # which TensorFlow's own kernels differ between their vector loops and their remainders).
+        differ = np.flatnonzero((ours[name] != theirs[name]) & ~(is_nan(ours[name]) & is_nan(theirs[name])))
+        assert differ.size == 0, (name, [(hex(ours[name].flat[i]), hex(theirs[name].flat[i])) for i in differ[:5]])
+    # The special values made it through: infinities and NaNs (of both signs), both zeros.
+    assert (theirs["add"] == 0x7F80).any() and (theirs["relu"] == 0x8000).any()
+    assert {0x7FC0, 0xFFC0} <= set(theirs["relu_grad_odd"][is_nan(theirs["relu_grad_odd"])].tolist())
+    assert all(is_nan(ours[name]).sum() == is_nan(theirs[name]).sum() > 0 for name in ("add", "relu", "add_n_9"))
+
+
+@pytest.mark.slow
+@needs_avx512
+def test_mixed_precision_training_is_the_same_with_either_kernels(tmp_path):
+    library, _ = probe("train", tmp_path / "project.json", "project")
+    assert library.endswith(".so")
+    probe("train", tmp_path / "stock.json", "stock")
+    ours, theirs = (json.loads((tmp_path / name).read_text()) for name in ("project.json", "stock.json"))
+    assert len(ours) == 4 and ours == theirs
+
+
+def test_only_a_bfloat16_policy_on_an_avx512_cpu_loads_them(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="pipeline.bfloat16_kernels"):
+        assert bfloat16_kernels.load("float32", AVX512, tmp_path) is None
+        assert not caplog.records
+        avx2 = CpuInfo(flags=frozenset({"avx2", "fma"}))
+        assert bfloat16_kernels.load("mixed_bfloat16", avx2, tmp_path) is None
+    assert "lacks avx512f, avx512bw, avx512vl, avx512dq" in caplog.text
+    assert bfloat16_kernels.missing_flags(None) == list(bfloat16_kernels.REQUIRED_FLAGS)
+    assert not list(tmp_path.iterdir())  # nothing was compiled
+
+
+def test_the_stock_switch_keeps_tensorflows_kernels(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(bfloat16_kernels.SWITCH, "stock")
+    with caplog.at_level(logging.INFO, logger="pipeline.bfloat16_kernels"):
+        assert bfloat16_kernels.load("mixed_bfloat16", AVX512, tmp_path) is None
+    assert "ACCRESNET_BFLOAT16_KERNELS=stock" in caplog.text and not list(tmp_path.iterdir())
+
+
+def test_without_a_compiler_training_goes_on_with_the_stock_kernels(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level(logging.WARNING, logger="pipeline.bfloat16_kernels"):
+        assert bfloat16_kernels.load("mixed_bfloat16", AVX512, tmp_path / "cache") is None
+    assert "no C++ compiler" in caplog.text and "TensorFlow's kernels" in caplog.text
+
+
+def test_a_failed_build_leaves_nothing_under_the_librarys_name(tmp_path, monkeypatch, caplog):
+    # A "compiler" that writes half a library and fails: the cache must not keep it.
+    compiler = tmp_path / "broken-g++"
+    compiler.write_text('#!/bin/sh\nfor last; do :; done\nwhile [ "$1" != "-o" ]; do shift; done\n'
+                        'printf half > "$2"\necho "bfloat16_elementwise.cc:1: error: out of disk" >&2\nexit 1\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING, logger="pipeline.bfloat16_kernels"):
+        assert bfloat16_kernels.load("mixed_bfloat16", AVX512, cache) is None
+    assert "compiling bfloat16_elementwise.cc failed: bfloat16_elementwise.cc:1: error: out of disk" in caplog.text
+    assert list(cache.iterdir()) == []  # neither the library nor the build folder
+
+
+def test_the_cache_key_follows_the_source_and_the_compiler(tmp_path, monkeypatch):
+    first = bfloat16_kernels.library_path(tmp_path)
+    assert first.parent == tmp_path and first.name.startswith("bfloat16_elementwise-")
+    assert bfloat16_kernels.library_path(tmp_path) == first
+    monkeypatch.setenv("CXX", "clang++")
+    assert bfloat16_kernels.library_path(tmp_path) != first
+
+
+def test_a_build_replaces_the_libraries_of_other_sources(tmp_path, monkeypatch, caplog):
+    compiler = tmp_path / "fake-g++"  # "compiles" to a file that is no library
+    compiler.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\nprintf "not a library" > "$2"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "bfloat16_elementwise-0000000000000000.so").write_text("an older source's")
+    (cache / "unrelated.txt").write_text("kept")
+    with caplog.at_level(logging.WARNING, logger="pipeline.bfloat16_kernels"):
+        assert bfloat16_kernels.load("mixed_bfloat16", AVX512, cache) is None  # TensorFlow refuses the file
+    assert "TensorFlow's kernels" in caplog.text
+    assert sorted(path.name for path in cache.iterdir()) == sorted([bfloat16_kernels.library_path(cache).name,
+                                                                    "unrelated.txt"])
