@@ -22,7 +22,8 @@ With --convs, each of the net's convolution shapes is timed alone instead
 convolutions reach at these shapes, which bounds the whole step's. With
 --memory-ops, the blocks' memory-bound kernels (additions, ReLU and its
 gradient, BN forward and backward) alone at each stage's activation shape:
-the bytes per second they move, in float32 and in bfloat16.
+the bytes per second they move, in float32 and in bfloat16 (the project's
+bfloat16 kernels where they load, pipeline/bfloat16_kernels.py).
 
     python benchmarks/step_profile.py --convs
     python benchmarks/step_profile.py --memory-ops
@@ -344,6 +345,10 @@ def main(argv: list[str] | None = None) -> None:
                              "stage's shape, float32 and bfloat16")
     args = parser.parse_args(argv)
     if args.memory_ops:
+        # As a mixed-precision step runs them: the project's bfloat16 kernels where they load
+        # (ACCRESNET_BFLOAT16_KERNELS=stock: TensorFlow's).
+        library = bfloat16_kernels.load("mixed_bfloat16")
+        print(f"bfloat16 AddV2, AddN, Relu, ReluGrad: {'the project' if library else 'TensorFlow'}'s kernels\n")
         print(memory_ops_table(args.batch))
         return
     if args.convs:
