@@ -4,16 +4,18 @@ Under --mixed-precision a CPU training step spends as long in AddV2, AddN,
 Relu and ReluGrad as in float32, because TensorFlow's wheel runs them as
 Eigen kernels built for its baseline instruction set
 (docs/benchmarks.md). pipeline/kernels/bfloat16_elementwise.cc does the same
-arithmetic 16 elements at a time, bit for bit, and registers itself for the
-standard ops at a higher priority: the graph, its checkpoints and its exports
-do not change, only which code this process runs for them.
+arithmetic 16 elements at a time, with Eigen's results bit for bit (but for
+the sign of a NaN), and registers itself for the standard ops at a higher
+priority: the graph, its checkpoints and its exports do not change, only
+which code this process runs for them.
 
-The library is compiled once per machine, TensorFlow version and source, into
-the user's cache (a C++ compiler and TensorFlow's headers are needed, as for
-any custom op), and loaded only where it can help: a bfloat16 policy on a CPU
-with AVX-512. Where it cannot be built or loaded, training goes on with
-TensorFlow's kernels and says why. ACCRESNET_BFLOAT16_KERNELS=stock keeps
-TensorFlow's kernels (for comparisons).
+The library is compiled once per source, TensorFlow installation and
+compiler into the user's cache (a C++ compiler and TensorFlow's headers are
+needed, as for any custom op), and loaded only where it can help: a bfloat16
+policy on a CPU with AVX-512. Where it cannot be built or loaded, training
+goes on with TensorFlow's kernels and says why.
+ACCRESNET_BFLOAT16_KERNELS=stock keeps TensorFlow's kernels (for
+comparisons).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
 SWITCH = "ACCRESNET_BFLOAT16_KERNELS"
 COMPILE_TIMEOUT_SEC = 600
 
-_loaded: dict[pathlib.Path, object] = {}
+# The library this process loaded (one at most: a second copy's kernels would tie with the first's).
+_loaded: list[tuple[pathlib.Path, object]] = []
 
 
 class KernelBuildError(RuntimeError):
@@ -54,7 +57,8 @@ def library_path(cache: pathlib.Path | None = None) -> pathlib.Path:
     import tensorflow as tf
 
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), tf.__version__.encode(), " ".join(_compile_command("in", "out")).encode()):
+    for part in (SOURCE.read_bytes(), tf.__version__.encode(), tf.version.GIT_VERSION.encode(),
+                 " ".join(_compile_command("in", "out")).encode(), _compiler_version().encode()):
         key.update(part)
     return (cache or project_cache() / "kernels") / f"bfloat16_elementwise-{key.hexdigest()[:16]}.so"
 
@@ -63,11 +67,21 @@ def _compiler() -> str:
     return os.environ.get("CXX", "g++")
 
 
+def _compiler_version() -> str:
+    try:
+        result = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "no compiler"
+    return result.stdout.splitlines()[0] if result.stdout else f"status {result.returncode}"
+
+
 def _compile_command(source: str, output: str) -> list[str]:
     import tensorflow as tf
 
-    return [_compiler(), "-O2", "-shared", "-fPIC", "-w", *tf.sysconfig.get_compile_flags(), source, "-o", output,
-            *tf.sysconfig.get_link_flags()]
+    # -mavx: what TensorFlow's wheel is built for, so that the stock code compiled in (AddV2's
+    # broadcasting) is the wheel's; the AVX-512 loops carry their own target attributes.
+    return [_compiler(), "-O2", "-mavx", "-shared", "-fPIC", "-w", *tf.sysconfig.get_compile_flags(), source,
+            "-o", output, *tf.sysconfig.get_link_flags()]
 
 
 def build(target: pathlib.Path) -> pathlib.Path:
@@ -88,10 +102,8 @@ def build(target: pathlib.Path) -> pathlib.Path:
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line] or result.stderr.splitlines()
             raise KernelBuildError(f"compiling {SOURCE.name} failed: {(errors or ['no output'])[0].strip()}")
+        # Libraries of other sources or installations stay: another virtualenv may use one.
         os.replace(staged, target)
-    for stale in target.parent.glob("bfloat16_elementwise-*.so"):  # other sources or TensorFlow versions
-        if stale != target:
-            stale.unlink(missing_ok=True)
     return target
 
 
@@ -107,17 +119,27 @@ def load(policy: str, cpu: CpuInfo | None = None, cache: pathlib.Path | None = N
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):
+        log.info("bfloat16 elementwise ops: TensorFlow's kernels (a GPU machine)")
         return None
     lacking = missing_flags(cpu or CpuInfo.read())
     if lacking:
         log.info("bfloat16 elementwise ops: TensorFlow's kernels (this CPU lacks %s)", ", ".join(lacking))
         return None
+    if _loaded:
+        return _loaded[0][0]
     try:
         path = build(library_path(cache))
-        if path not in _loaded:
-            _loaded[path] = tf.load_op_library(str(path))
+        _loaded.append((path, tf.load_op_library(str(path))))
     except (KernelBuildError, OSError, tf.errors.OpError) as error:
         log.warning("bfloat16 elementwise ops: TensorFlow's kernels, slower under --mixed-precision (%s)", error)
         return None
     log.info("bfloat16 elementwise ops: the project's AVX-512 kernels (%s)", path)
     return path
+
+
+def kernel_calls() -> dict[str, int] | None:
+    """How many times each of the project's kernels ran in this process; None when not loaded."""
+    if not _loaded:
+        return None
+    counts = _loaded[0][1].accresnet_bfloat16_kernel_calls().numpy().tolist()
+    return dict(zip(("AddV2", "AddN", "Relu", "ReluGrad"), counts))

@@ -22,43 +22,72 @@ from tensorflow.python.framework import kernels  # noqa: E402
 from pipeline import bfloat16_kernels  # noqa: E402
 
 OPS = ("AddV2", "AddN", "Relu", "ReluGrad")
-# Zeros of both signs, infinities, a NaN, subnormals, the largest values, and halfway cases
-# of float32 -> bfloat16 rounding.
-SPECIAL = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-39, -1e-39, 3.38e38, -3.38e38,
-                    1.00390625, 1.01171875, -2.0078125], np.float32)
+# Zeros of both signs, infinities, a NaN, subnormals of both signs, the largest values.
+SPECIAL = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-39, -1e-39, -3e-39, 3.38e38, -3.38e38], np.float32)
+# Sizes: several chunks of the thread pool and a remainder of 13 (a vector of 8, then 5 alone);
+# a remainder of 11 (8 + 3); 7 (scalar only); 24 (16 + 8); a few small and an empty one.
+SIZES = {"chunks": (3, 16384 + 1), "odd": (7, 13, 5, 17), "short": (7,), "24": (24,), "small": (3, 5),
+         "empty": (0, 3)}
 
 
-def bfloat16_array(rng, shape, special=True):
-    values = (rng.normal(size=shape) * 3).astype(np.float32).reshape(-1)
-    if special:  # at the start (the vector loop) and at the end (the remainder)
+def float_array(rng, shape, special=True):
+    """Values over 20 binary orders of magnitude (so that the order of a sum shows), with the
+    special values at the start (the vector loops) and at the end (the remainders)."""
+    values = (rng.normal(size=shape) * 2.0 ** rng.integers(-10, 10, size=shape)).astype(np.float32).reshape(-1)
+    if special and values.size >= 2 * SPECIAL.size:
         values[:SPECIAL.size] = SPECIAL
         values[-SPECIAL.size:] = SPECIAL[::-1]
-    return tf.cast(values.reshape(shape), tf.bfloat16)
+    return values.reshape(shape)
+
+
+def ties(shape):
+    """(a, b) whose sums fall halfway between two bfloat16 values: 1 + k/128 plus 1/256."""
+    count = int(np.prod(shape))
+    a = (1.0 + (np.arange(count) % 128) / 128.0).astype(np.float32)
+    b = np.where(np.arange(count) % 2 == 0, 2.0 ** -8, -(2.0 ** -8)).astype(np.float32)
+    return a.reshape(shape), b.reshape(shape)
 
 
 def op_results() -> dict[str, np.ndarray]:
+    # Grappler's arithmetic optimizer reorders the inputs of sums; off, the graph is the one written.
+    tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
     rng = np.random.default_rng(0)
-    big = (8, 32, 32, 16)  # several chunks of the thread pool
-    odd = (7, 13, 5, 17)  # a remainder of 7 after the 16-element vectors
-    a, b, c = (bfloat16_array(rng, big, special=i == 0) for i in range(3))
-    d, e = bfloat16_array(rng, odd), bfloat16_array(rng, odd[::-1]).numpy().T
-    e = tf.constant(e)
-    many = [bfloat16_array(rng, big, special=i % 3 == 0) for i in range(9)]
-    small = bfloat16_array(rng, (3, 5))
+    results = {}
+    for label, shape in SIZES.items():
+        a, b, c = (tf.constant(float_array(rng, shape)) for _ in range(3))
+        # A sum of three or more depends on which input's buffer holds it (that one goes first):
+        # each sum gets inputs of its own, used by nothing else, so that it is input 0 in both runs.
+        sums = {count: [tf.constant(float_array(rng, shape, special=i % 4 == 0)) for i in range(count)]
+                for count in (3, 9, 10, 11, 17)}
+        third = tf.constant(float_array(rng, shape))
+        tie_a, tie_b = (tf.constant(t) for t in ties(shape))
+        # Captured inputs: their buffers are never reused.
+        kept, other = tf.cast(a, tf.bfloat16), tf.cast(b, tf.bfloat16)
 
-    @tf.function
-    def compute():
-        return {
-            "add": a + b, "add_odd": d + e, "add_broadcast": a + c[0], "add_small": small + small,
-            "add_n_1": tf.add_n([a]), "add_n_2": tf.add_n([a, b]), "add_n_3": tf.add_n([a, b, c]),
-            "add_n_9": tf.add_n(many), "add_n_odd": tf.add_n([d, e, d]),
-            "relu": tf.nn.relu(a), "relu_odd": tf.nn.relu(d), "relu_small": tf.nn.relu(small),
-            "relu_grad": tf.raw_ops.ReluGrad(gradients=b, features=a),
-            "relu_grad_specials": tf.raw_ops.ReluGrad(gradients=a, features=b),
-            "relu_grad_odd": tf.raw_ops.ReluGrad(gradients=d, features=e),
-        }
+        @tf.function
+        def compute():
+            # Inputs made inside the function are fresh buffers that the kernels may reuse for
+            # their outputs, as in a training step.
+            x, y, z = (tf.cast(t, tf.bfloat16) for t in (a, b, c))
+            out = {
+                "add": x + y, "add_kept": kept + other, "add_ties": tf.cast(tie_a, tf.bfloat16) + tf.cast(tie_b, tf.bfloat16),
+                "add_n_2": tf.add_n([x, y]),
+                # Only the third input's buffer can be reused: TensorFlow moves it to the front of the sum.
+                "add_n_reuse_third": tf.add_n([kept, other, tf.cast(third, tf.bfloat16)]),
+                "add_n_ties": tf.add_n([tf.cast(tie_a, tf.bfloat16), tf.cast(tie_b, tf.bfloat16),
+                                        tf.cast(tie_b, tf.bfloat16)]),
+                "relu": tf.nn.relu(x), "relu_kept": tf.nn.relu(kept),
+                "relu_grad": tf.raw_ops.ReluGrad(gradients=x, features=y),
+                "relu_grad_specials": tf.raw_ops.ReluGrad(gradients=y, features=z),
+            }
+            for count, inputs in sums.items():  # the first group, and groups of 8 after it
+                out[f"add_n_{count}"] = tf.add_n([tf.cast(t, tf.bfloat16) for t in inputs])
+            if shape[0]:
+                out["add_broadcast"] = x + y[:1]
+            return out
 
-    return {name: tf.bitcast(value, tf.uint16).numpy() for name, value in compute().items()}
+        results.update({f"{name}_{label}": tf.bitcast(value, tf.uint16).numpy() for name, value in compute().items()})
+    return results
 
 
 def train_losses(model_dir: str) -> list[float]:
@@ -92,6 +121,7 @@ def main() -> None:
         print(f"priorities {op}: {sorted(priorities)}")
     if mode == "ops":
         np.savez(out, **op_results())
+        print(f"calls: {json.dumps(bfloat16_kernels.kernel_calls())}")
     else:
         with tempfile.TemporaryDirectory() as model_dir:
             out.write_text(json.dumps(train_losses(model_dir)))

@@ -25,6 +25,13 @@ needs_avx512 = pytest.mark.skipif(bool(bfloat16_kernels.missing_flags(THIS_CPU))
 AVX512 = CpuInfo(flags=frozenset(bfloat16_kernels.REQUIRED_FLAGS))
 
 
+@pytest.fixture(autouse=True)
+def nothing_loaded(monkeypatch):
+    """Each test starts as a process that has loaded no library (another test of this worker may
+    have loaded the real one, which stays loaded for the worker's life)."""
+    monkeypatch.setattr(bfloat16_kernels, "_loaded", [])
+
+
 def is_nan(bits):
     return (bits & 0x7F80 == 0x7F80) & (bits & 0x7F != 0)
 
@@ -41,37 +48,46 @@ def probe(mode, out, kernels, onednn="1"):
     library = next(line.split(": ", 1)[1] for line in lines if line.startswith("library: "))
     priorities = {line.split()[1].rstrip(":"): json.loads(line.split(": ", 1)[1])
                   for line in lines if line.startswith("priorities ")}
-    return library, priorities
+    calls = next((json.loads(line.split(": ", 1)[1]) for line in lines if line.startswith("calls: ")), None)
+    return library, priorities, calls
 
 
 @pytest.mark.slow
 @needs_avx512
 @pytest.mark.parametrize("onednn", ["1", "0"])
 def test_the_kernels_give_tensorflows_bits_and_win_the_registration(tmp_path, onednn):
-    library, priorities = probe("ops", tmp_path / "project.npz", "project", onednn)
+    library, priorities, calls = probe("ops", tmp_path / "project.npz", "project", onednn)
     assert library.endswith(".so")
-    # The project's kernel for each op outranks TensorFlow's (priority 0), so it is the one that runs.
+    # The project's kernel for each op outranks TensorFlow's (priority 0), and it is the one that ran.
     assert priorities == {op: [0, 1] for op in ("AddV2", "AddN", "Relu", "ReluGrad")}
-    stock_library, stock_priorities = probe("ops", tmp_path / "stock.npz", "stock", onednn)
-    assert stock_library == "stock" and stock_priorities == {op: [0] for op in priorities}
+    # Per size: 3 same-shape additions, 8 sums, 2 ReLUs, 2 gradients (tf.function may add others).
+    assert all(calls[op] >= 6 * least for op, least in {"AddV2": 3, "AddN": 8, "Relu": 2, "ReluGrad": 2}.items()), calls
+    stock_library, stock_priorities, stock_calls = probe("ops", tmp_path / "stock.npz", "stock", onednn)
+    assert stock_library == "stock" and stock_priorities == {op: [0] for op in priorities} and stock_calls is None
 
     ours, theirs = np.load(tmp_path / "project.npz"), np.load(tmp_path / "stock.npz")
-    assert sorted(ours) == sorted(theirs) and len(ours) == 15
+    assert sorted(ours) == sorted(theirs) and len(ours) == 6 * 15 + 5
     for name in theirs:
         # Every bit is compared, but for the sign of a NaN (which IEEE 754 leaves unspecified, and in
         # which TensorFlow's own kernels differ between their vector loops and their remainders).
         differ = np.flatnonzero((ours[name] != theirs[name]) & ~(is_nan(ours[name]) & is_nan(theirs[name])))
-        assert differ.size == 0, (name, [(hex(ours[name].flat[i]), hex(theirs[name].flat[i])) for i in differ[:5]])
-    # The special values made it through: infinities and NaNs (of both signs), both zeros.
-    assert (theirs["add"] == 0x7F80).any() and (theirs["relu"] == 0x8000).any()
-    assert {0x7FC0, 0xFFC0} <= set(theirs["relu_grad_odd"][is_nan(theirs["relu_grad_odd"])].tolist())
-    assert all(is_nan(ours[name]).sum() == is_nan(theirs[name]).sum() > 0 for name in ("add", "relu", "add_n_9"))
+        assert differ.size == 0, (name, [(i, hex(ours[name].flat[i]), hex(theirs[name].flat[i])) for i in differ[:5]])
+    # What the inputs were built to reach: infinities and NaNs (of both signs), both zeros, kept
+    # negative subnormals in a remainder, halfway cases rounded both ways, sums whose order shows.
+    odd = theirs["relu_grad_specials_odd"]
+    assert (theirs["add_odd"] == 0x7F80).any() and (theirs["relu_odd"] == 0x8000).any()
+    assert {0x7FC0, 0xFFC0} <= set(odd[is_nan(odd)].tolist())
+    assert (theirs["relu_odd"].reshape(-1)[-8:] & 0x807F > 0x8000).any()  # a negative subnormal left as it is
+    ties = theirs["add_ties_chunks"].reshape(-1)  # 1 + k/128 plus or minus 1/256: even k keep 1 + k/128
+    kept = ties == 0x3F80 + np.arange(ties.size) % 128
+    assert kept.any() and not kept.all()
+    assert all(is_nan(ours[name]).sum() == is_nan(theirs[name]).sum() > 0 for name in ("add_chunks", "add_n_17_odd"))
 
 
 @pytest.mark.slow
 @needs_avx512
 def test_mixed_precision_training_is_the_same_with_either_kernels(tmp_path):
-    library, _ = probe("train", tmp_path / "project.json", "project")
+    library, _, _ = probe("train", tmp_path / "project.json", "project")
     assert library.endswith(".so")
     probe("train", tmp_path / "stock.json", "stock")
     ours, theirs = (json.loads((tmp_path / name).read_text()) for name in ("project.json", "stock.json"))
@@ -121,21 +137,29 @@ def test_the_cache_key_follows_the_source_and_the_compiler(tmp_path, monkeypatch
     first = bfloat16_kernels.library_path(tmp_path)
     assert first.parent == tmp_path and first.name.startswith("bfloat16_elementwise-")
     assert bfloat16_kernels.library_path(tmp_path) == first
-    monkeypatch.setenv("CXX", "clang++")
+    source = bfloat16_kernels.SOURCE
+    edited = tmp_path / "bfloat16_elementwise.cc"
+    edited.write_bytes(source.read_bytes() + b"// edited\n")
+    monkeypatch.setattr(bfloat16_kernels, "SOURCE", edited)
+    assert bfloat16_kernels.library_path(tmp_path) != first
+    monkeypatch.setattr(bfloat16_kernels, "SOURCE", source)
+    assert bfloat16_kernels.library_path(tmp_path) == first
+    monkeypatch.setenv("CXX", str(tmp_path / "another-compiler"))
     assert bfloat16_kernels.library_path(tmp_path) != first
 
 
-def test_a_build_replaces_the_libraries_of_other_sources(tmp_path, monkeypatch, caplog):
+def test_a_build_keeps_the_libraries_of_other_installations(tmp_path, monkeypatch, caplog):
+    # Two virtualenvs share the cache, each with its own library: neither build removes the other's.
     compiler = tmp_path / "fake-g++"  # "compiles" to a file that is no library
     compiler.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\nprintf "not a library" > "$2"\n')
     compiler.chmod(0o755)
     monkeypatch.setenv("CXX", str(compiler))
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "bfloat16_elementwise-0000000000000000.so").write_text("an older source's")
-    (cache / "unrelated.txt").write_text("kept")
+    other = cache / "bfloat16_elementwise-0000000000000000.so"
+    other.write_text("another installation's")
     with caplog.at_level(logging.WARNING, logger="pipeline.bfloat16_kernels"):
         assert bfloat16_kernels.load("mixed_bfloat16", AVX512, cache) is None  # TensorFlow refuses the file
     assert "TensorFlow's kernels" in caplog.text
     assert sorted(path.name for path in cache.iterdir()) == sorted([bfloat16_kernels.library_path(cache).name,
-                                                                    "unrelated.txt"])
+                                                                    other.name])
