@@ -215,7 +215,10 @@ class AddNKernel : public OpKernel {
     }
     calls[kAddN]++;
     for_chunks(context, first.NumElements(), [&](int64_t begin, int64_t end) {
-      for (int64_t i = add_n_vectors(in, head, bits(out), begin, end); i < end; ++i) {
+      // Two inputs (the gradient sums of a step): one rounding, as AddV2.
+      const int64_t rest = count == 2 ? add_vectors(in[0], in[1], bits(out), begin, end)
+                                      : add_n_vectors(in, head, bits(out), begin, end);
+      for (int64_t i = rest; i < end; ++i) {
         bfloat16 total = scalar_in[0][i];
         for (size_t k = 1; k < head; ++k) total = total + scalar_in[k][i];
         for (size_t group = head; group < in.size(); group += 8) {
