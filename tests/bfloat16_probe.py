@@ -24,8 +24,8 @@ from pipeline import bfloat16_kernels  # noqa: E402
 OPS = ("AddV2", "AddN", "Relu", "ReluGrad")
 # Zeros of both signs, infinities, a NaN, subnormals of both signs, the largest values.
 SPECIAL = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-39, -1e-39, -3e-39, 3.38e38, -3.38e38], np.float32)
-# Sizes: several chunks of the thread pool and a remainder of 13 (a vector of 8, then 5 alone);
-# a remainder of 11 (8 + 3); 7 (scalar only); 24 (16 + 8); a few small and an empty one.
+# Sizes, and what is left after the vectors of 16: several chunks of the thread pool (3, done
+# alone); 7735 (7 alone); 7 (no vector at all); 24 (a vector of 8); 15 (8, then 7 alone); empty.
 SIZES = {"chunks": (3, 16384 + 1), "odd": (7, 13, 5, 17), "short": (7,), "24": (24,), "small": (3, 5),
          "empty": (0, 3)}
 
