@@ -37,6 +37,8 @@ SOURCE = pathlib.Path(__file__).with_name("kernels") / "bfloat16_elementwise.cc"
 # What the vector loops are compiled for (the source's ACCRESNET_AVX512 attribute).
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
 SWITCH = "ACCRESNET_BFLOAT16_KERNELS"
+# The ops the library has kernels for, in the order of its call counter.
+OPS = ("AddV2", "AddN", "Relu", "ReluGrad")
 COMPILE_TIMEOUT_SEC = 600
 
 # The library this process loaded (one at most: a second copy's kernels would tie with the first's).
@@ -142,4 +144,4 @@ def kernel_calls() -> dict[str, int] | None:
     if not _loaded:
         return None
     counts = _loaded[0][1].accresnet_bfloat16_kernel_calls().numpy().tolist()
-    return dict(zip(("AddV2", "AddN", "Relu", "ReluGrad"), counts))
+    return dict(zip(OPS, counts))

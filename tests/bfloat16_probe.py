@@ -21,7 +21,6 @@ from tensorflow.python.framework import kernels  # noqa: E402
 
 from pipeline import bfloat16_kernels  # noqa: E402
 
-OPS = ("AddV2", "AddN", "Relu", "ReluGrad")
 # Zeros of both signs, infinities, a NaN, subnormals of both signs, the largest values.
 SPECIAL = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-39, -1e-39, -3e-39, 3.38e38, -3.38e38], np.float32)
 # Sizes, and what is left after the vectors of 16: several chunks of the thread pool (3, done
@@ -113,7 +112,7 @@ def main() -> None:
     mode, out = sys.argv[1], pathlib.Path(sys.argv[2])
     library = bfloat16_kernels.load("mixed_bfloat16")
     print(f"library: {library or 'stock'}")
-    for op in OPS:
+    for op in bfloat16_kernels.OPS:
         priorities = [kernel.priority for kernel in kernels.get_registered_kernels_for_op(op).kernel
                       if kernel.device_type == "CPU" and any(
                           tf.dtypes.as_dtype(dtype) == tf.bfloat16 for constraint in kernel.constraint
