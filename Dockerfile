@@ -23,13 +23,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/accresnet
 # Dependencies first, from pyproject.toml alone (an empty README.md stands in for the package's
 # long description), so that changes to the code or the README do not reinstall TensorFlow.
-# TensorFlow's C++ headers (430 MB) serve only to compile custom ops, which nothing here does:
-# removed in the layer that installs them, or the image would keep them anyway; so is pip's
-# in-tree build (build/, *.egg-info).
+# The same layer compiles the project's bfloat16 kernels (--mixed-precision on AVX-512 CPUs,
+# pipeline/bfloat16_kernels.py) for the TensorFlow it installed, then removes what only the
+# compiling needed: g++ and TensorFlow's C++ headers (430 MB), removed in the layer that installs
+# them or the image would keep them anyway; so is pip's in-tree build (build/, *.egg-info).
+ENV ACCRESNET_BFLOAT16_KERNELS_DIR=/opt/accresnet/kernels
 COPY pyproject.toml ./
-COPY pipeline/__init__.py pipeline/
+COPY pipeline/__init__.py pipeline/bfloat16_kernels.py pipeline/cache.py pipeline/cpu.py pipeline/
+COPY pipeline/kernels/ pipeline/kernels/
 COPY serving/__init__.py serving/
+# Any g++ of the base's distribution will do: not pinned, and gone again at the end of the layer with
+# all it brought (binutils too, which a Debian python3 only suggests).
+# hadolint ignore=DL3008
 RUN touch README.md && pip install --no-cache-dir . && pip uninstall --yes accresnet \
+    && apt-get update && apt-get install --yes --no-install-recommends g++ \
+    && python3 -m pipeline.bfloat16_kernels --prebuild "$ACCRESNET_BFLOAT16_KERNELS_DIR" \
+    && apt-get purge --yes --auto-remove -o APT::AutoRemove::SuggestsImportant=false g++ \
+    && apt-get clean && rm -rf /var/lib/apt/lists/* \
     && rm -rf build accresnet.egg-info README.md \
     && rm -r "$(python3 -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("tensorflow").origin))')/include"
 COPY README.md ./

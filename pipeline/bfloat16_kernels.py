@@ -16,6 +16,12 @@ policy on a CPU with AVX-512. Where it cannot be built or loaded, training
 goes on with TensorFlow's kernels and says why.
 ACCRESNET_BFLOAT16_KERNELS=stock keeps TensorFlow's kernels (for
 comparisons).
+
+An image without a compiler carries the library built ahead for its own
+TensorFlow (`python -m pipeline.bfloat16_kernels --prebuild DIR`, the
+Dockerfile's trainer stage) and names the folder in
+ACCRESNET_BFLOAT16_KERNELS_DIR; a library there is used only if its name
+says it was built from this source for this TensorFlow build.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ SOURCE = pathlib.Path(__file__).with_name("kernels") / "bfloat16_elementwise.cc"
 # What the vector loops are compiled for (the source's ACCRESNET_AVX512 attribute).
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
 SWITCH = "ACCRESNET_BFLOAT16_KERNELS"
+PREBUILT = "ACCRESNET_BFLOAT16_KERNELS_DIR"  # libraries built ahead, e.g. in the trainer image
 # The ops the library has kernels for, in the order of its call counter.
 OPS = ("AddV2", "AddN", "Relu", "ReluGrad")
 COMPILE_TIMEOUT_SEC = 600
@@ -54,15 +61,34 @@ def missing_flags(cpu: CpuInfo | None) -> list[str]:
     return [flag for flag in REQUIRED_FLAGS if cpu is None or flag not in cpu.flags]
 
 
-def library_path(cache: pathlib.Path | None = None) -> pathlib.Path:
-    """Where the library for this source, TensorFlow and compiler is cached."""
+def _key(*parts: str | bytes) -> str:
     import tensorflow as tf
 
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), tf.__version__.encode(), tf.version.GIT_VERSION.encode(),
-                 " ".join(_compile_command("in", "out")).encode(), _compiler_version().encode()):
-        key.update(part)
-    return (cache or project_cache() / "kernels") / f"bfloat16_elementwise-{key.hexdigest()[:16]}.so"
+    for part in (SOURCE.read_bytes(), tf.__version__, tf.version.GIT_VERSION, *parts):
+        key.update(part if isinstance(part, bytes) else part.encode())
+    return key.hexdigest()[:16]
+
+
+def library_path(cache: pathlib.Path | None = None) -> pathlib.Path:
+    """Where the library for this source, TensorFlow and compiler is cached."""
+    key = _key(" ".join(_compile_command("in", "out")), _compiler_version())
+    return (cache or project_cache() / "kernels") / f"bfloat16_elementwise-{key}.so"
+
+
+def prebuilt_path(directory: pathlib.Path) -> pathlib.Path:
+    """The name a library built ahead for this source and TensorFlow build has in `directory`
+    (no compiler in the key: where libraries are built ahead, there is none to ask)."""
+    return directory / f"bfloat16_elementwise-{_key()}.so"
+
+
+def prebuild(directory: pathlib.Path) -> pathlib.Path:
+    """Compile the library into `directory` under its prebuilt name and check that TensorFlow loads it."""
+    import tensorflow as tf
+
+    path = build(prebuilt_path(directory))
+    tf.load_op_library(str(path))
+    return path
 
 
 def _compiler() -> str:
@@ -130,7 +156,7 @@ def load(policy: str, cpu: CpuInfo | None = None, cache: pathlib.Path | None = N
     if _loaded:
         return _loaded[0][0]
     try:
-        path = build(library_path(cache))
+        path = _prebuilt() or build(library_path(cache))
         _loaded.append((path, tf.load_op_library(str(path))))
     except (KernelBuildError, OSError, tf.errors.OpError) as error:
         log.warning("bfloat16 elementwise ops: TensorFlow's kernels, slower under --mixed-precision (%s)", error)
@@ -139,9 +165,35 @@ def load(policy: str, cpu: CpuInfo | None = None, cache: pathlib.Path | None = N
     return path
 
 
+def _prebuilt() -> pathlib.Path | None:
+    """The library built ahead for this installation, where PREBUILT names a folder that has it."""
+    if not os.environ.get(PREBUILT):
+        return None
+    path = prebuilt_path(pathlib.Path(os.environ[PREBUILT]))
+    if path.is_file():
+        return path
+    log.info("bfloat16 elementwise ops: %s has no library for this TensorFlow (%s); building one", PREBUILT, path.name)
+    return None
+
+
 def kernel_calls() -> dict[str, int] | None:
     """How many times each of the project's kernels ran in this process; None when not loaded."""
     if not _loaded:
         return None
     counts = _loaded[0][1].accresnet_bfloat16_kernel_calls().numpy().tolist()
     return dict(zip(OPS, counts))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Compile the bfloat16 kernels ahead, for an installation "
+                                                 "that will have no compiler (the trainer image).")
+    parser.add_argument("--prebuild", type=pathlib.Path, required=True, metavar="DIR",
+                        help=f"folder to write the library to; name it in {PREBUILT} where it is used")
+    args = parser.parse_args(argv)
+    print(prebuild(args.prebuild))
+
+
+if __name__ == "__main__":
+    main()

@@ -163,3 +163,49 @@ def test_a_build_keeps_the_libraries_of_other_installations(tmp_path, monkeypatc
     assert "TensorFlow's kernels" in caplog.text
     assert sorted(path.name for path in cache.iterdir()) == sorted([bfloat16_kernels.library_path(cache).name,
                                                                     other.name])
+
+
+def test_a_prebuilt_library_is_taken_before_any_compiler_is_asked(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    prebuilt = tmp_path / "image"
+    prebuilt.mkdir()
+    monkeypatch.setenv(bfloat16_kernels.PREBUILT, str(prebuilt))
+    # Another source's or TensorFlow's library: not taken, and the cache build is tried (no compiler here).
+    (prebuilt / "bfloat16_elementwise-0000000000000000.so").write_text("another installation's")
+    with caplog.at_level(logging.INFO, logger="pipeline.bfloat16_kernels"):
+        assert bfloat16_kernels.load("mixed_bfloat16", AVX512, tmp_path / "cache") is None
+    assert "has no library for this TensorFlow" in caplog.text and "no C++ compiler" in caplog.text
+    caplog.clear()
+    # This installation's name: taken without a compiler (here TensorFlow refuses the file, which is no library).
+    ours = bfloat16_kernels.prebuilt_path(prebuilt)
+    ours.write_text("not a library")
+    with caplog.at_level(logging.INFO, logger="pipeline.bfloat16_kernels"):
+        assert bfloat16_kernels.load("mixed_bfloat16", AVX512, tmp_path / "cache") is None
+    assert "no C++ compiler" not in caplog.text and "TensorFlow's kernels" in caplog.text
+    assert not (tmp_path / "cache").exists()
+    assert ours.name != bfloat16_kernels.library_path(tmp_path).name  # the cache's key has the compiler too
+
+
+@pytest.mark.slow
+@needs_avx512
+def test_a_library_built_ahead_runs_where_no_compiler_is(tmp_path):
+    """The trainer image's path: built by `--prebuild`, then loaded by a process without a compiler."""
+    built = subprocess.run([sys.executable, "-m", "pipeline.bfloat16_kernels", "--prebuild", str(tmp_path / "lib")],
+                           cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stderr[-3000:]
+    library = built.stdout.strip().splitlines()[-1]
+    environment = {**os.environ, bfloat16_kernels.PREBUILT: str(tmp_path / "lib"), "CXX": "/nonexistent/g++",
+                   "XDG_CACHE_HOME": str(tmp_path / "empty-cache"), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    environment.pop(bfloat16_kernels.SWITCH, None)
+    script = ("import tensorflow as tf\nfrom pipeline import bfloat16_kernels\n"
+              "print(bfloat16_kernels.load('mixed_bfloat16'))\n"
+              "x = tf.cast(tf.range(100.0), tf.bfloat16)\n"
+              "print(float(tf.reduce_sum(tf.cast(tf.nn.relu(x + x), tf.float32))))\n"
+              "print(bfloat16_kernels.kernel_calls())\n")
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=environment, capture_output=True,
+                            text=True, timeout=900)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    path, total, calls = loaded.stdout.strip().splitlines()[-3:]
+    assert path == library and float(total) == 9900.0
+    assert eval(calls)["AddV2"] >= 1 and eval(calls)["Relu"] >= 1
+    assert not (tmp_path / "empty-cache" / "accresnet").exists()  # nothing compiled into the cache
