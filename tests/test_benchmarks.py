@@ -96,6 +96,25 @@ def test_the_bench_reports_shares_of_the_peak_the_precision_gain_and_the_step_co
     assert "accumulated 1.28x; the project's kernels make it 1.25x faster" in text
 
 
+def test_the_bench_shows_each_target_round_by_round_and_how_many_rounds_met_it():
+    import train_throughput as bench
+
+    quiet = {bench.BASELINE: 400.0, bench.FP32: 500.0, bench.MIXED: 800.0, bench.PLAIN_FP32: 540.0,
+             bench.PLAIN_MIXED: 840.0, bench.PEAK_FP32: 250.0, bench.PEAK_BF16: 500.0}
+    # A disturbed round: mixed precision slowed, the float32 peak measured high.
+    disturbed = {**quiet, bench.MIXED: 700.0, bench.PEAK_FP32: 300.0}
+    table = bench.round_by_round([quiet, disturbed], 32).splitlines()
+    assert table[0] == "| target | round 1 | round 2 | rounds meeting it |"
+    rows = {row.split(" | ")[0].lstrip("| "): row for row in table[2:]}
+    assert len(rows) == len(bench.TARGETS) == 6
+    assert rows["mixed precision over float32, accumulated ≥ 1.50x"].endswith("| 1.60x | 1.40x | 1 of 2 |")
+    assert rows["accumulated step cost, float32 ≤ 1.100"].endswith("| 1.080 | 1.080 | 2 of 2 |")
+    assert rows["accumulated step cost, mixed precision ≤ 1.100"].endswith("| 1.050 | 1.200 | 1 of 2 |")
+    per_image = flops.training_flops_per_image(architecture.ModelConfig("accumulated", 32))
+    first, second = (f"{500 * per_image / 1e9 / peak:.0%}" for peak in (250, 300))
+    assert rows["trainer float32, share of its precision's peak ≥ 75%"].endswith(f"| {first} | {second} | 1 of 2 |")
+
+
 def test_the_step_profile_sorts_kernels_into_classes_and_counts_their_flops():
     import step_profile
 
