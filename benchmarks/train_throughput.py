@@ -188,8 +188,8 @@ def shares(best: dict[str, float], depth: int) -> dict[str, float]:
 
 # Issue 23's targets: (figure of `shares`, threshold, whether the figure must stay under it, format).
 TARGETS = (
-    (f"{FP32}: share of peak", 0.75, False, "{:.0%}"),
-    (f"{PLAIN_FP32}: share of peak", 0.75, False, "{:.0%}"),
+    (f"{FP32}: share of peak", 0.75, False, "{:.1%}"),
+    (f"{PLAIN_FP32}: share of peak", 0.75, False, "{:.1%}"),
     ("mixed precision over float32, accumulated", 1.5, False, "{:.2f}x"),
     ("mixed precision over float32, plain", 1.5, False, "{:.2f}x"),
     ("accumulated step cost, float32", 1.10, True, "{:.3f}"),

@@ -111,8 +111,8 @@ def test_the_bench_shows_each_target_round_by_round_and_how_many_rounds_met_it()
     assert rows["accumulated step cost, float32 ≤ 1.100"].endswith("| 1.080 | 1.080 | 2 of 2 |")
     assert rows["accumulated step cost, mixed precision ≤ 1.100"].endswith("| 1.050 | 1.200 | 1 of 2 |")
     per_image = flops.training_flops_per_image(architecture.ModelConfig("accumulated", 32))
-    first, second = (f"{500 * per_image / 1e9 / peak:.0%}" for peak in (250, 300))
-    assert rows["trainer float32, share of its precision's peak ≥ 75%"].endswith(f"| {first} | {second} | 1 of 2 |")
+    first, second = (f"{500 * per_image / 1e9 / peak:.1%}" for peak in (250, 300))
+    assert rows["trainer float32, share of its precision's peak ≥ 75.0%"].endswith(f"| {first} | {second} | 1 of 2 |")
 
 
 def test_the_step_profile_sorts_kernels_into_classes_and_counts_their_flops():
