@@ -37,9 +37,9 @@ def model_root(exported_model, tmp_path_factory):
 def served(model_root, request):
     # TF Serving refuses a batching parameters file without batching: the deployed one goes too.
     flags = ["--enable_batching=false", "--batching_parameters_file="] if request.param == "unbatched" else []
-    # Without --check_input_shapes the server feeds what arrives, as TF Serving does: only the
-    # model's own checks stand between a wrong shape and the kernels.
-    server = start_server(model_root, {"m": model_root / "m"}, "--check_input_shapes=false", *flags)
+    # The server feeds what arrives, as TF Serving does: only the model's own checks stand
+    # between a wrong shape and the kernels.
+    server = start_server(model_root, {"m": model_root / "m"}, *flags)
     clients = Clients(server)
     clients.predictions.Predict(predict_request(model="m", batch=images(2)), timeout=60)
     yield clients, rss_mib()
@@ -105,8 +105,8 @@ def test_a_wrong_shape_over_rest_is_refused_by_the_model_itself(served, body):
     still_serving(clients, start)
 
 
-def test_the_server_checks_declared_shapes_itself_by_default(model_root):
-    server = start_server(model_root, {"m": model_root / "m"})
+def test_with_check_input_shapes_the_server_checks_declared_shapes_itself(model_root):
+    server = start_server(model_root, {"m": model_root / "m"}, "--check_input_shapes")
     try:
         clients = Clients(server)
         code, details = grpc_status(clients.predictions.Predict, predict_request(model="m", batch=np.zeros((1, 3),

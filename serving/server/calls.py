@@ -19,6 +19,12 @@ import grpc
 
 from serving.server.errors import ServingError
 
+# RunOptions.timeout_in_ms as TF Serving sets it: gpr_time_to_millis of the time left
+# (model_servers/prediction_service_util.cc), an int that saturates at INT32_MAX, which is
+# what a call without a deadline gets. gRPC's Python server reports such a call's time left as
+# a huge number of seconds, not None; at or beyond this bound a call has no deadline here.
+MAX_TIMEOUT_MS = 2**31 - 1
+
 
 class Call:
     def __init__(self, timeout: float | None = None, alive: Callable[[], bool] | None = None):
@@ -29,6 +35,8 @@ class Call:
     @classmethod
     def from_grpc(cls, context: grpc.ServicerContext) -> Call:
         remaining = context.time_remaining()
+        if remaining is not None and remaining * 1000 >= MAX_TIMEOUT_MS:
+            remaining = None
         return cls(timeout=remaining, alive=context.is_active)
 
     def cancel(self) -> None:

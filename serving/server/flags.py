@@ -147,9 +147,11 @@ class ServerFlags:
     # What an exported model's signatures take (pipeline/input_contract.py).
     max_request_rows: int = _flag(1024, "rows (first dimension) of a Predict request's inputs, or examples of a "
                                         "Classify or Regress request, with or without batching", own=True)
-    check_input_shapes: bool = _flag(True, "refuse an input whose shape the signature does not declare, before "
-                                           "the model runs; false feeds it as it is, as TF Serving does, for "
-                                           "graphs that take other shapes than they declare", own=True)
+    # Off by default: TF Serving feeds a request's tensors as they come (its quickstart feeds
+    # half_plus_two a [3] where it declares [?,1]); the project's models check their inputs in
+    # their own graphs (pipeline/input_contract.py), which protects TF Serving too.
+    check_input_shapes: bool = _flag(False, "refuse an input whose shape the signature does not declare, before "
+                                            "the model runs; TF Serving feeds it as it is", own=True)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerFlags:

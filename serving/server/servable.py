@@ -5,10 +5,9 @@ own (TF1 and TF2 SavedModels alike) and a signature runs as one session
 call: the request's tensors are fed to the signature's input tensors and its
 output tensors fetched, with the request's deadline as the run's timeout.
 Like TF Serving's C++ session, the call does not check a fed tensor against
-the static shape of the placeholder it feeds; the model server does that
-before (service.py, unless --check_input_shapes=false, for graphs that take
-other shapes than they declare, as TF Serving's half_plus_two test model
-takes [3] where it declares [-1, 1]).
+the static shape of the placeholder it feeds (TF Serving's half_plus_two test
+model takes [3] where it declares [-1, 1]); the model server does that before
+only under --check_input_shapes (service.py).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from tensorflow.python.client import pywrap_tf_session as tf_session
 
 from serving.contract import SERVING_DEFAULT as DEFAULT_SIGNATURE
 from serving.server.errors import ServingError, invalid
+from serving.server.calls import MAX_TIMEOUT_MS
 
 SERVE_TAG = "serve"
 INIT_OP_SIGNATURE = "__saved_model_init_op"  # TF2's initializer: described in the graph, not served
@@ -112,7 +112,7 @@ class Servable:
         feeds, fetches = self._endpoints(signature, aliases, tuple(outputs))
         options = config_pb2.RunOptions()
         if timeout is not None:
-            options.timeout_in_ms = max(1, math.ceil(timeout * 1000))
+            options.timeout_in_ms = min(MAX_TIMEOUT_MS, max(1, math.ceil(timeout * 1000)))
         buffer = tf_session.TF_NewBufferFromString(options.SerializeToString())
         try:
             # The session's own call, without Session.run's Python bookkeeping (0.4 ms a call).

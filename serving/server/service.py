@@ -52,9 +52,9 @@ class ModelServer:
     What a request may become is bounded before it is built: --max_request_tensor_bytes
     bounds a Predict request's tensors once decoded, and a Classify or Regress
     request's examples once the context is merged into each; --max_request_rows
-    bounds its rows (examples). With --check_input_shapes, an input whose shape
-    the signature does not declare is refused before the model runs (TF Serving
-    feeds it as it is)."""
+    bounds its rows (examples). Only with --check_input_shapes (off, as in TF
+    Serving) is an input whose shape the signature does not declare refused
+    before the model runs."""
 
     def __init__(self, options: ServerOptions, runner: Runner | None = None):
         flags = options.flags
