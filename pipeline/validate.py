@@ -207,14 +207,12 @@ def verdict(config: ValidateConfig, infra: dict, candidate: Metrics | None, curr
 
 
 def operations_check(candidate_dir: pathlib.Path) -> tuple[list[str], str | None]:
-    """The graph's op types, and why they refuse the candidate (None: all are an export's)."""
-    from pipeline.op_gate import graph_ops, refused_ops
+    """The graph's op types, and why they refuse the candidate (None: all are an export's, and
+    its saver is a SavedModel's)."""
+    from pipeline.op_gate import graph_ops, refusal
 
     ops = graph_ops(candidate_dir)
-    refused = refused_ops(ops)
-    reason = (f"its graph uses operations no export of this project uses (file, process or network access, or "
-              f"unknown): {', '.join(refused)}" if refused else None)
-    return sorted(ops.all), reason
+    return sorted(ops.all), refusal(ops)
 
 
 def validate(config: ValidateConfig, announce=print) -> Blessing:

@@ -219,6 +219,23 @@ def test_a_graph_that_reads_or_writes_files_is_refused_before_any_server_runs_it
         push(PushConfig(candidate=str(leaky), export_base=str(tmp_path / "models")))
 
 
+def test_a_candidate_whose_saver_writes_at_load_is_refused_before_any_server_loads_it(candidate, tmp_path):
+    """A SaveV2 hung on the restore op passes an op-type check of the saver's part; no server
+    may load the candidate to find out, since loading runs it."""
+    import hostile_savers
+
+    hostile = tmp_path / "staging" / "1"
+    shutil.copytree(candidate, hostile, ignore=shutil.ignore_patterns(BLESSING_FILE, CONFUSION_FILE))
+    target = tmp_path / "written-at-load"
+    hostile_savers.save_on_restore(hostile, target)
+    record = validate(validate_config(hostile), announce=lambda line: None)
+    assert record.verdict == "refused" and record.candidate_metrics is None, record.reasons
+    assert record.infra == {"skipped": "the operations check refused the graph"}
+    assert "SaveV2" in record.reasons[0] and not pathlib.Path(f"{target}.index").exists()
+    with pytest.raises(BlessingError, match="refused by validate"):
+        push(PushConfig(candidate=str(hostile), export_base=str(tmp_path / "models")))
+
+
 def test_validate_checks_the_candidate_on_a_server_it_hands_it_to(candidate, tmp_path):
     """As in the release pod: a server started with the deployed flags on an empty base path
     (the sidecar); validate puts the candidate there once its graph passed the operations check."""
