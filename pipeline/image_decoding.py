@@ -1,4 +1,4 @@
-"""Encoded image files -> 32x32 RGB pixels, inside the exported graph.
+"""Encoded image files -> the model's RGB pixels, inside the exported graph.
 
 The serving_bytes and classify signatures decode files in the graph, so that
 TF Serving (which runs no Python) turns a photo into the same pixels as the
@@ -22,16 +22,20 @@ from its bytes (pipeline/image_headers.py): a 64 KB PNG may declare
 23000x23000 pixels, 1.6 GB once decoded, and a 26 KB GIF may hide an
 8000x8000 frame behind a 1x1 screen. Such files, and formats other than
 JPEG, PNG, GIF and BMP, are refused with INVALID_ARGUMENT, in TF Serving
-too, since the check is part of the graph. Files are decoded one at a time,
-so a request's peak is that of its largest file.
+too, since the check is part of the graph; so is a file, or a request's
+files together, whose decoding work (scans x pixels, decoded pixels x
+passes) is beyond the export's DecodeBounds. Every file's costs are checked
+before the first is decoded; files are decoded one at a time, so a request's
+peak is that of its largest file.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from pipeline.image_headers import (JPEG_SCALES, SIZE, check_decodable, is_jpeg, jpeg_draft_scale, read_bytes,
-                                    unsigned)
+from pipeline.image_headers import (DEFAULT_BOUNDS, JPEG_SCALES, DecodeBounds, check_costs, check_request,
+                                    file_costs, is_jpeg, jpeg_draft_scale, read_bytes, unsigned)
+from serving.contract import IMAGE_SIZE
 
 # The EXIF block sits in the first segments of a file.
 EXIF_SEARCH_BYTES = 1 << 16
@@ -76,8 +80,8 @@ def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     return tf.switch_case(tf.cast(orientation - 1, tf.int32), branches)
 
 
-def _decode_jpeg(data: tf.Tensor) -> tf.Tensor:
-    scale = jpeg_draft_scale(data)
+def _decode_jpeg(data: tf.Tensor, size: int) -> tf.Tensor:
+    scale = jpeg_draft_scale(data, size)
     branches = {index: (lambda ratio=ratio: tf.io.decode_jpeg(data, channels=3, ratio=ratio,
                                                                     dct_method="INTEGER_ACCURATE"))
                 for index, ratio in enumerate(JPEG_SCALES)}
@@ -85,17 +89,23 @@ def _decode_jpeg(data: tf.Tensor) -> tf.Tensor:
     return tf.switch_case(index, branches)
 
 
-def decode_image(data: tf.Tensor, input_name: str = "image_bytes") -> tf.Tensor:
-    """Encoded PNG/JPEG/GIF/BMP bytes -> uint8 [32, 32, 3]: the first frame of an
-    animation, greyscale and alpha mapped to RGB, EXIF orientation applied,
-    resized bilinearly with antialiasing. Refuses what check_decodable refuses."""
-    with tf.control_dependencies([check_decodable(data, input_name)]):
-        image = tf.cond(is_jpeg(data), lambda: _decode_jpeg(data),
-                        lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8))
+def decode_checked_image(data: tf.Tensor, size: int = IMAGE_SIZE) -> tf.Tensor:
+    """Encoded PNG/JPEG/GIF/BMP bytes whose costs were checked -> uint8 [size, size, 3]: the
+    first frame of an animation, greyscale and alpha mapped to RGB, EXIF orientation
+    applied, resized bilinearly with antialiasing."""
+    image = tf.cond(is_jpeg(data), lambda: _decode_jpeg(data, size),
+                    lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8))
     image = apply_orientation(image, exif_orientation(data))
     # Two passes, rounded to 8 bits in between, in Pillow's order: width, then height.
-    image = _resize_rounded(image, (tf.shape(image)[0], SIZE))
-    return tf.cast(_resize_rounded(image, (SIZE, SIZE)), tf.uint8)
+    image = _resize_rounded(image, (tf.shape(image)[0], size))
+    return tf.cast(_resize_rounded(image, (size, size)), tf.uint8)
+
+
+def decode_image(data: tf.Tensor, input_name: str = "image_bytes", size: int = IMAGE_SIZE,
+                 bounds: DecodeBounds = DEFAULT_BOUNDS) -> tf.Tensor:
+    """One encoded file -> uint8 [size, size, 3], refused unless within the bounds."""
+    with tf.control_dependencies([check_costs(file_costs(data, size, bounds), input_name, bounds)]):
+        return decode_checked_image(data, size)
 
 
 def _resize_rounded(image: tf.Tensor, size) -> tf.Tensor:
@@ -103,7 +113,17 @@ def _resize_rounded(image: tf.Tensor, size) -> tf.Tensor:
     return tf.clip_by_value(tf.round(resized), 0, 255)
 
 
-def decode_images(encoded: tf.Tensor, input_name: str = "image_bytes") -> tf.Tensor:
-    """A batch of encoded files [batch] -> uint8 [batch, 32, 32, 3], one file at a time."""
-    return tf.map_fn(lambda data: decode_image(data, input_name), encoded, parallel_iterations=1,
-                     fn_output_signature=tf.TensorSpec((SIZE, SIZE, 3), tf.uint8))
+def decode_images(encoded: tf.Tensor, input_name: str = "image_bytes", size: int = IMAGE_SIZE,
+                  bounds: DecodeBounds = DEFAULT_BOUNDS) -> tf.Tensor:
+    """A batch of encoded files [batch] -> uint8 [batch, size, size, 3], one file at a time,
+    once every file's costs and their sum are within the bounds."""
+    costs = tf.map_fn(lambda data: file_costs(data, size, bounds), encoded, parallel_iterations=1,
+                      fn_output_signature=tf.TensorSpec([3], tf.int64))
+    def checked(cost):
+        with tf.control_dependencies([check_costs(cost, input_name, bounds)]):
+            return tf.identity(cost[0])
+
+    checks = tf.map_fn(checked, costs, parallel_iterations=1, fn_output_signature=tf.int64)
+    with tf.control_dependencies([checks, check_request(costs, input_name, bounds)]):
+        return tf.map_fn(lambda data: decode_checked_image(data, size), encoded, parallel_iterations=1,
+                         fn_output_signature=tf.TensorSpec((size, size, 3), tf.uint8))

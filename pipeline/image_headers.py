@@ -15,31 +15,74 @@ Serving runs the same check, since it is part of the graph:
   file's blocks are walked, frame by frame, and the cost is frames x canvas.
   Chains of data sub-blocks are skipped by pointer doubling over the file's
   bytes (log2 of its size in gathers, whatever the sub-blocks' lengths); the
-  walk over blocks gives up, and the file is refused, after MAX_GIF_BLOCKS.
+  walk over blocks gives up, and the file is refused, after DecodeBounds'
+  gif_blocks.
+
+Pixels bound memory; work is bounded too (DecodeBounds): a progressive JPEG
+is decoded scan by scan over its full size, so a 322 KB file of 8192x8192
+whose first scan is repeated 600 times costs seconds of CPU while declaring
+few pixels. A file's work is counted in pixel passes, one pass being a JPEG
+scan over one pixel (0.4-3 ns on one core): a JPEG costs its full pixels
+times its scans; every pixel a file decodes to (frames times canvas for a
+GIF) costs DECODED_PIXEL_PASSES more, for inflating or LZW and the
+antialiased resize (20-25 ns measured). Work is bounded per file and summed
+over a request. The bounds follow the model's input size, and the export
+fixes them in the graph.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import tensorflow as tf
 
 from serving.contract import IMAGE_SIZE
 
-SIZE = IMAGE_SIZE
-# Pillow's draft asks for 4x the target size (serving/images.py).
-DRAFT_SIZE = 4 * SIZE
 JPEG_SCALES = (1, 2, 4, 8)
-# 4096x4096: a 48 MiB RGB image, far above what a 32x32 classifier needs.
-MAX_DECODED_PIXELS = 4096 * 4096
-# A progressive JPEG keeps coefficients for its full size whatever the decoding scale.
-MAX_JPEG_FULL_PIXELS = 8192 * 8192
-# Blocks of a GIF: a frame is one or two (its graphic control extension).
-MAX_GIF_BLOCKS = 4096
-# The sub-block walk costs log2(size) passes over the file: 2 MiB keeps it near 0.2 s.
-MAX_GIF_BYTES = 2 << 20
 GIF_EXTENSION, GIF_IMAGE = 0x21, 0x2C
 # decoded_pixels' answers for files that are refused whatever their size.
 UNKNOWN_FORMAT = -1
 GIF_TOO_LARGE = -2
+JPEG_START_OF_SCAN = b"\xff\xda"
+# Pixel passes a decoded pixel costs (decoding and resizing it), against a JPEG scan's pixel.
+DECODED_PIXEL_PASSES = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBounds:
+    """What one encoded file, and one request's files together, may cost to decode.
+
+    Work is in pixel passes (a JPEG scan over one pixel, 0.4-3 ns of one core); the worst
+    request of each format within the defaults is in docs/serving.md.
+    """
+
+    # Pixels a file decodes to (JPEG at its reduced draft scale; every frame of a GIF).
+    decoded_pixels: int
+    # Full-size pixels of a JPEG, which a progressive decode holds coefficients for.
+    jpeg_pixels: int
+    file_work: int
+    request_work: int
+    # A GIF's blocks (a frame is one or two) and bytes: the walk over them is the check's own cost.
+    gif_blocks: int = 512
+    gif_bytes: int = 1 << 20
+
+    @classmethod
+    def for_image_size(cls, size: int) -> DecodeBounds:
+        """Bounds for a model whose input is size x size: files up to 64x its side decoded
+        (2048x2048 for 32x32), JPEGs up to 128x its side (4096x4096, a 16-megapixel photo),
+        16 scans of that per file (a phone's progressive JPEG has about 10), and twice a file's
+        work per request."""
+        jpeg_pixels = (128 * size) ** 2
+        return cls(decoded_pixels=(64 * size) ** 2, jpeg_pixels=jpeg_pixels, file_work=16 * jpeg_pixels,
+                   request_work=32 * jpeg_pixels)
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) < 1:
+                raise ValueError(f"DecodeBounds.{field.name} must be positive; got {getattr(self, field.name)}")
+
+
+DEFAULT_BOUNDS = DecodeBounds.for_image_size(IMAGE_SIZE)
 
 
 def unsigned(raw: tf.Tensor, little_endian: tf.Tensor) -> tf.Tensor:
@@ -68,12 +111,21 @@ def _prefix(data: tf.Tensor, count: int) -> tf.Tensor:
     return tf.strings.substr(data, 0, tf.minimum(tf.strings.length(data), count))
 
 
-def jpeg_draft_scale(data: tf.Tensor) -> tf.Tensor:
-    """Pillow's draft scale for a JPEG read at DRAFT_SIZE: the largest of 8, 4, 2, 1
-    not above min(width, height) // DRAFT_SIZE."""
+def jpeg_draft_scale(data: tf.Tensor, size: int = IMAGE_SIZE) -> tf.Tensor:
+    """Pillow's draft scale for a JPEG read at 4x the target size (serving/images.py): the
+    largest of 8, 4, 2, 1 not above min(width, height) // (4 size)."""
     shape = tf.image.extract_jpeg_shape(data)
-    fits = tf.minimum(shape[0], shape[1]) // DRAFT_SIZE
+    fits = tf.minimum(shape[0], shape[1]) // (4 * size)
     return tf.reduce_max(tf.boolean_mask(tf.constant(JPEG_SCALES), tf.constant(JPEG_SCALES) <= tf.maximum(fits, 1)))
+
+
+def jpeg_scans(data: tf.Tensor) -> tf.Tensor:
+    """The scans of a JPEG file: its start-of-scan markers (int64). Entropy-coded data
+    stuffs every 0xFF with 0x00, so the pair FF DA occurs only as a marker."""
+    values = tf.io.decode_raw(data, tf.uint8)
+    marker = tf.constant(JPEG_START_OF_SCAN[0], tf.uint8), tf.constant(JPEG_START_OF_SCAN[1], tf.uint8)
+    pairs = tf.equal(values[:-1], marker[0]) & tf.equal(values[1:], marker[1])
+    return tf.reduce_sum(tf.cast(pairs, tf.int64))
 
 
 def _chain_ends(values: tf.Tensor) -> tf.Tensor:
@@ -89,9 +141,9 @@ def _chain_ends(values: tf.Tensor) -> tf.Tensor:
     return jumps
 
 
-def gif_decoded_pixels(data: tf.Tensor) -> tf.Tensor:
+def gif_decoded_pixels(data: tf.Tensor, max_blocks: int) -> tf.Tensor:
     """Pixels TensorFlow's GIF decoder allocates for `data`: frames x a canvas covering the
-    logical screen and every frame (int64); GIF_TOO_LARGE past MAX_GIF_BLOCKS blocks."""
+    logical screen and every frame (int64); GIF_TOO_LARGE past `max_blocks` blocks."""
     values = tf.cast(tf.io.decode_raw(data, tf.uint8), tf.int32)
     size = tf.size(values)
     padded = tf.concat([values, tf.zeros([16], tf.int32)], 0)  # reads past the end see zeros
@@ -128,60 +180,97 @@ def gif_decoded_pixels(data: tf.Tensor) -> tf.Tensor:
     zero = tf.constant(0, tf.int64)
     start = 13 + colour_table(byte(10))
     _, _, done, frames, right, bottom = tf.while_loop(
-        lambda blocks, position, done, *_: ~done & (blocks < MAX_GIF_BLOCKS),
-        step, (0, start, tf.constant(False), zero, zero, zero), maximum_iterations=MAX_GIF_BLOCKS)
+        lambda blocks, position, done, *_: ~done & (blocks < max_blocks),
+        step, (0, start, tf.constant(False), zero, zero, zero), maximum_iterations=max_blocks)
     canvas = tf.maximum(word(6), right) * tf.maximum(word(8), bottom)
     return tf.where(done, tf.maximum(frames, 1) * canvas, tf.constant(GIF_TOO_LARGE, tf.int64))
 
 
-def decoded_pixels(data: tf.Tensor) -> tf.Tensor:
-    """The pixels decoding an encoded file allocates, from its bytes alone (int64):
-    UNKNOWN_FORMAT for a format other than JPEG, PNG, GIF and BMP, GIF_TOO_LARGE
-    for a GIF of more than MAX_GIF_BYTES or MAX_GIF_BLOCKS blocks."""
+def file_costs(data: tf.Tensor, size: int = IMAGE_SIZE, bounds: DecodeBounds = DEFAULT_BOUNDS) -> tf.Tensor:
+    """What decoding an encoded file costs, from its bytes alone: int64 [3], the pixels it
+    decodes to, a JPEG's full-size pixels (0 for other formats) and its work in pixel
+    passes. The pixels are UNKNOWN_FORMAT for a format other than JPEG, PNG, GIF and BMP,
+    GIF_TOO_LARGE for a GIF beyond the bounds' bytes or blocks."""
     def header(offset: int, count: int, little_endian: bool) -> tf.Tensor:
         return unsigned(read_bytes(data, tf.constant(offset), count), tf.constant(little_endian))
 
+    def costs(pixels, full=None, scans=None):
+        pixels = tf.cast(pixels, tf.int64)
+        work = DECODED_PIXEL_PASSES * tf.maximum(pixels, 0)
+        if full is None:
+            return tf.stack([pixels, tf.constant(0, tf.int64), work])
+        return tf.stack([pixels, full, work + full * scans])
+
     def jpeg():
         shape = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
-        scale = tf.cast(jpeg_draft_scale(data), tf.int64)
+        scale = tf.cast(jpeg_draft_scale(data, size), tf.int64)
         scaled = ((shape[0] + scale - 1) // scale) * ((shape[1] + scale - 1) // scale)
-        # Refused as a whole when the full size is beyond what a progressive decode may hold.
-        return tf.where(shape[0] * shape[1] > MAX_JPEG_FULL_PIXELS, shape[0] * shape[1], scaled)
+        # Every scan walks the full size's coefficients; the draft-scale pixels are made once.
+        return costs(scaled, shape[0] * shape[1], tf.maximum(jpeg_scans(data), 1))
 
     def bmp():
         # Signed 32-bit width and height; a negative height means top-down rows.
         width, height = header(18, 4, True), header(22, 4, True)
         signed = lambda value: tf.where(value >= 2**31, value - 2**32, value)  # noqa: E731
-        return tf.abs(signed(width)) * tf.abs(signed(height))
+        return costs(tf.abs(signed(width)) * tf.abs(signed(height)))
 
     def gif():
-        return tf.cond(tf.strings.length(data) > MAX_GIF_BYTES, lambda: tf.constant(GIF_TOO_LARGE, tf.int64),
-                       lambda: gif_decoded_pixels(data))
+        return costs(tf.cond(tf.strings.length(data) > bounds.gif_bytes, lambda: tf.constant(GIF_TOO_LARGE, tf.int64),
+                             lambda: gif_decoded_pixels(data, bounds.gif_blocks)))
 
     magic = _prefix(data, 8)
     is_png = tf.equal(magic, b"\x89PNG\r\n\x1a\n")
     is_gif = tf.strings.regex_full_match(_prefix(magic, 6), "GIF8[79]a")
     is_bmp = tf.equal(_prefix(magic, 2), b"BM")
     return tf.case([(is_jpeg(data), jpeg),
-                    (is_png, lambda: header(16, 4, False) * header(20, 4, False)),
+                    (is_png, lambda: costs(header(16, 4, False) * header(20, 4, False))),
                     (is_gif, gif),
                     (is_bmp, bmp)],
-                   default=lambda: tf.constant(UNKNOWN_FORMAT, tf.int64))
+                   default=lambda: costs(tf.constant(UNKNOWN_FORMAT, tf.int64)))
 
 
-def check_decodable(data: tf.Tensor, input_name: str) -> tf.Tensor:
-    """An assertion that the file is of a known format and that decoding it allocates
-    at most MAX_DECODED_PIXELS; the messages name `input_name`."""
-    pixels = decoded_pixels(data)
-    known = tf.debugging.Assert(
-        tf.not_equal(pixels, UNKNOWN_FORMAT),
-        [f"input {input_name}: unsupported image format: JPEG, PNG, GIF and BMP files are taken"])
-    gif_bounded = tf.debugging.Assert(
-        tf.not_equal(pixels, GIF_TOO_LARGE),
-        [f"input {input_name}: a GIF may have at most {MAX_GIF_BYTES} bytes and {MAX_GIF_BLOCKS} blocks"])
-    with tf.control_dependencies([known, gif_bounded]):
-        return tf.debugging.Assert(
-            pixels <= MAX_DECODED_PIXELS,
-            [f"input {input_name}: the image needs more pixels than the {MAX_DECODED_PIXELS} a file may "
-             "decode to (width x height in its header, at JPEG's reduced scale; every frame of a GIF); it "
-             "needs", pixels])
+def decoded_pixels(data: tf.Tensor, size: int = IMAGE_SIZE, bounds: DecodeBounds = DEFAULT_BOUNDS) -> tf.Tensor:
+    """The pixels decoding an encoded file allocates (file_costs' first element)."""
+    return file_costs(data, size, bounds)[0]
+
+
+def check_costs(costs: tf.Tensor, input_name: str, bounds: DecodeBounds = DEFAULT_BOUNDS) -> tf.Tensor:
+    """An assertion that a file of these costs (file_costs) is of a known format and within
+    the bounds; the messages name `input_name`."""
+    pixels, full, work = costs[0], costs[1], costs[2]
+    checks = [
+        (tf.not_equal(pixels, UNKNOWN_FORMAT),
+         [f"input {input_name}: unsupported image format: JPEG, PNG, GIF and BMP files are taken"]),
+        (tf.not_equal(pixels, GIF_TOO_LARGE),
+         [f"input {input_name}: a GIF may have at most {bounds.gif_bytes} bytes and {bounds.gif_blocks} blocks"]),
+        (pixels <= bounds.decoded_pixels,
+         [f"input {input_name}: the image needs more pixels than the {bounds.decoded_pixels} a file may decode to "
+          "(width x height in its header, at JPEG's reduced scale; every frame of a GIF); it needs", pixels]),
+        (full <= bounds.jpeg_pixels,
+         [f"input {input_name}: a JPEG may have at most {bounds.jpeg_pixels} pixels at full size; it has", full]),
+        (work <= bounds.file_work,
+         [f"input {input_name}: decoding the file would take more than the {bounds.file_work} pixel passes a file "
+          "may take (a JPEG's full pixels times its scans); it needs", work]),
+    ]
+    asserts = []
+    for condition, message in checks:
+        with tf.control_dependencies(asserts):
+            asserts = [tf.debugging.Assert(condition, message)]
+    return asserts[0]
+
+
+def check_decodable(data: tf.Tensor, input_name: str, size: int = IMAGE_SIZE,
+                    bounds: DecodeBounds = DEFAULT_BOUNDS) -> tf.Tensor:
+    """An assertion that the file is of a known format and that decoding it stays within
+    the bounds; the messages name `input_name`."""
+    return check_costs(file_costs(data, size, bounds), input_name, bounds)
+
+
+def check_request(costs: tf.Tensor, input_name: str, bounds: DecodeBounds = DEFAULT_BOUNDS) -> tf.Tensor:
+    """An assertion that a request's files (costs [n, 3], from file_costs) take at most the
+    bounds' request work together."""
+    total = tf.reduce_sum(tf.maximum(costs[:, 2], 0))
+    return tf.debugging.Assert(
+        total <= bounds.request_work,
+        [f"input {input_name}: decoding the request's files would take more than the {bounds.request_work} pixel "
+         "passes a request may take; they need", total])

@@ -1,8 +1,11 @@
 """Small image files that declare, or hide, far more than they carry: the inputs
 an attacker sends to make a decoder allocate gigabytes."""
 
+import io
 import struct
 import zlib
+
+from PIL import Image
 
 GIF_COLOURS = b"\x00\x00\x00\xff\xff\xff"  # a 2-entry colour table
 # A black 4x4 frame, LZW-coded as Pillow codes it: code size 8, then the data.
@@ -58,3 +61,31 @@ def jpeg_declaring(width: int, height: int) -> bytes:
     frame = data.index(b"\xff\xc0")
     data[frame + 5:frame + 9] = struct.pack(">HH", height, width)
     return bytes(data)
+
+
+def _jpeg_segments(data: bytes) -> list[tuple[int, bytes]]:
+    """A JPEG's segments up to EOI as (marker, bytes); a scan's bytes include its entropy-coded data."""
+    segments, position = [], 2
+    while position < len(data):
+        marker = data[position + 1]
+        if marker == 0xD9:
+            return segments + [(marker, data[position:position + 2])]
+        end = position + 2 + int.from_bytes(data[position + 2:position + 4], "big")
+        if marker == 0xDA:  # entropy-coded data runs to the next marker that is not a stuffed 0xFF or a restart
+            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+        segments.append((marker, data[position:end]))
+        position = end
+    return segments
+
+
+def jpeg_with_repeated_scan(size: int, repeats: int) -> bytes:
+    """A flat progressive JPEG of size x size whose first scan is repeated: few bytes a scan,
+    and every scan walks the full size's coefficients when decoded."""
+    file = io.BytesIO()
+    Image.new("RGB", (size, size), (120, 30, 200)).save(file, "JPEG", quality=90, progressive=True)
+    data = file.getvalue()
+    segments = _jpeg_segments(data)
+    first = next(i for i, (marker, _) in enumerate(segments) if marker == 0xDA)
+    parts = [segment for _, segment in segments]
+    return data[:2] + b"".join(parts[:first + 1] + [parts[first]] * repeats + parts[first + 1:])

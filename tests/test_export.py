@@ -8,7 +8,8 @@ import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import prediction_log_pb2
 
-from hostile_files import gif_hiding_a_frame, gif_of_frames, gif_of_sub_blocks, jpeg_declaring, png_declaring
+from hostile_files import (gif_hiding_a_frame, gif_of_frames, gif_of_sub_blocks, jpeg_declaring, jpeg_with_repeated_scan,
+                           png_declaring)
 from pipeline import export
 from pipeline.synthetic import CLASS_NAMES
 
@@ -160,10 +161,10 @@ def test_bytes_signature_decodes_any_format_size_and_mode(exported_model):
 
 
 def test_serving_bytes_refuses_what_would_decode_too_large_or_is_no_known_format(exported_model):
-    from pipeline.image_headers import MAX_DECODED_PIXELS
+    from pipeline.image_headers import DEFAULT_BOUNDS
 
     serve = tf.saved_model.load(str(exported_model)).signatures["serving_bytes"]
-    side = int(MAX_DECODED_PIXELS ** 0.5)
+    side = int(DEFAULT_BOUNDS.decoded_pixels ** 0.5)
     with pytest.raises(tf.errors.InvalidArgumentError, match="more pixels than"):
         serve(image_bytes=tf.constant([png_declaring(side + 1, side)]))
     webp = io.BytesIO()
@@ -179,17 +180,18 @@ def test_serving_bytes_refuses_what_would_decode_too_large_or_is_no_known_format
 
 
 def test_every_frame_of_a_gif_counts(exported_model):
-    from pipeline.image_headers import MAX_GIF_BLOCKS, MAX_GIF_BYTES
+    from pipeline.image_headers import DEFAULT_BOUNDS
 
     serve = tf.saved_model.load(str(exported_model)).signatures["serving_bytes"]
-    # A 1x1 screen hiding an 8000x8000 frame; 2000 frames of 100x100 (20M pixels in all).
-    for hostile in (gif_hiding_a_frame(), gif_of_frames(2000, (100, 100))):
+    blocks, size = DEFAULT_BOUNDS.gif_blocks, DEFAULT_BOUNDS.gif_bytes
+    # A 1x1 screen hiding an 8000x8000 frame; 250 frames of 140x140 (4.9M pixels in all).
+    for hostile in (gif_hiding_a_frame(), gif_of_frames(250, (140, 140))):
         with pytest.raises(tf.errors.InvalidArgumentError, match="more pixels than"):
             serve(image_bytes=tf.constant([hostile]))
-    with pytest.raises(tf.errors.InvalidArgumentError, match=f"at most {MAX_GIF_BYTES} bytes and {MAX_GIF_BLOCKS}"):
-        serve(image_bytes=tf.constant([gif_of_frames(MAX_GIF_BLOCKS)]))
-    with pytest.raises(tf.errors.InvalidArgumentError, match=f"at most {MAX_GIF_BYTES} bytes"):
-        serve(image_bytes=tf.constant([gif_of_sub_blocks(MAX_GIF_BYTES // 2)]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"at most {size} bytes and {blocks}"):
+        serve(image_bytes=tf.constant([gif_of_frames(blocks)]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"at most {size} bytes"):
+        serve(image_bytes=tf.constant([gif_of_sub_blocks(size // 2)]))
     # Animations within the bounds decode (the first frame), however their data is cut.
     frames = [images(1, seed)[0] for seed in range(3)]
     animation = io.BytesIO()
@@ -197,6 +199,25 @@ def test_every_frame_of_a_gif_counts(exported_model):
                                     append_images=[Image.fromarray(f) for f in frames[1:]])
     small = [animation.getvalue(), gif_of_frames(100), gif_of_sub_blocks(5000)]
     assert serve(image_bytes=tf.constant(small))["probabilities"].shape == (3, 10)
+
+
+def test_decode_work_is_bounded_per_file_and_per_request(exported_model):
+    """A progressive JPEG's scans each walk its full size: a few hundred KB of repeated scans
+    cost seconds of CPU while declaring few pixels. Work is counted and bounded."""
+    from pipeline.image_headers import DEFAULT_BOUNDS, file_costs
+
+    serve = tf.saved_model.load(str(exported_model)).signatures["serving_bytes"]
+    repeated = jpeg_with_repeated_scan(1024, 300)
+    pixels, full, work = file_costs(tf.constant(repeated)).numpy()
+    assert full == 1024 * 1024 and work > DEFAULT_BOUNDS.file_work and pixels <= DEFAULT_BOUNDS.decoded_pixels
+    with pytest.raises(tf.errors.InvalidArgumentError, match="pixel passes a file may take"):
+        serve(image_bytes=tf.constant([repeated]))
+    # A phone's progressive photo passes alone; five of them are more than a request may take.
+    photo = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (10, 200, 90)).save(photo, "JPEG", progressive=True)
+    assert serve(image_bytes=tf.constant([photo.getvalue()]))["probabilities"].shape == (1, 10)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="pixel passes a request may take"):
+        serve(image_bytes=tf.constant([photo.getvalue()] * 5))
 
 
 @pytest.mark.parametrize("signature, name, value", [
