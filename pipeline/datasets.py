@@ -207,6 +207,13 @@ def _read_folder_tree(root: str, skip_bad_images: bool) -> _Source:
 def _read_class_folders(path: pathlib.Path, skip_bad_images: bool,
                         class_names: tuple[str, ...] | None) -> tuple[tuple[str, ...], Split]:
     found = tuple(sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    # A file's name only says where its bytes are: one that is not UTF-8 is read like any other
+    # (its digest hashes the name's bytes, pipeline/provenance.py). A class folder's name becomes
+    # a class name, which the model answers as a UTF-8 string: one that is not UTF-8 is refused,
+    # named with its bytes escaped (a surrogate cannot be printed or written as UTF-8).
+    if undecodable := [name for name in found if not _is_utf8(name)]:
+        raise DatasetError(f"folder:{_shown(path)}: the class folder name(s) {', '.join(map(repr, undecodable))} "
+                           "are not UTF-8, and class names are served as UTF-8 text: rename them")
     if class_names is None:
         class_names = found
         if len(class_names) < 2:
@@ -256,6 +263,18 @@ def _read_class_folders(path: pathlib.Path, skip_bad_images: bool,
         raise DatasetError(f"folder:{path}: none of the {len(files)} image files could be read")
     images = np.stack([decoded[i] for i in good])
     return class_names, Split(images, np.asarray(labels, np.int64)[good])
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # the bytes os.fsdecode escaped as surrogates
+        return False
+    return True
+
+
+def _shown(path: pathlib.Path) -> str:
+    return str(path) if _is_utf8(str(path)) else repr(str(path))
 
 
 # --- CIFAR binary release -------------------------------------------------

@@ -67,6 +67,12 @@ def folder_digests(folder: str | os.PathLike, exclude: Iterable[str] = ()) -> di
 
 
 def combined_digest(digests: dict[str, str]) -> str:
-    """One SHA-256 for a set of files: of their sorted "digest  path" lines (sha256sum's format)."""
+    """One SHA-256 for a set of files: of their sorted "digest  path" lines (sha256sum's format).
+
+    A path is hashed as the bytes of its name on disk: a name that is not UTF-8 (a Latin-1
+    b"caf\\xe9.png" from an old archive) reaches Python with its bytes escaped as surrogates
+    (os.fsdecode), and "surrogateescape" turns them back into those bytes. A folder dataset
+    with such a file is read like any other (its digest is what sha256sum's lines would give);
+    the names that are UTF-8 hash exactly as before."""
     lines = "".join(f"{digest}  {path}\n" for path, digest in sorted(digests.items()))
-    return hashlib.sha256(lines.encode()).hexdigest()
+    return hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()

@@ -254,3 +254,26 @@ def test_photographs_are_turned_upright_by_their_exif_orientation(tmp_path):
     assert pixels.shape == (32, 32, 3)
     assert pixels[4, 16, 0] > 200 and pixels[4, 16, 2] < 50  # the red half is now on top
     assert pixels[28, 16, 2] > 200 and pixels[28, 16, 0] < 50
+
+
+def test_folder_reads_a_file_whose_name_is_not_utf8_and_refuses_such_a_class_folder(tmp_path):
+    """A Latin-1 file name (b"caf\xe9.png") is read like any other and hashed by its bytes; a class
+    folder so named is refused in one line naming it, as class names are served as UTF-8."""
+    import hashlib
+    import os
+
+    from pipeline.provenance import file_sha256
+
+    _class_tree(tmp_path, None)
+    odd = pathlib.Path(os.fsdecode(bytes(tmp_path / "cats") + b"/caf\xe9.png"))
+    _save(odd, Image.new("RGB", (32, 32), (250, 10, 10)), "PNG")
+    data = load(f"folder:{tmp_path}", val_split=0.0)
+    assert list(np.bincount(data.train.labels)) == [8, 7]
+    digest = datasets.files_digest(DataConfig(f"folder:{tmp_path}"))
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    lines = b"".join(f"{file_sha256(tmp_path / name)}  ".encode() + os.fsencode(name) + b"\n" for name in names)
+    assert digest == hashlib.sha256(lines).hexdigest()  # sha256sum's lines of the names' bytes
+
+    os.rename(bytes(tmp_path / "dogs"), bytes(tmp_path) + b"/d\xf6gs")
+    with pytest.raises(DatasetError, match=r"class folder name\(s\) 'd\\udcf6gs' are not UTF-8"):
+        load(f"folder:{tmp_path}")
