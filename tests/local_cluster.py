@@ -328,13 +328,13 @@ class LocalCluster:
         raise AssertionError(f"{pod.name} not ready at {url} within {timeout:.0f}s:\n{pod.output()[-3000:]}")
 
     def guide_steps(self) -> list[tuple[int, str, list[dict]]]:
-        """docs/deployment.md's apply steps: (number, label selector, the Jobs and Deployments it applies)."""
+        """k8s/deploy.sh's steps: (number, label selector, the Jobs and Deployments it applies)."""
         return [(step, selector, [doc for doc in objects(self.overlay) if doc["kind"] in ("Job", "Deployment")
                                   and selects(selector, doc["metadata"].get("labels", {}))])
                 for step, selector in enumerate(apply_slices(), start=1)]
 
     def apply_in_guide_order(self, timeouts: dict[str, float]) -> dict[str, Pod | list[Pod]]:
-        """docs/deployment.md's steps, in order: each step's Jobs run to completion and
+        """k8s/deploy.sh's steps, in order: each step's Jobs run to completion and
         its Deployments start and become ready, as `kubectl wait` and `rollout status`
         wait for them there. Returns each workload's pods by name."""
         started = {}

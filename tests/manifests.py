@@ -83,10 +83,19 @@ def pod_specs(overlay: str):
             yield doc, predictor_pod_spec(doc)
 
 
+DEPLOY_SCRIPT = ROOT / "k8s" / "deploy.sh"
+
+
+def chain_steps() -> list[tuple[str, str, str]]:
+    """k8s/deploy.sh's steps, in order: (name, timeout, label selector of what it applies)."""
+    block = re.search(r"^STEPS=\(\n(.*?)^\)", DEPLOY_SCRIPT.read_text(), re.MULTILINE | re.DOTALL)
+    assert block, f"{DEPLOY_SCRIPT} has no STEPS=( ... ) list"
+    return [tuple(line.strip().strip('"').split()) for line in block.group(1).splitlines() if line.strip()]
+
+
 def apply_slices() -> list[str]:
-    """The label selectors of docs/deployment.md's `kubectl apply -k $OVERLAY -l ...` steps, in order."""
-    text = (ROOT / "docs" / "deployment.md").read_text()
-    return re.findall(r"^kubectl apply -k \$OVERLAY -l '?([^'\s]+)'?$", text, re.MULTILINE)
+    """The label selectors of k8s/deploy.sh's steps (`kubectl apply -k OVERLAY -l ...`), in order."""
+    return [selector for _, _, selector in chain_steps()]
 
 
 def selects(selector: str, labels: dict) -> bool:
