@@ -178,10 +178,12 @@ def export_saved_model(model: keras.Model, class_names: list[str], export_base: 
 
 
 def publish_as_next_version(saved_model: str | os.PathLike, export_base: str | os.PathLike,
-                            check: Callable[[pathlib.Path], None] | None = None) -> str:
+                            check: Callable[[pathlib.Path], None] | None = None,
+                            copy: Callable[[str | os.PathLike, pathlib.Path], object] = shutil.copytree) -> str:
     """A copy of the SavedModel folder `saved_model` as the next version under `export_base`,
     appearing whole (as exports do); returns its path. `check` sees the copy before it
-    appears (it raises to stop the publication), or the folder itself on object stores."""
+    appears (it raises to stop the publication), or the folder itself on object stores;
+    `copy(saved_model, staging)` makes the copy."""
     if is_remote(export_base):
         if check is not None:
             check(pathlib.Path(saved_model))
@@ -190,7 +192,7 @@ def publish_as_next_version(saved_model: str | os.PathLike, export_base: str | o
     base.mkdir(parents=True, exist_ok=True)
     staging = base / f".push-{uuid.uuid4().hex}"
     try:
-        shutil.copytree(saved_model, staging)
+        copy(saved_model, staging)
         if check is not None:
             check(staging)
         return str(_rename_to_next_version(staging, base))

@@ -9,7 +9,9 @@ config that adds the version and moves no label; then, once the servers
 (--rest-servers) report it AVAILABLE, the config that moves canary. promote
 and rollback move `stable` only to a version the servers have AVAILABLE.
 
-A missing, malformed, forged or stale blessing (pipeline/blessing.py) ends
+A missing, malformed, forged or stale blessing (pipeline/blessing.py), or a
+candidate holding anything but regular files and folders (a symbolic link, a
+FIFO, a device, a name that is not UTF-8; refused with --force too), ends
 push with exit status 3 before anything is written; every other error (flags,
 a model config that cannot be used, servers that do not load the version in
 time) with a one-line message and exit status 2.
@@ -94,6 +96,7 @@ def push(config: PushConfig, announce: Callable[[str], None] = print) -> Pushed:
     from serving.deployment import MODEL_CONFIG_TEMPLATE
 
     candidate = candidate_folder(config.candidate)
+    blessing.entries(candidate)  # regular files and folders only, blessed or forced
     if not config.force:
         blessing.verify(candidate)  # before anything is written; again on the copy below
     base = served_base_path(config.export_base)
@@ -103,8 +106,9 @@ def push(config: PushConfig, announce: Callable[[str], None] = print) -> Pushed:
             _check_canary_can_move(config.labels())
     served = existing_versions(base)
     # What appears is what validate blessed: the copy itself is checked against the record.
+    # The copy follows no link and opens nothing but regular files, whatever appears meanwhile.
     path = publish_as_next_version(candidate, base, None if config.force else (
-        lambda copy: blessing.verify(candidate, copy)))
+        lambda copy: blessing.verify(candidate, copy)), copy=blessing.copy_candidate)
     if config.model_config_file is None:
         return Pushed(path, None)
     version = int(pathlib.PurePath(path).name)

@@ -44,7 +44,7 @@ import tempfile
 import time
 from typing import TYPE_CHECKING
 
-from pipeline.blessing import BLESSING_FILE, Blessing, Metrics
+from pipeline.blessing import BLESSING_FILE, Blessing, Metrics, copy_candidate
 from pipeline.config import DataConfig
 from pipeline.errors import UserError
 from pipeline.flags import nested, setting
@@ -221,6 +221,9 @@ def validate(config: ValidateConfig, announce=print) -> Blessing:
     from pipeline.provenance import project, tensorflow_version
 
     candidate_dir = candidate_folder(config.candidate)
+    # Regular files and folders only, before anything reads or copies it: a link to /dev/zero,
+    # a FIFO or a name that is not UTF-8 is refused in one line (exit status 3).
+    blessing.entries(candidate_dir)
     announce(f"candidate: {candidate_dir}")
     images, labels, class_names = evaluation_set(config)
     chance = 1 / len(class_names)
@@ -273,8 +276,8 @@ def _serve_and_evaluate(config: ValidateConfig, candidate_dir: pathlib.Path, ima
     with tempfile.TemporaryDirectory(prefix="accresnet-validate-") as scratch:
         scratch = pathlib.Path(scratch)
         # The candidate as version 1 of the model on a volume of its own.
-        shutil.copytree(candidate_dir, scratch / "models" / config.model / "1",
-                        ignore=shutil.ignore_patterns(BLESSING_FILE, CONFUSION_FILE))
+        copy_candidate(candidate_dir, scratch / "models" / config.model / "1",
+                       ignore=shutil.ignore_patterns(BLESSING_FILE, CONFUSION_FILE))
         announce(f"starting a model server on the candidate {candidate_dir}")
         try:
             with serving_locally(scratch / "models", scratch / "config", scratch / "server.log",
@@ -320,7 +323,7 @@ def _hand_over(candidate_dir: pathlib.Path, target: pathlib.Path) -> None:
     import uuid
 
     scratch = target.with_name(f".{target.name}-{uuid.uuid4().hex}")
-    shutil.copytree(candidate_dir, scratch, ignore=shutil.ignore_patterns(BLESSING_FILE, CONFUSION_FILE))
+    copy_candidate(candidate_dir, scratch, ignore=shutil.ignore_patterns(BLESSING_FILE, CONFUSION_FILE))
     if target.exists():
         shutil.rmtree(target)
     scratch.rename(target)

@@ -159,7 +159,7 @@ def tampered(blessed, tmp_path, how):
 
 @pytest.mark.parametrize("how,reason", [
     ("hand-written", "names no content (no file digests): it is forged"),
-    ("digest-mismatch", "is forged: its digest is not that of the files it lists"),
+    ("digest-mismatch", "is forged: its digest is not that of the entries it lists"),
     ("changed-after", "is not what validate blessed (stale blessing): changed: variables/variables.data-"),
     ("file-added", "is not what validate blessed (stale blessing): added: assets.extra/note.txt"),
     ("incomplete", "is not a whole blessing record (KeyError: 'checks')"),
