@@ -10,10 +10,12 @@ import kubernetes_validate
 import yaml
 
 ROOT = pathlib.Path(__file__).parents[1]
-OVERLAYS = ["base", "overlays/local", "overlays/gpu", "overlays/tfjob", "overlays/gcs", "overlays/kserve"]
+OVERLAYS = ["base", "overlays/local", "overlays/gpu", "overlays/tfjob", "overlays/gcs", "overlays/kserve",
+            "overlays/prometheus"]
 BUILT_IN_GROUPS = ("v1", "apps/v1", "batch/v1", "autoscaling/v2", "policy/v1", "networking.k8s.io/v1")
 # Custom resources, each only in the overlay made for its operator.
-CUSTOM_KINDS = {"overlays/tfjob": {"TFJob"}, "overlays/kserve": {"InferenceService"}}
+CUSTOM_KINDS = {"overlays/tfjob": {"TFJob"}, "overlays/kserve": {"InferenceService"},
+                "overlays/prometheus": {"PodMonitor"}}
 
 # KServe's InferenceService (serving.kserve.io/v1beta1, pkg/apis/serving/v1beta1 in
 # kserve/kserve): spec.predictor holds a PodSpec's fields inline next to these,

@@ -14,9 +14,11 @@ from google.protobuf import text_format
 from manifests import OVERLAYS, ROOT, apply_slices, kubectl, objects, one, pod_specs, selects
 from pipeline.cli import build_parser
 from serving import deployment
-from serving.server import protos
+from serving.server import metrics, protos
 
 STORAGE_CLASS_FILE = ROOT / "k8s" / "base" / "storage-class.yaml"
+PROMETHEUS_FILE = ROOT / "k8s" / "base" / "prometheus.yaml"
+ADAPTER_VALUES = ROOT / "k8s" / "components" / "request-rate" / "prometheus-adapter-values.yaml"
 # The KServe overlay replaces the serving Deployment (tests/test_deploy_kserve.py checks its scraping).
 SERVING_DEPLOYMENT_OVERLAYS = [o for o in OVERLAYS if o != "overlays/kserve"]
 GPU_IMAGES = {"accresnet-trainer-gpu", "accresnet-serving-gpu"}
@@ -141,20 +143,48 @@ def test_prometheus_may_scrape_the_model_servers_through_the_network_policy(over
     assert policy["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
     (rule,) = policy["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": rest_port}]
-    # One peer with both selectors: Prometheus pods in the monitoring namespace, not
+    # One peer with both selectors: Prometheus pods in Prometheus's namespace (the setting), not
     # every pod there nor every Prometheus anywhere.
     (peer,) = rule["from"]
-    assert peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
-                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    setting = prometheus_setting()
+    assert peer == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": setting["namespace"]}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/name": setting["podName"]}}}
     # The clients' policy still admits only the clients.
     (client_rule,) = one(overlay, "NetworkPolicy", "accresnet-serving-clients")["spec"]["ingress"]
     assert client_rule["from"] == [{"podSelector": {"matchLabels": {"accresnet-client": "true"}}}]
 
 
-def test_the_policy_says_which_labels_prometheus_must_carry():
+def prometheus_setting() -> dict:
+    return yaml.safe_load(PROMETHEUS_FILE.read_text())["data"]
+
+
+def test_the_policy_and_its_setting_say_which_prometheus_it_admits():
+    assert prometheus_setting() == {"namespace": "monitoring", "podName": "prometheus"}
     text = (ROOT / "k8s" / "base" / "serving-metrics-networkpolicy.yaml").read_text()
-    comments = " ".join(line.lstrip("# ") for line in text.splitlines() if line.lstrip().startswith("#"))
-    assert 'namespace "monitoring"' in comments and "app.kubernetes.io/name=prometheus" in comments
+    assert "prometheus.yaml" in text
+    setting = PROMETHEUS_FILE.read_text()
+    assert "app.kubernetes.io/name=prometheus" in setting  # what prometheus-operator's pods carry
+
+
+def test_changing_the_prometheus_setting_changes_the_policy_of_every_overlay(tmp_path):
+    shutil.copytree(ROOT / "k8s", tmp_path / "k8s")
+    setting = tmp_path / "k8s" / "base" / "prometheus.yaml"
+    text = setting.read_text()
+    changed = re.sub(r"(?m)^(\s*namespace:).*$", r"\1 observability", text)
+    changed = re.sub(r"(?m)^(\s*podName:).*$", r"\1 prometheus-k8s", changed)
+    assert changed.count("observability") == changed.count("prometheus-k8s") == 1
+    setting.write_text(changed)
+    for overlay in OVERLAYS:
+        result = subprocess.run([kubectl(), "kustomize", str(tmp_path / "k8s" / overlay)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        (policy,) = [d for d in yaml.safe_load_all(result.stdout)
+                     if d and d["metadata"]["name"] == "accresnet-serving-metrics"]
+        (peer,) = policy["spec"]["ingress"][0]["from"]
+        assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "observability"}, overlay
+        assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus-k8s"}, overlay
+        # Read by kustomize, never applied.
+        assert "accresnet-prometheus" not in result.stdout
 
 
 # --- replicas and the autoscaler -------------------------------------------------------------
@@ -172,6 +202,38 @@ def test_the_autoscaler_alone_owns_the_replica_count(overlay):
 def test_the_local_overlay_sets_one_server_through_the_autoscaler():
     assert one("overlays/local", "HorizontalPodAutoscaler", "accresnet-serving")["spec"]["minReplicas"] == 1
     assert one("base", "HorizontalPodAutoscaler", "accresnet-serving")["spec"]["minReplicas"] >= 2
+
+
+def test_the_autoscaler_scales_on_cpu_and_where_an_adapter_serves_it_on_request_rate():
+    (cpu_only,) = one("base", "HorizontalPodAutoscaler", "accresnet-serving")["spec"]["metrics"]
+    cpu, rate = one("overlays/prometheus", "HorizontalPodAutoscaler", "accresnet-serving")["spec"]["metrics"]
+    assert cpu == cpu_only and cpu["resource"]["name"] == "cpu"
+    assert rate["type"] == "Pods" and rate["pods"]["target"]["type"] == "AverageValue"
+    # The metric is the one the adapter's rule serves, made of the counter the servers export
+    # (TF Serving's name, which the stand-in server keeps), per pod as the PodMonitor labels it.
+    (rule,) = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    assert rate["pods"]["metric"]["name"] == rule["name"]["as"]
+    assert f'__name__="{metrics.REQUEST_COUNT}"' in rule["seriesQuery"]
+    assert re.fullmatch(rule["name"]["matches"], metrics.REQUEST_COUNT)
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert "sum(rate(<<.Series>>{<<.LabelMatchers>>}[" in rule["metricsQuery"]
+    assert rule["metricsQuery"].endswith("by (<<.GroupBy>>)")
+
+
+def test_the_prometheus_components_add_to_another_overlay(tmp_path):
+    """kustomize components: the PodMonitor and the request-rate metric on the local overlay."""
+    shutil.copytree(ROOT / "k8s", tmp_path / "k8s")
+    mine = tmp_path / "k8s" / "overlays" / "mine"
+    mine.mkdir()
+    (mine / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": ["../local"],
+        "components": ["../../components/prometheus-operator", "../../components/request-rate"]}))
+    result = subprocess.run([kubectl(), "kustomize", str(mine)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Resource", "Pods"] and hpa["spec"]["minReplicas"] == 1
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "PodMonitor"] == ["accresnet-serving"]
 
 
 # --- GPU images ------------------------------------------------------------------------------

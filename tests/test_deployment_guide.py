@@ -85,14 +85,27 @@ def _yaml_blocks(kind: str) -> list[dict]:
 
 
 def test_the_pod_monitor_selects_the_serving_pods_port_and_path():
-    (monitor,) = _yaml_blocks("PodMonitor")
-    template = one("base", "Deployment", "accresnet-serving")["spec"]["template"]
+    (monitor,) = objects("overlays/prometheus", "PodMonitor")
+    template = one("overlays/prometheus", "Deployment", "accresnet-serving")["spec"]["template"]
     assert monitor["metadata"]["namespace"] == "accresnet"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     container = template["spec"]["containers"][0]
     assert endpoint["port"] in {port["name"] for port in container["ports"]}
     assert endpoint["path"] == template["metadata"]["annotations"]["prometheus.io/path"]
+    # The port it scrapes is the one the metrics policy opens.
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == endpoint["port"])
+    (rule,) = one("overlays/prometheus", "NetworkPolicy", "accresnet-serving-metrics")["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": port}]
+    # The guide shows the manifest, not a copy of it.
+    assert not _yaml_blocks("PodMonitor")
+    assert "k8s/components/prometheus-operator/podmonitor.yaml" in GUIDE.read_text()
+
+
+def test_the_guide_shows_the_adapter_rule_the_component_ships():
+    values = yaml.safe_load((ROOT / "k8s" / "components" / "request-rate" / "prometheus-adapter-values.yaml").read_text())
+    blocks = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", GUIDE.read_text(), re.S)]
+    assert [block for block in blocks if isinstance(block, dict) and "rules" in block] == [{"rules": values["rules"]}]
 
 
 def test_the_tensorboard_pod_is_valid_restricted_and_reads_the_runs():
