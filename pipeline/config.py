@@ -15,7 +15,8 @@ import math
 from pipeline.architecture import ARCHES, SHORTCUTS, ModelConfig, check_architecture, check_shortcut
 from pipeline.errors import ConfigError
 from pipeline.flags import setting
-from pipeline.recipes import RECIPES, Recipe, get_recipe, model_settings, recipes_help, recipes_with
+from pipeline.recipes import (OPTIMIZERS, OVERRIDABLE, RECIPES, Recipe, get_recipe, model_settings, parse_overrides,
+                              recipes_help, recipes_with, with_overrides)
 
 
 # Every dataset spec and what it reads: the one list, for --help, the errors and the docs.
@@ -105,6 +106,10 @@ def _recipe_name(recipe: Recipe) -> str:
     return recipe.name
 
 
+def _show_overrides(overrides: tuple[tuple[str, object], ...]) -> str:
+    return ",".join(f"{name}={list(value) if isinstance(value, tuple) else value}" for name, value in overrides)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run: where it goes, the network, the data, the recipe and the devices.
@@ -122,6 +127,21 @@ class TrainConfig:
     # A recipe's name is enough where one is given (TrainConfig(recipe="he2016")).
     recipe: Recipe = setting(RECIPES["quick"], choices=tuple(RECIPES), help=recipes_help(), parse=get_recipe,
                              show=_recipe_name)
+    # The recipe's fields a run changes: four by their own flags, any by --set.
+    learning_rate: float | None = setting(
+        None, help="the learning rate for one replica's batch (--batch-size, else the recipe's); more replicas "
+                   "scale it linearly", unset="the recipe's")
+    momentum: float | None = setting(None, help="SGD's momentum, in [0, 1)", unset="the recipe's")
+    weight_decay: float | None = setting(
+        None, help="the weight decay of the convolution kernels as SGD applies it (gradient += WD x weight: He et "
+                   "al.'s 1e-4); kept as Keras' L2 factor WD/2 in the recipe and run.json",
+        unset="the recipe's")
+    optimizer: str | None = setting(None, choices=OPTIMIZERS, help="the optimizer", unset="the recipe's")
+    overrides: tuple[tuple[str, object], ...] = setting(
+        (), flag="--set", metavar="FIELD=VALUE,...", parse=parse_overrides, show=_show_overrides,
+        help=f"change any of the recipe's fields, as in --set \"schedule=cosine,warmup=0.05,epochs=30\" or "
+             f"--set \"boundaries=[0.5,0.75],factors=[0.1,0.01]\"; the run records them. Fields: "
+             f"{', '.join(OVERRIDABLE)}", unset="none")
     # Run length; at most one is set, else the recipe's applies.
     epochs: int | None = setting(None, exclusive="length",
                                  help="train this many epochs (the schedule is stretched to fit)", unset="the recipe's")
@@ -152,6 +172,13 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.recipe, str):
             object.__setattr__(self, "recipe", get_recipe(self.recipe))
+        if isinstance(self.overrides, str):
+            object.__setattr__(self, "overrides", parse_overrides(self.overrides))
+        try:
+            object.__setattr__(self, "recipe", with_overrides(self.recipe, self.recipe_overrides))
+        except ConfigError as error:
+            changes = _show_overrides(tuple(self.recipe_overrides.items()))
+            raise ConfigError(f"the {self.recipe.name} recipe with {changes}: {error}") from None
         if self.epochs is not None and self.steps is not None:
             raise ConfigError("give --epochs or --steps, not both")
         for flag, value in (("--epochs", self.epochs), ("--steps", self.steps),
@@ -159,6 +186,21 @@ class TrainConfig:
                             ("--checkpoint-every-steps", self.checkpoint_every_steps)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be a positive integer; got {value}")
+
+    @property
+    def recipe_overrides(self) -> dict[str, object]:
+        """What the flags change of the named recipe, by recipe field. A learning rate given is
+        for the per-replica batch the run uses, so that batch becomes the recipe's."""
+        given = {"learning_rate": self.learning_rate, "momentum": self.momentum, "optimizer": self.optimizer,
+                 "weight_decay": None if self.weight_decay is None else self.weight_decay / 2}
+        given = {name: value for name, value in given.items() if value is not None}
+        twice = sorted(set(given) & set(dict(self.overrides)))
+        if twice:
+            raise ConfigError(f"--set gives {', '.join(twice)}, which a flag of its own gives too; give it once")
+        overrides = {**given, **dict(self.overrides)}
+        if "learning_rate" in overrides and "batch_size" not in overrides:
+            overrides["batch_size"] = self.batch_size or self.recipe.batch_size
+        return overrides
 
     @property
     def per_replica_batch(self) -> int:

@@ -31,10 +31,14 @@ log = logging.getLogger(__name__)
 
 # Settings an existing output folder must agree with (arches and seeds may grow).
 FIXED_SETTINGS = ("depth", "recipe", "dataset", "data_dir", "epochs", "batch_size", "width", "cardinality",
-                  "train_images", "mixed_precision", "shortcut", "zero_init_residual")
+                  "train_images", "mixed_precision", "shortcut", "zero_init_residual", "learning_rate", "momentum",
+                  "weight_decay", "optimizer", "set")
+# Of those, the ones records written before them lack, with the value they had then.
+ADDED_SETTINGS = {"learning_rate": None, "momentum": None, "weight_decay": None, "optimizer": None, "set": ""}
 # The settings of the runs that `accresnet experiment` takes as flags.
-RUN_FLAGS = ("depth", "width", "cardinality", "shortcut", "zero_init_residual", "recipe", "dataset", "data_dir",
-             "train_images", "epochs", "batch_size", "devices", "mixed_precision")
+RUN_FLAGS = ("depth", "width", "cardinality", "shortcut", "zero_init_residual", "recipe", "learning_rate",
+             "momentum", "weight_decay", "optimizer", "set", "dataset", "data_dir", "train_images", "epochs",
+             "batch_size", "devices", "mixed_precision")
 
 
 def parse_arches(text: str) -> tuple[str, ...]:
@@ -112,13 +116,13 @@ def _check_folders(config: ExperimentConfig) -> None:
     marker = out / "experiment.json"
     if marker.exists():
         previous = json.loads(marker.read_text())
-        differing = [k for k in FIXED_SETTINGS if previous.get(k) != fixed[k]]
+        differing = [k for k in FIXED_SETTINGS if previous.get(k, ADDED_SETTINGS.get(k)) != fixed[k]]
         if differing:
             raise ConfigError(f"{out} holds an experiment with other settings ({', '.join(differing)}); "
                               "use the same flags or another --out")
     for path in sorted(config.records.glob("*-seed*.json")):
         recorded = read_record(path).experiment
-        differing = [k for k in FIXED_SETTINGS if recorded.get(k) != fixed[k]]
+        differing = [k for k in FIXED_SETTINGS if recorded.get(k, ADDED_SETTINGS.get(k)) != fixed[k]]
         if differing:
             raise ConfigError(f"{path} records a run with other settings ({', '.join(differing)}); "
                               "use the same flags or other --records")

@@ -53,6 +53,8 @@ class TrainingSection:
     mixed_precision: bool
     # The last session's: a resumed run's earlier sessions are not counted.
     wall_time_sec: float | None
+    # What the command line changed of the recipe (--learning-rate, --set ...), by recipe field.
+    overrides: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +113,8 @@ def from_run(run: RunDir) -> ModelCard:
         training=TrainingSection(settings.recipe, settings.seed, settings.epochs,
                                  summary.epochs_completed if summary else None, settings.global_batch,
                                  settings.learning_rate, settings.workers, settings.replicas,
-                                 settings.mixed_precision, summary.wall_time_sec if summary else None),
+                                 settings.mixed_precision, summary.wall_time_sec if summary else None,
+                                 settings.overrides),
         data=DataSection(settings.dataset, settings.data_digest),
         metrics=dict(summary.final) if summary else None,
         made=Made(_now(), project(), tensorflow_version()))

@@ -8,7 +8,10 @@ picks one by name, and `--help` prints every recipe's description.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import json
+import types
+import typing
+from typing import Any, Literal
 
 from pipeline.architecture import (BN_EPSILON, BN_MOMENTUM, HE2016_L2, KERAS_BN_EPSILON, KERAS_BN_MOMENTUM,
                                    KERAS_L2, ModelConfig, check_initializer, check_shortcut)
@@ -16,6 +19,8 @@ from pipeline.errors import ConfigError
 
 
 ScheduleKind = Literal["piecewise", "cosine"]
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = typing.get_args(ScheduleKind)
 # Training-image augmentation: "pad-crop", He et al.'s 4-pixel zero pad, random
 # 32x32 crop and horizontal flip; "shift", the Keras example's random shift of
 # up to 10% each way with the nearest pixels filling in, and horizontal flip.
@@ -75,6 +80,127 @@ class Recipe:
         check_initializer(self.projection_initializer)
         if self.augmentation not in AUGMENTATIONS:
             raise ConfigError(f"unknown augmentation {self.augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        for name, low, high in (("learning_rate", 0.0, None), ("momentum", None, 1.0), ("weight_decay", None, None),
+                                ("batch_norm_momentum", None, 1.0), ("batch_norm_epsilon", 0.0, None),
+                                ("batch_norm_weight_decay", None, None), ("warmup", None, 1.0)):
+            _check_range(name, getattr(self, name), low, high)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer; got {self.batch_size}")
+        if (self.steps is None) == (self.epochs is None) or (self.steps or self.epochs or 1) < 1:
+            raise ConfigError(f"a recipe's length is steps or epochs, one of them, positive; got steps "
+                              f"{self.steps}, epochs {self.epochs}")
+        boundaries = self.step_boundaries or self.boundaries
+        if self.step_boundaries and self.boundaries:
+            raise ConfigError("give boundaries (fractions of the run) or step_boundaries (steps), not both")
+        if self.schedule == "piecewise" and len(self.factors) != len(boundaries):
+            raise ConfigError(f"the piecewise schedule needs a factor for each boundary; got {len(boundaries)} "
+                              f"boundaries and {len(self.factors)} factors")
+        if list(boundaries) != sorted(boundaries) or any(not 0 < b < 1 for b in self.boundaries) \
+                or any(b < 1 for b in self.step_boundaries):
+            raise ConfigError(f"boundaries rise, as fractions in (0, 1) of the run or as steps from 1; got "
+                              f"{list(boundaries)}")
+
+
+def _check_range(name: str, value: float, low: float | None, high: float | None) -> None:
+    """[0, high), or (low, inf) where `low` is given: a rate, a decay, a fraction."""
+    if low is not None and not value > low:
+        raise ConfigError(f"{name} must be above {low}; got {value}")
+    if low is None and not value >= 0.0:
+        raise ConfigError(f"{name} must be 0 or more; got {value}")
+    if high is not None and not value < high:
+        raise ConfigError(f"{name} must be below {high}; got {value}")
+
+
+# What a run may change of its recipe (--set FIELD=VALUE): everything but its name and text.
+OVERRIDABLE = tuple(f.name for f in dataclasses.fields(Recipe) if f.name not in ("name", "description"))
+
+
+def parse_overrides(text: str) -> tuple[tuple[str, Any], ...]:
+    """"learning_rate=0.05,boundaries=[0.5,0.75]" -> (("learning_rate", 0.05), ("boundaries", (0.5, 0.75))),
+    each value parsed as its recipe field's type; "" -> ()."""
+    overrides = {}
+    for item in _split_top_level(text):
+        name, equals, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not equals or not name:
+            raise ConfigError(f"--set takes FIELD=VALUE[,FIELD=VALUE...]; got {item!r}")
+        if name not in OVERRIDABLE:
+            raise ConfigError(f"--set: a recipe has no field {name!r}; choose from {', '.join(OVERRIDABLE)}")
+        if name in overrides:
+            raise ConfigError(f"--set gives {name} twice")
+        overrides[name] = parse_field(name, value.strip())
+    return tuple(overrides.items())
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets: a list value keeps its own commas."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    return [item for item in items if item.strip()]
+
+
+def parse_field(name: str, text: str) -> Any:
+    """A recipe field's value from its text, by the field's type."""
+    declared = typing.get_type_hints(Recipe)[name]
+    union = typing.get_origin(declared) in (typing.Union, types.UnionType)
+    kind = next(k for k in typing.get_args(declared) if k is not type(None)) if union else declared
+    if union and type(None) in typing.get_args(declared) and text.lower() in ("none", "null", ""):
+        return None
+    try:
+        if typing.get_origin(kind) is tuple:
+            items = json.loads(text if text.startswith("[") else f"[{text}]")
+            element = typing.get_args(kind)[0]
+            return tuple(element(item) if element is float else _as_int(item) for item in items)
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if kind is int:
+            return _as_int(float(text) if "e" in text.lower() else int(text))
+        if kind is float:
+            return float(text)
+        return text
+    except (ValueError, TypeError):
+        raise ConfigError(f"--set {name}={text}: not a value of {name} ({declared})") from None
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool) or float(value) != int(float(value)):
+        raise ValueError(value)
+    return int(float(value))
+
+
+def with_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """The recipe with some fields changed, validated as every recipe is; a length given in
+    steps or epochs replaces the other."""
+    if not overrides:
+        return recipe
+    changes = dict(overrides)
+    if "steps" in changes and "epochs" not in changes:
+        changes["epochs"] = None
+    if "epochs" in changes and "steps" not in changes:
+        changes["steps"] = None
+    if "step_boundaries" in changes and "boundaries" not in changes:
+        changes["boundaries"] = ()
+    if "boundaries" in changes and "step_boundaries" not in changes:
+        changes["step_boundaries"] = ()
+    return dataclasses.replace(recipe, **changes)
+
+
+def recipe_settings(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's fields that decide what a run computes, as JSON keeps them (lists, not tuples)."""
+    return json.loads(json.dumps({name: getattr(recipe, name) for name in OVERRIDABLE}))
 
 
 # The subset recipes' length: 15 epochs of the 9,000 training images of the

@@ -29,10 +29,15 @@ from pipeline.errors import UserError
 from serving.atomic import write_atomically
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
-# Settings that must match for a model directory to be resumed.
+# Settings that must match for a model directory to be resumed: everything that changes what the
+# run computes (not how: --jit, the devices where the global batch stays).
 RESUME_KEYS = ("arch", "depth", "width", "cardinality", "dataset", "num_classes", "seed", "recipe", "shortcut",
                "zero_init_residual", "weight_decay", "batch_norm_momentum", "batch_norm_epsilon",
-               "classifier_initializer", "projection_initializer", "batch_norm_weight_decay", "fused_batch_norm")
+               "classifier_initializer", "projection_initializer", "batch_norm_weight_decay", "fused_batch_norm",
+               "augmentation", "global_batch", "learning_rate", "total_steps", "steps_per_epoch", "mixed_precision",
+               "data_digest", "recipe_settings")
+# Of those, the ones runs recorded before they existed lack (None there: not compared).
+RECORDED_LATER = ("data_digest", "recipe_settings")
 
 
 class ResumeMismatch(UserError, ValueError):
@@ -75,6 +80,10 @@ class RunSettings:
     epochs: int
     mixed_precision: bool
     jit: bool
+    # The recipe's fields as the run uses them (recipes.recipe_settings), and what the flags changed
+    # of the named recipe; None in runs recorded before.
+    recipe_settings: dict[str, Any] | None = None
+    overrides: dict[str, Any] | None = None
 
     def model_config(self) -> ModelConfig:
         """The network the run trains: every ModelConfig field is a setting of the run."""
@@ -204,7 +213,12 @@ class RunDir:
         if previous is None:
             return
         differing = {k: (getattr(previous, k), getattr(settings, k)) for k in RESUME_KEYS
-                     if getattr(previous, k) != getattr(settings, k)}
+                     if getattr(previous, k) != getattr(settings, k)
+                     and not (k in RECORDED_LATER and getattr(previous, k) is None)}
+        if "recipe_settings" in differing:  # name the recipe's fields that differ, not the whole dict
+            old, new = differing.pop("recipe_settings")
+            differing.update({k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                              if old.get(k) != new.get(k) and k not in differing})
         if differing:
             detail = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in differing.items())
             raise ResumeMismatch(f"{self.path} holds a run with other settings ({detail}); "

@@ -11,6 +11,7 @@ pipeline/rundir.py's.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import pathlib
 import time
@@ -29,6 +30,7 @@ from pipeline.hooks import (Checkpoints, EpochLog, History, Hook, Progress, Step
 from pipeline.model import build_model, precision_policy, set_pixel_mean
 from pipeline.optimizers import learning_rate_schedule, make_optimizer, mixed_precision_policy
 from pipeline.preemption import PEER_ERRORS, PeerLost, Preempted, StopRequest, peer_error_summary
+from pipeline.recipes import recipe_settings
 from pipeline.rundir import HistoryRow, RunDir, RunSettings, RunSummary, WorkerRecord
 from pipeline.trainer import Trainer
 
@@ -154,7 +156,8 @@ def resolve(config: TrainConfig, data: datasets.ImageData, replicas: int, cluste
         per_replica_batch=config.per_replica_batch, global_batch=global_batch,
         learning_rate=scaled_learning_rate(recipe, global_batch), total_steps=length.total_steps,
         steps_per_epoch=length.steps_per_epoch, epochs=length.epochs, mixed_precision=config.mixed_precision,
-        jit=config.jit)
+        jit=config.jit, recipe_settings=recipe_settings(recipe),
+        overrides=json.loads(json.dumps(config.recipe_overrides)))
     return settings, length
 
 

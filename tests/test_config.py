@@ -2,8 +2,11 @@ import dataclasses
 
 import pytest
 
-from pipeline import architecture, errors, recipes
+from pipeline import architecture, errors, flags, recipes
 from pipeline import config as cfg
+from pipeline.config import TrainConfig, scaled_learning_rate
+from pipeline.errors import ConfigError
+from pipeline.recipes import RECIPES, parse_overrides, with_overrides
 
 
 @pytest.mark.parametrize("depth, n", [(8, 1), (20, 3), (32, 5), (44, 7), (56, 9), (110, 18)])
@@ -148,3 +151,42 @@ def test_shortcut_setting_is_checked():
     with pytest.raises(errors.ConfigError, match="unknown shortcut 'B'"):
         cfg.NetConfig(shortcut="B")
     assert architecture.ModelConfig().shortcut == "projection"
+
+
+def test_the_recipes_fields_are_flags_and_the_run_resolves_them():
+    config = flags.build(TrainConfig, {"recipe": "paper50", "learning_rate": 0.05, "weight_decay": 1e-4,
+                                        "momentum": 0.8, "optimizer": "sgd", "batch_size": 64,
+                                        "set": "schedule=cosine,warmup=0.1,epochs=7"})
+    recipe = config.recipe
+    assert (recipe.learning_rate, recipe.momentum, recipe.weight_decay, recipe.batch_size) == (0.05, 0.8, 5e-5, 64)
+    assert (recipe.schedule, recipe.warmup, recipe.epochs, recipe.steps) == ("cosine", 0.1, 7, None)
+    assert recipe.name == "paper50" and RECIPES["paper50"].learning_rate == 0.1  # the named recipe is unchanged
+    # The rate given is the rate of one replica's batch; more replicas scale it.
+    assert scaled_learning_rate(recipe, 64) == 0.05 and scaled_learning_rate(recipe, 128) == 0.1
+    assert flags.values(config)["set"] == "schedule=cosine,warmup=0.1,epochs=7"
+    assert dataclasses.replace(config, seed=1).recipe == recipe  # applied once, however often rebuilt
+
+
+def test_set_parses_each_field_by_its_type():
+    assert parse_overrides("boundaries=[0.25,0.5],factors=[0.1,0.01],train_images=none,fused_batch_norm=false") == (
+        ("boundaries", (0.25, 0.5)), ("factors", (0.1, 0.01)), ("train_images", None), ("fused_batch_norm", False))
+    assert parse_overrides("step-boundaries=[100,200]") == (("step_boundaries", (100, 200)),)
+    assert with_overrides(RECIPES["he2016"], {"epochs": 3}).steps is None  # a length replaces the other
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"set": "lr=0.1"}, "a recipe has no field 'lr'"),
+    ({"set": "momentum"}, "--set takes FIELD=VALUE"),
+    ({"set": "steps=1.5"}, r"--set steps=1.5: not a value of steps"),
+    ({"set": "momentum=0.5,momentum=0.6"}, "--set gives momentum twice"),
+    ({"momentum": 1.0}, "momentum must be below 1.0; got 1.0"),
+    ({"learning_rate": 0.0}, "learning_rate must be above 0.0"),
+    ({"weight_decay": -1e-4}, "weight_decay must be 0 or more"),
+    ({"set": "optimizer=rmsprop"}, "unknown optimizer 'rmsprop'"),
+    ({"set": "boundaries=[0.5]"}, "a factor for each boundary"),
+    ({"set": "boundaries=[0.75,0.5],factors=[0.1,0.01]"}, "boundaries rise"),
+    ({"momentum": 0.5, "set": "momentum=0.6"}, "--set gives momentum, which a flag of its own gives too"),
+])
+def test_bad_recipe_settings_are_named(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        flags.build(TrainConfig, {"recipe": "paper50", **settings})

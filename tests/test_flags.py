@@ -130,10 +130,23 @@ def test_a_run_recorded_before_a_setting_existed_reads_with_its_old_meaning(tmp_
 def test_a_run_with_other_settings_is_not_resumed(tmp_path):
     run = RunDir(tmp_path)
     run.write_settings(settings())
-    run.check_resumable(settings(learning_rate=0.2))  # derived settings may change (e.g. more replicas)
+    run.check_resumable(settings(jit=True, replicas=2, per_replica_batch=4))  # how, not what: the same global batch
+    with pytest.raises(ResumeMismatch, match="global_batch 8 -> 16, learning_rate 0.1 -> 0.2"):
+        run.check_resumable(settings(per_replica_batch=16, global_batch=16, learning_rate=0.2))
+    with pytest.raises(ResumeMismatch, match="mixed_precision False -> True"):
+        run.check_resumable(settings(mixed_precision=True))
     with pytest.raises(ResumeMismatch, match="arch 'resnet' -> 'accumulated'"):
         run.check_resumable(settings(arch="accumulated"))
     with pytest.raises(ResumeMismatch, match="weight_decay 0.0001 -> 5e-05"):
         run.check_resumable(settings(weight_decay=5e-5))
     with pytest.raises(ResumeMismatch, match="zero_init_residual False -> True"):
         run.check_resumable(settings(zero_init_residual=True))
+
+
+def test_a_changed_recipe_field_is_named_on_resume_and_older_runs_resume_without_one(tmp_path):
+    run = RunDir(tmp_path)
+    run.write_settings(settings())  # recorded before recipe_settings existed
+    run.check_resumable(settings(recipe_settings={"momentum": 0.9}))
+    RunDir(tmp_path).write_settings(settings(recipe_settings={"momentum": 0.9, "optimizer": "sgd"}))
+    with pytest.raises(ResumeMismatch, match=r"\(momentum 0.9 -> 0.5\);"):
+        run.check_resumable(settings(recipe_settings={"momentum": 0.5, "optimizer": "sgd"}))

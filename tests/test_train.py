@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import flags, hooks, optimizers, preemption, train as training
+from pipeline import flags, hooks, model_card, optimizers, preemption, train as training
 from pipeline.architecture import ModelConfig
 from pipeline.config import RunLength, TrainConfig
 from pipeline.distribute import Cluster, make_strategy
@@ -117,8 +117,27 @@ def test_nan_loss_stops_the_run_and_keeps_the_checkpoints(tmp_path, monkeypatch)
 
 def test_resuming_with_other_settings_is_refused(finished_run):
     model_dir, _ = finished_run
+    summary = (model_dir / "summary.json").read_bytes()
     with pytest.raises(ResumeMismatch, match=r"arch 'accumulated' -> 'resnet'"):
         training.train(tiny_config(model_dir, arch="resnet"))
+    with pytest.raises(ResumeMismatch, match=r"global_batch 64 -> 32, learning_rate"):
+        training.train(tiny_config(model_dir, batch_size=16))
+    with pytest.raises(ResumeMismatch, match=r"\(momentum 0.9 -> 0.5\)"):
+        training.train(tiny_config(model_dir, momentum=0.5))
+    assert (model_dir / "summary.json").read_bytes() == summary  # nothing rewritten
+
+
+def test_the_recipe_changed_by_flags_is_what_trains_and_what_is_recorded(tmp_path):
+    summary = training.train(tiny_config(tmp_path, epochs=1, learning_rate=0.05, weight_decay=1e-4,
+                                         set="schedule=piecewise,boundaries=[0.5],factors=[0.1]"))
+    settings = summary.settings
+    # 0.05 for each replica's 32 images, 2 replicas: 0.1; then x0.1 after half the run.
+    assert settings.learning_rate == pytest.approx(0.1) and settings.weight_decay == 5e-5
+    assert settings.overrides == {"learning_rate": 0.05, "weight_decay": 5e-5, "schedule": "piecewise",
+                                  "boundaries": [0.5], "factors": [0.1], "batch_size": 32}
+    assert settings.recipe_settings["boundaries"] == [0.5] and settings.recipe == "quick"
+    assert float(history_rows(tmp_path)[-1]["lr"]) == pytest.approx(0.01)
+    assert model_card.from_run(RunDir(tmp_path)).training.overrides == settings.overrides
 
 
 def two_replica_trainer(arch, global_batch):
