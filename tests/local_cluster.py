@@ -44,6 +44,7 @@ from serving.deployment import Mapping, map_path, map_to_local
 
 TRAINER_COMMAND = "accresnet"
 MODEL_SERVER = "tensorflow_model_server"
+PYTHON = "python3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +126,8 @@ class LocalCluster:
                 local = self.root / "volumes" / volume["persistentVolumeClaim"]["claimName"]
             elif "emptyDir" in volume:
                 local = self.empty_dir(pod_name, mount["name"])
+            elif "configMap" in volume:
+                local = self.config_map(volume["configMap"]["name"])
             else:
                 raise ValueError(f"volume kind of {volume['name']} is not mapped by the harness")
             local = local / mount.get("subPath", "")
@@ -132,6 +135,14 @@ class LocalCluster:
             paths[mount["mountPath"]] = local
             self._map(Mapping(f"{pod_name} volume {mount['name']}", mount["mountPath"], str(local)))
         return paths
+
+    def config_map(self, name: str) -> pathlib.Path:
+        """A folder holding the ConfigMap's keys as files, as the kubelet mounts it."""
+        local = self.root / "configmaps" / name
+        local.mkdir(parents=True, exist_ok=True)
+        for key, value in one(self.overlay, "ConfigMap", name).get("data", {}).items():
+            (local / key).write_text(value)
+        return local
 
     # --- args and env ----------------------------------------------------------------------
 
@@ -150,6 +161,13 @@ class LocalCluster:
             if local is not None:
                 self._map(Mapping(what, candidate, str(local)))
                 return value[:len(value) - len(candidate)] + str(local)
+        kind, colon, path = candidate.partition(":")
+        if colon and kind.isidentifier() and path.startswith("/") and not path.startswith("//"):
+            # A dataset SPEC naming a folder of the pod (folder:/data/own-images).
+            local = map_path(path, paths)
+            if local is not None:
+                self._map(Mapping(what, path, str(local)))
+                return value[:len(value) - len(path)] + str(local)
         for address, port in self.service_ports.items():
             if candidate == address:
                 self._map(Mapping(f"{what} (Service)", address, f"127.0.0.1:{port}"))
@@ -165,6 +183,10 @@ class LocalCluster:
         if program == TRAINER_COMMAND:
             command = [sys.executable, "-m", "pipeline.cli", *entrypoint[1:]]
             self._map(Mapping(f"{image_name} entrypoint", entrypoint[0], "python -m pipeline.cli (this checkout)"))
+        elif program == PYTHON and container.get("command"):
+            # A script the pod names (mounted from a ConfigMap): this machine's Python runs it.
+            command = [sys.executable, *entrypoint[1:]]
+            self._map(Mapping(f"{image_name} {program}", program, f"{sys.executable} (this checkout's)"))
         elif program == MODEL_SERVER:
             from serving.deployment import server_command
 
@@ -197,6 +219,9 @@ class LocalCluster:
         localhost:PORT in a later one's args finds the container listening on PORT."""
         command, image, is_model_server = self._command(pod_name, container)
         mounts = self._mount_paths(pod_name, template["spec"], container)
+        if container.get("command"):  # its words after the program may name the pod's files
+            command = [command[0], *(self._map_value(word, mounts, f"{pod_name} command", pod_ports)
+                                     for word in command[1:])]
         # A volume mounted over an image's folder hides what the image has there.
         visible = {path: local for path, local in image.files.items() if map_path(path, mounts) is None}
         paths = {**visible, **mounts}

@@ -11,7 +11,7 @@ import yaml
 
 ROOT = pathlib.Path(__file__).parents[1]
 OVERLAYS = ["base", "overlays/local", "overlays/gpu", "overlays/tfjob", "overlays/gcs", "overlays/kserve",
-            "overlays/prometheus"]
+            "overlays/prometheus", "overlays/own-images"]
 BUILT_IN_GROUPS = ("v1", "apps/v1", "batch/v1", "autoscaling/v2", "policy/v1", "networking.k8s.io/v1")
 # Custom resources, each only in the overlay made for its operator.
 CUSTOM_KINDS = {"overlays/tfjob": {"TFJob"}, "overlays/kserve": {"InferenceService"},
