@@ -254,7 +254,12 @@ def test_concurrent_requests_answer_in_order_as_one_at_a_time(server, picture_fo
                 paths, batch_size=2, on_error=lambda path, error: failed.append(path), concurrency=concurrency))
         assert failed == [str(broken)] * 3
     assert [p.path for p in answers[4]] == [p for p in paths if p != str(broken)]
-    assert [(p.path, p.class_id, p.top_k) for p in answers[4]] == [(p.path, p.class_id, p.top_k) for p in answers[1]]
+    assert [(p.path, p.class_id) for p in answers[4]] == [(p.path, p.class_id) for p in answers[1]]
+    # The server batches concurrent requests together; a batch of another size may round the
+    # last bit differently (Eigen's kernels with TF_ENABLE_ONEDNN_OPTS=0).
+    for four, one in zip(answers[4], answers[1]):
+        assert [name for name, _ in four.top_k] == [name for name, _ in one.top_k]
+        assert [p for _, p in four.top_k] == pytest.approx([p for _, p in one.top_k], rel=1e-5)
 
 
 @pytest.mark.parametrize("extension", ["jsonl", "csv"])
