@@ -22,11 +22,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/accresnet
 # Dependencies first, from pyproject.toml alone (an empty README.md stands in for the package's
-# long description), so that changes to the code or the README do not reinstall TensorFlow.
-# The same layer compiles the project's bfloat16 kernels (--mixed-precision on AVX-512 CPUs,
-# pipeline/bfloat16_kernels.py) for the TensorFlow it installed, then removes what only the
-# compiling needed: g++ and TensorFlow's C++ headers (430 MB), removed in the layer that installs
-# them or the image would keep them anyway; so is pip's in-tree build (build/, *.egg-info).
+# long description), so that changes to the code or the README do not reinstall TensorFlow;
+# pip's in-tree build (build/, *.egg-info) goes with the layer.
+# --build-arg BFLOAT16_KERNELS=yes also compiles the project's opt-in bfloat16 kernels
+# (--project-bfloat16-kernels, pipeline/bfloat16_kernels.py) for the TensorFlow it installed, then
+# removes what only the compiling needed in the same layer: g++, binutils and TensorFlow's C++
+# headers (430 MB). By default the image has neither the kernels nor a compiler.
+ARG BFLOAT16_KERNELS=no
 ENV ACCRESNET_BFLOAT16_KERNELS_DIR=/opt/accresnet/kernels
 COPY pyproject.toml ./
 COPY pipeline/__init__.py pipeline/bfloat16_kernels.py pipeline/cache.py pipeline/cpu.py pipeline/
@@ -36,10 +38,12 @@ COPY serving/__init__.py serving/
 # all it brought (binutils too, which a Debian python3 only suggests).
 # hadolint ignore=DL3008
 RUN touch README.md && pip install --no-cache-dir . && pip uninstall --yes accresnet \
-    && apt-get update && apt-get install --yes --no-install-recommends g++ \
-    && python3 -m pipeline.bfloat16_kernels --prebuild "$ACCRESNET_BFLOAT16_KERNELS_DIR" \
-    && apt-get purge --yes --auto-remove -o APT::AutoRemove::SuggestsImportant=false g++ \
-    && apt-get clean && rm -rf /var/lib/apt/lists/* \
+    && if [ "$BFLOAT16_KERNELS" = yes ]; then \
+         apt-get update && apt-get install --yes --no-install-recommends g++ \
+         && python3 -m pipeline.bfloat16_kernels --prebuild "$ACCRESNET_BFLOAT16_KERNELS_DIR" \
+         && apt-get purge --yes --auto-remove -o APT::AutoRemove::SuggestsImportant=false g++ \
+         && apt-get clean && rm -rf /var/lib/apt/lists/*; \
+       elif [ "$BFLOAT16_KERNELS" != no ]; then echo "BFLOAT16_KERNELS is yes or no" >&2; exit 2; fi \
     && rm -rf build accresnet.egg-info README.md \
     && rm -r "$(python3 -c 'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("tensorflow").origin))')/include"
 COPY README.md ./

@@ -22,8 +22,8 @@ With --convs, each of the net's convolution shapes is timed alone instead
 convolutions reach at these shapes, which bounds the whole step's. With
 --memory-ops, the blocks' memory-bound kernels (additions, ReLU and its
 gradient, BN forward and backward) alone at each stage's activation shape:
-the bytes per second they move, in float32 and in bfloat16 (the project's
-bfloat16 kernels where they load, pipeline/bfloat16_kernels.py).
+the bytes per second they move, in float32 and in bfloat16 (TensorFlow's kernels, or with --project-bfloat16-kernels the
+project's opt-in ones where they load, pipeline/bfloat16_kernels.py).
 
     python benchmarks/step_profile.py --convs
     python benchmarks/step_profile.py --memory-ops
@@ -129,7 +129,7 @@ def classify(events, flops: dict[str, int], steps: int) -> dict[str, ClassTotal]
 
 
 def profile(arch: str, mixed_precision: bool, devices: int | None, batch: int, steps: int, traced_steps: int,
-            trace_dir: str) -> tuple[float, dict[str, ClassTotal], int]:
+            trace_dir: str, project_kernels: bool = False) -> tuple[float, dict[str, ClassTotal], int]:
     """(images/s over `steps` timed steps, per-step op classes of `traced_steps` traced ones,
     training FLOPs per image)."""
     replicas = devices or 1
@@ -143,7 +143,8 @@ def profile(arch: str, mixed_precision: bool, devices: int | None, batch: int, s
         data = datasets.load(config.resolved_data)
         settings, length = resolve(config, data, strategy.num_replicas_in_sync, cluster)
         policy = mixed_precision_policy(mixed_precision)
-        bfloat16_kernels.load(policy)
+        if project_kernels:
+            bfloat16_kernels.load(policy)
         with precision_policy(policy):
             trainer, _, _ = build_trainer(config, settings, length, data, strategy, cluster, policy)
             flops = forward_flops(trainer.model, batch // replicas)
@@ -343,11 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-ops", action="store_true",
                         help="instead: time the blocks' memory-bound kernels (adds, ReLU, BN) alone at each "
                              "stage's shape, float32 and bfloat16")
+    parser.add_argument("--project-bfloat16-kernels", action="store_true",
+                        help="the project's opt-in bfloat16 kernels where they load, as the trainer's flag")
     args = parser.parse_args(argv)
     if args.memory_ops:
-        # As a mixed-precision step runs them: the project's bfloat16 kernels where they load
-        # (ACCRESNET_BFLOAT16_KERNELS=stock: TensorFlow's).
-        library = bfloat16_kernels.load("mixed_bfloat16")
+        library = bfloat16_kernels.load("mixed_bfloat16") if args.project_bfloat16_kernels else None
         print(f"bfloat16 AddV2, AddN, Relu, ReluGrad: {'the project' if library else 'TensorFlow'}'s kernels\n")
         print(memory_ops_table(args.batch))
         return
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     with tempfile.TemporaryDirectory() as scratch:
         rate, classes, per_image = profile(args.arch, args.mixed_precision, args.devices, args.batch, args.steps,
-                                           args.traced_steps, args.trace_dir or scratch)
+                                           args.traced_steps, args.trace_dir or scratch, args.project_bfloat16_kernels)
     print(f"{args.arch} ResNet-32, {'mixed bfloat16' if args.mixed_precision else 'float32'}, global batch "
           f"{args.batch}, {args.devices or 1} replica(s); {per_image / 1e9:.3f} GFLOP per training image")
     print(table(rate, classes, args.batch))

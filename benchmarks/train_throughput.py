@@ -11,9 +11,9 @@ ratios against the baseline measured here too:
   (and --jit, for information), steady-state images/s from its summary.json;
 - the input pipeline alone, augmentation on, in images/s;
 - the accumulated net's step time over the plain net's;
-- under --mixed-precision, the project's bfloat16 kernels where the CPU has
-  AVX-512 (pipeline/bfloat16_kernels.py; ACCRESNET_BFLOAT16_KERNELS=stock
-  measures TensorFlow's own instead);
+- under --mixed-precision, TensorFlow's own kernels (the default) and the
+  project's opt-in bfloat16 kernels where the CPU has AVX-512
+  (--project-bfloat16-kernels, pipeline/bfloat16_kernels.py);
 - the machine's matmul peak, float32 and bfloat16 (GFLOP/s of large
   square matmuls), and the trainer's share of it: images/s x the training
   FLOPs of one image (benchmarks/flops.py) over the peak of its precision.
@@ -156,13 +156,12 @@ FP32 = "trainer float32"
 MIXED = "trainer --mixed-precision"
 PLAIN_FP32 = "trainer float32, plain ResNet"
 PLAIN_MIXED = "trainer --mixed-precision, plain ResNet"
-MIXED_STOCK = "trainer --mixed-precision, TensorFlow's bfloat16 kernels"
+MIXED_PROJECT = "trainer --mixed-precision --project-bfloat16-kernels"
 INPUT = "input pipeline alone (augmentation on)"
 PEAK_FP32 = "matmul peak, float32"
 PEAK_BF16 = "matmul peak, bfloat16"
-MIXED_PRECISION = (MIXED, PLAIN_MIXED, MIXED_STOCK)
-# What a measurement's process runs with besides the machine's environment.
-ENVIRONMENTS = {MIXED_STOCK: {bfloat16_kernels.SWITCH: "stock"}}
+MIXED_PRECISION = (MIXED, PLAIN_MIXED, MIXED_PROJECT)
+PROJECT_KERNELS_GAIN = "mixed precision over float32, accumulated, the project's kernels"
 
 
 def shares(best: dict[str, float], depth: int) -> dict[str, float]:
@@ -171,7 +170,7 @@ def shares(best: dict[str, float], depth: int) -> dict[str, float]:
     flops = {arch: training_flops_per_image(ModelConfig(arch, depth, shortcut=get_recipe("quick").shortcut))
              for arch in ("resnet", "accumulated")}
     figures = {}
-    for name in (FP32, MIXED, PLAIN_FP32, PLAIN_MIXED, MIXED_STOCK):
+    for name in (FP32, MIXED, PLAIN_FP32, PLAIN_MIXED, MIXED_PROJECT):
         if name not in best:
             continue
         peak = best[PEAK_BF16] if name in MIXED_PRECISION else best[PEAK_FP32]
@@ -181,8 +180,8 @@ def shares(best: dict[str, float], depth: int) -> dict[str, float]:
     figures["mixed precision over float32, plain"] = best[PLAIN_MIXED] / best[PLAIN_FP32]
     figures["accumulated step cost, float32"] = best[PLAIN_FP32] / best[FP32]
     figures["accumulated step cost, mixed precision"] = best[PLAIN_MIXED] / best[MIXED]
-    if MIXED_STOCK in best:
-        figures["mixed precision over float32, accumulated, TensorFlow's kernels"] = best[MIXED_STOCK] / best[FP32]
+    if MIXED_PROJECT in best:
+        figures[PROJECT_KERNELS_GAIN] = best[MIXED_PROJECT] / best[FP32]
     return figures
 
 
@@ -240,11 +239,11 @@ def report(best: dict[str, float], depth: int) -> str:
         f"{figures['accumulated step cost, mixed precision']:.3f} "
         f"(target: {target['accumulated step cost, float32']:.2f} at most)",
     ]
-    stock = figures.get("mixed precision over float32, accumulated, TensorFlow's kernels")
-    if stock is not None:
-        lines.append(f"with TensorFlow's own bfloat16 additions and ReLU: mixed precision over float32, "
-                     f"accumulated {stock:.2f}x; the project's kernels make it {best[MIXED] / best[MIXED_STOCK]:.2f}x "
-                     "faster")
+    project = figures.get(PROJECT_KERNELS_GAIN)
+    if project is not None:
+        lines.append(f"with the project's opt-in bfloat16 additions and ReLU (--project-bfloat16-kernels): mixed "
+                     f"precision over float32, accumulated {project:.2f}x, {best[MIXED_PROJECT] / best[MIXED]:.3f}x "
+                     "TensorFlow's kernels' rate")
     return "\n".join(lines)
 
 
@@ -262,7 +261,7 @@ def measurements(spec: str, depth: int, steps: int) -> dict:
         BASELINE: lambda: baseline_fit(split(), "accumulated", depth, steps),
         FP32: trainer("accumulated"),
         MIXED: trainer("accumulated", mixed_precision=True),
-        MIXED_STOCK: trainer("accumulated", mixed_precision=True),  # ENVIRONMENTS keeps TensorFlow's kernels
+        MIXED_PROJECT: trainer("accumulated", mixed_precision=True, project_bfloat16_kernels=True),
         "trainer --jit": trainer("accumulated", jit=True),
         PLAIN_FP32: trainer("resnet"),
         PLAIN_MIXED: trainer("resnet", mixed_precision=True),
@@ -275,9 +274,8 @@ def measurements(spec: str, depth: int, steps: int) -> dict:
 def measure_in_a_process(name: str, depth: int, steps: int) -> tuple[float, bool]:
     """One measurement in a fresh process, so that none inherits another's threads, memory
     or loaded kernels: (its rate, whether the project's bfloat16 kernels ran in it)."""
-    environment = {**os.environ, **ENVIRONMENTS.get(name, {})}
     result = subprocess.run([sys.executable, __file__, "--measure", name, "--depth", str(depth), "--steps", str(steps)],
-                            env=environment, capture_output=True, text=True)
+                            capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"measuring {name!r} failed:\n{result.stderr[-3000:]}")
     reported = json.loads(result.stdout.strip().splitlines()[-1])
@@ -301,10 +299,10 @@ def main() -> None:
         return
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores: {cpu_name()}; "
           f"ResNet-{args.depth}, batch {BATCH}, {args.steps} timed steps, best of {args.rounds} round(s)")
-    # Built (once) and loaded before anything is timed, as the trainer would under --mixed-precision.
+    # Built (once) before anything is timed, as the first run with --project-bfloat16-kernels would.
     library = bfloat16_kernels.load("mixed_bfloat16")
-    kernels = "the project's AVX-512 kernels" if library else "TensorFlow's kernels"
-    print(f"bfloat16 additions, ReLU and its gradient: {kernels}\n")
+    kernels = f"built, {library}" if library else "not available here, TensorFlow's run in their row too"
+    print(f"the project's opt-in bfloat16 kernels: {kernels}\n")
 
     best = {name: 0.0 for name in measurements(spec, args.depth, args.steps)}
     project_kernels, rounds = {}, []
@@ -316,12 +314,12 @@ def main() -> None:
             rounds[-1][name] = rate
             unit = "GFLOP/s" if name in (PEAK_FP32, PEAK_BF16) else "images/s"
             print(f"  round {round_number + 1}: {name}: {rate:.0f} {unit}", flush=True)
-    if not project_kernels[MIXED] or project_kernels[MIXED_STOCK]:
-        # Both rows ran the same kernels (no AVX-512 or compiler, or the switch set for the whole run).
-        print(f"\n{MIXED_STOCK}: dropped, the other mixed-precision rows ran TensorFlow's kernels too")
-        del best[MIXED_STOCK]
+    if not project_kernels[MIXED_PROJECT] or project_kernels[MIXED]:
+        # Both rows ran the same kernels (no AVX-512 or compiler here).
+        print(f"\n{MIXED_PROJECT}: dropped, it ran the same kernels as the other mixed-precision rows")
+        del best[MIXED_PROJECT]
         for rates in rounds:
-            del rates[MIXED_STOCK]
+            del rates[MIXED_PROJECT]
     print()
     print(report(best, args.depth))
     print("\nround by round:\n" + round_by_round(rounds, args.depth))

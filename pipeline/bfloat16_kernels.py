@@ -1,4 +1,4 @@
-"""The project's AVX-512 kernels for bfloat16 additions, ReLU and its gradient.
+"""Opt-in AVX-512 kernels for bfloat16 additions, ReLU and its gradient (--project-bfloat16-kernels).
 
 Under --mixed-precision a CPU training step spends as long in AddV2, AddN,
 Relu and ReluGrad as in float32, because TensorFlow's wheel runs them as
@@ -9,19 +9,21 @@ the sign of a NaN), and registers itself for the standard ops at a higher
 priority: the graph, its checkpoints and its exports do not change, only
 which code this process runs for them.
 
-The library is compiled once per source, TensorFlow installation and
-compiler into the user's cache (a C++ compiler and TensorFlow's headers are
-needed, as for any custom op), and loaded only where it can help: a bfloat16
-policy on a CPU with AVX-512. Where it cannot be built or loaded, training
-goes on with TensorFlow's kernels and says why.
-ACCRESNET_BFLOAT16_KERNELS=stock keeps TensorFlow's kernels (for
-comparisons).
+They are off unless a run asks for them: they buy a few percent of a
+bfloat16 step, are compiled against TensorFlow's internal headers (so any
+TensorFlow upgrade may break them) and replace kernels process-wide; TF
+Serving never loads them. Asked for, the library is compiled once per
+source, TensorFlow installation and compiler into the user's cache (a C++
+compiler and TensorFlow's headers are needed, as for any custom op), and
+loaded only where it can help: a bfloat16 policy on a CPU with AVX-512.
+Where it cannot be built or loaded, training goes on with TensorFlow's
+kernels and says why.
 
-An image without a compiler carries the library built ahead for its own
+An image without a compiler can carry the library built ahead for its own
 TensorFlow (`python -m pipeline.bfloat16_kernels --prebuild DIR`, the
-Dockerfile's trainer stage) and names the folder in
-ACCRESNET_BFLOAT16_KERNELS_DIR; a library there is used only if its name
-says it was built from this source for this TensorFlow build.
+Dockerfile's trainer stage with --build-arg BFLOAT16_KERNELS=yes) and name
+the folder in ACCRESNET_BFLOAT16_KERNELS_DIR; a library there is used only
+if its name says it was built from this source for this TensorFlow build.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ log = logging.getLogger(__name__)
 SOURCE = pathlib.Path(__file__).with_name("kernels") / "bfloat16_elementwise.cc"
 # What the vector loops are compiled for (the source's ACCRESNET_AVX512 attribute).
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
-SWITCH = "ACCRESNET_BFLOAT16_KERNELS"
 PREBUILT = "ACCRESNET_BFLOAT16_KERNELS_DIR"  # libraries built ahead, e.g. in the trainer image
 # The ops the library has kernels for, in the order of its call counter.
 OPS = ("AddV2", "AddN", "Relu", "ReluGrad")
@@ -140,9 +141,7 @@ def load(policy: str, cpu: CpuInfo | None = None, cache: pathlib.Path | None = N
     machine's) with AVX-512; returns the library loaded, or None where TensorFlow's own
     kernels stay, with the reason logged. Loading is for the whole process and once."""
     if policy != "mixed_bfloat16":
-        return None
-    if os.environ.get(SWITCH, "").lower() == "stock":
-        log.info("bfloat16 elementwise ops: TensorFlow's kernels (%s=stock)", SWITCH)
+        log.info("--project-bfloat16-kernels: not loaded, they serve --mixed-precision on a CPU only")
         return None
     import tensorflow as tf
 

@@ -157,6 +157,10 @@ class TrainConfig:
     mixed_precision: bool = setting(False, help="bfloat16 compute on CPU, float16 with loss scaling on GPU. On a "
                                                "CPU without AVX512-BF16 or AMX bfloat16 is emulated and training "
                                                "is several times slower than float32")
+    project_bfloat16_kernels: bool = setting(
+        False, help="under --mixed-precision on an AVX-512 CPU, run bfloat16 additions and ReLU with the "
+                    "project's own C++ kernels (compiled at first use: g++ and TensorFlow's headers; the same "
+                    "results, a few percent faster a step; docs/training.md)")
     jit: bool = setting(False, help="compile the forward and backward pass with XLA")
     deterministic: bool = setting(False, help="deterministic kernels for bit-identical reruns (slower)")
     checkpoint_every_steps: int | None = setting(

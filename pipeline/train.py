@@ -113,7 +113,8 @@ def _train(config: TrainConfig, cluster: Cluster, strategy: tf.distribute.Strate
              settings.workers, settings.global_batch, settings.learning_rate, length.total_steps, length.epochs,
              length.steps_per_epoch)
     policy = mixed_precision_policy(config.mixed_precision)
-    bfloat16_kernels.load(policy)
+    if config.project_bfloat16_kernels:
+        bfloat16_kernels.load(policy)
     with precision_policy(policy):
         trainer, checkpoint, epoch = build_trainer(config, settings, length, data, strategy, cluster, policy)
         history = restore(run, checkpoint, epoch, settings, cluster)

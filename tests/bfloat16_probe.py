@@ -1,8 +1,8 @@
-"""Run in a subprocess by tests/test_bfloat16_kernels.py, with or without the project's
-bfloat16 kernels (ACCRESNET_BFLOAT16_KERNELS=stock keeps TensorFlow's):
+"""Run in a subprocess by tests/test_bfloat16_kernels.py, with the project's bfloat16 kernels
+("project") or TensorFlow's ("stock"):
 
-    python tests/bfloat16_probe.py ops OUT.npz     the four ops on awkward inputs, as uint16 bits
-    python tests/bfloat16_probe.py train OUT.json  the losses of a few mixed-precision steps
+    python tests/bfloat16_probe.py ops OUT.npz project|stock     the four ops on awkward inputs, as uint16 bits
+    python tests/bfloat16_probe.py train OUT.json project|stock  the losses of a few mixed-precision steps
 
 Prints which library was loaded (or "stock") and the priorities of the CPU bfloat16
 kernels registered for each op.
@@ -89,7 +89,7 @@ def op_results() -> dict[str, np.ndarray]:
     return results
 
 
-def train_losses(model_dir: str) -> list[float]:
+def train_losses(model_dir: str, project_kernels: bool) -> list[float]:
     from pipeline import flags, train as training
     from pipeline.config import TrainConfig
     from pipeline.trainer import Trainer
@@ -104,13 +104,13 @@ def train_losses(model_dir: str) -> list[float]:
     Trainer.train_step = step
     training.train(flags.build(TrainConfig, dict(
         model_dir=model_dir, arch="accumulated", depth=8, dataset="synthetic:256", recipe="quick", steps=4,
-        batch_size=32, mixed_precision=True, progress=False)))
+        batch_size=32, mixed_precision=True, project_bfloat16_kernels=project_kernels, progress=False)))
     return losses
 
 
 def main() -> None:
-    mode, out = sys.argv[1], pathlib.Path(sys.argv[2])
-    library = bfloat16_kernels.load("mixed_bfloat16")
+    mode, out, kernels_wanted = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
+    library = bfloat16_kernels.load("mixed_bfloat16") if kernels_wanted == "project" else None
     print(f"library: {library or 'stock'}")
     for op in bfloat16_kernels.OPS:
         priorities = [kernel.priority for kernel in kernels.get_registered_kernels_for_op(op).kernel
@@ -123,7 +123,7 @@ def main() -> None:
         print(f"calls: {json.dumps(bfloat16_kernels.kernel_calls())}")
     else:
         with tempfile.TemporaryDirectory() as model_dir:
-            out.write_text(json.dumps(train_losses(model_dir)))
+            out.write_text(json.dumps(train_losses(model_dir, kernels_wanted == "project")))
 
 
 if __name__ == "__main__":

@@ -79,42 +79,27 @@ def test_the_trainer_image_answers_help_without_tensorflow(images):
     assert seconds < 10, f"--help took {seconds:.1f} s"
 
 
-# In the trainer image, as its user: the kernels built ahead are this TensorFlow's, and nothing that built them stayed.
-KERNELS_IN_THE_IMAGE = """
-import json, os, pathlib, shutil, tensorflow as tf
+# In the trainer image, as its user: neither the opt-in bfloat16 kernels nor what would build them
+# (they are built only with --build-arg BFLOAT16_KERNELS=yes), and training does not ask for them.
+NO_KERNELS_IN_THE_IMAGE = """
+import os, pathlib, shutil, tensorflow as tf
 from pipeline import bfloat16_kernels
-from pipeline.cpu import CpuInfo
 folder = pathlib.Path(os.environ[bfloat16_kernels.PREBUILT])
-print("files:", sorted(path.name for path in folder.iterdir()))
-print("expected:", bfloat16_kernels.prebuilt_path(folder).name)
+print("files:", sorted(path.name for path in folder.iterdir()) if folder.exists() else None)
 print("compiler:", shutil.which("g++"), shutil.which("gcc"), shutil.which("ld"))
 print("headers:", pathlib.Path(tf.sysconfig.get_include()).exists())
-if bfloat16_kernels.missing_flags(CpuInfo.read()):
-    tf.load_op_library(str(bfloat16_kernels.prebuilt_path(folder)))  # loads, though this CPU cannot run it
-    print("calls: no AVX-512 here")
-else:
-    print("loaded:", bfloat16_kernels.load("mixed_bfloat16"))
-    x = tf.cast(tf.range(-50.0, 50.0), tf.bfloat16)
-    tf.nn.relu(x + x).numpy()
-    print("calls:", json.dumps(bfloat16_kernels.kernel_calls()))
 """
 
 
-def test_the_trainer_image_carries_the_bfloat16_kernels_for_its_tensorflow(images):
+def test_the_trainer_image_has_no_compiler_and_no_custom_kernels_by_default(images):
     started = time.monotonic()
     result = docker("run", "--rm", "--read-only", "--tmpfs", "/tmp", "--entrypoint", "python3", TRAINER, "-c",
-                    KERNELS_IN_THE_IMAGE,
-                    check=False)
-    TIMINGS.record("trainer image: the bfloat16 kernels built ahead", started)
+                    NO_KERNELS_IN_THE_IMAGE, check=False)
+    TIMINGS.record("trainer image: no compiler, no custom kernels", started)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     lines = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
     print("\n".join(f"  {key}: {value}" for key, value in lines.items()))
-    assert lines["files"] == repr([lines["expected"]])
-    assert lines["compiler"] == "None None None" and lines["headers"] == "False"
-    if lines["calls"] != "no AVX-512 here":
-        assert lines["loaded"].endswith(f"/kernels/{lines['expected']}")
-        calls = json.loads(lines["calls"])
-        assert calls["AddV2"] >= 1 and calls["Relu"] >= 1, calls
+    assert lines == {"files": "None", "compiler": "None None None", "headers": "False"}, lines
 
 
 def test_the_images_run_as_user_10001(images):

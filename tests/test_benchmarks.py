@@ -89,11 +89,11 @@ def test_the_bench_reports_shares_of_the_peak_the_precision_gain_and_the_step_co
     assert "| trainer float32 | 500 | 1.25x baseline | 207 | 83% |" in text
     assert "| input pipeline alone (augmentation on) | 50000 | 100.00x trainer |" in text
     assert "mixed precision over float32: accumulated 1.60x, plain 1.56x" in text
-    assert "TensorFlow's" not in text  # no row for the stock kernels, no line about them
-    best[bench.MIXED_STOCK] = 640.0
+    assert "project" not in text  # no row for the opt-in kernels, no line about them
+    best[bench.MIXED_PROJECT] = 860.0
     text = bench.report(best, 32)
-    assert bench.shares(best, 32)["mixed precision over float32, accumulated, TensorFlow's kernels"] == 1.28
-    assert "accumulated 1.28x; the project's kernels make it 1.25x faster" in text
+    assert bench.shares(best, 32)[bench.PROJECT_KERNELS_GAIN] == 1.72
+    assert "mixed precision over float32, accumulated 1.72x, 1.075x TensorFlow's kernels' rate" in text
 
 
 def test_the_bench_shows_each_target_round_by_round_and_how_many_rounds_met_it():

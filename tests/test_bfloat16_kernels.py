@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from helpers import REPO
-from pipeline import bfloat16_kernels
+from pipeline import bfloat16_kernels, flags, train as training
+from pipeline.config import TrainConfig
 from pipeline.cpu import CpuInfo
 
 THIS_CPU = CpuInfo.read()
@@ -38,10 +39,8 @@ def is_nan(bits):
 
 def probe(mode, out, kernels, onednn="1"):
     environment = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    environment.pop(bfloat16_kernels.SWITCH, None)
-    if kernels == "stock":
-        environment[bfloat16_kernels.SWITCH] = "stock"
-    process = subprocess.run([sys.executable, os.path.join(REPO, "tests", "bfloat16_probe.py"), mode, str(out)],
+    process = subprocess.run([sys.executable, os.path.join(REPO, "tests", "bfloat16_probe.py"), mode, str(out),
+                              kernels],
                              env=environment, capture_output=True, text=True, timeout=900)
     assert process.returncode == 0, process.stderr[-3000:]
     lines = process.stdout.splitlines()
@@ -97,7 +96,7 @@ def test_mixed_precision_training_is_the_same_with_either_kernels(tmp_path):
 def test_only_a_bfloat16_policy_on_an_avx512_cpu_loads_them(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="pipeline.bfloat16_kernels"):
         assert bfloat16_kernels.load("float32", AVX512, tmp_path) is None
-        assert not caplog.records
+        assert "not loaded, they serve --mixed-precision on a CPU only" in caplog.text
         avx2 = CpuInfo(flags=frozenset({"avx2", "fma"}))
         assert bfloat16_kernels.load("mixed_bfloat16", avx2, tmp_path) is None
     assert "lacks avx512f, avx512bw, avx512vl, avx512dq" in caplog.text
@@ -105,11 +104,17 @@ def test_only_a_bfloat16_policy_on_an_avx512_cpu_loads_them(tmp_path, caplog):
     assert not list(tmp_path.iterdir())  # nothing was compiled
 
 
-def test_the_stock_switch_keeps_tensorflows_kernels(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv(bfloat16_kernels.SWITCH, "stock")
-    with caplog.at_level(logging.INFO, logger="pipeline.bfloat16_kernels"):
-        assert bfloat16_kernels.load("mixed_bfloat16", AVX512, tmp_path) is None
-    assert "ACCRESNET_BFLOAT16_KERNELS=stock" in caplog.text and not list(tmp_path.iterdir())
+def test_a_run_loads_the_kernels_only_when_asked(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(bfloat16_kernels, "load", lambda policy, *args: asked.append(policy))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    settings = dict(arch="resnet", depth=8, dataset="synthetic:64", recipe="quick", steps=1, batch_size=16,
+                    mixed_precision=True, progress=False)
+    training.train(flags.build(TrainConfig, {**settings, "model_dir": str(tmp_path / "default")}))
+    assert asked == [] and not (tmp_path / "cache").exists()
+    training.train(flags.build(TrainConfig, {**settings, "model_dir": str(tmp_path / "asked"),
+                                             "project_bfloat16_kernels": True}))
+    assert asked == ["mixed_bfloat16"]
 
 
 def test_without_a_compiler_training_goes_on_with_the_stock_kernels(tmp_path, monkeypatch, caplog):
@@ -196,7 +201,6 @@ def test_a_library_built_ahead_runs_where_no_compiler_is(tmp_path):
     library = built.stdout.strip().splitlines()[-1]
     environment = {**os.environ, bfloat16_kernels.PREBUILT: str(tmp_path / "lib"), "CXX": "/nonexistent/g++",
                    "XDG_CACHE_HOME": str(tmp_path / "empty-cache"), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    environment.pop(bfloat16_kernels.SWITCH, None)
     script = ("import json\nimport tensorflow as tf\nfrom pipeline import bfloat16_kernels\n"
               "print(bfloat16_kernels.load('mixed_bfloat16'))\n"
               "x = tf.cast(tf.range(100.0), tf.bfloat16)\n"
