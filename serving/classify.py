@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 
 from serving.contract import DEFAULT_TOP_K, MODEL_NAME, SERVING_DEFAULT
@@ -62,9 +63,31 @@ class _Progress:
             print(file=sys.stderr)
 
 
+# Characters a terminal acts on instead of showing: C0 and C1 controls (escape sequences,
+# carriage returns, newlines), line and paragraph separators, and the bidirectional
+# overrides and isolates that reorder what follows them.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with every character a terminal would act on written as a Python escape
+    (ESC as \\x1b, a newline as \\n): class names, paths and servers' messages are
+    shown, never obeyed."""
+    return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def _header(width: int, shown: int) -> str:
+    return f"{'image':<{width}}  {'class':<20} {'prob':>7}   top-{shown}"
+
+
 def _table_row(prediction, width: int) -> str:
-    top = ", ".join(f"{name} {p:.3f}" for name, p in prediction.top_k)
-    return f"{prediction.path:<{width}}  {prediction.class_name:<20} {prediction.probability:>7.3f}   {top}"
+    top = ", ".join(f"{printable(name)} {p:.3f}" for name, p in prediction.top_k)
+    return (f"{printable(prediction.path):<{width}}  {printable(prediction.class_name):<20} "
+            f"{prediction.probability:>7.3f}   {top}")
+
+
+def _error(message) -> None:
+    print(f"accresnet classify: {printable(str(message))}", file=sys.stderr)
 
 
 class _OutputFile:
@@ -89,7 +112,7 @@ class _OutputFile:
             record["top_k"] = " ".join(f"{name}:{p:.6f}" for name, p in prediction.top_k)
             self.csv.writerow(["" if record[c] is None else record[c] for c in self.CSV_COLUMNS])
         else:
-            self.file.write(json.dumps(prediction.to_json()) + "\n")
+            self.file.write(json.dumps(prediction.to_json(), allow_nan=False) + "\n")
 
     def close(self, complete: bool) -> None:
         import os
@@ -119,21 +142,21 @@ def run(args: argparse.Namespace) -> int:
 
     problem = _check(args)
     if problem:
-        print(f"accresnet classify: error: {problem}", file=sys.stderr)
+        _error(f"error: {problem}")
         return 2
     try:
         files = image_files(args.paths)
     except ClientError as error:
-        print(f"accresnet classify: error: {error}", file=sys.stderr)
+        _error(f"error: {error}")
         return 2
     if not files:
-        print("accresnet classify: error: no image files given", file=sys.stderr)
+        _error("error: no image files given")
         return 2
     failures = []
 
     def on_error(path, error):
         failures.append(path)
-        print(f"accresnet classify: cannot read {path}: {error}", file=sys.stderr)
+        _error(f"cannot read {path}: {error}")
 
     progress = _Progress(len(files), sys.stderr.isatty() and not args.json and len(files) > args.batch_size)
     width = min(max(len(f) for f in files), 60)
@@ -143,20 +166,22 @@ def run(args: argparse.Namespace) -> int:
         client = RestClassifier if args.rest else Classifier
         with client(args.server, args.model, args.signature, args.version, args.label, args.timeout,
                     args.retries, args.tls_ca) as classifier:
-            if not args.json:
-                print(f"{'image':<{width}}  {'class':<20} {'prob':>7}   top-{args.top_k}")
+            header = args.json  # the table's header comes with the first answer, naming the k it shows
             for prediction in classifier.classify_files(files, args.batch_size, args.top_k, on_error,
                                                         progress.advance, args.concurrency):
                 if output:
                     output.write(prediction)
                 if args.json:
-                    print(json.dumps(prediction.to_json()), flush=True)
-                else:
-                    print(_table_row(prediction, width), flush=progress.enabled)
+                    print(json.dumps(prediction.to_json(), allow_nan=False), flush=True)
+                    continue
+                if not header:
+                    print(_header(width, len(prediction.top_k)))
+                    header = True
+                print(_table_row(prediction, width), flush=progress.enabled)
         complete = True
     except ClientError as error:
         progress.finish()
-        print(f"accresnet classify: error: {error}", file=sys.stderr)
+        _error(f"error: {error}")
         return 1
     finally:
         if output:

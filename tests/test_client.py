@@ -216,7 +216,9 @@ def test_classify_table(server, picture_folder):
     result = classify_command("--server", f"localhost:{server.port}", picture_folder)
     assert result.returncode == 0, result.stderr
     header, *rows = result.stdout.splitlines()
-    assert header.split()[:3] == ["image", "class", "prob"] and len(rows) == 6
+    assert header.split() == ["image", "class", "prob", "top-5"] and len(rows) == 6
+    result = classify_command("--server", f"localhost:{server.port}", "--top-k", "3", picture_folder)
+    assert result.stdout.splitlines()[0].split()[-1] == "top-3"
 
 
 @pytest.mark.slow
@@ -225,6 +227,7 @@ def test_classify_reports_an_unreachable_server(picture_folder):
                               picture_folder)
     assert result.returncode == 1
     assert "accresnet classify: error:" in result.stderr and "UNAVAILABLE" in result.stderr
+    assert result.stdout == ""  # no table header without an answer
 
 
 def test_bytes_signature_names_and_skips_a_file_the_server_cannot_decode(server, picture_folder, tmp_path):
