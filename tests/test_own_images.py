@@ -1,8 +1,9 @@
 """Your own images on the cluster: the component k8s/components/own-images makes the data
 Job fetch the folder an overlay names (k8s/components/own-images/fetch_images.py) onto the
 volume, and every stage read it from there. The fetch is tested over http from a local
-server, from a path and through TensorFlow's file systems; the data Job of the overlay runs
-as processes (tests/local_cluster.py) against a local web server."""
+server, from a path and through TensorFlow's file systems; the local overlay with the
+component runs its whole chain as processes (tests/local_cluster.py) against a local web
+server."""
 
 import contextlib
 import functools
@@ -15,11 +16,12 @@ import tarfile
 import threading
 import zipfile
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from local_cluster import LocalCluster
+from local_cluster import LocalCluster, check_classified
 from manifests import OVERLAYS, ROOT, kubectl, objects, one
 
 COMPONENT = ROOT / "k8s" / "components" / "own-images"
@@ -210,25 +212,37 @@ def test_the_overlay_fetches_before_preparing_with_the_trainer_image():
 
 
 @pytest.mark.slow
-def test_the_data_job_brings_the_folder_onto_the_volume_and_prepares_it(tmp_path):
-    """The overlay's data Job as processes: fetch-images downloads the archive the overlay names
-    from a web server, then prepare-data reads the folder and writes held-out images of its classes."""
-    source = photos(tmp_path / "src", per_class=10)
+def test_the_chain_trains_serves_and_classifies_the_folder_the_overlay_names(tmp_path):
+    """The local overlay with the component, its steps as processes (tests/local_cluster.py):
+    fetch-images downloads the archive the overlay names from a web server, prepare-data holds
+    out images of its classes, two workers train on the folder, the release validates on it,
+    and the client classifies the held-out images with the served version."""
+    source = tmp_path / "src"
+    generator = np.random.default_rng(0)
+    for index, name in enumerate(("cats", "dogs", "owls")):
+        (source / name).mkdir(parents=True)
+        for number in range(60):
+            pixels = generator.integers(0, 80, (32, 32, 3), dtype=np.uint8)
+            pixels[..., index] += 150  # each class a colour of its own, with noise
+            Image.fromarray(pixels).save(source / name / f"{number}.png")
     served = tmp_path / "www"
     served.mkdir()
     tar_gz(source, served / "my-photos.tar.gz")
     with web_server(served) as url:
-        overlay = with_component(tmp_path, "base", f"{url}/my-photos.tar.gz")
-        cluster = LocalCluster(overlay, tmp_path / "cluster")
+        cluster = LocalCluster(with_component(tmp_path, "overlays/local", f"{url}/my-photos.tar.gz"),
+                               tmp_path / "cluster")
         try:
-            (pod,) = cluster.run_job("accresnet-prepare-data", 300)
+            pods = cluster.apply_in_guide_order({"accresnet-prepare-data": 300, "accresnet-train": 900,
+                                                 "accresnet-release": 600, "accresnet-serving": 300,
+                                                 "accresnet-classify": 300})
         finally:
             cluster.stop()
     volume = tmp_path / "cluster" / "volumes" / "accresnet-data"
     assert class_files(volume / "own-images") == class_files(source)
-    (fetch,) = pod.init
-    assert "30 files in 3 classes (cats, dogs, owls)" in fetch.output()
-    held_out = sorted({p.parent.name for p in (volume / "images").rglob("*.png")})
-    assert held_out and set(held_out) <= {"cats", "dogs", "owls"}, pod.output()[-2000:]
+    (data,) = pods["accresnet-prepare-data"]
+    (fetch,) = data.init
+    assert "180 files in 3 classes (cats, dogs, owls)" in fetch.output()
     assert any(m.deployed == "/scripts" for m in cluster.mappings)
-
+    (client,) = pods["accresnet-classify"]
+    print(check_classified(volume / "images", client.output()))
+    assert {p.parent.name for p in (volume / "images").rglob("*.png")} == {"cats", "dogs", "owls"}
