@@ -13,8 +13,13 @@ A missing, malformed, forged or stale blessing (pipeline/blessing.py), or a
 candidate holding anything but regular files and folders (a symbolic link, a
 FIFO, a device, a name that is not UTF-8; refused with --force too), ends
 push with exit status 3 before anything is written; every other error (flags,
-a model config that cannot be used, servers that do not load the version in
-time) with a one-line message and exit status 2.
+a model config that cannot be used or written, a lock on it that another
+process holds past --lock-timeout, servers that do not load the version in
+time or answer something that is not a model status) with a one-line message
+and exit status 2. A version published whose model config could not take it
+(a full disk, the lock) is taken back out of the served base path, so what
+is left is what was there before; where even that fails, the message says
+what is left and how to finish.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import contextlib
 import dataclasses
 import os
 import pathlib
+import shutil
+import uuid
 from collections.abc import Callable, Iterator
 
 from pipeline import blessing
@@ -30,6 +37,7 @@ from pipeline.errors import UserError
 from pipeline.flags import setting
 from pipeline.validate import candidate_folder
 from serving import labels
+from serving.atomic import LockTimeout, LockWait
 from serving.availability import NotAvailable, Servers, parse_addresses, wait_until_available
 from serving.contract import MODEL_NAME
 
@@ -46,7 +54,13 @@ def _rest_servers_setting():
 
 
 def _available_timeout_setting():
-    return setting(600.0, help="seconds to wait for the servers to report a version AVAILABLE")
+    return setting(600.0, help="seconds to wait for the servers to report a version AVAILABLE, every request "
+                               "to them included")
+
+
+def _lock_timeout_setting():
+    return setting(60.0, help="seconds to wait for the model config's lock while another push, promote or "
+                              "rollback holds it (then nothing is written)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +71,7 @@ class LabelConfig:
     model: str = setting(MODEL_NAME, help="the model's name in the model config file")
     rest_servers: str | None = _rest_servers_setting()
     available_timeout: float = _available_timeout_setting()
+    lock_timeout: float = _lock_timeout_setting()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +87,12 @@ class PushConfig:
     model: str = setting(MODEL_NAME, help="the model's name in the model config file")
     rest_servers: str | None = _rest_servers_setting()
     available_timeout: float = _available_timeout_setting()
+    lock_timeout: float = _lock_timeout_setting()
     force: bool = setting(False, help="push even what validate did not bless")
 
     def labels(self) -> LabelConfig:
-        return LabelConfig(self.model_config_file, self.model, self.rest_servers, self.available_timeout)
+        return LabelConfig(self.model_config_file, self.model, self.rest_servers, self.available_timeout,
+                           self.lock_timeout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,33 +117,46 @@ def push(config: PushConfig, announce: Callable[[str], None] = print) -> Pushed:
     if not config.force:
         blessing.verify(candidate)  # before anything is written; again on the copy below
     base = served_base_path(config.export_base)
+    wait = _lock_wait(config.labels(), announce)
     if config.model_config_file is not None:
-        with _release_errors():
-            labels.prepare(config.model_config_file, config.model, base, MODEL_CONFIG_TEMPLATE)
+        with _release_errors(config.model_config_file, config.lock_timeout):
+            labels.prepare(config.model_config_file, config.model, base, MODEL_CONFIG_TEMPLATE, wait)
             _check_canary_can_move(config.labels())
     served = existing_versions(base)
     # What appears is what validate blessed: the copy itself is checked against the record.
     # The copy follows no link and opens nothing but regular files, whatever appears meanwhile.
-    path = publish_as_next_version(candidate, base, None if config.force else (
-        lambda copy: blessing.verify(candidate, copy)), copy=blessing.copy_candidate)
+    try:
+        path = publish_as_next_version(candidate, base, None if config.force else (
+            lambda copy: blessing.verify(candidate, copy)), copy=blessing.copy_candidate)
+    except OSError as error:  # a full disk, a read-only volume: the staging copy is gone again
+        raise ReleaseError(f"cannot publish {candidate} under {base}: {_reason(error)}; nothing was published") \
+            from None
     if config.model_config_file is None:
         return Pushed(path, None)
     version = int(pathlib.PurePath(path).name)
-    with _release_errors():
-        labels.add_version(config.model_config_file, config.model, version, served)
-        announce(f"{config.model_config_file}: version {version} added to the version policy, no label moved")
+    try:
+        with _release_errors(config.model_config_file, config.lock_timeout):
+            labels.add_version(config.model_config_file, config.model, version, served, wait)
+    except ReleaseError as error:
+        raise ReleaseError(_withdraw(path, version, config.model_config_file, str(error))) from None
+    announce(f"{config.model_config_file}: version {version} added to the version policy, no label moved")
+    with _release_errors(config.model_config_file, config.lock_timeout,
+                         f"version {version} is published and in the version policy; canary did not move to it: "):
         return Pushed(path, labels.label_canary(config.model_config_file, config.model, version,
-                                                served[-1] if served else None, _available(config.labels(), announce)))
+                                                served[-1] if served else None, _available(config.labels(), announce),
+                                                wait))
 
 
 def promote(config: LabelConfig, announce: Callable[[str], None] = print) -> dict[str, int]:
-    with _release_errors():
-        return labels.promote(config.model_config_file, config.model, _available(config, announce))
+    with _release_errors(config.model_config_file, config.lock_timeout):
+        return labels.promote(config.model_config_file, config.model, _available(config, announce),
+                              _lock_wait(config, announce))
 
 
 def rollback(config: LabelConfig, announce: Callable[[str], None] = print) -> dict[str, int]:
-    with _release_errors():
-        return labels.rollback(config.model_config_file, config.model, _available(config, announce))
+    with _release_errors(config.model_config_file, config.lock_timeout):
+        return labels.rollback(config.model_config_file, config.model, _available(config, announce),
+                               _lock_wait(config, announce))
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -155,10 +185,51 @@ def _available(config: LabelConfig, announce: Callable[[str], None]):
     return available
 
 
+def _lock_wait(config: LabelConfig, announce: Callable[[str], None]) -> LockWait:
+    if not config.lock_timeout >= 0:
+        raise ReleaseError(f"--lock-timeout must be a number of seconds, 0 or more, not {config.lock_timeout}")
+    return LockWait(config.lock_timeout, announce)
+
+
+def _reason(error: OSError) -> str:
+    if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list) and error.args[0]:
+        failures = error.args[0]  # copytree's (source, destination, why) of each file it could not copy
+        source, _, why = failures[0]
+        return f"{why} ({source}{f' and {len(failures) - 1} more' if len(failures) > 1 else ''})"
+    return f"{error.strerror} ({error.filename})" if error.strerror and error.filename else \
+        (error.strerror or str(error) or type(error).__name__)
+
+
+def _withdraw(path: str, version: int, model_config_file: str, reason: str) -> str:
+    """Take a version that its model config could not take back out of the served base path
+    (renamed away at once, then removed): what it says happened, for the error's one line."""
+    published = pathlib.Path(path)
+    hidden = published.with_name(f".withdrawn-{published.name}-{uuid.uuid4().hex}")
+    try:
+        os.rename(published, hidden)
+    except OSError as error:
+        return (f"{reason}. Version {version} is left published at {path} but is not in the version policy of "
+                f"{model_config_file} ({_reason(error)} when taking it back): remove that folder, or add {version} "
+                f"to the model's model_version_policy {{ specific {{ versions }} }} there by hand")
+    shutil.rmtree(hidden, ignore_errors=True)
+    left = f" ({hidden} is left to remove)" if os.path.lexists(hidden) else ""
+    return (f"{reason}. Version {version} was taken back out of {published.parent}{left}: nothing is published "
+            "and the model config is as it was; run push again once that is fixed")
+
+
 @contextlib.contextmanager
-def _release_errors() -> Iterator[None]:
-    """Model config and server errors as ReleaseError: one line, exit status 2."""
+def _release_errors(model_config_file: str | None = None, lock_timeout: float | None = None,
+                    state: str = "") -> Iterator[None]:
+    """Model config, lock, disk and server errors as ReleaseError: one line, exit status 2;
+    `state` says first what is done by then."""
     try:
         yield
     except (labels.LabelError, NotAvailable) as error:
-        raise ReleaseError(str(error)) from None
+        raise ReleaseError(state + str(error)) from None
+    except LockTimeout as error:
+        raise ReleaseError(f"{state}{error} (a push, promote or rollback that is still running, or hangs): "
+                           f"{model_config_file} not changed; run it again once that one ends, or wait longer with "
+                           f"--lock-timeout (now {lock_timeout:g} s)") from None
+    except OSError as error:  # a full disk, a read-only volume: write_atomically left the old file in place
+        raise ReleaseError(f"{state}cannot write the model config {model_config_file}: {_reason(error)}; "
+                           "it is as it was") from None

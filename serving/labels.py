@@ -25,6 +25,8 @@ to confirm the versions existing labels move to, before it writes.
 Files are replaced whole and changed under a lock (serving/atomic.py):
 concurrent pushes, promotes and rollbacks each see the others' writes, and a
 change whose labels moved meanwhile is refused rather than applied blindly.
+Each change waits for the lock as its `wait` says (serving/atomic.LockWait):
+a writer that hangs holding it ends the wait with LockTimeout, nothing written.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import os
 import pathlib
 from collections.abc import Callable, Mapping
 
-from serving.atomic import locked, write_atomically
+from serving.atomic import LockWait, locked, write_atomically
 
 CANARY, STABLE, ROLLBACK = "canary", "stable", "rollback"
 
@@ -79,12 +81,13 @@ def labels(path: str | os.PathLike, name: str) -> dict[str, int]:
     return dict(_model(read(path), name, path).version_labels)
 
 
-def prepare(path: str | os.PathLike, name: str, base_path: str, template: pathlib.Path) -> bool:
+def prepare(path: str | os.PathLike, name: str, base_path: str, template: pathlib.Path,
+            wait: LockWait = LockWait()) -> bool:
     """A model config at `path` whose model `name` is served from `base_path`: written from
     `template` with that base path if there is none (whether it was), refused if its base path
     is another (the servers would never find what push publishes)."""
     path = pathlib.Path(path)
-    with locked(path):
+    with locked(path, wait):
         if path.exists():
             configured = _model(read(path), name, path).base_path
             if configured != base_path:
@@ -103,14 +106,14 @@ def _moved_to(old: Mapping[str, int], new: Mapping[str, int]) -> set[int]:
 
 
 def _change(path: str | os.PathLike, name: str, new_labels: Callable[[dict[str, int]], dict[str, int]],
-            available: Available) -> dict[str, int]:
+            available: Available, wait: LockWait) -> dict[str, int]:
     """Apply `new_labels(current labels)`: wait (unlocked) until the versions labels move to
     are AVAILABLE, then write under the lock if the move is still the one confirmed."""
     path = pathlib.Path(path)
     confirmed = _moved_to(current := labels(path, name), new_labels(current))
     if confirmed:
         available(confirmed)
-    with locked(path):
+    with locked(path, wait):
         config = read(path)
         model = _model(config, name, path)
         current = dict(model.version_labels)
@@ -140,12 +143,13 @@ def _text(labels_: Mapping[str, int]) -> str:
     return ", ".join(f"{label} -> {version}" for label, version in sorted(labels_.items())) or "none"
 
 
-def add_version(path: str | os.PathLike, name: str, version: int, served: list[int]) -> dict[str, int]:
+def add_version(path: str | os.PathLike, name: str, version: int, served: list[int],
+                wait: LockWait = LockWait()) -> dict[str, int]:
     """Push's phase 1: `version` joins the version policy and no label moves, so every server can
     apply the config and load it. `served`: the versions served until now, kept too when the
     policy named none yet (the shipped `latest`)."""
     path = pathlib.Path(path)
-    with locked(path):
+    with locked(path, wait):
         config = read(path)
         model = _model(config, name, path)
         policy = model.model_version_policy
@@ -158,7 +162,7 @@ def add_version(path: str | os.PathLike, name: str, version: int, served: list[i
 
 
 def label_canary(path: str | os.PathLike, name: str, version: int, served: int | None,
-                 available: Available) -> dict[str, int]:
+                 available: Available, wait: LockWait = LockWait()) -> dict[str, int]:
     """Push's phase 2: `version` becomes the canary; stable stays, or starts on `served`."""
 
     def new_labels(current: dict[str, int]) -> dict[str, int]:
@@ -168,10 +172,10 @@ def label_canary(path: str | os.PathLike, name: str, version: int, served: int |
         stable = current.get(STABLE, served if served is not None else version)
         return {**{k: v for k, v in current.items() if k != CANARY}, STABLE: stable, CANARY: version}
 
-    return _change(path, name, new_labels, available)
+    return _change(path, name, new_labels, available, wait)
 
 
-def promote(path: str | os.PathLike, name: str, available: Available) -> dict[str, int]:
+def promote(path: str | os.PathLike, name: str, available: Available, wait: LockWait = LockWait()) -> dict[str, int]:
     def new_labels(current: dict[str, int]) -> dict[str, int]:
         if CANARY not in current:
             raise LabelError(f"model {name} has no canary to promote (labels: {_text(current)})")
@@ -180,14 +184,14 @@ def promote(path: str | os.PathLike, name: str, available: Available) -> dict[st
             new[ROLLBACK] = current[STABLE]
         return new
 
-    return _change(path, name, new_labels, available)
+    return _change(path, name, new_labels, available, wait)
 
 
-def rollback(path: str | os.PathLike, name: str, available: Available) -> dict[str, int]:
+def rollback(path: str | os.PathLike, name: str, available: Available, wait: LockWait = LockWait()) -> dict[str, int]:
     def new_labels(current: dict[str, int]) -> dict[str, int]:
         if ROLLBACK not in current:
             raise LabelError(f"model {name} has no rollback version (labels: {_text(current)}); "
                              "only a promotion leaves one")
         return {STABLE: current[ROLLBACK]}
 
-    return _change(path, name, new_labels, available)
+    return _change(path, name, new_labels, available, wait)
