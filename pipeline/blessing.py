@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import pathlib
@@ -33,7 +34,7 @@ import stat
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import UserError
-from pipeline.provenance import CHUNK, combined_digest, file_sha256
+from pipeline.provenance import CHUNK, combined_digest
 from serving.atomic import write_atomically
 
 if TYPE_CHECKING:
@@ -97,10 +98,14 @@ def entries(folder: str | os.PathLike) -> dict[str, str]:
             except UnicodeEncodeError:  # bytes that os.fsdecode escaped as surrogates
                 raise EntryError(f"{shown(str(folder))}: the name {name!r} is not UTF-8: a candidate holds "
                                  "UTF-8 names only") from None
-            mode = child.stat(follow_symlinks=False).st_mode
-            kind = _kind(mode)
-            if kind:
+            try:
+                mode = child.stat(follow_symlinks=False).st_mode
+                kind = _kind(mode)
                 target = f" (-> {shown(os.readlink(child.path))})" if stat.S_ISLNK(mode) else ""
+            except OSError as error:  # gone, or changed, while listed
+                raise EntryError(f"{shown(str(folder))}: cannot read {shown(name)}: {error.strerror or error}") \
+                    from None
+            if kind:
                 raise EntryError(f"{shown(str(folder))}: {shown(name)} is {kind}{target}; a candidate holds regular "
                                  "files and folders only")
             found[name] = FOLDER if stat.S_ISDIR(mode) else "file"
@@ -109,23 +114,41 @@ def entries(folder: str | os.PathLike) -> dict[str, str]:
     return found
 
 
-def copy_regular(source: str, destination: str) -> str:
-    """shutil.copytree's copy_function for a candidate: copies a regular file, bytes, mode and
-    times; EntryError for anything else (a link, a FIFO, a device put there after the check),
-    found without following the link or waiting for a FIFO's writer."""
+def open_regular(path: str | os.PathLike):
+    """A regular file opened for reading, and its stat; EntryError for anything else (a link, a
+    FIFO, a device, a folder put there after a check), found without following the link or
+    waiting for a FIFO's writer."""
     try:
-        descriptor = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise EntryError(f"{shown(source)} is a symbolic link; a candidate holds regular files and folders "
-                             "only") from None
+            raise EntryError(f"{shown(os.fspath(path))} is a symbolic link; a candidate holds regular files and "
+                             "folders only") from None
         raise
-    with os.fdopen(descriptor, "rb") as reader:
-        status = os.fstat(descriptor)
-        if kind := _kind(status.st_mode) or (stat.S_ISDIR(status.st_mode) and "a folder"):
-            raise EntryError(f"{shown(source)} is {kind}; a candidate holds regular files and folders only")
-        with open(destination, "xb") as writer:
-            shutil.copyfileobj(reader, writer, CHUNK)
+    file = os.fdopen(descriptor, "rb")
+    status = os.fstat(descriptor)
+    if kind := _kind(status.st_mode) or (stat.S_ISDIR(status.st_mode) and "a folder"):
+        file.close()
+        raise EntryError(f"{shown(os.fspath(path))} is {kind}; a candidate holds regular files and folders only")
+    return file, status
+
+
+def regular_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a candidate's regular file (open_regular: no link followed, no FIFO waited on)."""
+    file, _ = open_regular(path)
+    digest = hashlib.sha256()
+    with file:
+        while chunk := file.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def copy_regular(source: str, destination: str) -> str:
+    """shutil.copytree's copy_function for a candidate: copies a regular file, bytes, mode and
+    times; EntryError for anything else (open_regular)."""
+    reader, status = open_regular(source)
+    with reader, open(destination, "xb") as writer:
+        shutil.copyfileobj(reader, writer, CHUNK)
     os.chmod(destination, stat.S_IMODE(status.st_mode))
     os.utime(destination, ns=(status.st_atime_ns, status.st_mtime_ns))
     return destination
@@ -176,7 +199,7 @@ class Content:
     def of(cls, folder: pathlib.Path) -> Content:
         found = entries(folder)
         found.pop(BLESSING_FILE, None)
-        files = {name: file_sha256(folder / name) for name, kind in found.items() if kind != FOLDER}
+        files = {name: regular_sha256(folder / name) for name, kind in found.items() if kind != FOLDER}
         folders = tuple(sorted(name for name, kind in found.items() if kind == FOLDER))
         return cls(files, cls.digest_of(files, folders), folders)
 
@@ -297,16 +320,8 @@ def read(candidate: pathlib.Path) -> Blessing | None:
 def _read_record(path: pathlib.Path) -> bytes:
     """blessing.json's bytes: a regular file (never a link followed or a FIFO waited on) of at
     most MAX_RECORD_BYTES."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise EntryError(f"{path} is a symbolic link; a candidate holds regular files and folders only") from None
-        raise
-    with os.fdopen(descriptor, "rb") as file:
-        mode = os.fstat(descriptor).st_mode
-        if kind := _kind(mode) or (stat.S_ISDIR(mode) and "a folder"):
-            raise EntryError(f"{path} is {kind}; a candidate holds regular files and folders only")
+    file, _ = open_regular(path)
+    with file:
         data = file.read(MAX_RECORD_BYTES + 1)
     if len(data) > MAX_RECORD_BYTES:
         raise BlessingError(f"{path} is larger than {MAX_RECORD_BYTES >> 20} MiB: no record validate writes")

@@ -161,6 +161,8 @@ def test_the_copy_follows_no_link_and_opens_no_fifo_that_appears_after_the_check
     os.mkfifo(folder / "assets" / "pipe")
     with pytest.raises(EntryError, match="assets/pipe is a FIFO"):
         blessing.copy_candidate(folder, tmp_path / "copy-1")
+    with pytest.raises(EntryError, match="assets/pipe is a FIFO"):  # the digests read the same way
+        blessing.regular_sha256(folder / "assets" / "pipe")
     (folder / "assets" / "pipe").unlink()
     (folder / "assets" / "zero").symlink_to("/dev/zero")
     with pytest.raises(EntryError, match="assets/zero is a symbolic link"):
