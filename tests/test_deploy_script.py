@@ -22,16 +22,20 @@ WAITS = {"Job": "condition=complete", "TFJob": "condition=Succeeded", "Deploymen
 
 FAKE_KUBECTL = f"""#!{sys.executable}
 import json, os, subprocess, sys
-import yaml
-sys.path.insert(0, {str(TESTS)!r})
-from manifests import selects
 args = sys.argv[1:]
 with open(os.environ["FAKE_KUBECTL_LOG"], "a") as log:
     log.write(json.dumps(args) + "\\n")
 if "apply" in args:  # apply -k DIR -l SELECTOR -o name: the objects it would apply, as kubectl names them
-    rendered = subprocess.run([{kubectl()!r}, "kustomize", args[args.index("-k") + 1]], capture_output=True,
-                              text=True, check=True).stdout
-    for doc in yaml.safe_load_all(rendered):
+    directory = args[args.index("-k") + 1]
+    cache = os.environ["FAKE_KUBECTL_LOG"] + "." + directory.replace("/", "_")  # rendered once per run
+    if not os.path.exists(cache):
+        with open(cache, "w") as out:
+            out.write(subprocess.run([{kubectl()!r}, "kustomize", directory], capture_output=True, text=True,
+                                     check=True).stdout)
+    import yaml
+    sys.path.insert(0, {str(TESTS)!r})
+    from manifests import selects
+    for doc in yaml.safe_load_all(open(cache).read()):
         if doc and selects(args[args.index("-l") + 1], doc["metadata"].get("labels", {{}})):
             group = doc["apiVersion"].rpartition("/")[0]
             print(doc["kind"].lower() + ("." + group if group else "") + "/" + doc["metadata"]["name"])
