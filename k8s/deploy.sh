@@ -85,6 +85,14 @@ wait_for() {  # an object as `kubectl apply -o name` prints it, timeout
   esac
 }
 
+# Before anything starts: every object of the overlay must be of a kind the cluster knows
+# (a missing operator's CRD, e.g. the PodMonitor's, would otherwise fail a step hours in).
+echo "==> checking $overlay against the cluster's APIs (kubectl apply --dry-run=client)"
+if ! kubectl apply -k "$overlay" --dry-run=client -o name >/dev/null; then
+  echo "$0: the cluster cannot take $overlay (above); install what it needs (docs/deployment.md, Prerequisites)" >&2
+  exit 1
+fi
+
 started=
 number=0
 for step in "${STEPS[@]}"; do

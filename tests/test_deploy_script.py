@@ -25,7 +25,11 @@ import json, os, subprocess, sys
 args = sys.argv[1:]
 with open(os.environ["FAKE_KUBECTL_LOG"], "a") as log:
     log.write(json.dumps(args) + "\\n")
-if "apply" in args:  # apply -k DIR -l SELECTOR -o name: the objects it would apply, as kubectl names them
+if "--dry-run=client" in args:  # the check before the first step: fails for the kind named in FAKE_KUBECTL_UNKNOWN
+    unknown = os.environ.get("FAKE_KUBECTL_UNKNOWN")
+    if unknown:
+        sys.exit(f'error: resource mapping not found: no matches for kind "{{unknown}}"; ensure CRDs are installed first')
+elif "apply" in args:  # apply -k DIR -l SELECTOR -o name: the objects it would apply, as kubectl names them
     directory = args[args.index("-k") + 1]
     cache = os.environ["FAKE_KUBECTL_LOG"] + "." + directory.replace("/", "_")  # rendered once per run
     if not os.path.exists(cache):
@@ -47,7 +51,7 @@ elif "wait" in args:  # the object named in FAKE_KUBECTL_FAILS has failed; every
 """
 
 
-def run(tmp_path, *args, fails=None):
+def run(tmp_path, *args, fails=None, unknown=None):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     fake = bin_dir / "kubectl"
@@ -56,7 +60,7 @@ def run(tmp_path, *args, fails=None):
     log = tmp_path / "kubectl.log"
     log.unlink(missing_ok=True)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_KUBECTL_LOG": str(log),
-           "ACCRESNET_POLL": "1s", "FAKE_KUBECTL_FAILS": fails or ""}
+           "ACCRESNET_POLL": "1s", "FAKE_KUBECTL_FAILS": fails or "", "FAKE_KUBECTL_UNKNOWN": unknown or ""}
     result = subprocess.run(["bash", str(DEPLOY_SCRIPT), *args], capture_output=True, text=True, env=env,
                             timeout=300)
     calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -67,6 +71,8 @@ def steps_taken(calls) -> list[tuple[str, list[str]]]:
     """(selector applied, the waits that followed it), in order."""
     steps = []
     for call in calls:
+        if "--dry-run=client" in call:
+            continue
         if "apply" in call:
             assert call[call.index("-k") + 1].startswith(str(ROOT / "k8s")), call
             steps.append((call[call.index("-l") + 1], []))
@@ -117,6 +123,13 @@ def test_a_failed_job_stops_the_chain_and_says_how_to_go_on(tmp_path):
     assert "job.batch/accresnet-train failed" in result.stderr
     assert f"--from training {overlay}" in result.stderr
     assert ["-n", "accresnet", "describe", "job.batch/accresnet-train"] in calls
+
+
+def test_a_kind_the_cluster_lacks_stops_the_chain_before_it_starts(tmp_path):
+    overlay = str(ROOT / "k8s" / "overlays/prometheus")
+    result, calls = run(tmp_path, overlay, unknown="PodMonitor")
+    assert result.returncode == 1 and "PodMonitor" in result.stderr and "Prerequisites" in result.stderr
+    assert calls == [["apply", "-k", overlay, "--dry-run=client", "-o", "name"]]  # nothing applied
 
 
 def test_from_starts_at_a_later_step(tmp_path):
