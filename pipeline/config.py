@@ -167,6 +167,15 @@ class TrainConfig:
         None, help="also save a checkpoint every N steps (the last 3 checkpoints are kept), for clusters that kill "
                    "without a grace period; SIGTERM always saves at the next step",
         unset="after every epoch only")
+    log_every_steps: int = setting(
+        100, metavar="N", help="also write the step's loss, learning rate and images/s to TensorBoard every N "
+                               "steps (0: once an epoch only)")
+    export_best: bool = setting(
+        False, help="keep the checkpoint of the epoch with the best validation accuracy (checkpoints/best/) and "
+                    "export that epoch instead of the last; needs a validation split")
+    early_stopping: int | None = setting(
+        None, metavar="PATIENCE", help="end the run once validation accuracy has not improved for PATIENCE "
+                                       "epochs; needs a validation split", unset="off: every epoch runs")
     progress: bool | None = setting(None, help="a progress bar even when not on a terminal",
                                     negative=("--no-progress", "plain log lines even on a terminal"))
     # Steps left out of the images/s measurement (tracing, warm caches); not
@@ -187,9 +196,15 @@ class TrainConfig:
             raise ConfigError("give --epochs or --steps, not both")
         for flag, value in (("--epochs", self.epochs), ("--steps", self.steps),
                             ("--batch-size", self.batch_size), ("--devices", self.devices),
-                            ("--checkpoint-every-steps", self.checkpoint_every_steps)):
+                            ("--checkpoint-every-steps", self.checkpoint_every_steps),
+                            ("--early-stopping", self.early_stopping)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be a positive integer; got {value}")
+        if self.log_every_steps < 0:
+            raise ConfigError(f"--log-every-steps must be 0 or more; got {self.log_every_steps}")
+        if (self.export_best or self.early_stopping) and self.data.val_split == 0.0:
+            raise ConfigError("--export-best and --early-stopping read the validation accuracy: they need a "
+                              "validation split (--val-split above 0)")
 
     @property
     def recipe_overrides(self) -> dict[str, object]:

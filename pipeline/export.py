@@ -257,13 +257,28 @@ def _write_warmup_requests(path: pathlib.Path) -> None:
 # --- from a training run -----------------------------------------------------------
 
 
-def restore_trained_model(model_dir: str | os.PathLike) -> tuple[keras.Model, list[str]]:
-    """The float32 model of a training run's latest checkpoint, and its class names."""
-    run = RunDir(pathlib.Path(model_dir))
+def run_checkpoint(run: RunDir) -> tuple[str, int | None]:
+    """The checkpoint an export of the run takes, and its epoch where known: the best validation
+    epoch's for a run trained with --export-best, else the latest."""
     settings = run.read_settings()
-    checkpoint_path = tf.train.latest_checkpoint(str(run.checkpoints))
-    if settings is None or checkpoint_path is None:
+    latest = tf.train.latest_checkpoint(str(run.checkpoints))
+    if settings is None or latest is None:
         raise ExportError(f"{run.path} holds no finished epoch of a training run (run.json and checkpoints/)")
+    if settings.export_best:
+        best = tf.train.latest_checkpoint(str(run.best_checkpoints))
+        if best is None:
+            raise ExportError(f"{run.path} was trained with --export-best but holds no best checkpoint "
+                              f"({run.best_checkpoints}): no epoch has finished with a validation accuracy")
+        return best, int(best.rsplit("-", 1)[1])
+    summary = run.read_summary()
+    return latest, summary.epochs_completed if summary else None
+
+
+def restore_trained_model(model_dir: str | os.PathLike) -> tuple[keras.Model, list[str]]:
+    """The float32 model of a training run's checkpoint (run_checkpoint), and its class names."""
+    run = RunDir(pathlib.Path(model_dir))
+    checkpoint_path, _ = run_checkpoint(run)
+    settings = run.read_settings()
     # Serve in float32 whatever the training precision: the weights are float32 anyway.
     with precision_policy("float32"):
         model = build_model(settings.model_config())
@@ -274,9 +289,11 @@ def restore_trained_model(model_dir: str | os.PathLike) -> tuple[keras.Model, li
 
 
 def export_run(model_dir: str | os.PathLike, export_base: str | os.PathLike, top_k: int = DEFAULT_TOP_K) -> str:
-    """Export a training run's latest checkpoint as the next version under `export_base`."""
+    """Export a training run's checkpoint (its best epoch's under --export-best, else its latest)
+    as the next version under `export_base`."""
     model, class_names = restore_trained_model(model_dir)
-    card = model_card.from_run(RunDir(pathlib.Path(model_dir)))
+    run = RunDir(pathlib.Path(model_dir))
+    card = model_card.from_run(run, exported_epoch=run_checkpoint(run)[1])
     path = export_saved_model(model, class_names, export_base, top_k, card)
     log.info("exported %s", path)
     return path

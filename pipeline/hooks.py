@@ -16,10 +16,11 @@ from collections.abc import Callable
 
 import keras
 import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp
 
 from pipeline import datasets
 from pipeline.errors import UserError
-from pipeline.rundir import HistoryRow, RunDir
+from pipeline.rundir import HistoryRow, RunDir, best_row
 from pipeline.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,11 @@ class TrainingDiverged(UserError, RuntimeError):
 
 class Hook:
     """Called by the loop at its seams; a method not overridden does nothing.
-    Epochs and steps count from 1."""
+    Epochs and steps count from 1. A hook that sets `stop_training` ends the run
+    after the epoch (the loop checks before each epoch, so a resumed run that
+    had ended trains nothing)."""
+
+    stop_training = False
 
     def on_epoch_begin(self, epoch: int, steps: int) -> None:
         pass
@@ -152,13 +157,78 @@ class Checkpoints(Hook):
         self.save()
 
 
-class TensorBoard(Hook):
-    """Per-epoch scalars under logs/train and logs/validation; None writes nothing (a non-chief worker)."""
+class KeepBest(Hook):
+    """--export-best: the checkpoint of the best validation epoch so far, in its own folder
+    (numbered by the epoch), saved after the epoch's own checkpoint. `rows` is the run's
+    history (the History hook appends to it first)."""
 
-    def __init__(self, logs: pathlib.Path | None, timer: StepTimer):
-        self.timer = timer
+    def __init__(self, manager: tf.train.CheckpointManager, rows: list[HistoryRow], scratch: pathlib.Path | None):
+        self.manager, self.rows, self.scratch = manager, rows, scratch
+
+    def save(self, epoch: int) -> None:
+        self.manager.save(checkpoint_number=epoch)
+        if self.scratch is not None:  # a non-chief worker's copy (saving is collective)
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def saved_epoch(self) -> int | None:
+        latest = self.manager.latest_checkpoint
+        return int(latest.rsplit("-", 1)[1]) if latest else None
+
+    def on_epoch_end(self, row: HistoryRow) -> None:
+        if best_row(self.rows) is row:
+            self.save(row.epoch)
+
+    def catch_up(self, epoch: int) -> None:
+        """After a restore at the end of `epoch`: a run stopped between that epoch's checkpoint
+        and its best one saves the best one now (the restored state is that epoch's)."""
+        best = best_row(self.rows)
+        if best is not None and best.epoch == epoch and self.saved_epoch() != epoch:
+            self.save(epoch)
+
+
+class EarlyStopping(Hook):
+    """--early-stopping: ends the run once `patience` epochs have passed without a better
+    validation accuracy than the best epoch's, read from the history (which a resume cuts
+    back to its checkpoint, so the decision survives preemption)."""
+
+    def __init__(self, patience: int, rows: list[HistoryRow]):
+        self.patience, self.rows = patience, rows
+        self._decide()
+
+    def _decide(self) -> None:
+        best = best_row(self.rows)
+        self.stop_training = best is not None and self.rows[-1].epoch - best.epoch >= self.patience
+
+    def on_epoch_end(self, row: HistoryRow) -> None:
+        self._decide()
+        if self.stop_training:
+            best = best_row(self.rows)
+            log.info("early stopping: no better validation accuracy than epoch %d's %.4f for %d epochs",
+                     best.epoch, best.val_accuracy, self.patience)
+
+
+class TensorBoard(Hook):
+    """Per-epoch scalars under logs/train and logs/validation, and every `every_steps` global
+    steps the step's loss, learning rate and images/s under logs/train (tags step/...);
+    None writes nothing (a non-chief worker)."""
+
+    def __init__(self, logs: pathlib.Path | None, timer: StepTimer, trainer: Trainer | None = None,
+                 every_steps: int = 0):
+        self.timer, self.trainer, self.every_steps = timer, trainer, every_steps
         self.writers = {name: tf.summary.create_file_writer(str(logs / name)) if logs else
                         tf.summary.create_noop_writer() for name in ("train", "validation")}
+
+    def on_step(self, epoch: int, step: int, loss: float, seconds: float) -> None:
+        if not self.every_steps or self.trainer is None:
+            return
+        global_step = int(self.trainer.optimizer.iterations.numpy())
+        if global_step % self.every_steps:
+            return
+        with self.writers["train"].as_default(step=global_step):
+            tf.summary.scalar("step/loss", loss)
+            tf.summary.scalar("step/lr", self.trainer.learning_rate())
+            if seconds > 0:
+                tf.summary.scalar("step/images_per_sec", self.trainer.global_batch / seconds)
 
     def on_epoch_end(self, row: HistoryRow) -> None:
         images_per_sec = self.timer.images_per_sec()
@@ -173,6 +243,22 @@ class TensorBoard(Hook):
                     tf.summary.scalar(key, getattr(row, f"val_{key}"))
         for writer in self.writers.values():
             writer.flush()
+
+
+def write_run_overview(logs: pathlib.Path, hparams: dict, trial: str, images) -> None:
+    """Once a run: its settings in TensorBoard's hparams plugin (logs/), and a few augmented
+    training images as the model sees them (logs/train, step 0)."""
+    flat = {}
+    for key, value in hparams.items():
+        for name, item in (value.items() if isinstance(value, dict) else [(None, value)]):
+            if isinstance(item, (list, tuple)):
+                item = str(list(item))
+            if isinstance(item, (bool, int, float, str)) and key != "class_names":
+                flat[f"{key}.{name}" if name else key] = item
+    with tf.summary.create_file_writer(str(logs)).as_default():
+        hp.hparams(flat, trial_id=trial)
+    with tf.summary.create_file_writer(str(logs / "train")).as_default(step=0):
+        tf.summary.image("augmented training images", images, max_outputs=len(images))
 
 
 class EpochLog(Hook):

@@ -55,6 +55,13 @@ class TrainingSection:
     wall_time_sec: float | None
     # What the command line changed of the recipe (--learning-rate, --set ...), by recipe field.
     overrides: dict[str, Any] | None = None
+    # The epoch whose weights this version holds (the best validation epoch's under --export-best),
+    # its history row, and how the run chose and ended.
+    exported_epoch: int | None = None
+    exported_epoch_metrics: dict[str, float] | None = None
+    export_best: bool = False
+    early_stopping: int | None = None
+    stopped_early: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,9 +111,11 @@ class ModelCard:
                    note=card.get("note"), format=card.get("format", FORMAT))
 
 
-def from_run(run: RunDir) -> ModelCard:
-    """The card of an export of the run's latest checkpoint."""
+def from_run(run: RunDir, exported_epoch: int | None = None) -> ModelCard:
+    """The card of an export of the run's checkpoint of `exported_epoch` (None: not known).
+    `metrics` are the run's last epoch's (and its test split's) whichever epoch is exported."""
     settings, summary = run.read_settings(), run.read_summary()
+    exported_row = next((row for row in run.read_history() if row.epoch == exported_epoch), None)
     return ModelCard(
         model=ModelSection(settings.arch, settings.depth, settings.width, settings.cardinality, settings.shortcut,
                            settings.zero_init_residual, tuple(settings.class_names)),
@@ -114,7 +123,9 @@ def from_run(run: RunDir) -> ModelCard:
                                  summary.epochs_completed if summary else None, settings.global_batch,
                                  settings.learning_rate, settings.workers, settings.replicas,
                                  settings.mixed_precision, summary.wall_time_sec if summary else None,
-                                 settings.overrides),
+                                 settings.overrides, exported_epoch,
+                                 exported_row.metrics() if exported_row else None, settings.export_best,
+                                 settings.early_stopping, bool(summary and summary.stopped_early)),
         data=DataSection(settings.dataset, settings.data_digest),
         metrics=dict(summary.final) if summary else None,
         made=Made(_now(), project(), tensorflow_version()))

@@ -3,7 +3,8 @@
     run.json       RunSettings: what the run is; a resume must find the same
     history.csv    one HistoryRow per finished epoch
     summary.json   RunSummary: the settings, where the run started, final metrics, images/s
-    checkpoints/   model, optimizer and epoch after every epoch (TensorFlow's format)
+    checkpoints/   model, optimizer and epoch after every epoch (TensorFlow's format);
+                   checkpoints/best/ the best validation epoch's, under --export-best
     logs/          TensorBoard summaries (train/, validation/)
     workers/       one WorkerRecord per worker of a multi-worker run: its final weights' digest
     .workers/      each non-chief worker's scratch checkpoints, removed once written
@@ -35,7 +36,7 @@ RESUME_KEYS = ("arch", "depth", "width", "cardinality", "dataset", "num_classes"
                "zero_init_residual", "weight_decay", "batch_norm_momentum", "batch_norm_epsilon",
                "classifier_initializer", "projection_initializer", "batch_norm_weight_decay", "fused_batch_norm",
                "augmentation", "global_batch", "learning_rate", "total_steps", "steps_per_epoch", "mixed_precision",
-               "data_digest", "recipe_settings")
+               "data_digest", "recipe_settings", "export_best", "early_stopping")
 # Of those, the ones runs recorded before they existed lack (None there: not compared).
 RECORDED_LATER = ("data_digest", "recipe_settings")
 
@@ -84,6 +85,9 @@ class RunSettings:
     # of the named recipe; None in runs recorded before.
     recipe_settings: dict[str, Any] | None = None
     overrides: dict[str, Any] | None = None
+    # --export-best keeps the best validation epoch's checkpoint; --early-stopping's patience in epochs.
+    export_best: bool = False
+    early_stopping: int | None = None
 
     def model_config(self) -> ModelConfig:
         """The network the run trains: every ModelConfig field is a setting of the run."""
@@ -144,10 +148,15 @@ class RunSummary:
     parameters: int
     model_dir: str
     is_chief: bool
+    # Ended by --early-stopping before its last epoch: finished all the same.
+    stopped_early: bool = False
+    # The epoch of the best validation accuracy so far, and that accuracy (None without validation).
+    best_epoch: int | None = None
+    best_val_accuracy: float | None = None
 
     @property
     def is_finished(self) -> bool:
-        return self.epochs_completed >= self.settings.epochs
+        return self.epochs_completed >= self.settings.epochs or self.stopped_early
 
     def to_json(self) -> dict[str, Any]:
         # One flat object, as scripts read it: the settings, then what happened.
@@ -184,6 +193,11 @@ class RunDir:
     @property
     def logs(self) -> pathlib.Path:
         return self.path / "logs"
+
+    @property
+    def best_checkpoints(self) -> pathlib.Path:
+        """--export-best's checkpoint of the best validation epoch, numbered by that epoch."""
+        return self.checkpoints / "best"
 
     def scratch(self, task_id: int) -> pathlib.Path:
         """A non-chief worker's own folder, removed after each checkpoint."""
@@ -273,3 +287,9 @@ class RunDir:
 
 def _write_json(path: pathlib.Path, value: dict) -> None:
     write_atomically(path, json.dumps(value, indent=2) + "\n")
+
+
+def best_row(rows: list[HistoryRow]) -> HistoryRow | None:
+    """The first epoch with the highest validation accuracy; None where none was measured."""
+    measured = [row for row in rows if row.val_accuracy is not None]
+    return max(measured, key=lambda row: row.val_accuracy) if measured else None

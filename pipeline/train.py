@@ -25,13 +25,13 @@ from pipeline import bfloat16_kernels, datasets, input_pipeline
 from pipeline.config import run_length, RunLength, scaled_learning_rate, TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.distribute import Cluster, make_strategy
-from pipeline.hooks import (Checkpoints, EpochLog, History, Hook, Progress, StepTimer, StopOnDivergence,
-                            TensorBoard, validation)
+from pipeline.hooks import (Checkpoints, EarlyStopping, EpochLog, History, Hook, KeepBest, Progress, StepTimer,
+                            StopOnDivergence, TensorBoard, validation, write_run_overview)
 from pipeline.model import build_model, precision_policy, set_pixel_mean
 from pipeline.optimizers import learning_rate_schedule, make_optimizer, mixed_precision_policy
 from pipeline.preemption import PEER_ERRORS, PeerLost, Preempted, StopRequest, peer_error_summary
 from pipeline.recipes import recipe_settings
-from pipeline.rundir import HistoryRow, RunDir, RunSettings, RunSummary, WorkerRecord
+from pipeline.rundir import HistoryRow, RunDir, RunSettings, RunSummary, WorkerRecord, best_row
 from pipeline.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ def run_epochs(trainer: Trainer, batches, length: RunLength, start: int, evaluat
     agreed to stop and the hooks have saved."""
     row, stopping = None, False
     for epoch in range(start // length.steps_per_epoch + 1, length.epochs + 1 if start < length.total_steps else 0):
+        if any(hook.stop_training for hook in hooks):
+            break
         steps, done = length.steps_in_epoch(epoch - 1), max(0, start - (epoch - 1) * length.steps_per_epoch)
         if not done:  # a resumed epoch keeps its running metrics (they are checkpointed)
             trainer.reset_train_metrics()
@@ -106,6 +108,9 @@ def _train(config: TrainConfig, cluster: Cluster, strategy: tf.distribute.Strate
     if cluster.is_chief:
         run.path.mkdir(parents=True, exist_ok=True)
     data = datasets.load(config.resolved_data)
+    if (config.export_best or config.early_stopping) and data.validation is None:
+        raise ConfigError(f"--export-best and --early-stopping read the validation accuracy, and "
+                          f"{config.data.spec} gives no validation split here")
     settings, length = resolve(config, data, strategy.num_replicas_in_sync, cluster)
     run.check_resumable(settings)
     log.info("training %s-%d on %s: %d replica(s) on %d worker(s), global batch %d, lr %.4g, "
@@ -122,13 +127,26 @@ def _train(config: TrainConfig, cluster: Cluster, strategy: tf.distribute.Strate
         timer = StepTimer(config.untimed_steps, settings.global_batch)
         manager = tf.train.CheckpointManager(checkpoint, run.checkpoints_of(cluster.is_chief, cluster.task_id),
                                              max_to_keep=3)
+        scratch = None if cluster.is_chief else run.scratch(cluster.task_id)
         hooks = [timer, StopOnDivergence(run.checkpoints), Progress(config.progress, trainer, length.epochs),
                  History(run, history, write=cluster.is_chief),
-                 Checkpoints(manager, trainer, epoch, None if cluster.is_chief else run.scratch(cluster.task_id),
-                             config.checkpoint_every_steps),
-                 TensorBoard(run.logs if cluster.is_chief else None, timer), EpochLog(length.epochs)]
+                 Checkpoints(manager, trainer, epoch, scratch, config.checkpoint_every_steps)]
+        if config.export_best:
+            best = tf.train.CheckpointManager(checkpoint, run.best_checkpoints if cluster.is_chief else
+                                              scratch / "best", max_to_keep=1)
+            hooks.append(KeepBest(best, history, scratch))
+            if start % length.steps_per_epoch == 0:  # restored at an epoch's end: that epoch's state
+                hooks[-1].catch_up(initial_epoch)
+        early_stopping = EarlyStopping(config.early_stopping, history) if config.early_stopping else None
+        hooks += [early_stopping or Hook(),
+                  TensorBoard(run.logs if cluster.is_chief else None, timer, trainer, config.log_every_steps),
+                  EpochLog(length.epochs)]
+        if cluster.is_chief and start == 0:
+            write_run_overview(run.logs, settings.to_json(), run.path.name,
+                               sample_images(data.train, config, length))
         batches = iter(train_batches(trainer, data.train, config, length, start))
         last = run_epochs(trainer, batches, length, start, validation(trainer, data.validation), hooks, stop)
+        best_so_far = best_row(history)
         summary = RunSummary(
             settings=settings, initial_epoch=initial_epoch, initial_step=start,
             epochs_completed=int(epoch.numpy()),
@@ -137,7 +155,9 @@ def _train(config: TrainConfig, cluster: Cluster, strategy: tf.distribute.Strate
             wall_time_sec=round(time.monotonic() - started, 2),
             train_images_per_sec=round(timer.images_per_sec(), 1) if timer.images_per_sec() else None,
             timed_steps=timer.timed_steps, parameters=trainer.model.count_params(), model_dir=str(run.path),
-            is_chief=cluster.is_chief)
+            is_chief=cluster.is_chief, stopped_early=bool(early_stopping and early_stopping.stop_training),
+            best_epoch=best_so_far.epoch if best_so_far else None,
+            best_val_accuracy=best_so_far.val_accuracy if best_so_far else None)
     record(run, summary, trainer.model, cluster)
     return summary
 
@@ -158,7 +178,8 @@ def resolve(config: TrainConfig, data: datasets.ImageData, replicas: int, cluste
         learning_rate=scaled_learning_rate(recipe, global_batch), total_steps=length.total_steps,
         steps_per_epoch=length.steps_per_epoch, epochs=length.epochs, mixed_precision=config.mixed_precision,
         jit=config.jit, recipe_settings=recipe_settings(recipe),
-        overrides=json.loads(json.dumps(config.recipe_overrides)))
+        overrides=json.loads(json.dumps(config.recipe_overrides)), export_best=config.export_best,
+        early_stopping=config.early_stopping)
     return settings, length
 
 
@@ -194,6 +215,16 @@ def restore(run: RunDir, checkpoint: tf.train.Checkpoint, epoch: tf.Variable, se
         run.write_settings(settings)
         run.write_history(history)
     return history
+
+
+def sample_images(split: datasets.Split, config: TrainConfig, length: RunLength, count: int = 8) -> np.ndarray:
+    """The first training images of the run as the model gets them, augmentation applied."""
+    count = min(count, len(split))
+    dataset = input_pipeline.train_dataset(split, batch_size=count, seed=config.seed, start_epoch=0,
+                                           steps_per_epoch=max(len(split) // count, 1), end_epoch=1,
+                                           augmentation=config.augmentation)
+    images, _ = next(iter(dataset))
+    return images.numpy()
 
 
 def final_metrics(trainer: Trainer, test: datasets.Split | None, last: HistoryRow | None) -> dict[str, float]:

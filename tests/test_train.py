@@ -1,15 +1,17 @@
 import csv
 import json
+import pathlib
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import flags, hooks, model_card, optimizers, preemption, train as training
+from pipeline import export, flags, hooks, model_card, optimizers, preemption, train as training
 from pipeline.architecture import ModelConfig
 from pipeline.config import RunLength, TrainConfig
 from pipeline.distribute import Cluster, make_strategy
+from pipeline.errors import ConfigError
 from pipeline.model import build_model
 from pipeline.rundir import HISTORY_FIELDS, HistoryRow, ResumeMismatch, RunDir, RunSettings
 from pipeline.trainer import Trainer
@@ -359,3 +361,108 @@ def test_step_checkpoints_come_every_n_steps_besides_the_epochs(tmp_path):
     state = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints"))
     # 11 steps of 32 of 360 images: saves at 2, 4, ..., 10 and the epoch's end; the last 3 are kept.
     assert [path.rsplit("-", 1)[1] for path in state.all_model_checkpoint_paths] == ["8", "10", "11"]
+
+
+# --- watching a run and keeping its best epoch ---------------------------------------------------
+
+
+class ScriptedValidation:
+    def __init__(self, accuracies):
+        self.accuracies = iter(accuracies)
+
+    def __call__(self):
+        return {"val_loss": 1.0, "val_accuracy": next(self.accuracies)}
+
+
+class AppendRows(hooks.Hook):
+    """The History hook's part the others read: the rows, appended first."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def on_epoch_end(self, row):
+        self.rows.append(row)
+
+
+def test_early_stopping_ends_the_loop_after_its_patience_and_a_resumed_loop_trains_nothing():
+    rows = []
+    trainer = FakeTrainer([1.0] * 10)
+    length = RunLength(steps_per_epoch=1, total_steps=10)
+    stopper = hooks.EarlyStopping(2, rows)
+    last = training.run_epochs(trainer, None, length, 0, ScriptedValidation([0.3, 0.5, 0.5, 0.4, 0.9]),
+                               [AppendRows(rows), stopper], NoStop())
+    # Epoch 2 is the best (a tie later is no improvement); epochs 3 and 4 exhaust the patience.
+    assert last.epoch == 4 and stopper.stop_training and trainer.steps == 4
+    again = hooks.EarlyStopping(2, list(rows))  # a resume reads the same history
+    assert again.stop_training
+    assert training.run_epochs(FakeTrainer([]), None, length, 4, dict, [again], NoStop()) is None
+
+
+def test_keep_best_saves_each_new_best_epoch_and_catches_up_after_a_stop_between_checkpoints(tmp_path):
+    value = tf.Variable(0.0)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(value=value), tmp_path / "best", max_to_keep=1)
+    rows = []
+    keep = hooks.KeepBest(manager, rows, scratch=None)
+    for epoch, accuracy in enumerate([0.2, 0.6, 0.5], start=1):
+        value.assign(epoch)
+        rows.append(HistoryRow(epoch=epoch, loss=1.0, accuracy=0.5, val_accuracy=accuracy, lr=0.1))
+        keep.on_epoch_end(rows[-1])
+    assert keep.saved_epoch() == 2 and tf.train.latest_checkpoint(tmp_path / "best").endswith("ckpt-2")
+    # Epoch 4 is best, its own checkpoint was saved, the run stopped before the best one was.
+    rows.append(HistoryRow(epoch=4, loss=1.0, accuracy=0.5, val_accuracy=0.7, lr=0.1))
+    value.assign(4)
+    keep.catch_up(3)  # restored at epoch 3's end (not the best): nothing to do
+    assert keep.saved_epoch() == 2
+    keep.catch_up(4)
+    assert keep.saved_epoch() == 4
+    tf.train.Checkpoint(value=value).restore(manager.latest_checkpoint)
+    assert float(value.numpy()) == 4.0
+
+
+def event_tags(folder):
+    """(tag, plugin, step) of every summary written under `folder`."""
+    found = set()
+    for path in folder.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                found.add((value.tag, value.metadata.plugin_data.plugin_name, event.step))
+    return found
+
+
+def test_a_watched_run_keeps_and_exports_its_best_epoch_across_a_resume(tmp_path, monkeypatch):
+    config = dict(epochs=4, devices=1, export_best=True, early_stopping=3, log_every_steps=2,
+                  dataset="synthetic:200")
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 2 * 5 + 1)  # 180 training images, 5 steps an epoch: dies inside epoch 3
+        with pytest.raises(Interrupt):
+            training.train(tiny_config(tmp_path, **config))
+    summary = training.train(tiny_config(tmp_path, **config))
+    rows = RunDir(tmp_path).read_history()
+    best = max(rows, key=lambda row: row.val_accuracy)
+    assert summary.initial_epoch == 2 and summary.is_finished
+    assert (summary.best_epoch, summary.best_val_accuracy) == (best.epoch, best.val_accuracy)
+    assert summary.settings.export_best and summary.settings.early_stopping == 3
+    assert tf.train.latest_checkpoint(tmp_path / "checkpoints" / "best").endswith(f"ckpt-{best.epoch}")
+    # The export takes the best epoch's weights and says so.
+    base = export.export_run(tmp_path, tmp_path / "export")
+    card = json.loads((pathlib.Path(base) / "model_card.json").read_text())["training"]
+    assert card["exported_epoch"] == best.epoch and card["export_best"] is True
+    assert card["exported_epoch_metrics"]["val_accuracy"] == best.val_accuracy
+    exported, _ = export.restore_trained_model(tmp_path)
+    reference = build_model(RunDir(tmp_path).read_settings().model_config())
+    tf.train.Checkpoint(model=reference).restore(
+        tf.train.latest_checkpoint(tmp_path / "checkpoints" / "best")).expect_partial()
+    for mine, theirs in zip(exported.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(mine, theirs)
+    # TensorBoard: per-step curves every 2 steps, the settings as hparams, the augmented images once.
+    train_tags = event_tags(tmp_path / "logs" / "train")
+    assert {("step/loss", "scalars", 2), ("step/lr", "scalars", 4), ("step/images_per_sec", "scalars", 8)} <= {
+        (tag, plugin or "scalars", step) for tag, plugin, step in train_tags}
+    assert [(tag, plugin) for tag, plugin, _ in train_tags if plugin == "images"] == [
+        ("augmented training images", "images")]
+    assert {plugin for _, plugin, _ in event_tags(tmp_path / "logs")} == {"hparams"}
+
+
+def test_export_best_and_early_stopping_need_a_validation_split(tmp_path):
+    with pytest.raises(ConfigError, match="need a validation split"):
+        tiny_config(tmp_path, export_best=True, val_split=0.0)
