@@ -1,8 +1,10 @@
-"""Helpers for tests that run the `accresnet` command in subprocesses."""
+"""Helpers shared by tests: the `accresnet` command in subprocesses, deployed servers, waiting,
+this process's memory."""
 
 import os
 import subprocess
 import sys
+import time
 
 from serving.deployment import free_ports  # noqa: F401 (the tests' port helper)
 
@@ -45,3 +47,19 @@ def worker_records(run):
     from pipeline.rundir import WorkerRecord
 
     return [WorkerRecord(**json.loads(path.read_text())) for path in sorted((run.path / "workers").glob("*.json"))]
+
+
+def wait_until(condition, timeout=60.0):
+    """Poll `condition` every 0.2 s until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def rss_mib() -> float:
+    """This process's resident set size in MiB (Linux /proc)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024

@@ -8,7 +8,8 @@ import urllib.request
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc)
 
 from helpers import free_ports
 from serving.contract import IMAGE_SHAPE, IMAGES_INPUT, MODEL_NAME
@@ -69,3 +70,14 @@ def predict_request(model=MODEL_NAME, batch=None, signature="", **spec):
             setattr(request.model_spec, key, value)
     request.inputs[IMAGES_INPUT].CopyFrom(tf.make_tensor_proto(images() if batch is None else batch))
     return request
+
+
+def versions(clients, name):
+    """The versions of model `name` the server reports, with their states ({} when it cannot answer)."""
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = name
+    try:
+        response = clients.models.GetModelStatus(request, timeout=30)
+    except grpc.RpcError:
+        return {}
+    return {status.version: status.state for status in response.model_version_status}

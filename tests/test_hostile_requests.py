@@ -18,9 +18,9 @@ from PIL import Image
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import classification_pb2, predict_pb2
 
+from helpers import rss_mib
 from hostile_files import gif_hiding_a_frame
 from server_clients import Clients, images, predict_request, start_server
-from test_server_hardening import rss_mib
 
 RSS_BUDGET_MIB = 300
 WRONG_SHAPES = [(), (1,), (3,), (1, 3), (32, 32, 3), (1, 1, 1, 3), (1, 32, 32, 3, 1)]

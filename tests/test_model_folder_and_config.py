@@ -9,35 +9,16 @@ import logging
 import shutil
 import time
 
-import grpc
 import pytest
 from tensorflow_serving.apis import get_model_status_pb2
 
 from pipeline.export import existing_versions
 from serving.server.main import build_parser
 from serving.server.options import OptionsError, options_from_args
-from server_clients import Clients, images, predict_request, start_server
+from helpers import wait_until
+from server_clients import Clients, images, predict_request, start_server, versions
 
 STRANGE_NAMES = ["²", "١", "99999999999999999999", "-3", " 4", "1e3"]
-
-
-def wait_until(condition, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def versions(clients, name):
-    request = get_model_status_pb2.GetModelStatusRequest()
-    request.model_spec.name = name
-    try:
-        response = clients.models.GetModelStatus(request, timeout=30)
-    except grpc.RpcError:
-        return {}
-    return {status.version: status.state for status in response.model_version_status}
 
 
 def test_folders_that_are_not_versions_are_skipped(exported_model, tmp_path, caplog):

@@ -8,11 +8,10 @@ import time
 import grpc
 import pytest
 
-from helpers import free_ports
+from helpers import free_ports, wait_until
 from pipeline.push import LabelConfig, PushConfig, ReleaseError, promote, push
 from serving import labels
 from serving.deployment import MODEL_CONFIG_TEMPLATE, MODEL_NAME, local_deployed_server
-from test_model_folder_and_config import wait_until
 from server_clients import Clients, images, predict_request
 
 SLOW_LOAD_SECONDS = 4

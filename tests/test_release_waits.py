@@ -19,7 +19,7 @@ from pipeline import cli
 from pipeline.push import PushConfig, ReleaseError, push
 from serving import atomic, availability, labels
 from serving.availability import NotAStatus, NotAvailable, Servers, wait_until_available
-from test_candidate_entries import bless, candidate
+from candidate_files import bless, candidate
 
 CONFIG = """model_config_list {
   config {

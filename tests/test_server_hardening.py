@@ -15,13 +15,9 @@ from PIL import Image
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
 
+from helpers import rss_mib
 from hostile_files import png_declaring
 from server_clients import Clients, images, predict_request, start_server
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ import grpc
 import pytest
 from tensorflow_serving.apis import get_model_status_pb2
 
-from helpers import free_ports
-from test_model_folder_and_config import versions, wait_until
-from server_clients import Clients, images, predict_request, start_server
+from helpers import free_ports, wait_until
+from server_clients import Clients, images, predict_request, start_server, versions
 
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 REFUSAL = "Request to assign label to version {} of model m, which is not currently available for inference"
