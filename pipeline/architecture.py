@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from pipeline.errors import ConfigError
+from serving.contract import IMAGE_SIZE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 ARCHES = ("resnet", "accumulated", "wrn", "accumulated-wrn", "resnext", "accumulated-resnext")
 # Depth as a function of n, the blocks per stage, in each family.
@@ -114,9 +115,13 @@ class ModelConfig:
     classifier_initializer: str = "he_normal"
     projection_initializer: str = "he_normal"
     batch_norm_weight_decay: float = 0.0
+    # The side of the square RGB images the network takes (convolutional with a global pool,
+    # it takes any; the export declares this one).
+    image_size: int = IMAGE_SIZE
 
     def __post_init__(self):
         check_architecture(self.arch, self.depth, self.width, self.cardinality)
+        check_image_size(self.image_size)
         check_shortcut(self.shortcut)
         check_initializer(self.classifier_initializer)
         check_initializer(self.projection_initializer)
@@ -134,6 +139,11 @@ class ModelConfig:
     @property
     def resolved_cardinality(self) -> int:
         return self.cardinality or DEFAULT_CARDINALITY
+
+
+def check_image_size(size: int) -> None:
+    if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"--image-size must be within {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}; got {size}")
 
 
 def check_architecture(arch: str, depth: int, width: int | None = None, cardinality: int | None = None) -> None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from pipeline.architecture import ARCHES, SHORTCUTS, ModelConfig, check_architecture, check_shortcut
+from pipeline.architecture import (ARCHES, SHORTCUTS, ModelConfig, check_architecture, check_image_size,
+                                   check_shortcut)
 from pipeline.errors import ConfigError
 from pipeline.flags import setting
 from pipeline.recipes import (OPTIMIZERS, OVERRIDABLE, RECIPES, Recipe, get_recipe, model_settings, parse_overrides,
                               recipes_help, recipes_with, with_overrides)
+from serving.contract import IMAGE_SIZE
 
 
 # Every dataset spec and what it reads: the one list, for --help, the errors and the docs.
@@ -54,8 +56,13 @@ class DataConfig:
     train_images: int | None = setting(
         None, help="train on N images of the training split only, a fixed choice with as many of each class "
                    "as it holds", unset="the recipe's, else all")
+    image_size: int = setting(
+        IMAGE_SIZE, metavar="S", help="the side of the square images the model trains on and serves: images of "
+                                      "another size are resized to S x S (the log says how many), and the "
+                                      "export declares [batch, S, S, 3]")
 
     def __post_init__(self):
+        check_image_size(self.image_size)
         if self.val_split is not None and not 0.0 <= self.val_split < 1.0:
             raise ConfigError(f"--val-split must be in [0, 1); got {self.val_split}")
         if self.train_images is not None and self.train_images < 1:
@@ -93,13 +100,13 @@ class NetConfig:
         check_architecture(self.arch, self.depth, self.width, self.cardinality)
         check_shortcut(self.shortcut)
 
-    def model_config(self, num_classes: int, recipe: Recipe) -> ModelConfig:
+    def model_config(self, num_classes: int, recipe: Recipe, image_size: int = IMAGE_SIZE) -> ModelConfig:
         zero_init = recipe.zero_init_residual if self.zero_init_residual is None else self.zero_init_residual
         # The recipe's network settings, of which the flags override the shortcut and zero-init.
         settings = {**model_settings(recipe), "shortcut": self.shortcut or recipe.shortcut,
                     "zero_init_residual": zero_init}
         return ModelConfig(self.arch, self.depth, num_classes, width=self.width, cardinality=self.cardinality,
-                           **settings)
+                           image_size=image_size, **settings)
 
 
 def _recipe_name(recipe: Recipe) -> str:

@@ -9,6 +9,7 @@ them at memory speed through tf.data (see input_pipeline.py).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -20,13 +21,14 @@ import tarfile
 import tempfile
 
 import numpy as np
+from PIL import Image
 
 from serving import images as image_files
 from pipeline import synthetic
 from pipeline.cache import project_cache
 from pipeline.config import DATASET_SPECS_LIST, DataConfig
 from pipeline.errors import UserError
-from serving.contract import IMAGE_SHAPE
+from serving.contract import IMAGE_SIZE, image_shape
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +46,13 @@ class DatasetError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # uint8 [N, 32, 32, 3]
+    images: np.ndarray  # uint8 [N, S, S, 3]
     labels: np.ndarray  # int64 [N]
 
     def __post_init__(self):
-        if self.images.dtype != np.uint8 or self.images.shape[1:] != IMAGE_SHAPE:
-            raise DatasetError(f"images must be uint8 [N, 32, 32, 3]; got {self.images.dtype} {self.images.shape}")
+        shape = self.images.shape
+        if self.images.dtype != np.uint8 or len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+            raise DatasetError(f"images must be uint8 [N, S, S, 3]; got {self.images.dtype} {shape}")
         if self.labels.shape != (len(self.images),):
             raise DatasetError(f"{len(self.images)} images but labels of shape {self.labels.shape}")
 
@@ -72,8 +75,12 @@ class ImageData:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[1]
+
     def pixel_mean(self) -> np.ndarray:
-        """Per-pixel mean of the training images, float32 [32, 32, 3] in [0, 1]."""
+        """Per-pixel mean of the training images, float32 [S, S, 3] in [0, 1]."""
         return (self.train.images.mean(axis=0, dtype=np.float64) / 255.0).astype(np.float32)
 
     def describe(self) -> str:
@@ -101,17 +108,17 @@ def load(config: DataConfig) -> ImageData:
     readers = {
         "synthetic": lambda: _read_synthetic(argument, synthetic.EASY),
         "synthetic-hard": lambda: _read_synthetic(argument, synthetic.HARD),
-        "cifar10": lambda: _read_tfds("cifar10", config.data_dir),
-        "cifar100": lambda: _read_tfds("cifar100", config.data_dir),
-        "tfds": lambda: _read_tfds(argument, config.data_dir),
-        "folder": lambda: _read_folder_tree(argument, config.skip_bad_images),
+        "cifar10": lambda: _read_tfds("cifar10", config.data_dir, config.image_size),
+        "cifar100": lambda: _read_tfds("cifar100", config.data_dir, config.image_size),
+        "tfds": lambda: _read_tfds(argument, config.data_dir, config.image_size),
+        "folder": lambda: _read_folder_tree(argument, config.skip_bad_images, config.image_size),
         "cifar-bin": lambda: _read_cifar_binary(argument),
     }
     if kind not in readers or (kind in ("cifar10", "cifar100") and argument):
         raise DatasetError(f"unknown dataset {config.spec!r}; expected one of {DATASET_SPECS_LIST}")
     if kind in ("tfds", "folder", "cifar-bin") and not argument:
         raise DatasetError(f"dataset {kind}: needs a {'NAME' if kind == 'tfds' else 'PATH'}, e.g. {kind}:...")
-    source = readers[kind]()
+    source = _at_size(readers[kind](), config.image_size, config.spec)
     train, validation = _split_validation(source, config.val_split)
     if config.train_images is not None and config.train_images < len(train):
         train = _class_balanced_subset(train, config.train_images)
@@ -187,25 +194,40 @@ def _read_synthetic(argument: str, difficulty: synthetic.Difficulty) -> _Source:
 # --- folder ------------------------------------------------------------------
 
 
-def _read_folder_tree(root: str, skip_bad_images: bool) -> _Source:
-    """`root` holds class folders, or train/ and test/ (and validation/) of them."""
+def _at_size(source: _Source, size: int, spec: str) -> _Source:
+    """The source with every split at size x size, resized as the client resizes (Pillow,
+    bilinear) where a reader gave another size, with one line saying so."""
+    splits = {name: getattr(source, name) for name in ("train", "test", "validation")}
+    native = {split.images.shape[1] for split in splits.values() if split is not None and len(split)} - {size}
+    if not native:
+        return source
+    log.info("%s: images of %s resized to %dx%d (--image-size %d)", spec,
+             ", ".join(f"{n}x{n}" for n in sorted(native)), size, size, size)
+    resized = {name: Split(np.stack([image_files.to_pixels(Image.fromarray(image), size) for image in split.images])
+                           if len(split) else np.zeros((0, *image_shape(size)), np.uint8), split.labels)
+               for name, split in splits.items() if split is not None}
+    return dataclasses.replace(source, **resized)
+
+
+def _read_folder_tree(root: str, skip_bad_images: bool, size: int = IMAGE_SIZE) -> _Source:
+    """`root` holds class folders, or train/ and test/ (and validation/) of them, read at size x size."""
     path = pathlib.Path(root).expanduser()
     if not path.is_dir():
         raise DatasetError(f"folder:{root}: no such directory")
     subdirs = {p.name for p in path.iterdir() if p.is_dir()}
     if "train" in subdirs and subdirs <= {"train", "test", "val", "validation"}:
-        class_names, train = _read_class_folders(path / "train", skip_bad_images, None)
+        class_names, train = _read_class_folders(path / "train", skip_bad_images, None, size)
         splits = {}
         for name in ("test", "val", "validation"):
             if name in subdirs:
-                splits[name] = _read_class_folders(path / name, skip_bad_images, class_names)[1]
+                splits[name] = _read_class_folders(path / name, skip_bad_images, class_names, size)[1]
         return _Source(class_names, train, splits.get("test"), splits.get("val", splits.get("validation")))
-    class_names, train = _read_class_folders(path, skip_bad_images, None)
+    class_names, train = _read_class_folders(path, skip_bad_images, None, size)
     return _Source(class_names, train)
 
 
-def _read_class_folders(path: pathlib.Path, skip_bad_images: bool,
-                        class_names: tuple[str, ...] | None) -> tuple[tuple[str, ...], Split]:
+def _read_class_folders(path: pathlib.Path, skip_bad_images: bool, class_names: tuple[str, ...] | None,
+                        size: int = IMAGE_SIZE) -> tuple[tuple[str, ...], Split]:
     found = tuple(sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")))
     # A file's name only says where its bytes are: one that is not UTF-8 is read like any other
     # (its digest hashes the name's bytes, pipeline/provenance.py). A class folder's name becomes
@@ -238,11 +260,11 @@ def _read_class_folders(path: pathlib.Path, skip_bad_images: bool,
         log.info("folder:%s: ignored %d files that are not images by their extension", path, ignored)
     if not files:
         raise DatasetError(f"folder:{path}: no image files in the class folders {list(class_names)}")
-    _check_fits_in_memory(len(files), f"folder:{path}")
+    _check_fits_in_memory(len(files), f"folder:{path}", size)
 
-    def read(file: pathlib.Path) -> np.ndarray | Exception:
+    def read(file: pathlib.Path) -> tuple[np.ndarray, tuple[int, int]] | Exception:
         try:
-            return image_files.read_pixels(str(file))
+            return image_files.read_pixels_and_size(str(file), size)
         except Exception as error:  # Pillow raises many types for bad files.
             return error
 
@@ -261,7 +283,13 @@ def _read_class_folders(path: pathlib.Path, skip_bad_images: bool,
     good = [i for i, result in enumerate(decoded) if not isinstance(result, Exception)]
     if not good:
         raise DatasetError(f"folder:{path}: none of the {len(files)} image files could be read")
-    images = np.stack([decoded[i] for i in good])
+    other_sizes = collections.Counter(decoded[i][1] for i in good if decoded[i][1] != (size, size))
+    if other_sizes:
+        common = ", ".join(f"{w}x{h}" for (w, h), _ in other_sizes.most_common(3))
+        log.info("folder:%s: %d of %d images are not %dx%d (%s%s): resized to %dx%d (--image-size %d)", path,
+                 sum(other_sizes.values()), len(good), size, size, common,
+                 ", ..." if len(other_sizes) > 3 else "", size, size, size)
+    images = np.stack([decoded[i][0] for i in good])
     return class_names, Split(images, np.asarray(labels, np.int64)[good])
 
 
@@ -367,7 +395,7 @@ def _read_binary_layout(folder: pathlib.Path, layout: _BinaryLayout) -> _Source:
 # --- TensorFlow Datasets --------------------------------------------------------
 
 
-def _read_tfds(name: str, data_dir: str | None) -> _Source:
+def _read_tfds(name: str, data_dir: str | None, size: int = IMAGE_SIZE) -> _Source:
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
@@ -406,16 +434,16 @@ def _read_tfds(name: str, data_dir: str | None) -> _Source:
             image = tf.image.grayscale_to_rgb(image)
         elif channels == 4:
             image = image[..., :3]
-        if tuple(image.shape[:2]) != IMAGE_SHAPE[:2]:
-            image = tf.image.resize(image, IMAGE_SHAPE[:2], antialias=True)
+        if tuple(image.shape[:2]) != (size, size):
+            image = tf.image.resize(image, (size, size), antialias=True)
             image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
         return tf.cast(image, tf.uint8), tf.cast(label, tf.int64)
 
     def read(split: str) -> Split:
         if split in info.splits:
-            _check_fits_in_memory(info.splits[split].num_examples, f"tfds:{name}[{split}]")
+            _check_fits_in_memory(info.splits[split].num_examples, f"tfds:{name}[{split}]", size)
         dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-        return _materialize(dataset.map(to_image, num_parallel_calls=tf.data.AUTOTUNE))
+        return _materialize(dataset.map(to_image, num_parallel_calls=tf.data.AUTOTUNE), size)
 
     # Split metadata can be missing (generated test data); try the usual two then.
     splits = set(info.splits.keys()) or {"train", "test"}
@@ -441,19 +469,19 @@ def _online(host: str = "storage.googleapis.com", timeout: float = 5.0) -> bool:
 # --- shared ---------------------------------------------------------------------
 
 
-def _materialize(dataset) -> Split:
+def _materialize(dataset, size: int = IMAGE_SIZE) -> Split:
     """Drain a tf.data dataset of (image, label) into numpy arrays."""
     images, labels = [], []
     for image_batch, label_batch in dataset.batch(4096).as_numpy_iterator():
         images.append(image_batch)
         labels.append(label_batch)
     if not images:
-        return Split(np.zeros((0, *IMAGE_SHAPE), np.uint8), np.zeros((0,), np.int64))
+        return Split(np.zeros((0, *image_shape(size)), np.uint8), np.zeros((0,), np.int64))
     return Split(np.concatenate(images), np.concatenate(labels).astype(np.int64))
 
 
-def _check_fits_in_memory(count: int, what: str) -> None:
-    needed = count * int(np.prod(IMAGE_SHAPE))
+def _check_fits_in_memory(count: int, what: str, size: int = IMAGE_SIZE) -> None:
+    needed = count * int(np.prod(image_shape(size)))
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):

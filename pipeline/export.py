@@ -2,9 +2,12 @@
 
 `<export-base>/<version>/` holds a SavedModel with three signatures:
 
-    serving_default  images uint8 [batch, 32, 32, 3]   (raw pixels)             predict
+    serving_default  images uint8 [batch, S, S, 3]     (raw pixels)             predict
     serving_bytes    image_bytes string [batch]        (PNG/JPEG/GIF/BMP files) predict
     classify         inputs string [batch]             (serialized tf.Example)  classify
+
+where S is the model's image size (--image-size, 32 by default); files are
+decoded to S x S, within decoding bounds that follow S.
 
 The two predict signatures return probabilities float32 [batch, classes],
 class_ids int64 [batch], class_names string [batch], and the k most probable
@@ -51,12 +54,13 @@ import tensorflow as tf
 from pipeline import model_card
 from pipeline.errors import UserError
 from pipeline.image_decoding import decode_images
+from pipeline.image_headers import DecodeBounds
 from pipeline.input_contract import checked_batch
 from pipeline.model import build_model, precision_policy
 from pipeline.rundir import RunDir
 from serving.contract import (BYTES_INPUT, CLASSIFY, CLASSIFY_METHOD, DEFAULT_TOP_K, EXAMPLES_INPUT, IMAGE_FEATURE,
-                              IMAGE_SHAPE, IMAGES_INPUT, LABELS_FILE, MODEL_NAME, SERVING_BYTES, SERVING_DEFAULT,
-                              WARMUP_FILE, version_number)
+                              IMAGES_INPUT, LABELS_FILE, MODEL_NAME, SERVING_BYTES, SERVING_DEFAULT, WARMUP_FILE,
+                              image_shape, version_number)
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +86,14 @@ class ServingModule(tf.Module):
         self.labels = tf.saved_model.Asset(labels_file)
         self._class_names = tf.constant(class_names)
         self.top_k = min(top_k, len(class_names))
+        # The model's own input size: the pixels it takes, and the size files are decoded to,
+        # with decoding bounds that follow it.
+        self.image_size = model_image_size(model)
+        self.image_shape = image_shape(self.image_size)
+        self.decode_bounds = DecodeBounds.for_image_size(self.image_size)
         self.serve_images = tf.function(
-            self._serve_images, input_signature=[tf.TensorSpec([None, *IMAGE_SHAPE], tf.uint8, name=IMAGES_INPUT)])
+            self._serve_images, input_signature=[tf.TensorSpec([None, *self.image_shape], tf.uint8,
+                                                               name=IMAGES_INPUT)])
         self.serve_bytes = tf.function(
             self._serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
         self.serve_examples = tf.function(
@@ -100,15 +110,18 @@ class ServingModule(tf.Module):
 
     # Each signature checks its inputs first (pipeline/input_contract.py): TF Serving does not.
     def _serve_images(self, images):
-        return self._outputs(checked_batch(images, IMAGES_INPUT, IMAGE_SHAPE))
+        return self._outputs(checked_batch(images, IMAGES_INPUT, self.image_shape))
+
+    def _decode(self, encoded, input_name: str):
+        return decode_images(encoded, input_name, self.image_size, self.decode_bounds)
 
     def _serve_bytes(self, image_bytes):
-        return self._outputs(decode_images(checked_batch(image_bytes, BYTES_INPUT), BYTES_INPUT))
+        return self._outputs(self._decode(checked_batch(image_bytes, BYTES_INPUT), BYTES_INPUT))
 
     def _serve_examples(self, inputs):
         features = tf.io.parse_example(checked_batch(inputs, EXAMPLES_INPUT),
                                        {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)})
-        outputs = self._outputs(decode_images(features[IMAGE_FEATURE], f"{EXAMPLES_INPUT} ({IMAGE_FEATURE})"))
+        outputs = self._outputs(self._decode(features[IMAGE_FEATURE], f"{EXAMPLES_INPUT} ({IMAGE_FEATURE})"))
         return {"classes": outputs["top_k_class_names"], "scores": outputs["top_k_probabilities"]}
 
     def signatures(self) -> dict:
@@ -166,7 +179,7 @@ def export_saved_model(model: keras.Model, class_names: list[str], export_base: 
         module = ServingModule(model, list(class_names), str(labels), top_k)
         tf.saved_model.save(module, str(staging), signatures=module.signatures())
         _mark_classify_signature(staging)
-        _write_warmup_requests(staging / WARMUP_FILE)
+        _write_warmup_requests(staging / WARMUP_FILE, module.image_size)
         if card is not None:
             model_card.write(staging, card)
         if is_remote(export_base):
@@ -227,13 +240,22 @@ def _rename_to_next_version(staging: pathlib.Path, base: pathlib.Path) -> pathli
     raise ExportError(f"could not claim a version number under {base}")
 
 
-def _write_warmup_requests(path: pathlib.Path) -> None:
+def model_image_size(model: keras.Model) -> int:
+    """The side of the square uint8 RGB images the model takes."""
+    _, height, width, channels = model.inputs[0].shape
+    if height is None or height != width or channels != 3:
+        raise ExportError(f"the model takes images of shape {model.inputs[0].shape}; the export serves square RGB "
+                          "images of a fixed size")
+    return int(height)
+
+
+def _write_warmup_requests(path: pathlib.Path, size: int) -> None:
     """A small request per signature, in TF Serving's warmup format (PredictionLog records)."""
     from PIL import Image
     from tensorflow_serving.apis import classification_pb2, model_pb2, predict_pb2, prediction_log_pb2
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.full((1, *IMAGE_SHAPE), 128, np.uint8)
+    pixels = np.full((1, *image_shape(size)), 128, np.uint8)
     png = io.BytesIO()
     Image.fromarray(pixels[0]).save(png, format="PNG")
     requests = {

@@ -13,9 +13,12 @@ trainer's `folder:` reader and the client, which use Pillow
   ignore it, so the tag is read here from the file's bytes;
 - the resize is bilinear with antialiasing in both, then rounded to uint8.
 
-What still differs: Pillow rounds to 8 bits between its horizontal and
-vertical resize passes, so a pixel may differ by one level; 16-bit PNGs are
-scaled to 8 bits by their own range in Pillow and by 1/257 in TensorFlow.
+Both round to 8 bits between the horizontal and the vertical pass, half up.
+What still differs: Pillow's filter weights are fixed-point, so a sum that
+TensorFlow's float weights put on a tie may fall just off it in Pillow: a
+pixel may differ by one level (few at 32x32; at scales with many exact ties,
+such as 90 to 64 pixels, up to a quarter of them). 16-bit PNGs are scaled
+to 8 bits by their own range in Pillow and by 1/257 in TensorFlow.
 
 Before anything is decoded, what decoding the file would allocate is read
 from its bytes (pipeline/image_headers.py): a 64 KB PNG may declare
@@ -110,7 +113,8 @@ def decode_image(data: tf.Tensor, input_name: str = "image_bytes", size: int = I
 
 def _resize_rounded(image: tf.Tensor, size) -> tf.Tensor:
     resized = tf.image.resize(image, size, method="bilinear", antialias=True)
-    return tf.clip_by_value(tf.round(resized), 0, 255)
+    # Half up, as Pillow rounds (tf.round rounds half to even: two levels apart when upscaling).
+    return tf.clip_by_value(tf.floor(resized + 0.5), 0, 255)
 
 
 def decode_images(encoded: tf.Tensor, input_name: str = "image_bytes", size: int = IMAGE_SIZE,

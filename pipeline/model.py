@@ -36,7 +36,7 @@ from keras import layers, ops
 
 from pipeline.architecture import (BN_EPSILON, BN_MOMENTUM, INITIALIZERS, KERAS_L2, ModelConfig, blocks_per_stage,
                                    is_accumulated)
-from serving.contract import IMAGE_SHAPE, IMAGES_INPUT
+from serving.contract import IMAGES_INPUT, image_shape
 
 STAGE_FILTERS = (16, 32, 64)
 
@@ -338,10 +338,11 @@ def _family_layout(config: ModelConfig) -> tuple[str, list[_Stage], str]:
 
 
 def build_model(config: ModelConfig) -> keras.Model:
-    """The plain or accumulated network; uint8 [B, 32, 32, 3] in, class probabilities out."""
+    """The plain or accumulated network; uint8 [B, S, S, 3] in (S: config.image_size), class
+    probabilities out."""
     n = blocks_per_stage(config.depth, config.family)
     style, stages, name = _family_layout(config)
-    images = keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name=IMAGES_INPUT)
+    images = keras.Input(shape=image_shape(config.image_size), dtype="uint8", name=IMAGES_INPUT)
     x = PixelStandardization(name="standardize")(images)
     x = _conv(STAGE_FILTERS[0], 3, 1, config.weight_decay, "stem_conv")(x)
     norm = dict(fused=config.fused_batch_norm, momentum=config.batch_norm_momentum,

@@ -20,6 +20,7 @@ from typing import Any
 from pipeline.provenance import project, tensorflow_version
 from pipeline.rundir import RunDir
 from serving.atomic import write_atomically
+from serving.contract import IMAGE_SIZE
 
 CARD_FILE = "model_card.json"
 FORMAT = 1
@@ -38,6 +39,7 @@ class ModelSection:
     shortcut: str
     zero_init_residual: bool
     classes: tuple[str, ...]
+    image_size: int = IMAGE_SIZE  # the side of the square images it takes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +120,7 @@ def from_run(run: RunDir, exported_epoch: int | None = None) -> ModelCard:
     exported_row = next((row for row in run.read_history() if row.epoch == exported_epoch), None)
     return ModelCard(
         model=ModelSection(settings.arch, settings.depth, settings.width, settings.cardinality, settings.shortcut,
-                           settings.zero_init_residual, tuple(settings.class_names)),
+                           settings.zero_init_residual, tuple(settings.class_names), settings.image_size),
         training=TrainingSection(settings.recipe, settings.seed, settings.epochs,
                                  summary.epochs_completed if summary else None, settings.global_batch,
                                  settings.learning_rate, settings.workers, settings.replicas,

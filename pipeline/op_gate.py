@@ -35,12 +35,13 @@ import functools
 import pathlib
 
 # The op types of this project's exports (serving_default, serving_bytes, classify, the init op),
-# TensorFlow 2.21: the network, image decoding and checks in the graph, and the call machinery.
+# TensorFlow 2.21: the network, image decoding and checks in the graph, and the call machinery
+# (Round: exports made before the resize rounded half up with Floor).
 MODEL_OPS = frozenset({
     "Abs", "AddV2", "All", "ArgMax", "Assert", "AssignVariableOp", "BiasAdd", "BitwiseAnd", "BroadcastTo",
     "Case", "Cast", "Ceil", "ConcatV2", "Const", "Conv2D", "Cumsum", "DecodeImage", "DecodeJpeg",
     "DecodePaddedRaw", "DecodeRaw", "DenseBincount", "Equal", "ExpandDims", "ExtractJpegShape", "Fill",
-    "FloorDiv", "FloorMod", "FusedBatchNormV3", "GatherV2", "Greater", "GreaterEqual", "Identity", "If",
+    "Floor", "FloorDiv", "FloorMod", "FusedBatchNormV3", "GatherV2", "Greater", "GreaterEqual", "Identity", "If",
     "LeftShift", "Less", "LessEqual", "Log", "LogicalAnd", "LogicalNot", "LogicalOr", "MatMul", "Max",
     "Maximum", "Mean", "Minimum", "Mul", "NoOp", "NotEqual", "Pack", "Pad", "ParseExampleV2", "Placeholder",
     "Prod", "Range", "Rank", "ReadVariableOp", "RealDiv", "Relu", "Reshape", "ReverseV2", "Round",

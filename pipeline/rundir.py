@@ -27,6 +27,7 @@ from typing import Any
 from pipeline.architecture import BN_EPSILON, BN_MOMENTUM, KERAS_L2, ModelConfig
 
 from pipeline.errors import UserError
+from serving.contract import IMAGE_SIZE
 from serving.atomic import write_atomically
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr")
@@ -36,7 +37,7 @@ RESUME_KEYS = ("arch", "depth", "width", "cardinality", "dataset", "num_classes"
                "zero_init_residual", "weight_decay", "batch_norm_momentum", "batch_norm_epsilon",
                "classifier_initializer", "projection_initializer", "batch_norm_weight_decay", "fused_batch_norm",
                "augmentation", "global_batch", "learning_rate", "total_steps", "steps_per_epoch", "mixed_precision",
-               "data_digest", "recipe_settings", "export_best", "early_stopping")
+               "data_digest", "recipe_settings", "export_best", "early_stopping", "image_size")
 # Of those, the ones runs recorded before they existed lack (None there: not compared).
 RECORDED_LATER = ("data_digest", "recipe_settings")
 
@@ -63,6 +64,7 @@ class RunSettings:
     projection_initializer: str = "he_normal"
     batch_norm_weight_decay: float = 0.0
     fused_batch_norm: bool = True
+    image_size: int = IMAGE_SIZE
     augmentation: str | None = "pad-crop"  # None: --no-augment (runs from before: not recorded)
     dataset: str
     # SHA-256 over the files the dataset spec read (datasets.files_digest); None: generated, or not recorded.

@@ -168,7 +168,7 @@ def resolve(config: TrainConfig, data: datasets.ImageData, replicas: int, cluste
     recipe, net = config.recipe, config.net
     global_batch = config.per_replica_batch * replicas
     length = run_length(recipe, len(data.train), global_batch, config.epochs, config.steps)
-    model = net.model_config(data.num_classes, recipe)
+    model = net.model_config(data.num_classes, recipe, config.data.image_size)
     settings = RunSettings(
         **RunSettings.model_settings(model), augmentation=config.augmentation,
         dataset=config.data.spec, data_digest=datasets.files_digest(config.data),

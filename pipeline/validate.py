@@ -48,7 +48,8 @@ from pipeline.blessing import BLESSING_FILE, Blessing, Metrics, copy_candidate
 from pipeline.config import DataConfig
 from pipeline.errors import UserError
 from pipeline.flags import nested, setting
-from serving.contract import MODEL_NAME, SERVING_BYTES, version_number
+from serving.contract import (IMAGE_SIZE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MODEL_NAME, SERVING_BYTES, SERVING_DEFAULT,
+                              version_number)
 
 if TYPE_CHECKING:
     import numpy as np  # imported where used: `accresnet --help` stays light
@@ -206,6 +207,23 @@ def verdict(config: ValidateConfig, infra: dict, candidate: Metrics | None, curr
     return checks
 
 
+def declared_image_size(candidate_dir: pathlib.Path) -> int:
+    """The side S of the [-1, S, S, 3] pixels the candidate's serving_default takes, read from
+    its graph's bytes without loading it; IMAGE_SIZE where it declares none (the serving
+    checks then refuse it)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel.FromString((candidate_dir / "saved_model.pb").read_bytes())
+    for meta_graph in saved_model.meta_graphs:
+        signature = meta_graph.signature_def.get(SERVING_DEFAULT)
+        inputs = list(signature.inputs.values()) if signature is not None else []
+        if len(inputs) == 1:
+            dims = [dim.size for dim in inputs[0].tensor_shape.dim]
+            if len(dims) == 4 and dims[1] == dims[2] and MIN_IMAGE_SIZE <= dims[1] <= MAX_IMAGE_SIZE:
+                return dims[1]
+    return IMAGE_SIZE
+
+
 def operations_check(candidate_dir: pathlib.Path) -> tuple[list[str], str | None]:
     """The graph's op types, and why they refuse the candidate (None: all are an export's, and
     its saver is a SavedModel's)."""
@@ -225,6 +243,9 @@ def validate(config: ValidateConfig, announce=print) -> Blessing:
     # a FIFO or a name that is not UTF-8 is refused in one line (exit status 3).
     blessing.entries(candidate_dir)
     announce(f"candidate: {candidate_dir}")
+    # The evaluation images at the size the candidate takes.
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, image_size=declared_image_size(candidate_dir)))
     images, labels, class_names = evaluation_set(config)
     chance = 1 / len(class_names)
     candidate = current = None

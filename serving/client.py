@@ -44,6 +44,9 @@ import numpy as np
 
 from serving.contract import (
     DEFAULT_TOP_K,
+    IMAGE_SIZE,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
     MODEL_NAME,
     PROBABILITIES,
     SERVING_DEFAULT,
@@ -291,6 +294,20 @@ class _SignatureInput:
     # What the metadata declares of the outputs the client reads; every answer is checked against it.
     outputs: dict[str, _Declared] = dataclasses.field(default_factory=dict)
     only_output: bool = False  # probabilities is the signature's one output (REST answers it bare)
+    # The side of the square pixels a uint8 input takes (its declared [-1, S, S, 3]); files
+    # sent to a bytes input are decoded by the model at its own size.
+    image_size: int = IMAGE_SIZE
+
+
+def _input_image_size(dtype_is_uint8: bool, unknown_rank: bool, dims: list[int], signature: str) -> int:
+    """The side S of a uint8 input declared [-1, S, S, 3]; IMAGE_SIZE for a bytes input."""
+    if not dtype_is_uint8:
+        return IMAGE_SIZE
+    if unknown_rank or len(dims) != 4 or dims[1] != dims[2] or dims[3] != 3 \
+            or not MIN_IMAGE_SIZE <= dims[1] <= MAX_IMAGE_SIZE:
+        raise ClientError(f"signature {signature!r} takes uint8 pixels of shape {dims}; the client sends square "
+                          f"RGB images [batch, S, S, 3] with S from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}")
+    return dims[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,18 +420,26 @@ class Classifier:
                                               [dim.size for dim in output.tensor_shape.dim], self.signature)
                        for name, output in definition.outputs.items()
                        if name == PROBABILITIES or (names_top_k and name in (TOP_K_NAMES, TOP_K_PROBABILITIES))}
+            size = _input_image_size(info.dtype == types_pb2.DT_UINT8, info.tensor_shape.unknown_rank,
+                                     [dim.size for dim in info.tensor_shape.dim], self.signature)
             self._input = _SignatureInput(alias, info.dtype == types_pb2.DT_STRING, names_top_k, outputs,
-                                          len(definition.outputs) == 1)
+                                          len(definition.outputs) == 1, size)
         return self._input
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square pixels the signature takes (from the model's metadata)."""
+        return self.signature_input().image_size
 
     # --- predicting --------------------------------------------------------------------------------
 
     def predict(self, batch) -> np.ndarray:
-        """Probabilities [n, classes] for uint8 pixels [n, 32, 32, 3] or a list of encoded files."""
+        """Probabilities [n, classes] for uint8 pixels [n, S, S, 3] (S: the model's image size,
+        `image_size`) or a list of encoded files."""
         return self.answer(batch).probabilities
 
     def answer(self, batch) -> Answer:
-        """The model's answer for uint8 pixels [n, 32, 32, 3] or a list of encoded files,
+        """The model's answer for uint8 pixels [n, S, S, 3] or a list of encoded files,
         checked against the request and the model's metadata (a _Refused ClientError if not)."""
         signature_input = self.signature_input()
         request = _serving_apis().predict_pb2.PredictRequest()
@@ -445,16 +470,18 @@ class Classifier:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         takes_bytes = self.signature_input().takes_bytes  # once, before any thread asks
+        size = self.signature_input().image_size
         batches = _chunks(paths, batch_size)
         with concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="classify") as pool:
             in_flight = collections.deque()
             for batch in itertools.islice(batches, concurrency):
-                in_flight.append(pool.submit(self._classify_batch, batch, takes_bytes, top_k, on_error is not None))
+                in_flight.append(pool.submit(self._classify_batch, batch, takes_bytes, top_k, on_error is not None,
+                                             size))
             while in_flight:
                 outcomes = in_flight.popleft().result()
                 for batch in itertools.islice(batches, 1):  # keep `concurrency` in flight
                     in_flight.append(pool.submit(self._classify_batch, batch, takes_bytes, top_k,
-                                                 on_error is not None))
+                                                 on_error is not None, size))
                 for path, outcome in outcomes:
                     if isinstance(outcome, Exception):
                         on_error(path, outcome)
@@ -463,8 +490,8 @@ class Classifier:
                 if on_batch is not None:
                     on_batch(sum(not isinstance(outcome, Exception) for _, outcome in outcomes))
 
-    def _classify_batch(self, paths: list[str], takes_bytes: bool, top_k: int,
-                        report_errors: bool) -> list[tuple[str, Prediction | Exception]]:
+    def _classify_batch(self, paths: list[str], takes_bytes: bool, top_k: int, report_errors: bool,
+                        size: int = IMAGE_SIZE) -> list[tuple[str, Prediction | Exception]]:
         """Read and send one batch of files: (path, prediction or the error that stopped it), in order."""
         from serving.images import read_pixels
 
@@ -472,7 +499,7 @@ class Classifier:
         items: list[tuple[str, object]] = []
         for path in paths:
             try:
-                pixels = read_pixels(path)  # also proves the file is an image
+                pixels = read_pixels(path, size)  # also proves the file is an image
                 items.append((path, pathlib.Path(path).read_bytes() if takes_bytes else pixels))
             except Exception as error:  # Pillow raises many kinds for bad files
                 if not report_errors:
@@ -651,7 +678,16 @@ class RestClassifier(Classifier):
             names_top_k = TOP_K_NAMES in outputs and TOP_K_PROBABILITIES in outputs
             declared = {name: _declared_json_output(name, output, self.signature) for name, output in outputs.items()
                         if name == PROBABILITIES or (names_top_k and name in (TOP_K_NAMES, TOP_K_PROBABILITIES))}
-            self._input = _SignatureInput(alias, dtype == "DT_STRING", names_top_k, declared, len(outputs) == 1)
+            shape = _json_path(info, "tensor_shape") or {}
+            try:
+                dims = [int(_json_path(dim, "size") or 0) for dim in _json_path(shape, "dim") or []]
+            except (TypeError, ValueError):
+                raise _Refused(f"the server's metadata declares input '{alias}' with sizes that are not "
+                               "integers") from None
+            size = _input_image_size(dtype == "DT_UINT8", bool(_json_path(shape, "unknown_rank")), dims,
+                                     self.signature)
+            self._input = _SignatureInput(alias, dtype == "DT_STRING", names_top_k, declared, len(outputs) == 1,
+                                          size)
         return self._input
 
     def answer(self, batch) -> Answer:

@@ -4,7 +4,9 @@ An exported version is the only thing `pipeline/` hands to `serving/`: this
 module says what it looks like, so that neither side has to read the other.
 Both may import it; it imports neither (nor TensorFlow).
 
-- the model: its default name and the images it takes (uint8 RGB, 32x32);
+- the model: its default name and the images it takes (uint8 RGB, IMAGE_SIZE square by
+  default; a model's own size is its serving_default input's, which clients read from
+  its metadata);
 - the signatures: keys, input aliases, output aliases, method names;
 - the files beside the graph: labels, warm-up requests, model card, blessing;
 - the version folders under a base path. TF Serving reads a name as a version
@@ -22,6 +24,13 @@ import re
 MODEL_NAME = "accresnet"
 IMAGE_SIZE = 32
 IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
+# The sides a model may take (--image-size): the blocks' strides need 8 or more, and a side's
+# square of uint8 RGB stays a few MiB.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
+
+
+def image_shape(size: int) -> tuple[int, int, int]:
+    return (size, size, 3)
 
 # Signatures: raw pixels, encoded files, and TF Serving's Classify API on tf.Examples.
 SERVING_DEFAULT = "serving_default"

@@ -1,4 +1,4 @@
-"""Turning image files of any format, size and mode into 32x32 RGB pixels.
+"""Turning image files of any format, size and mode into a model's square RGB pixels (32x32 by default).
 
 The one conversion both sides use: the trainer reads `folder:` datasets with
 it and the client prepares the images it sends, so a photo becomes the same
@@ -46,10 +46,16 @@ def to_pixels(image: Image.Image, size: int = SIZE) -> np.ndarray:
 
 def read_pixels(path: str, size: int = SIZE) -> np.ndarray:
     """Pixels of the image file at `path`; raises OSError (or ValueError) when unreadable."""
+    return read_pixels_and_size(path, size)[0]
+
+
+def read_pixels_and_size(path: str, size: int = SIZE) -> tuple[np.ndarray, tuple[int, int]]:
+    """read_pixels, and the (width, height) the file declares."""
     with Image.open(path) as image:
+        declared = image.size
         # JPEG can decode at 1/2, 1/4 or 1/8 scale: a 12-megapixel photo
         # shrinks to 32x32 ten times faster, and no worse.
         image.draft("RGB", (4 * size, 4 * size))
         image.load()
         # Photographs are often stored sideways with an EXIF rotation tag.
-        return to_pixels(ImageOps.exif_transpose(image), size)
+        return to_pixels(ImageOps.exif_transpose(image), size), declared

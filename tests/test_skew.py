@@ -1,11 +1,12 @@
 """No train/serve skew: a photo becomes the same pixels, and so the same answer,
 through the trainer's `folder:` reader, the client's pixel path and the in-graph
 decoding of serving_bytes (gRPC) and REST b64, for PNG, JPEG and JPEG with an
-EXIF rotation."""
+EXIF rotation, for a model at the default 32x32 and at 64x64."""
 
 import base64
 import io
 import json
+import pathlib
 import shutil
 import urllib.request
 
@@ -16,8 +17,12 @@ from PIL import Image, ImageOps
 
 from helpers import deployed_server
 from pipeline import datasets
+from pipeline.architecture import ModelConfig
 from pipeline.config import DataConfig
+from pipeline.export import export_saved_model
 from pipeline.image_decoding import apply_orientation, decode_image, exif_orientation
+from pipeline.image_headers import DecodeBounds
+from pipeline.model import build_model, set_pixel_mean
 from serving.client import Classifier
 from serving.images import read_pixels
 
@@ -84,34 +89,49 @@ def test_files_without_exif_or_with_garbage_have_no_orientation():
         assert int(exif_orientation(tf.constant(data))) == 1
 
 
-def test_in_graph_decoding_gives_the_clients_pixels(photos):
+@pytest.mark.parametrize("size", [32, 64])
+def test_in_graph_decoding_gives_the_clients_pixels(photos, size):
     for path in sorted((photos / "test" / "cats").iterdir()):
-        expected = read_pixels(str(path)).astype(int)
-        decoded = decode_image(tf.constant(path.read_bytes())).numpy().astype(int)
-        # Pillow and TensorFlow round ties of the resize differently: at most one level.
+        expected = read_pixels(str(path), size).astype(int)
+        decoded = decode_image(tf.constant(path.read_bytes()), size=size,
+                               bounds=DecodeBounds.for_image_size(size)).numpy().astype(int)
+        # Pillow's fixed-point filter weights put some sums just off a tie that TensorFlow's float
+        # weights put on it: at most one level. At 32x32 few pixels; at scales with many exact ties
+        # (a 120x90 photo at 64x64: 21 %) up to a quarter. The answers agree (below).
         assert np.abs(decoded - expected).max() <= 1, path.name
-        assert np.mean(decoded != expected) < 0.05, path.name
+        assert np.mean(decoded != expected) < (0.05 if size == 32 else 0.3), path.name
 
 
-@pytest.fixture(scope="module")
-def server(exported_model, tmp_path_factory):
+@pytest.fixture(scope="module", params=[32, 64])
+def sized_model(request, exported_model, tmp_path_factory):
+    """(size, exported model, its server): the tiny trained model at 32x32, and a model of the
+    same family at 64x64 (untrained: the paths must agree, whatever the weights)."""
+    size = request.param
+    if size == 32:
+        exported = exported_model
+    else:
+        model = build_model(ModelConfig("resnet", 8, 2, image_size=size))
+        set_pixel_mean(model, np.random.default_rng(0).uniform(0.3, 0.6, (size, size, 3)).astype(np.float32))
+        exported = pathlib.Path(export_saved_model(model, ["cats", "dogs"], tmp_path_factory.mktemp("sized")))
     models = tmp_path_factory.mktemp("skew-models")
-    shutil.copytree(exported_model, models / "accresnet" / "1")
+    shutil.copytree(exported, models / "accresnet" / "1")
     running = deployed_server(models, tmp_path_factory.mktemp("skew-config"))
-    yield running
+    yield size, exported, running
     running.stop(grace=2)
 
 
-def test_every_path_gives_the_same_answer(photos, server, exported_model):
+def test_every_path_gives_the_same_answer(photos, sized_model):
+    size, exported_model, server = sized_model
     files = sorted(str(p) for p in (photos / "test" / "cats").iterdir())
     # 1. The trainer's folder: reader, through the exported model.
-    data = datasets.load(DataConfig(f"folder:{photos}"))
+    data = datasets.load(DataConfig(f"folder:{photos}", image_size=size))
     model = tf.saved_model.load(str(exported_model)).signatures["serving_default"]
     from_reader = model(images=tf.constant(data.test.images))["probabilities"].numpy()
     # 2. The client's pixel path and 3. its file path (serving_bytes), over gRPC.
     address = f"localhost:{server.port}"
     with Classifier(address) as classifier:
-        from_pixels = classifier.predict(np.stack([read_pixels(f) for f in files]))
+        assert classifier.image_size == size
+        from_pixels = classifier.predict(np.stack([read_pixels(f, size) for f in files]))
     with Classifier(address, signature="serving_bytes") as classifier:
         from_bytes = classifier.predict([open(f, "rb").read() for f in files])
     # 4. REST with base64 files.
