@@ -3,12 +3,20 @@
 Measured in one run, on this machine, against baselines measured here too:
 
 - raw: the SavedModel's serving_default called in-process at batch 16 (a
-  session callable, as TF Serving runs it), images/s, measured before and
-  after the served run; the higher of the two is the baseline, since this
-  machine's rate moves from minute to minute;
+  session call, as TF Serving runs it), images/s, measured before and
+  after each served run; the higher of the two is that run's baseline, since
+  this machine's rate moves from minute to minute;
 - served, batching on: `accresnet serve` started with the deployed flags and
   configs (serving/deployment.py), 16 concurrent clients each sending batch-1
-  gRPC Predict requests, images/s; the ratio served/raw;
+  gRPC Predict requests, images/s; the ratio served/raw, and the CPU time the
+  server spends per request beside the CPU time per image in-process;
+- with --rounds N, N such rounds one after the other, and the best, median and
+  spread of the ratio; with --baseline-tree DIR, a second server run from
+  another checkout of the project (`git worktree add DIR <commit>`) is
+  measured in the same rounds, alternately with this one (ABBA order), on the
+  same model, so that a change is compared with what it changes on the same
+  machine under the same load; --tuned-flags adds one more server of this
+  checkout with flags added to the deployed ones (a setting under trial);
 - unbatched overhead: `accresnet serve` without batching, one client sending
   batch-1 requests one after another; its p50 latency minus the in-process
   batch-1 p50 (calls back to back);
@@ -17,11 +25,14 @@ Measured in one run, on this machine, against baselines measured here too:
   each call; the median of the differences.
 
     python benchmarks/serving_throughput.py [--depth 32] [--seconds 20]
+    python benchmarks/serving_throughput.py --rounds 6 --seconds 10 --skip-unbatched \
+        --baseline-tree /tmp/accresnet-before
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -99,9 +110,10 @@ def paired(servable: Servable, grpc_port: int, seconds: float) -> tuple[list[flo
     return local_latencies, served_latencies
 
 
-def start_server(flags: list[str], grpc_port: int) -> subprocess.Popen:
-    environment = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "serving.server", *flags], env=environment,
+def start_server(flags: list[str], grpc_port: int, tree: pathlib.Path = REPO) -> subprocess.Popen:
+    """`python -m serving.server` from the checkout `tree` (this one by default), once it answers."""
+    environment = {**os.environ, "PYTHONPATH": str(tree)}
+    process = subprocess.Popen([sys.executable, "-m", "serving.server", *flags], env=environment, cwd=tree,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     channel = grpc.insecure_channel(f"localhost:{grpc_port}")
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -114,6 +126,15 @@ def start_server(flags: list[str], grpc_port: int) -> subprocess.Popen:
             time.sleep(0.5)
     process.kill()
     raise RuntimeError("the server did not come up")
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads) so far; None where /proc is missing."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def request(batch: int) -> predict_pb2.PredictRequest:
@@ -161,11 +182,62 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def in_process_cpu(servable: Servable, batch: int, seconds: float) -> tuple[float, float]:
+    """images/s in-process and this process's CPU ms per image over the same calls."""
+    started = os.times()
+    rate, latencies = in_process(servable, batch, seconds)
+    ended = os.times()
+    cpu = (ended.user + ended.system) - (started.user + started.system)
+    return rate, 1e3 * cpu / (batch * (len(latencies) + 3))
+
+
+@dataclasses.dataclass
+class Served:
+    """One server under test: its checkout, process and what each round measured."""
+
+    name: str
+    tree: pathlib.Path
+    grpc_port: int
+    process: subprocess.Popen | None = None
+    ratios: list[float] = dataclasses.field(default_factory=list)
+    rates: list[float] = dataclasses.field(default_factory=list)
+    cpu_ms: list[float] = dataclasses.field(default_factory=list)
+    p50_ms: list[float] = dataclasses.field(default_factory=list)
+    p99_ms: list[float] = dataclasses.field(default_factory=list)
+    errors: int = 0
+
+    def summary(self) -> dict:
+        return {"tree": str(self.tree), "checkout": checkout(self.tree), "served_over_raw": self.ratios, "best": max(self.ratios),
+                "median": statistics.median(self.ratios), "min": min(self.ratios),
+                "served_images_per_sec": self.rates, "server_cpu_ms_per_request": self.cpu_ms,
+                "batched_p50_ms": self.p50_ms, "batched_p99_ms": self.p99_ms, "errors": self.errors}
+
+
+def checkout(tree: pathlib.Path) -> str:
+    """The commit a checkout is at, and whether its serving/ has changes on top."""
+    def git(*command: str) -> str:
+        result = subprocess.run(["git", "-C", str(tree), *command], capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else "?"
+    changed = git("status", "--porcelain", "--", "serving")
+    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes in serving/" if changed else "")
+
+
+def spread(values: list[float]) -> str:
+    return (f"best {max(values):.2f}, median {statistics.median(values):.2f}, "
+            f"range {min(values):.2f}-{max(values):.2f} over {len(values)} round(s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of in-process and served runs")
+    parser.add_argument("--baseline-tree", type=pathlib.Path,
+                        help="another checkout of the project whose server is measured in the same rounds")
+    parser.add_argument("--tuned-flags", default="",
+                        help="flags added to the deployed ones for one more server of this checkout, measured in "
+                             "the same rounds (for tuning; e.g. --tuned-flags=--grpc_max_threads=32)")
     parser.add_argument("--batching-parameters", help="a BatchingParameters file in place of the deployed one "
                                                        "(for tuning it; the figures to report use the deployed one)")
     parser.add_argument("--skip-unbatched", action="store_true")
@@ -179,54 +251,93 @@ def main() -> None:
     print(f"in-process, batch {args.clients}: {raw_before:.0f} images/s; "
           f"batch 1 p50 {1e3 * statistics.median(single):.2f} ms", flush=True)
 
-    grpc_port, rest_port = free_ports(2)
-    deployed = local_deployed_server(root / "models", root / "config", grpc_port, rest_port)
-    flags = [f"--batching_parameters_file={args.batching_parameters}"
-             if args.batching_parameters and flag.startswith("--batching_parameters_file=") else flag
-             for flag in deployed.flags]
-    server = start_server(flags, grpc_port)
+    trees = [("this", REPO, [])] + ([("baseline", args.baseline_tree.resolve(), [])] if args.baseline_tree else [])
+    if args.tuned_flags:
+        trees.append((f"this {args.tuned_flags}", REPO, args.tuned_flags.split()))
+    servers = []
+    for index, (name, tree, extra) in enumerate(trees):
+        # Every server gets the deployed flags and configs, its own ports and config folder, the same model.
+        grpc_port, rest_port = free_ports(2)
+        deployed = local_deployed_server(root / "models", root / f"config-{index}", grpc_port, rest_port)
+        flags = [f"--batching_parameters_file={args.batching_parameters}"
+                 if args.batching_parameters and flag.startswith("--batching_parameters_file=") else flag
+                 for flag in deployed.flags] + extra
+        served = Served(name, tree, grpc_port)
+        print(f"{name}: serving/ of {tree} at {checkout(tree)}", flush=True)
+        served.process = start_server(flags, grpc_port, tree)
+        servers.append(served)
+    raws = [raw_before]
     try:
-        load(grpc_port, args.clients, 3)  # warm up
-        served, batched_latencies, errors = load(grpc_port, args.clients, args.seconds)
+        for server in servers:
+            load(server.grpc_port, args.clients, 3)  # warm up
+        raw, raw_cpu = in_process_cpu(servable, args.clients, args.seconds)
+        for round_ in range(args.rounds):
+            # ABBA: each server goes first in every other round.
+            for server in servers if round_ % 2 == 0 else servers[::-1]:
+                load(server.grpc_port, args.clients, 2)  # its threads woken after the other's turn
+                cpu_before = process_cpu_seconds(server.process.pid)
+                rate, latencies, errors = load(server.grpc_port, args.clients, args.seconds)
+                cpu_after = process_cpu_seconds(server.process.pid)
+                raw_next, raw_cpu_next = in_process_cpu(servable, args.clients, args.seconds)
+                baseline = max(raw, raw_next)
+                cpu_ms = (1e3 * (cpu_after - cpu_before) / len(latencies)
+                          if cpu_before is not None and latencies else float("nan"))
+                server.ratios.append(rate / baseline)
+                server.rates.append(rate)
+                server.cpu_ms.append(cpu_ms)
+                server.p50_ms.append(1e3 * percentile(latencies, 50))
+                server.p99_ms.append(1e3 * percentile(latencies, 99))
+                server.errors += errors
+                print(f"round {round_ + 1}, {server.name} ({server.tree}): served {rate:.0f} images/s = "
+                      f"{rate / baseline:.2f}x raw ({raw:.0f} before, {raw_next:.0f} after); server CPU "
+                      f"{cpu_ms:.2f} ms/request against {min(raw_cpu, raw_cpu_next):.2f}-"
+                      f"{max(raw_cpu, raw_cpu_next):.2f} ms/image in-process; p50 {server.p50_ms[-1]:.1f} ms, p99 {server.p99_ms[-1]:.1f} ms, "
+                      f"{errors} errors", flush=True)
+                raws.append(raw_next)
+                raw, raw_cpu = raw_next, raw_cpu_next
     finally:
-        server.terminate()
-        server.wait(60)
-    raw_after, _ = in_process(servable, args.clients, args.seconds)
-    raw = max(raw_before, raw_after)
-    print(f"in-process again, batch {args.clients}: {raw_after:.0f} images/s", flush=True)
-    print(f"served, batching on, {args.clients} clients: {served:.0f} images/s ({served / raw:.2f}x raw), "
-          f"p50 {1e3 * percentile(batched_latencies, 50):.1f} ms, p99 {1e3 * percentile(batched_latencies, 99):.1f} ms, "
-          f"{errors} errors", flush=True)
+        for server in servers:
+            server.process.terminate()
+            server.process.wait(60)
+    for server in servers:
+        print(f"served/raw, {server.name}: {spread(server.ratios)}; server CPU per request "
+              f"{min(server.cpu_ms):.2f}-{max(server.cpu_ms):.2f} ms", flush=True)
+    if args.baseline_tree:
+        differences = [a - b for a, b in zip(servers[0].ratios, servers[1].ratios)]
+        print(f"this minus baseline, round by round: {', '.join(f'{d:+.2f}' for d in differences)}", flush=True)
+    summary = {"raw_images_per_sec": raws, "servers": {server.name: server.summary() for server in servers}}
 
-    if args.skip_unbatched:
-        return
+    if not args.skip_unbatched:
+        summary.update(unbatched(servable, version, single, args.seconds))
+    print(json.dumps(summary))
+
+
+def unbatched(servable: Servable, version: pathlib.Path, single: list[float], seconds: float) -> dict:
+    """One client of batch 1 against this checkout's server without batching, alone and in turn
+    with in-process calls."""
     grpc_port, = free_ports(1)
     server = start_server([f"--port={grpc_port}", f"--model_name={MODEL}", f"--model_base_path={version.parent}",
                            "--file_system_poll_wait_seconds=0"], grpc_port)
     try:
         load(grpc_port, 1, 2)
-        _, unbatched, errors = load(grpc_port, 1, args.seconds)
-        local, served_in_turn = paired(servable, grpc_port, args.seconds)
+        _, unbatched_latencies, errors = load(grpc_port, 1, seconds)
+        local, served_in_turn = paired(servable, grpc_port, seconds)
     finally:
         server.terminate()
         server.wait(60)
-    overhead = statistics.median(unbatched) - statistics.median(single)
+    overhead = statistics.median(unbatched_latencies) - statistics.median(single)
     paired_overhead = statistics.median(s - i for s, i in zip(served_in_turn, local))
-    print(f"unbatched batch 1: p50 {1e3 * statistics.median(unbatched):.2f} ms, overhead over in-process "
+    print(f"unbatched batch 1: p50 {1e3 * statistics.median(unbatched_latencies):.2f} ms, overhead over in-process "
           f"{1e3 * overhead:.2f} ms, {errors} errors", flush=True)
     print(f"taken in turn: in-process p50 {1e3 * statistics.median(local):.2f} ms, served p50 "
           f"{1e3 * statistics.median(served_in_turn):.2f} ms, overhead (median of the differences) "
           f"{1e3 * paired_overhead:.2f} ms", flush=True)
-    print(json.dumps({"raw_images_per_sec": raw, "raw_before": raw_before, "raw_after": raw_after,
-                      "served_images_per_sec": served, "served_over_raw": served / raw,
-                      "batched_p50_ms": 1e3 * percentile(batched_latencies, 50),
-                      "batched_p99_ms": 1e3 * percentile(batched_latencies, 99),
-                      "unbatched_p50_ms": 1e3 * statistics.median(unbatched),
-                      "in_process_batch1_p50_ms": 1e3 * statistics.median(single),
-                      "unbatched_overhead_ms": 1e3 * overhead,
-                      "paired_in_process_p50_ms": 1e3 * statistics.median(local),
-                      "paired_served_p50_ms": 1e3 * statistics.median(served_in_turn),
-                      "paired_overhead_ms": 1e3 * paired_overhead}))
+    return {"unbatched_p50_ms": 1e3 * statistics.median(unbatched_latencies),
+            "in_process_batch1_p50_ms": 1e3 * statistics.median(single),
+            "unbatched_overhead_ms": 1e3 * overhead,
+            "paired_in_process_p50_ms": 1e3 * statistics.median(local),
+            "paired_served_p50_ms": 1e3 * statistics.median(served_in_turn),
+            "paired_overhead_ms": 1e3 * paired_overhead}
 
 
 if __name__ == "__main__":
