@@ -32,7 +32,8 @@ MUST_AGREE = ("dataset", "data_digest", "num_classes", "class_names", "depth", "
 # Settings either side may differ in, the same for every pair; the result names those that do.
 MAY_DIFFER = ("arch", "zero_init_residual", "shortcut", "weight_decay", "batch_norm_momentum", "batch_norm_epsilon",
               "batch_norm_weight_decay", "fused_batch_norm", "classifier_initializer", "projection_initializer",
-              "augmentation", "learning_rate", "replicas", "workers", "mixed_precision", "jit")
+              "augmentation", "learning_rate", "replicas", "workers", "mixed_precision", "jit", "image_size",
+              "recipe_settings", "overrides", "export_best", "early_stopping")
 # Every other field of RunSettings, and why it is not compared.
 NOT_COMPARED = {"seed": "the pairing itself"}
 

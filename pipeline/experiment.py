@@ -24,7 +24,7 @@ from pipeline.architecture import ARCHES
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.flags import nested, setting
-from pipeline.records import read_record, record_path, record_run, write_record
+from pipeline.records import portable_settings, read_record, record_path, record_run, write_record
 from pipeline.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,10 @@ def _check_folders(config: ExperimentConfig) -> None:
         if differing:
             raise ConfigError(f"{out} holds an experiment with other settings ({', '.join(differing)}); "
                               "use the same flags or another --out")
+    recorded_form = portable_settings(fixed)  # records keep no paths: compared as they keep them
     for path in sorted(config.records.glob("*-seed*.json")):
-        recorded = read_record(path).experiment
-        differing = [k for k in FIXED_SETTINGS if recorded.get(k, ADDED_SETTINGS.get(k)) != fixed[k]]
+        recorded = portable_settings(read_record(path).experiment)
+        differing = [k for k in FIXED_SETTINGS if recorded.get(k, ADDED_SETTINGS.get(k)) != recorded_form[k]]
         if differing:
             raise ConfigError(f"{path} records a run with other settings ({', '.join(differing)}); "
                               "use the same flags or other --records")

@@ -70,12 +70,33 @@ def record_path(folder: str | os.PathLike, arch: str, seed: int) -> pathlib.Path
     return pathlib.Path(folder) / f"{arch}-seed{seed}.json"
 
 
+def portable(setting: str, value: Any) -> Any:
+    """A setting as records keep it, free of this machine's paths: a folder or an archive by its
+    last path component (`folder:/data/cifar10-full` -> `folder:cifar10-full`; the data digest
+    says which files), a data or run directory by its name."""
+    if not isinstance(value, str) or not value:
+        return value
+    if setting == "dataset":
+        kind, colon, argument = value.partition(":")
+        return f"{kind}:{pathlib.PurePath(argument).name}" if colon and kind in ("folder", "cifar-bin") else value
+    if setting in ("data_dir", "model_dir"):
+        return pathlib.PurePath(value).name
+    return value
+
+
+def portable_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    return {key: portable(key, value) for key, value in settings.items()}
+
+
 def record_run(run: RunDir, experiment: dict[str, Any], recipe: Recipe) -> RunRecord:
-    """The record of a finished run, from its folder, on this machine."""
+    """The record of a finished run, from its folder, on this machine, without its paths."""
     summary = run.read_summary()
     if summary is None or not summary.is_finished:
         raise RecordError(f"{run.path} holds no finished run to record (summary.json says it is not done)")
-    return RunRecord(experiment=dict(experiment), recipe=dataclasses.asdict(recipe), summary=summary,
+    summary = dataclasses.replace(
+        summary, model_dir=portable("model_dir", summary.model_dir),
+        settings=dataclasses.replace(summary.settings, dataset=portable("dataset", summary.settings.dataset)))
+    return RunRecord(experiment=portable_settings(experiment), recipe=dataclasses.asdict(recipe), summary=summary,
                      history=tuple(run.read_history()), cpu=cpu_model(), cpus=_usable_cpus())
 
 

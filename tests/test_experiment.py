@@ -13,7 +13,7 @@ from scipy import stats
 from pipeline import cli, flags
 from pipeline.errors import ConfigError
 from pipeline.experiment import ExperimentConfig, parse_seeds, run_experiment
-from pipeline.records import RecordError, cpu_model, read_records
+from pipeline.records import RecordError, cpu_model, portable, read_records
 from pipeline.report import FIGURES, ReportConfig, paired_difference, pooled_difference, report
 
 
@@ -60,7 +60,9 @@ def test_a_record_holds_the_settings_history_and_final_metrics_of_its_run(experi
     out, _, _ = experiment
     record = json.loads((out / "records" / "resnet-seed1.json").read_text())
     assert (record["arch"], record["seed"]) == ("resnet", 1)
-    assert record["summary"] == json.loads((out / "runs" / "resnet-seed1" / "summary.json").read_text())
+    # The run's summary, without this machine's path of the run folder.
+    assert record["summary"] == {**json.loads((out / "runs" / "resnet-seed1" / "summary.json").read_text()),
+                                 "model_dir": "resnet-seed1"}
     rows = history(out, "resnet", 1)
     assert [row["epoch"] for row in record["history"]] == [int(row["epoch"]) for row in rows] == [1, 2]
     assert [row["val_accuracy"] for row in record["history"]] == [float(row["val_accuracy"]) for row in rows]
@@ -221,3 +223,32 @@ def test_the_pooled_comparison_is_welchs_t_test():
     interval = welch.confidence_interval(0.95)
     assert pooled["ci95"] == pytest.approx([interval.low, interval.high])
     assert pooled_difference([1.0], baseline) is None
+
+
+def test_portable_settings_drop_this_machines_paths():
+    assert portable("dataset", "folder:/data/x/cifar10-full") == "folder:cifar10-full"
+    assert portable("dataset", "cifar-bin:../downloads/cifar-10-binary.tar.gz") == "cifar-bin:cifar-10-binary.tar.gz"
+    assert portable("dataset", "synthetic:400") == "synthetic:400" and portable("dataset", "cifar10") == "cifar10"
+    assert portable("data_dir", "/home/me/tensorflow_datasets") == "tensorflow_datasets"
+    assert portable("model_dir", "/runs/paper50/runs/resnet-seed0") == "resnet-seed0"
+    assert portable("depth", 32) == 32 and portable("data_dir", None) is None
+
+
+def test_records_keep_no_paths_and_carry_over_to_the_same_data_elsewhere(tmp_path):
+    here = tmp_path / "here" / "my-photos"
+    for index, name in enumerate(("cats", "dogs")):
+        (here / name).mkdir(parents=True)
+        for number in range(24):
+            Image.new("RGB", (8, 8), (200 * index, 50, 20 * number % 255)).save(here / name / f"{number}.png")
+    settings = dict(arches=("resnet",), seeds=(0,), epochs=1, batch_size=8)
+    run_experiment(tiny(tmp_path / "out", dataset=f"folder:{here}", **settings), announce=lambda line: None)
+    record = json.loads((tmp_path / "out" / "records" / "resnet-seed0.json").read_text())
+    assert str(tmp_path) not in json.dumps(record)
+    assert record["experiment"]["dataset"] == record["summary"]["dataset"] == "folder:my-photos"
+    assert record["summary"]["model_dir"] == "resnet-seed0" and record["summary"]["data_digest"]
+    # The same folder on another machine, at another path: the record is kept, nothing trains.
+    there = shutil.copytree(here, tmp_path / "there" / "my-photos")
+    lines = []
+    run_experiment(tiny(tmp_path / "out-there", dataset=f"folder:{there}",
+                        records=str(tmp_path / "out" / "records"), **settings), announce=lines.append)
+    assert any("recorded earlier" in line for line in lines) and not any("training in" in line for line in lines)
