@@ -102,10 +102,10 @@ class _Queue:
     signature: Signature
     outputs: list[str]
     tasks: list[_Task] = dataclasses.field(default_factory=list)
+    rows: int = 0  # of its tasks, kept as they come and go
 
-    @property
-    def rows(self) -> int:
-        return sum(task.rows for task in self.tasks)
+    def __post_init__(self):
+        self.rows = sum(task.rows for task in self.tasks)
 
 
 class Batcher:
@@ -141,9 +141,16 @@ class Batcher:
             if waiting + count > self.options.max_enqueued_batches * self.options.max_batch_size:
                 raise ServingError(grpc.StatusCode.UNAVAILABLE,
                                    "The batch scheduling queue to which this task was submitted is full")
-            queue = self._queues.setdefault(key, _Queue(servable, signature, list(outputs)))
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = _Queue(servable, signature, list(outputs))
             queue.tasks.append(task)
-            self._condition.notify_all()
+            queue.rows += count
+            # The batch threads wait for the oldest task's timeout; a task joining a queue that
+            # already waits changes that only by filling the queue: waking them for each request
+            # would make them take the GIL from the handlers for nothing.
+            if len(queue.tasks) == 1 or queue.rows >= self.options.max_batch_size:
+                self._condition.notify_all()
         return self._wait(task)
 
     @staticmethod
@@ -189,6 +196,7 @@ class Batcher:
         while queue.tasks and rows + queue.tasks[0].rows <= self.options.max_batch_size:
             rows += queue.tasks[0].rows
             taken.append(queue.tasks.pop(0))
+        queue.rows -= rows
         return queue, taken
 
     def _next_deadline(self) -> float | None:

@@ -11,7 +11,6 @@ a run already started (nor can it in TF Serving), which the row limit bounds.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 
@@ -27,10 +26,14 @@ MAX_TIMEOUT_MS = 2**31 - 1
 
 
 class Call:
+    # One per request: no lock or Event of its own (a flag set once and read by the batch
+    # thread needs neither; building an Event cost more than the rest of the Call).
+    __slots__ = ("deadline", "_alive", "_cancelled")
+
     def __init__(self, timeout: float | None = None, alive: Callable[[], bool] | None = None):
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self._alive = alive
-        self._cancelled = threading.Event()
+        self._cancelled = False
 
     @classmethod
     def from_grpc(cls, context: grpc.ServicerContext) -> Call:
@@ -40,7 +43,7 @@ class Call:
         return cls(timeout=remaining, alive=context.is_active)
 
     def cancel(self) -> None:
-        self._cancelled.set()
+        self._cancelled = True
 
     @property
     def expired(self) -> bool:
@@ -53,7 +56,7 @@ class Call:
     @property
     def abandoned(self) -> bool:
         """Cancelled, past its deadline, or its client is gone."""
-        return self._cancelled.is_set() or self.expired or (self._alive is not None and not self._alive())
+        return self._cancelled or self.expired or (self._alive is not None and not self._alive())
 
     def error(self) -> ServingError | None:
         """DEADLINE_EXCEEDED or CANCELLED when nobody waits for the answer any more, else None."""

@@ -57,12 +57,18 @@ class ServingMetrics:
         self._latency = Histogram(REQUEST_LATENCY, "Distribution of wall time (in microseconds) of requests.",
                                   ["model_name", "API", "entrypoint"], buckets=LATENCY_BUCKETS,
                                   registry=self.registry)
+        self._latency_children: dict[tuple[str, str, str], Histogram] = {}
 
     def record(self, model_name: str, api: str, entrypoint: str, status: str, seconds: float) -> None:
         if not self._is_configured(model_name):
             model_name = UNKNOWN_MODEL
         self._requests.inc(model_name, status)
-        self._latency.labels(model_name, api, entrypoint).observe(seconds * 1e6)
+        key = (model_name, api, entrypoint)
+        # The labelled histogram is looked up by prometheus_client once per label set, not per request.
+        child = self._latency_children.get(key)
+        if child is None:
+            child = self._latency_children.setdefault(key, self._latency.labels(*key))
+        child.observe(seconds * 1e6)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,6 +13,7 @@ only under --check_input_shapes (service.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 
@@ -46,9 +47,18 @@ class TensorInfo:
         shape = "unknown" if self.shape is None else "[" + ",".join("?" if d is None else str(d) for d in self.shape) + "]"
         return f"{self.dtype.name} {shape}"
 
+    @functools.cached_property
+    def _numpy_dtype(self):
+        """What arrays of this dtype have (object for strings), looked up once rather than per request."""
+        expected = self.dtype.as_numpy_dtype
+        try:
+            return np.dtype(expected)
+        except TypeError:
+            return expected
+
     def check_dtype(self, alias: str, array: np.ndarray) -> None:
         """INVALID_ARGUMENT unless `array` has this dtype."""
-        if array.dtype != self.dtype.as_numpy_dtype and not (self.dtype == tf.string and array.dtype == object):
+        if array.dtype != self._numpy_dtype and not (self.dtype == tf.string and array.dtype == object):
             raise invalid(f"input '{alias}': expects {self.dtype.name} but got {tf.as_dtype(array.dtype).name} "
                           f"(the signature takes {self.describe()})")
 

@@ -130,7 +130,7 @@ class ModelServer:
         response = predict_pb2.PredictResponse()
         self._response_spec(response.model_spec, request.model_spec.name, servable, signature.key)
         for alias, value in outputs.items():
-            response.outputs[alias].CopyFrom(tensors.to_proto(value, as_content=self.tensor_content))
+            tensors.fill_proto(response.outputs[alias], value, as_content=self.tensor_content)
         return response
 
     def _check_rows(self, rows: int, what: str) -> None:
