@@ -49,4 +49,7 @@ def test_two_workers_train_together_with_identical_weights(tmp_path):
     assert records[0].weights_sha256 == records[1].weights_sha256
     # Only the chief keeps files; the other worker's scratch checkpoints are gone.
     assert not (tmp_path / "run" / ".workers" / "worker-1").exists()
-    assert sorted(p.name for p in (tmp_path / "run" / "logs").iterdir()) == ["train", "validation"]
+    logs = sorted((tmp_path / "run" / "logs").iterdir())
+    assert [p.name for p in logs if p.is_dir()] == ["train", "validation"]
+    # The chief's one events file of the run's hparams; the other worker writes no logs.
+    assert len([p for p in logs if p.name.startswith("events.out.tfevents.")]) == len(logs) - 2 == 1
