@@ -26,6 +26,7 @@ mounted into the trainer image from a ConfigMap, so it runs with any build of it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pathlib
 import shutil
 import sys
@@ -73,6 +74,19 @@ def copy_stream(reader, target: pathlib.Path, budget: list[int], what: str) -> N
             out.write(chunk)
 
 
+@contextlib.contextmanager
+def file_system_errors(source: str):
+    """TensorFlow's file-system errors while reading `source`, as FetchErrors that say what to do."""
+    _, errors = gfile()
+    try:
+        yield
+    except errors.UnimplementedError as error:
+        raise FetchError(f"TensorFlow in this image has no file system for {scheme(source)}:// ({error.message}); "
+                         "install its plugin (tensorflow-io) in the image, or use an http(s) URL") from error
+    except errors.OpError as error:
+        raise FetchError(f"cannot read {source}: {error.message}") from error
+
+
 def download(source: str, target: pathlib.Path, budget: list[int]) -> pathlib.Path:
     """The archive as a file of this pod: downloaded next to DEST, or where it lies."""
     kind = scheme(source)
@@ -88,15 +102,10 @@ def download(source: str, target: pathlib.Path, budget: list[int]) -> pathlib.Pa
         if not path.is_file():
             raise FetchError(f"{source}: no such file")
         return path
-    io, errors = gfile()
-    try:
+    io, _ = gfile()
+    with file_system_errors(source):
         with io.GFile(source, "rb") as reader:
             copy_stream(reader, target, budget, source)
-    except errors.UnimplementedError as error:
-        raise FetchError(f"TensorFlow in this image has no file system for {kind}:// ({error.message}); "
-                         "install its plugin (tensorflow-io) in the image, or use an http(s) URL") from error
-    except errors.OpError as error:
-        raise FetchError(f"cannot read {source}: {error.message}") from error
     return target
 
 
@@ -144,10 +153,9 @@ def copy_folder(source: str, into: pathlib.Path, budget: list[int]) -> None:
 
 def copy_tree(source: str, into: pathlib.Path, budget: list[int]) -> None:
     """A folder through TensorFlow's file systems (gs://BUCKET/photos/), file by file."""
-    io, errors = gfile()
+    io, _ = gfile()
     base = source.rstrip("/")
-    kind = scheme(source)
-    try:
+    with file_system_errors(source):
         if not io.exists(base) or not io.isdir(base):  # exists() says when a scheme has no file system
             raise FetchError(f"{source}: no such folder (or an archive of an unknown kind)")
         for folder, _, files in io.walk(base):
@@ -157,11 +165,6 @@ def copy_tree(source: str, into: pathlib.Path, budget: list[int]) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with io.GFile(f"{folder.rstrip('/')}/{name}", "rb") as reader:
                     copy_stream(reader, target, budget, source)
-    except errors.UnimplementedError as error:
-        raise FetchError(f"TensorFlow in this image has no file system for {kind}:// ({error.message}); "
-                         "install its plugin (tensorflow-io) in the image, or use an http(s) URL") from error
-    except errors.OpError as error:
-        raise FetchError(f"cannot read {source}: {error.message}") from error
 
 
 def top(folder: pathlib.Path) -> pathlib.Path:
