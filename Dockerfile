@@ -74,4 +74,4 @@ CMD ["--port=8500", "--rest_api_port=8501", \
      "--model_config_file=/models/models.config", "--file_system_poll_wait_seconds=30", \
      "--model_config_file_poll_wait_seconds=30", "--allow_version_labels_for_unavailable_models=true", \
      "--enable_batching=true", "--batching_parameters_file=/config/batching.config", \
-     "--monitoring_config_file=/config/monitoring.config"]
+     "--monitoring_config_file=/config/monitoring.config", "--grpc_max_threads=64"]

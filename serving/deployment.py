@@ -51,6 +51,10 @@ DEPLOYED_FLAGS = (
     "--enable_batching=true",
     f"--batching_parameters_file={CONFIG_DIR}/batching.config",
     f"--monitoring_config_file={CONFIG_DIR}/monitoring.config",
+    # TF Serving answers RESOURCE_EXHAUSTED to a call that finds every gRPC thread busy (server.cc's
+    # ResourceQuota), and its default is 4 per CPU: 8 on the pod's 2. As many threads as a batch
+    # has rows (max_batch_size 64) lets single-image clients fill a batch, not half of one.
+    "--grpc_max_threads=64",
 )
 PORT_FLAGS = ("--port", "--rest_api_port")
 MODEL_CONFIG_FLAG = "--model_config_file"

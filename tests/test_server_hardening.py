@@ -150,6 +150,29 @@ def test_a_request_past_its_deadline_is_dropped_before_it_runs(model_root, tmp_p
         server.stop(grace=2)
 
 
+def test_a_call_that_finds_every_grpc_thread_busy_is_refused_not_queued(model_root, tmp_path):
+    # TF Serving's --grpc_max_threads is a gRPC ResourceQuota: its sync server answers RESOURCE_EXHAUSTED
+    # when no thread is free. Two requests held in a 1.5 s batching window take both threads here.
+    parameters = tmp_path / "batching.config"
+    parameters.write_text("max_batch_size { value: 16 }\nbatch_timeout_micros { value: 1500000 }\n"
+                          "num_batch_threads { value: 1 }\n")
+    server = start_server(tmp_path, {"m": model_root / "m"}, f"--batching_parameters_file={parameters}",
+                          "--enable_model_warmup=false", "--grpc_max_threads=2")
+    try:
+        clients = Clients(server)
+        held = [clients.predictions.Predict.future(predict_request(model="m", batch=images(1)), timeout=30)
+                for _ in range(2)]
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as raised:
+            clients.predictions.Predict(predict_request(model="m", batch=images(1)), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert all(len(call.result().outputs["probabilities"].float_val) == 10 for call in held)
+        answer = clients.predictions.Predict(predict_request(model="m", batch=images(1)), timeout=30)
+        assert len(answer.outputs["probabilities"].float_val) == 10
+    finally:
+        server.stop(grace=2)
+
+
 def test_a_second_server_on_a_used_port_refuses_to_start(model_root, tmp_path, served):
     server, _ = served
     with pytest.raises(OSError, match="in use"):

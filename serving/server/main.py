@@ -48,8 +48,11 @@ class RunningServer:
         self.manager.start()
         # NOT_SERVING until both APIs listen: a client told SERVING may use either.
         self.health.update(False)
+        # TF Serving's --grpc_max_threads is a gRPC ResourceQuota (model_servers/server.cc): a call that
+        # finds every thread busy is refused with RESOURCE_EXHAUSTED, not queued.
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(flags.grpc_max_threads),
-                                       options=list(options.grpc_options))
+                                       options=list(options.grpc_options),
+                                       maximum_concurrent_rpcs=flags.grpc_max_threads)
         add_services(self.grpc_server, self.model_server, self.metrics, self.health)
         self.port = self._listen_grpc(options)
         self.grpc_server.start()
