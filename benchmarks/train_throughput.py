@@ -271,11 +271,11 @@ def measurements(spec: str, depth: int, steps: int) -> dict:
     }
 
 
-def measure_in_a_process(name: str, depth: int, steps: int) -> tuple[float, bool]:
+def measure_in_a_process(name: str, spec: str, depth: int, steps: int) -> tuple[float, bool]:
     """One measurement in a fresh process, so that none inherits another's threads, memory
     or loaded kernels: (its rate, whether the project's bfloat16 kernels ran in it)."""
-    result = subprocess.run([sys.executable, __file__, "--measure", name, "--depth", str(depth), "--steps", str(steps)],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, __file__, "--measure", name, "--dataset", spec, "--depth", str(depth),
+                             "--steps", str(steps)], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"measuring {name!r} failed:\n{result.stderr[-3000:]}")
     reported = json.loads(result.stdout.strip().splitlines()[-1])
@@ -289,16 +289,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--accuracy-epochs", type=int, default=3,
                         help="epochs of synthetic:10000 for the float32 vs bfloat16 accuracy check (0: skip)")
+    parser.add_argument("--dataset", default="synthetic:10000",
+                        help="the images every row trains on or reads (e.g. folder:PATH: photographs decoded "
+                             "from files, to see whether the input pipeline keeps up with the trainer on them)")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # one measurement, in this process
     args = parser.parse_args()
 
-    spec = "synthetic:10000"
+    spec = args.dataset
     if args.measure:
         rate = measurements(spec, args.depth, args.steps)[args.measure]()
         print(json.dumps({"rate": rate, "project_bfloat16_kernels": bool(bfloat16_kernels.kernel_calls())}))
         return
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores: {cpu_name()}; "
-          f"ResNet-{args.depth}, batch {BATCH}, {args.steps} timed steps, best of {args.rounds} round(s)")
+          f"ResNet-{args.depth}, batch {BATCH}, {args.steps} timed steps, best of {args.rounds} round(s), on {spec}")
     # Built (once) before anything is timed, as the first run with --project-bfloat16-kernels would.
     library = bfloat16_kernels.load("mixed_bfloat16")
     kernels = f"built, {library}" if library else "not available here, TensorFlow's run in their row too"
@@ -309,7 +312,7 @@ def main() -> None:
     for round_number in range(args.rounds):
         rounds.append({})
         for name in best:
-            rate, project_kernels[name] = measure_in_a_process(name, args.depth, args.steps)
+            rate, project_kernels[name] = measure_in_a_process(name, spec, args.depth, args.steps)
             best[name] = max(best[name], rate)
             rounds[-1][name] = rate
             unit = "GFLOP/s" if name in (PEAK_FP32, PEAK_BF16) else "images/s"
