@@ -267,6 +267,17 @@ def _answer(read: dict, names_top_k: bool, version: int | None) -> Answer:
     return Answer(probabilities, names, top, version)
 
 
+# RESOURCE_EXHAUSTED with these details means every gRPC thread was busy: gRPC C++'s sync server
+# (TF Serving, src/cpp/server/server_cc.cc) and Python's (accresnet serve). Other RESOURCE_EXHAUSTED
+# answers (a request too large) would fail again.
+_BUSY_SERVER_DETAILS = ("Server Threadpool Exhausted", "Concurrent RPC limit exceeded!")
+
+
+def _worth_retrying(error: grpc.RpcError) -> bool:
+    return error.code() == grpc.StatusCode.UNAVAILABLE or (
+        error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and error.details() in _BUSY_SERVER_DETAILS)
+
+
 @dataclasses.dataclass(frozen=True)
 class Prediction:
     path: str
@@ -368,15 +379,16 @@ class Classifier:
             target.version_label = self.label
 
     def _call(self, method: Callable, request):
-        """Retry UNAVAILABLE (server starting, restarting, swapping pods) with exponential backoff."""
+        """Retry, with exponential backoff, UNAVAILABLE (server starting, restarting, swapping pods)
+        and a server whose gRPC threads were all busy (the call was refused before it ran)."""
         delay = 0.5
         for attempt in range(self.retries + 1):
             try:
                 return method(request, timeout=self.timeout)
             except grpc.RpcError as error:
-                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                if not _worth_retrying(error) or attempt == self.retries:
                     raise ClientError(f"{self.server}: {error.code().name}: {error.details()}", error.code()) from None
-                log.info("%s unavailable (%s); retrying in %.1fs", self.server, error.details(), delay)
+                log.info("%s: %s (%s); retrying in %.1fs", self.server, error.code().name, error.details(), delay)
                 time.sleep(delay)
                 delay *= 2
 

@@ -15,6 +15,8 @@ from PIL import Image
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
 
+from serving.client import Classifier
+
 from helpers import rss_mib
 from hostile_files import png_declaring
 from server_clients import Clients, images, predict_request, start_server
@@ -166,6 +168,9 @@ def test_a_call_that_finds_every_grpc_thread_busy_is_refused_not_queued(model_ro
         with pytest.raises(grpc.RpcError) as raised:
             clients.predictions.Predict(predict_request(model="m", batch=images(1)), timeout=30)
         assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # The project's client takes that refusal for a busy server and tries again after a pause.
+        with Classifier(f"localhost:{server.port}", model="m") as classifier:
+            assert classifier.predict(images(1)).shape == (1, 10)
         assert all(len(call.result().outputs["probabilities"].float_val) == 10 for call in held)
         answer = clients.predictions.Predict(predict_request(model="m", batch=images(1)), timeout=30)
         assert len(answer.outputs["probabilities"].float_val) == 10
