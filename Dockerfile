@@ -25,13 +25,13 @@ WORKDIR /opt/accresnet
 # long description), so that changes to the code or the README do not reinstall TensorFlow;
 # pip's in-tree build (build/, *.egg-info) goes with the layer.
 # --build-arg BFLOAT16_KERNELS=yes also compiles the project's opt-in bfloat16 kernels
-# (--project-bfloat16-kernels, pipeline/bfloat16_kernels.py) for the TensorFlow it installed, then
+# (--project-bfloat16-kernels, pipeline/kernels/bfloat16.py) for the TensorFlow it installed, then
 # removes what only the compiling needed in the same layer: g++, binutils and TensorFlow's C++
 # headers (430 MB). By default the image has neither the kernels nor a compiler.
 ARG BFLOAT16_KERNELS=no
 ENV ACCRESNET_BFLOAT16_KERNELS_DIR=/opt/accresnet/kernels
 COPY pyproject.toml ./
-COPY pipeline/__init__.py pipeline/bfloat16_kernels.py pipeline/cache.py pipeline/cpu.py pipeline/
+COPY pipeline/__init__.py pipeline/cache.py pipeline/cpu.py pipeline/
 COPY pipeline/kernels/ pipeline/kernels/
 COPY serving/__init__.py serving/
 # Any g++ of the base's distribution will do: not pinned, and gone again at the end of the layer with
@@ -40,7 +40,7 @@ COPY serving/__init__.py serving/
 RUN touch README.md && pip install --no-cache-dir . && pip uninstall --yes accresnet \
     && if [ "$BFLOAT16_KERNELS" = yes ]; then \
          apt-get update && apt-get install --yes --no-install-recommends g++ \
-         && python3 -m pipeline.bfloat16_kernels --prebuild "$ACCRESNET_BFLOAT16_KERNELS_DIR" \
+         && python3 -m pipeline.kernels.bfloat16 --prebuild "$ACCRESNET_BFLOAT16_KERNELS_DIR" \
          && apt-get purge --yes --auto-remove -o APT::AutoRemove::SuggestsImportant=false g++ \
          && apt-get clean && rm -rf /var/lib/apt/lists/*; \
        elif [ "$BFLOAT16_KERNELS" != no ]; then echo "BFLOAT16_KERNELS is yes or no" >&2; exit 2; fi \

@@ -30,10 +30,10 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from pipeline import config as cfg  # noqa: E402
-from pipeline import architecture  # noqa: E402
-from pipeline import recipes  # noqa: E402
-from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.settings import config as cfg  # noqa: E402
+from pipeline.model import architecture  # noqa: E402
+from pipeline.settings import recipes  # noqa: E402
+from pipeline.train.rundir import RunDir  # noqa: E402
 
 BASE_RECIPE = "cpu-small"
 
@@ -89,7 +89,7 @@ VARIANTS = {variant.name: variant for variant in (
 
 @functools.lru_cache(maxsize=1)
 def _training_data(spec: str, train_images: int):
-    from pipeline import datasets
+    from pipeline.data import datasets
 
     return datasets.load(cfg.DataConfig(spec, train_images=train_images))
 
@@ -100,9 +100,9 @@ def initial_state(name: str, seed: int, args: argparse.Namespace, images: int = 
     import keras
     import numpy as np
 
-    from pipeline.model import set_pixel_mean
+    from pipeline.model.network import set_pixel_mean
 
-    from pipeline.model import build_model
+    from pipeline.model.network import build_model
 
     data = _training_data(args.dataset, args.train_images)
     keras.utils.set_random_seed(seed)
@@ -128,11 +128,11 @@ def trace(name: str, seed: int, steps: int, args: argparse.Namespace, images: in
     import numpy as np
     import tensorflow as tf
 
-    from pipeline import input_pipeline
-    from pipeline.distribute import Cluster, make_strategy
-    from pipeline.model import build_model, set_pixel_mean
-    from pipeline.optimizers import learning_rate_schedule, make_optimizer
-    from pipeline.trainer import Trainer
+    from pipeline.data import input_pipeline
+    from pipeline.train.distribute import Cluster, make_strategy
+    from pipeline.model.network import build_model, set_pixel_mean
+    from pipeline.train.optimizers import learning_rate_schedule, make_optimizer
+    from pipeline.train.trainer import Trainer
 
     variant = VARIANTS[name]
     data = _training_data(args.dataset, args.train_images)
@@ -174,7 +174,7 @@ def trace(name: str, seed: int, steps: int, args: argparse.Namespace, images: in
 
 
 def run_variant(name: str, seed: int, args: argparse.Namespace) -> pathlib.Path:
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     variant = VARIANTS[name]
     run_dir = pathlib.Path(args.out) / "runs" / f"{name}-seed{seed}"

@@ -1,5 +1,5 @@
 """The CPU a request of encoded images costs at worst, per format, within the export's decode
-bounds (pipeline/image_headers.py), and what the files that the bounds refuse would have cost.
+bounds (pipeline/data/image_headers.py), and what the files that the bounds refuse would have cost.
 
 A tiny model is exported with the default bounds and its serving_bytes signature run through a
 TF1 session, as TF Serving runs it, on the costliest request of each format that the bounds let
@@ -40,7 +40,7 @@ def _noise(side: int, block: int = 2) -> Image.Image:
 
 def _requests(bounds) -> dict[str, tuple[list[bytes], str]]:
     """Per format, the costliest request the bounds pass, and a file they refuse."""
-    from pipeline.image_headers import DECODED_PIXEL_PASSES
+    from pipeline.data.image_headers import DECODED_PIXEL_PASSES
 
     jpeg_side = int(bounds.jpeg_pixels ** 0.5)
     decoded_side = int(bounds.decoded_pixels ** 0.5)
@@ -75,15 +75,15 @@ def _cpu_seconds(run, repeats: int = 3) -> float:
 def main() -> None:
     import keras
 
-    from pipeline import export
-    from pipeline.architecture import ModelConfig
-    from pipeline.image_headers import DEFAULT_BOUNDS
-    from pipeline.model import build_model
+    from pipeline.export import saved_model
+    from pipeline.model.architecture import ModelConfig
+    from pipeline.data.image_headers import DEFAULT_BOUNDS
+    from pipeline.model.network import build_model
     from serving.server.servable import Servable
 
     keras.utils.set_random_seed(0)
     with tempfile.TemporaryDirectory() as scratch:
-        path = export.export_saved_model(build_model(ModelConfig("resnet", 8, 3)), ["a", "b", "c"],
+        path = saved_model.export_saved_model(build_model(ModelConfig("resnet", 8, 3)), ["a", "b", "c"],
                                          pathlib.Path(scratch) / "m")
         servable = Servable("m", 1, path)
         signature = servable.signature("serving_bytes")

@@ -13,8 +13,8 @@ import re
 import keras
 import tensorflow as tf
 
-from pipeline.architecture import ModelConfig
-from pipeline.model import build_model
+from pipeline.model.architecture import ModelConfig
+from pipeline.model.network import build_model
 
 
 def layer_key(op_name: str) -> str:

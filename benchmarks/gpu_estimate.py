@@ -35,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import flops  # noqa: E402
-from pipeline.architecture import ModelConfig  # noqa: E402
+from pipeline.model.architecture import ModelConfig  # noqa: E402
 
 # fp32 peak (non-tensor-core) TFLOPS from NVIDIA's data sheets.
 GPUS = {"T4": 8.1, "V100 (SXM2)": 15.7, "A100 (40/80 GB)": 19.5, "L4": 30.3, "A10": 31.2, "H100 (SXM)": 67.0}

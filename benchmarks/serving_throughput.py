@@ -53,9 +53,9 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.architecture import ModelConfig  # noqa: E402
-from pipeline.export import export_saved_model  # noqa: E402
-from pipeline.model import build_model  # noqa: E402
+from pipeline.model.architecture import ModelConfig  # noqa: E402
+from pipeline.export.saved_model import export_saved_model  # noqa: E402
+from pipeline.model.network import build_model  # noqa: E402
 from serving.contract import IMAGES_INPUT, MODEL_NAME, SERVING_DEFAULT  # noqa: E402
 from serving.deployment import free_ports, local_deployed_server  # noqa: E402
 from serving.server.servable import Servable  # noqa: E402

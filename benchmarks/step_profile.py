@@ -1,7 +1,7 @@
 """Where one training step's time goes: TensorFlow's profiler trace of the trainer's
 steps, summed per class of op, with the FLOPs of each class.
 
-The trainer is built as `accresnet train` builds it (pipeline/train.py's
+The trainer is built as `accresnet train` builds it (pipeline/train/loop.py's
 resolve, build_trainer and train_batches) on synthetic data; after warm-up
 steps, `--steps` steps are timed, then `--traced-steps` more run under
 `tf.profiler.experimental`. The trace's op events (the executor threads'
@@ -23,7 +23,7 @@ convolutions reach at these shapes, which bounds the whole step's. With
 --memory-ops, the blocks' memory-bound kernels (additions, ReLU and its
 gradient, BN forward and backward) alone at each stage's activation shape:
 the bytes per second they move, in float32 and in bfloat16 (TensorFlow's kernels, or with --project-bfloat16-kernels the
-project's opt-in ones where they load, pipeline/bfloat16_kernels.py).
+project's opt-in ones where they load, pipeline/kernels/bfloat16.py).
 
     python benchmarks/step_profile.py --convs
     python benchmarks/step_profile.py --memory-ops
@@ -47,12 +47,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import tensorflow as tf  # noqa: E402
 
 from flops import forward_flops, layer_key  # noqa: E402
-from pipeline import bfloat16_kernels, datasets, flags  # noqa: E402
-from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.distribute import Cluster, make_strategy  # noqa: E402
-from pipeline.model import precision_policy  # noqa: E402
-from pipeline.optimizers import mixed_precision_policy  # noqa: E402
-from pipeline.train import build_trainer, resolve, train_batches  # noqa: E402
+from pipeline.kernels import bfloat16  # noqa: E402
+from pipeline.data import datasets
+from pipeline import flags
+from pipeline.settings.config import TrainConfig  # noqa: E402
+from pipeline.train.distribute import Cluster, make_strategy  # noqa: E402
+from pipeline.model.network import precision_policy  # noqa: E402
+from pipeline.train.optimizers import mixed_precision_policy  # noqa: E402
+from pipeline.train.loop import build_trainer, resolve, train_batches  # noqa: E402
 
 # Op classes, first match wins: (class, pattern on "type" or "name:type").
 OP_CLASSES = (
@@ -141,12 +143,13 @@ def profile(arch: str, mixed_precision: bool, devices: int | None, batch: int, s
         cluster = Cluster()
         strategy = make_strategy(cluster, config.devices)
         data = datasets.load(config.resolved_data)
-        settings, length = resolve(config, data, strategy.num_replicas_in_sync, cluster)
+        settings, length = resolve(config, data.class_names, len(data.train), datasets.files_digest(config.data),
+                                   strategy.num_replicas_in_sync, cluster.num_workers)
         policy = mixed_precision_policy(mixed_precision)
         if project_kernels:
-            bfloat16_kernels.load(policy)
+            bfloat16.load(policy)
         with precision_policy(policy):
-            trainer, _, _ = build_trainer(config, settings, length, data, strategy, cluster, policy)
+            trainer, _, _ = build_trainer(config, settings, length, data.pixel_mean(), strategy, cluster, policy)
             flops = forward_flops(trainer.model, batch // replicas)
             batches = iter(train_batches(trainer, data.train, config, length, 0))
             vote = tf.constant(0.0)
@@ -237,8 +240,8 @@ def time_in_graph(calls, repeats: int) -> float:
 def conv_table(arch: str, batch: int) -> str:
     """Each of the net's convolution shapes timed alone, float32 and bfloat16, and what
     a training step's convolutions would take at those rates."""
-    from pipeline.architecture import ModelConfig
-    from pipeline.model import build_model
+    from pipeline.model.architecture import ModelConfig
+    from pipeline.model.network import build_model
 
     shapes = conv_shapes(build_model(ModelConfig(arch, 32)), batch)
     lines = ["| shape (input, in -> out channels, kernel, stride) | count | precision | forward GFLOP/s | "
@@ -348,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the project's opt-in bfloat16 kernels where they load, as the trainer's flag")
     args = parser.parse_args(argv)
     if args.memory_ops:
-        library = bfloat16_kernels.load("mixed_bfloat16") if args.project_bfloat16_kernels else None
+        library = bfloat16.load("mixed_bfloat16") if args.project_bfloat16_kernels else None
         print(f"bfloat16 AddV2, AddN, Relu, ReluGrad: {'the project' if library else 'TensorFlow'}'s kernels\n")
         print(memory_ops_table(args.batch))
         return

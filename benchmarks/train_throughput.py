@@ -7,13 +7,13 @@ ratios against the baseline measured here too:
   augmentation as Keras preprocessing layers (ZeroPadding2D + RandomCrop +
   RandomFlip) in front of the same network built with Keras' own
   BatchNormalization layer;
-- the trainer (`pipeline.train.train`), float32 and with --mixed-precision
+- the trainer (`pipeline.train.loop.train`), float32 and with --mixed-precision
   (and --jit, for information), steady-state images/s from its summary.json;
 - the input pipeline alone, augmentation on, in images/s;
 - the accumulated net's step time over the plain net's;
 - under --mixed-precision, TensorFlow's own kernels (the default) and the
   project's opt-in bfloat16 kernels where the CPU has AVX-512
-  (--project-bfloat16-kernels, pipeline/bfloat16_kernels.py);
+  (--project-bfloat16-kernels, pipeline/kernels/bfloat16.py);
 - the machine's matmul peak, float32 and bfloat16 (GFLOP/s of large
   square matmuls), and the trainer's share of it: images/s x the training
   FLOPs of one image (benchmarks/flops.py) over the peak of its precision.
@@ -47,13 +47,17 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from flops import training_flops_per_image  # noqa: E402
-from pipeline import bfloat16_kernels, datasets, flags, input_pipeline  # noqa: E402
-from pipeline.architecture import ModelConfig  # noqa: E402
-from pipeline.config import DataConfig, TrainConfig  # noqa: E402
+from pipeline.kernels import bfloat16  # noqa: E402
+from pipeline.data import datasets, input_pipeline
+from pipeline.data.splits import Split
+from pipeline import flags
+from pipeline.model.architecture import ModelConfig  # noqa: E402
+from pipeline.settings.config import TrainConfig  # noqa: E402
+from pipeline.data.specs import DataConfig
 from pipeline.cpu import CpuInfo  # noqa: E402
-from pipeline.recipes import get_recipe  # noqa: E402
-from pipeline.model import build_model  # noqa: E402
-from pipeline.train import train  # noqa: E402
+from pipeline.settings.recipes import get_recipe  # noqa: E402
+from pipeline.model.network import build_model  # noqa: E402
+from pipeline.train.loop import train  # noqa: E402
 
 BATCH = 128
 WARMUP_STEPS = 3
@@ -79,7 +83,7 @@ class _BatchTimer(keras.callbacks.Callback):
             self.batches += 1
 
 
-def baseline_fit(split: datasets.Split, arch: str, depth: int, steps: int) -> float:
+def baseline_fit(split: Split, arch: str, depth: int, steps: int) -> float:
     """images/s of model.fit on float arrays with Keras augmentation layers."""
     keras.utils.set_random_seed(0)
     network = build_model(ModelConfig(arch, depth, fused_batch_norm=False))
@@ -110,7 +114,7 @@ def trainer_run(spec: str, arch: str, depth: int, steps: int | None = None, epoc
         return train(config)
 
 
-def input_pipeline_rate(split: datasets.Split, batches: int = 200) -> float:
+def input_pipeline_rate(split: Split, batches: int = 200) -> float:
     steps_per_epoch = len(split) // BATCH
     dataset = input_pipeline.train_dataset(split, batch_size=BATCH, seed=0, start_epoch=0,
                                            steps_per_epoch=steps_per_epoch, augmentation="pad-crop")
@@ -298,12 +302,12 @@ def main() -> None:
     spec = args.dataset
     if args.measure:
         rate = measurements(spec, args.depth, args.steps)[args.measure]()
-        print(json.dumps({"rate": rate, "project_bfloat16_kernels": bool(bfloat16_kernels.kernel_calls())}))
+        print(json.dumps({"rate": rate, "project_bfloat16_kernels": bool(bfloat16.kernel_calls())}))
         return
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores: {cpu_name()}; "
           f"ResNet-{args.depth}, batch {BATCH}, {args.steps} timed steps, best of {args.rounds} round(s), on {spec}")
     # Built (once) before anything is timed, as the first run with --project-bfloat16-kernels would.
-    library = bfloat16_kernels.load("mixed_bfloat16")
+    library = bfloat16.load("mixed_bfloat16")
     kernels = f"built, {library}" if library else "not available here, TensorFlow's run in their row too"
     print(f"the project's opt-in bfloat16 kernels: {kernels}\n")
 

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipeline import flags
-from pipeline.config import TrainConfig
+from pipeline.settings.config import TrainConfig
 from pipeline.errors import UserError
 
 
@@ -53,17 +53,17 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     config = train_config_from_args(args)
-    from pipeline import train
+    from pipeline.train import loop
 
-    summary = train.train(config)
+    summary = loop.train(config)
     shown = " ".join(f"{k} {v:.4f}" for k, v in summary.final.items())
     print(f"{summary.model_dir}: {summary.epochs_completed} epoch(s), {shown}")
     if args.export_base and summary.is_chief:
-        from pipeline import export
+        from pipeline.export import saved_model
 
-        print(export.export_run(args.model_dir, args.export_base), flush=True)
+        print(saved_model.export_run(args.model_dir, args.export_base), flush=True)
     if summary.settings.workers > 1:
-        from pipeline.distribute import leave_together
+        from pipeline.train.distribute import leave_together
 
         leave_together("accresnet-train-done")
     return 0
@@ -81,14 +81,14 @@ def add_export_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from pipeline import export
+    from pipeline.export import saved_model
 
-    print(export.export_run(args.model_dir, args.export_base, top_k=args.top_k))
+    print(saved_model.export_run(args.model_dir, args.export_base, top_k=args.top_k))
     return 0
 
 
 def add_prepare_data_flags(parser: argparse.ArgumentParser) -> None:
-    from pipeline.config import DataConfig
+    from pipeline.data.specs import DataConfig
 
     flags.add_flags(parser, DataConfig, ("dataset", "data_dir"))
     parser.add_argument("--images-dir", help="write held-out test images here (replaced whole)")
@@ -97,8 +97,8 @@ def add_prepare_data_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_prepare_data(args: argparse.Namespace) -> int:
-    from pipeline.config import DataConfig
-    from pipeline.prepare import PrepareConfig, prepare
+    from pipeline.data.specs import DataConfig
+    from pipeline.data.prepare import PrepareConfig, prepare
 
     config = PrepareConfig(flags.from_args(DataConfig, args), images_dir=args.images_dir, images=args.images)
     print(prepare(config))
@@ -110,7 +110,7 @@ def add_no_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_tf_config(args: argparse.Namespace) -> int:
-    from pipeline.distribute import Cluster, ClusterConfigError, tf_config_from_environment
+    from pipeline.train.distribute import Cluster, ClusterConfigError, tf_config_from_environment
 
     try:
         config = tf_config_from_environment()
@@ -129,14 +129,14 @@ def run_tf_config(args: argparse.Namespace) -> int:
 
 
 def add_experiment_flags(parser: argparse.ArgumentParser) -> None:
-    from pipeline.experiment import RUN_FLAGS, ExperimentConfig
+    from pipeline.research.experiment import RUN_FLAGS, ExperimentConfig
 
     flags.add_flags(parser, ExperimentConfig, ("out", "records", "arches", "seeds", *RUN_FLAGS))
 
 
 def run_experiment(args: argparse.Namespace) -> int:
-    from pipeline.experiment import ExperimentConfig, run_experiment as run
-    from pipeline.report import ReportConfig
+    from pipeline.research.experiment import ExperimentConfig, run_experiment as run
+    from pipeline.research.report import ReportConfig
 
     config = flags.from_args(ExperimentConfig, args)
     run(config, announce=lambda line: print(line, flush=True))
@@ -145,26 +145,26 @@ def run_experiment(args: argparse.Namespace) -> int:
 
 
 def add_report_flags(parser: argparse.ArgumentParser) -> None:
-    from pipeline.report import ReportConfig
+    from pipeline.research.report import ReportConfig
 
     flags.add_flags(parser, ReportConfig)
 
 
 def add_compare_flags(parser: argparse.ArgumentParser) -> None:
-    from pipeline.compare import CompareConfig
+    from pipeline.research.compare import CompareConfig
 
     flags.add_flags(parser, CompareConfig)
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from pipeline.compare import CompareConfig, run, summary_lines
+    from pipeline.research.compare import CompareConfig, run, summary_lines
 
     print("\n".join(summary_lines(run(flags.from_args(CompareConfig, args)))))
     return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from pipeline.report import ReportConfig, report
+    from pipeline.research.report import ReportConfig, report
 
     config = flags.from_args(ReportConfig, args)
     report(config)
@@ -185,7 +185,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def add_validate_flags(parser: argparse.ArgumentParser) -> None:
-    from pipeline.validate import ValidateConfig
+    from pipeline.release.validate import ValidateConfig
 
     flags.add_flags(parser, ValidateConfig, ("candidate", "dataset", "data_dir", "eval_images", "candidate_server",
                                              "candidate_rest_server", "candidate_server_base", "current_server",
@@ -195,8 +195,8 @@ def add_validate_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from pipeline.blessing import BLESSING_FILE, REFUSED
-    from pipeline.validate import ValidateConfig, validate
+    from pipeline.release.blessing import BLESSING_FILE, REFUSED
+    from pipeline.release.validate import ValidateConfig, validate
 
     config = flags.from_args(ValidateConfig, args)
     blessing = validate(config, announce=lambda line: print(line, flush=True))
@@ -211,13 +211,13 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def add_push_flags(parser: argparse.ArgumentParser) -> None:
-    from pipeline.push import PushConfig
+    from pipeline.release.push import PushConfig
 
     flags.add_flags(parser, PushConfig)
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from pipeline.push import PushConfig, push
+    from pipeline.release.push import PushConfig, push
 
     pushed = push(flags.from_args(PushConfig, args), announce=lambda line: print(line, flush=True))
     print(pushed.path + (f" (labels: {_labels_text(pushed.labels)})" if pushed.labels else ""))
@@ -229,20 +229,20 @@ def _labels_text(labels: dict[str, int]) -> str:
 
 
 def add_label_flags(parser: argparse.ArgumentParser) -> None:
-    from pipeline.push import LabelConfig
+    from pipeline.release.push import LabelConfig
 
     flags.add_flags(parser, LabelConfig)
 
 
 def run_promote(args: argparse.Namespace) -> int:
-    from pipeline.push import LabelConfig, promote
+    from pipeline.release.push import LabelConfig, promote
 
     print(_labels_text(promote(flags.from_args(LabelConfig, args), announce=lambda line: print(line, flush=True))))
     return 0
 
 
 def run_rollback(args: argparse.Namespace) -> int:
-    from pipeline.push import LabelConfig, rollback
+    from pipeline.release.push import LabelConfig, rollback
 
     print(_labels_text(rollback(flags.from_args(LabelConfig, args), announce=lambda line: print(line, flush=True))))
     return 0

@@ -18,7 +18,7 @@ import pathlib
 import sys
 import time
 
-from pipeline.config import TrainConfig
+from pipeline.settings.config import TrainConfig
 from pipeline.flags import nested, setting
 from serving.deployment import MODEL_NAME
 
@@ -40,8 +40,10 @@ class DemoConfig:
 
 
 def run_demo(config: DemoConfig) -> int:
-    from pipeline import datasets, export, train
-    from pipeline.prepare import write_held_out
+    from pipeline.data import datasets
+    from pipeline.export import saved_model
+    from pipeline.train import loop
+    from pipeline.data.prepare import write_held_out
     from serving.client import Classifier
     from serving.deployment import serving_locally
 
@@ -54,12 +56,12 @@ def run_demo(config: DemoConfig) -> int:
 
     print(f"== 1/4 train {run.net.arch} ResNet-{run.net.depth} on {run.data.spec} ({run.recipe.name} recipe) "
           f"-> {model_dir}")
-    summary = train.train(run)
+    summary = loop.train(run)
     print(f"   {summary.epochs_completed} epochs, val accuracy {summary.final.get('val_accuracy', float('nan')):.4f}, "
           f"{summary.train_images_per_sec or 0:.0f} images/s")
 
     print(f"== 2/4 export -> {base_path}")
-    version = export.export_run(model_dir, base_path)
+    version = saved_model.export_run(model_dir, base_path)
     print(f"   {version}")
 
     data = datasets.load(run.data)

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow.python.framework import kernels  # noqa: E402
 
-from pipeline import bfloat16_kernels  # noqa: E402
+from pipeline.kernels import bfloat16  # noqa: E402
 
 # Zeros of both signs, infinities, a NaN, subnormals of both signs, the largest values.
 SPECIAL = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-39, -1e-39, -3e-39, 3.38e38, -3.38e38], np.float32)
@@ -90,9 +90,10 @@ def op_results() -> dict[str, np.ndarray]:
 
 
 def train_losses(model_dir: str, project_kernels: bool) -> list[float]:
-    from pipeline import flags, train as training
-    from pipeline.config import TrainConfig
-    from pipeline.trainer import Trainer
+    from pipeline import flags
+    from pipeline.train import loop as training
+    from pipeline.settings.config import TrainConfig
+    from pipeline.train.trainer import Trainer
 
     losses, original = [], Trainer.train_step
 
@@ -110,9 +111,9 @@ def train_losses(model_dir: str, project_kernels: bool) -> list[float]:
 
 def main() -> None:
     mode, out, kernels_wanted = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
-    library = bfloat16_kernels.load("mixed_bfloat16") if kernels_wanted == "project" else None
+    library = bfloat16.load("mixed_bfloat16") if kernels_wanted == "project" else None
     print(f"library: {library or 'stock'}")
-    for op in bfloat16_kernels.OPS:
+    for op in bfloat16.OPS:
         priorities = [kernel.priority for kernel in kernels.get_registered_kernels_for_op(op).kernel
                       if kernel.device_type == "CPU" and any(
                           tf.dtypes.as_dtype(dtype) == tf.bfloat16 for constraint in kernel.constraint
@@ -120,7 +121,7 @@ def main() -> None:
         print(f"priorities {op}: {sorted(priorities)}")
     if mode == "ops":
         np.savez(out, **op_results())
-        print(f"calls: {json.dumps(bfloat16_kernels.kernel_calls())}")
+        print(f"calls: {json.dumps(bfloat16.kernel_calls())}")
     else:
         with tempfile.TemporaryDirectory() as model_dir:
             out.write_text(json.dumps(train_losses(model_dir, kernels_wanted == "project")))

@@ -3,7 +3,7 @@ what the tests of candidate entries and of the release waits share."""
 
 import pathlib
 
-from pipeline import blessing
+from pipeline.release import blessing
 
 
 def candidate(root: pathlib.Path) -> pathlib.Path:

@@ -14,7 +14,7 @@ tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2
 )
 
-from pipeline.datasets import Split  # noqa: E402
+from pipeline.data.splits import Split  # noqa: E402
 
 
 def random_split(count: int, num_classes: int = 10, seed: int = 0) -> Split:
@@ -34,8 +34,8 @@ def split_factory():
 def trained_run(tmp_path_factory):
     """A finished tiny training run (accumulated ResNet-8, synthetic data): its model dir."""
     from pipeline import flags
-    from pipeline.config import TrainConfig
-    from pipeline.train import train
+    from pipeline.settings.config import TrainConfig
+    from pipeline.train.loop import train
 
     model_dir = tmp_path_factory.mktemp("trained")
     train(flags.build(TrainConfig, dict(model_dir=str(model_dir), arch="accumulated", depth=8,
@@ -47,7 +47,7 @@ def trained_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def exported_model(trained_run, tmp_path_factory):
     """The tiny run exported as version 1 under a fresh base path."""
-    from pipeline.export import export_run
+    from pipeline.export.saved_model import export_run
 
     import pathlib
 

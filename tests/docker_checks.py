@@ -83,8 +83,8 @@ def test_the_trainer_image_answers_help_without_tensorflow(images):
 # (they are built only with --build-arg BFLOAT16_KERNELS=yes), and training does not ask for them.
 NO_KERNELS_IN_THE_IMAGE = """
 import os, pathlib, shutil, tensorflow as tf
-from pipeline import bfloat16_kernels
-folder = pathlib.Path(os.environ[bfloat16_kernels.PREBUILT])
+from pipeline.kernels import bfloat16
+folder = pathlib.Path(os.environ[bfloat16.PREBUILT])
 print("files:", sorted(path.name for path in folder.iterdir()) if folder.exists() else None)
 print("compiler:", shutil.which("g++"), shutil.which("gcc"), shutil.which("ld"))
 print("headers:", pathlib.Path(tf.sysconfig.get_include()).exists())

@@ -44,7 +44,7 @@ def worker_records(run):
     """The records each worker of a run wrote at its end (RunDir.write_worker_record), by task."""
     import json
 
-    from pipeline.rundir import WorkerRecord
+    from pipeline.train.rundir import WorkerRecord
 
     return [WorkerRecord(**json.loads(path.read_text())) for path in sorted((run.path / "workers").glob("*.json"))]
 

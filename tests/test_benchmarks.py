@@ -13,9 +13,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import collapse_ablation  # noqa: E402
 import flops  # noqa: E402
 import gpu_estimate  # noqa: E402
-from pipeline import architecture, recipes  # noqa: E402
-from pipeline.model import build_model  # noqa: E402
-from pipeline.rundir import RunSettings  # noqa: E402
+from pipeline.model import architecture  # noqa: E402
+from pipeline.settings import recipes
+from pipeline.model.network import build_model  # noqa: E402
+from pipeline.train.rundir import RunSettings  # noqa: E402
 
 
 def test_a_variant_is_a_recipe_of_its_own_and_changes_nothing_shared():

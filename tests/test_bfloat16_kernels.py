@@ -16,21 +16,23 @@ import numpy as np
 import pytest
 
 from helpers import REPO
-from pipeline import bfloat16_kernels, flags, train as training
-from pipeline.config import TrainConfig
+from pipeline.kernels import bfloat16
+from pipeline import flags
+from pipeline.train import loop as training
+from pipeline.settings.config import TrainConfig
 from pipeline.cpu import CpuInfo
 
 THIS_CPU = CpuInfo.read()
-needs_avx512 = pytest.mark.skipif(bool(bfloat16_kernels.missing_flags(THIS_CPU)),
+needs_avx512 = pytest.mark.skipif(bool(bfloat16.missing_flags(THIS_CPU)),
                                   reason="the kernels need AVX-512 (avx512f/bw/vl/dq and FMA)")
-AVX512 = CpuInfo(flags=frozenset(bfloat16_kernels.REQUIRED_FLAGS))
+AVX512 = CpuInfo(flags=frozenset(bfloat16.REQUIRED_FLAGS))
 
 
 @pytest.fixture(autouse=True)
 def nothing_loaded(monkeypatch):
     """Each test starts as a process that has loaded no library (another test of this worker may
     have loaded the real one, which stays loaded for the worker's life)."""
-    monkeypatch.setattr(bfloat16_kernels, "_loaded", [])
+    monkeypatch.setattr(bfloat16, "_loaded", [])
 
 
 def is_nan(bits):
@@ -94,19 +96,19 @@ def test_mixed_precision_training_is_the_same_with_either_kernels(tmp_path):
 
 
 def test_only_a_bfloat16_policy_on_an_avx512_cpu_loads_them(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="pipeline.bfloat16_kernels"):
-        assert bfloat16_kernels.load("float32", AVX512, tmp_path) is None
+    with caplog.at_level(logging.INFO, logger="pipeline.kernels.bfloat16"):
+        assert bfloat16.load("float32", AVX512, tmp_path) is None
         assert "not loaded, they serve --mixed-precision on a CPU only" in caplog.text
         avx2 = CpuInfo(flags=frozenset({"avx2", "fma"}))
-        assert bfloat16_kernels.load("mixed_bfloat16", avx2, tmp_path) is None
+        assert bfloat16.load("mixed_bfloat16", avx2, tmp_path) is None
     assert "lacks avx512f, avx512bw, avx512vl, avx512dq" in caplog.text
-    assert bfloat16_kernels.missing_flags(None) == list(bfloat16_kernels.REQUIRED_FLAGS)
+    assert bfloat16.missing_flags(None) == list(bfloat16.REQUIRED_FLAGS)
     assert not list(tmp_path.iterdir())  # nothing was compiled
 
 
 def test_a_run_loads_the_kernels_only_when_asked(tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(bfloat16_kernels, "load", lambda policy, *args: asked.append(policy))
+    monkeypatch.setattr(bfloat16, "load", lambda policy, *args: asked.append(policy))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     settings = dict(arch="resnet", depth=8, dataset="synthetic:64", recipe="quick", steps=1, batch_size=16,
                     mixed_precision=True, progress=False)
@@ -119,8 +121,8 @@ def test_a_run_loads_the_kernels_only_when_asked(tmp_path, monkeypatch):
 
 def test_without_a_compiler_training_goes_on_with_the_stock_kernels(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with caplog.at_level(logging.WARNING, logger="pipeline.bfloat16_kernels"):
-        assert bfloat16_kernels.load("mixed_bfloat16", AVX512, tmp_path / "cache") is None
+    with caplog.at_level(logging.WARNING, logger="pipeline.kernels.bfloat16"):
+        assert bfloat16.load("mixed_bfloat16", AVX512, tmp_path / "cache") is None
     assert "no C++ compiler" in caplog.text and "TensorFlow's kernels" in caplog.text
 
 
@@ -132,25 +134,25 @@ def test_a_failed_build_leaves_nothing_under_the_librarys_name(tmp_path, monkeyp
     compiler.chmod(0o755)
     monkeypatch.setenv("CXX", str(compiler))
     cache = tmp_path / "cache"
-    with caplog.at_level(logging.WARNING, logger="pipeline.bfloat16_kernels"):
-        assert bfloat16_kernels.load("mixed_bfloat16", AVX512, cache) is None
+    with caplog.at_level(logging.WARNING, logger="pipeline.kernels.bfloat16"):
+        assert bfloat16.load("mixed_bfloat16", AVX512, cache) is None
     assert "compiling bfloat16_elementwise.cc failed: bfloat16_elementwise.cc:1: error: out of disk" in caplog.text
     assert list(cache.iterdir()) == []  # neither the library nor the build folder
 
 
 def test_the_cache_key_follows_the_source_and_the_compiler(tmp_path, monkeypatch):
-    first = bfloat16_kernels.library_path(tmp_path)
+    first = bfloat16.library_path(tmp_path)
     assert first.parent == tmp_path and first.name.startswith("bfloat16_elementwise-")
-    assert bfloat16_kernels.library_path(tmp_path) == first
-    source = bfloat16_kernels.SOURCE
+    assert bfloat16.library_path(tmp_path) == first
+    source = bfloat16.SOURCE
     edited = tmp_path / "bfloat16_elementwise.cc"
     edited.write_bytes(source.read_bytes() + b"// edited\n")
-    monkeypatch.setattr(bfloat16_kernels, "SOURCE", edited)
-    assert bfloat16_kernels.library_path(tmp_path) != first
-    monkeypatch.setattr(bfloat16_kernels, "SOURCE", source)
-    assert bfloat16_kernels.library_path(tmp_path) == first
+    monkeypatch.setattr(bfloat16, "SOURCE", edited)
+    assert bfloat16.library_path(tmp_path) != first
+    monkeypatch.setattr(bfloat16, "SOURCE", source)
+    assert bfloat16.library_path(tmp_path) == first
     monkeypatch.setenv("CXX", str(tmp_path / "another-compiler"))
-    assert bfloat16_kernels.library_path(tmp_path) != first
+    assert bfloat16.library_path(tmp_path) != first
 
 
 def test_a_build_keeps_the_libraries_of_other_installations(tmp_path, monkeypatch, caplog):
@@ -163,10 +165,10 @@ def test_a_build_keeps_the_libraries_of_other_installations(tmp_path, monkeypatc
     cache.mkdir()
     other = cache / "bfloat16_elementwise-0000000000000000.so"
     other.write_text("another installation's")
-    with caplog.at_level(logging.WARNING, logger="pipeline.bfloat16_kernels"):
-        assert bfloat16_kernels.load("mixed_bfloat16", AVX512, cache) is None  # TensorFlow refuses the file
+    with caplog.at_level(logging.WARNING, logger="pipeline.kernels.bfloat16"):
+        assert bfloat16.load("mixed_bfloat16", AVX512, cache) is None  # TensorFlow refuses the file
     assert "TensorFlow's kernels" in caplog.text
-    assert sorted(path.name for path in cache.iterdir()) == sorted([bfloat16_kernels.library_path(cache).name,
+    assert sorted(path.name for path in cache.iterdir()) == sorted([bfloat16.library_path(cache).name,
                                                                     other.name])
 
 
@@ -174,38 +176,38 @@ def test_a_prebuilt_library_is_taken_before_any_compiler_is_asked(tmp_path, monk
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     prebuilt = tmp_path / "image"
     prebuilt.mkdir()
-    monkeypatch.setenv(bfloat16_kernels.PREBUILT, str(prebuilt))
+    monkeypatch.setenv(bfloat16.PREBUILT, str(prebuilt))
     # Another source's or TensorFlow's library: not taken, and the cache build is tried (no compiler here).
     (prebuilt / "bfloat16_elementwise-0000000000000000.so").write_text("another installation's")
-    with caplog.at_level(logging.INFO, logger="pipeline.bfloat16_kernels"):
-        assert bfloat16_kernels.load("mixed_bfloat16", AVX512, tmp_path / "cache") is None
+    with caplog.at_level(logging.INFO, logger="pipeline.kernels.bfloat16"):
+        assert bfloat16.load("mixed_bfloat16", AVX512, tmp_path / "cache") is None
     assert "has no library for this TensorFlow" in caplog.text and "no C++ compiler" in caplog.text
     caplog.clear()
     # This installation's name: taken without a compiler (here TensorFlow refuses the file, which is no library).
-    ours = bfloat16_kernels.prebuilt_path(prebuilt)
+    ours = bfloat16.prebuilt_path(prebuilt)
     ours.write_text("not a library")
-    with caplog.at_level(logging.INFO, logger="pipeline.bfloat16_kernels"):
-        assert bfloat16_kernels.load("mixed_bfloat16", AVX512, tmp_path / "cache") is None
+    with caplog.at_level(logging.INFO, logger="pipeline.kernels.bfloat16"):
+        assert bfloat16.load("mixed_bfloat16", AVX512, tmp_path / "cache") is None
     assert "no C++ compiler" not in caplog.text and "TensorFlow's kernels" in caplog.text
     assert not (tmp_path / "cache").exists()
-    assert ours.name != bfloat16_kernels.library_path(tmp_path).name  # the cache's key has the compiler too
+    assert ours.name != bfloat16.library_path(tmp_path).name  # the cache's key has the compiler too
 
 
 @pytest.mark.slow
 @needs_avx512
 def test_a_library_built_ahead_runs_where_no_compiler_is(tmp_path):
     """The trainer image's path: built by `--prebuild`, then loaded by a process without a compiler."""
-    built = subprocess.run([sys.executable, "-m", "pipeline.bfloat16_kernels", "--prebuild", str(tmp_path / "lib")],
+    built = subprocess.run([sys.executable, "-m", "pipeline.kernels.bfloat16", "--prebuild", str(tmp_path / "lib")],
                            cwd=REPO, capture_output=True, text=True, timeout=900)
     assert built.returncode == 0, built.stderr[-3000:]
     library = built.stdout.strip().splitlines()[-1]
-    environment = {**os.environ, bfloat16_kernels.PREBUILT: str(tmp_path / "lib"), "CXX": "/nonexistent/g++",
+    environment = {**os.environ, bfloat16.PREBUILT: str(tmp_path / "lib"), "CXX": "/nonexistent/g++",
                    "XDG_CACHE_HOME": str(tmp_path / "empty-cache"), "TF_CPP_MIN_LOG_LEVEL": "3"}
     script = ("import json\nimport tensorflow as tf\nfrom pipeline import bfloat16_kernels\n"
-              "print(bfloat16_kernels.load('mixed_bfloat16'))\n"
+              "print(bfloat16.load('mixed_bfloat16'))\n"
               "x = tf.cast(tf.range(100.0), tf.bfloat16)\n"
               "print(float(tf.reduce_sum(tf.cast(tf.nn.relu(x + x), tf.float32))))\n"
-              "print(json.dumps(bfloat16_kernels.kernel_calls()))\n")
+              "print(json.dumps(bfloat16.kernel_calls()))\n")
     loaded = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=environment, capture_output=True,
                             text=True, timeout=900)
     assert loaded.returncode == 0, loaded.stderr[-3000:]

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from helpers import deployed_server, free_ports, run_accresnet
-from pipeline import blessing, export
-from pipeline.blessing import BLESSING_FILE, BlessingError
-from pipeline.push import PushConfig, push
-from pipeline.validate import CONFUSION_FILE, ValidateConfig, validate
+from pipeline.release import blessing
+from pipeline.export import saved_model
+from pipeline.release.blessing import BLESSING_FILE, BlessingError
+from pipeline.release.push import PushConfig, push
+from pipeline.release.validate import CONFUSION_FILE, ValidateConfig, validate
 from serving import labels
 from serving.deployment import MODEL_NAME
 from server_clients import Clients, images, predict_request
@@ -27,7 +28,7 @@ DATASET = "synthetic:1200"  # a model trained 3 epochs on it reaches about 0.4 o
 
 
 def validate_config(candidate, **overrides):
-    from pipeline.config import DataConfig
+    from pipeline.data.specs import DataConfig
 
     settings = dict(candidate=str(candidate), data=DataConfig(DATASET), eval_images=200)
     return ValidateConfig(**{**settings, **overrides})
@@ -37,19 +38,19 @@ def untrained_export(class_names, base):
     """A candidate that is much worse than the trained one: the same net, never trained."""
     import keras
 
-    from pipeline.architecture import ModelConfig
-    from pipeline.model import build_model
+    from pipeline.model.architecture import ModelConfig
+    from pipeline.model.network import build_model
 
     keras.utils.set_random_seed(7)
     model = build_model(ModelConfig("accumulated", 8, len(class_names)))
-    return pathlib.Path(export.export_saved_model(model, list(class_names), base))
+    return pathlib.Path(saved_model.export_saved_model(model, list(class_names), base))
 
 
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory):
     from pipeline import flags
-    from pipeline.config import TrainConfig
-    from pipeline.train import train
+    from pipeline.settings.config import TrainConfig
+    from pipeline.train.loop import train
 
     model_dir = tmp_path_factory.mktemp("good-run")
     train(flags.build(TrainConfig, dict(model_dir=str(model_dir), depth=8, dataset=DATASET, epochs=3, batch_size=32,
@@ -59,12 +60,12 @@ def good_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def candidate(good_run, tmp_path_factory):
-    return pathlib.Path(export.export_run(good_run, tmp_path_factory.mktemp("staging") / MODEL_NAME))
+    return pathlib.Path(saved_model.export_run(good_run, tmp_path_factory.mktemp("staging") / MODEL_NAME))
 
 
 @pytest.fixture(scope="module")
 def class_names(trained_run):
-    from pipeline.rundir import RunDir
+    from pipeline.train.rundir import RunDir
 
     return RunDir(trained_run).read_settings().class_names
 
@@ -190,7 +191,7 @@ def test_a_graph_that_reads_or_writes_files_is_refused_before_any_server_runs_it
 
     target = tmp_path / "leaked"
 
-    class Leaky(export.ServingModule):
+    class Leaky(saved_model.ServingModule):
         def _outputs(self, images):
             outputs = super()._outputs(images)
             secret = tf.io.read_file("/etc/passwd")
@@ -198,7 +199,7 @@ def test_a_graph_that_reads_or_writes_files_is_refused_before_any_server_runs_it
                 outputs["leak"] = tf.fill(tf.shape(outputs["class_ids"]), secret)
             return outputs
 
-    model, names = export.restore_trained_model(good_run)
+    model, names = saved_model.restore_trained_model(good_run)
     (tmp_path / "labels.txt").write_text("\n".join(names) + "\n")
     module = Leaky(model, names, str(tmp_path / "labels.txt"))
     leaky = tmp_path / "staging" / "1"
@@ -257,7 +258,7 @@ def test_validate_checks_the_candidate_on_a_server_it_hands_it_to(candidate, tmp
 
 def test_a_worse_candidate_is_refused_by_the_comparison_with_the_served_version(class_names, good_run, tmp_path):
     served_base = tmp_path / "served" / MODEL_NAME
-    export.export_run(good_run, served_base)
+    saved_model.export_run(good_run, served_base)
     server = deployed_server(tmp_path / "served", tmp_path / "config")
     try:
         worse = untrained_export(class_names, tmp_path / "staging")
@@ -277,7 +278,7 @@ def test_a_worse_candidate_is_refused_by_the_comparison_with_the_served_version(
 
 
 def test_an_unreachable_server_refuses_the_candidate_unless_nothing_was_released_yet(tmp_path):
-    from pipeline.validate import _served_metrics
+    from pipeline.release.validate import _served_metrics
 
     (port,) = free_ports(1)  # nobody listens there
     images, image_labels = np.zeros((2, 32, 32, 3), np.uint8), np.zeros(2, np.int64)
@@ -297,7 +298,7 @@ def test_an_unreachable_server_refuses_the_candidate_unless_nothing_was_released
 @pytest.mark.slow
 def test_promote_and_rollback_flip_what_stable_answers_with_no_failed_request(trained_run, class_names, tmp_path):
     base = tmp_path / "models" / MODEL_NAME
-    export.export_run(trained_run, base)  # version 1
+    saved_model.export_run(trained_run, base)  # version 1
     untrained_export(class_names, base)  # version 2: answers otherwise
     server = deployed_server(tmp_path / "models", tmp_path / "config", model_config_file_poll_wait_seconds=1)
     config = tmp_path / "config" / "models.config"  # the file the server re-reads

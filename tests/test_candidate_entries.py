@@ -10,9 +10,10 @@ import shutil
 
 import pytest
 
-from pipeline import blessing, cli
-from pipeline.blessing import BLESSING_FILE, BlessingError, EntryError
-from pipeline.push import PushConfig, push
+from pipeline.release import blessing
+from pipeline import cli
+from pipeline.release.blessing import BLESSING_FILE, BlessingError, EntryError
+from pipeline.release.push import PushConfig, push
 from candidate_files import bless, candidate
 
 REFUSED = 3

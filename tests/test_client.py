@@ -14,7 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 from helpers import REPO, deployed_server, free_ports
-from pipeline.synthetic import CLASS_NAMES
+from pipeline.data.synthetic import CLASS_NAMES
 from serving.client import Classifier, ClientError, image_files
 from serving.images import read_pixels
 from serving.server.main import RunningServer, build_parser

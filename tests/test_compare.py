@@ -8,11 +8,11 @@ import pytest
 from scipy import stats
 
 from pipeline import cli
-from pipeline.compare import MAY_DIFFER, MUST_AGREE, NOT_COMPARED, CompareConfig, compare
+from pipeline.research.compare import MAY_DIFFER, MUST_AGREE, NOT_COMPARED, CompareConfig, compare
 from pipeline.errors import ConfigError
-from pipeline.experiment import parse_seeds
-from pipeline.records import RecordError
-from pipeline.rundir import RunSettings
+from pipeline.research.experiment import parse_seeds
+from pipeline.research.records import RecordError
+from pipeline.train.rundir import RunSettings
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "cifar10-subset"
 POWERED, ZERO_INIT = DOCS / "powered" / "records", DOCS / "zero-init" / "records"

@@ -2,11 +2,13 @@ import dataclasses
 
 import pytest
 
-from pipeline import architecture, errors, flags, recipes
-from pipeline import config as cfg
-from pipeline.config import TrainConfig, scaled_learning_rate
+from pipeline.model import architecture
+from pipeline import errors, flags
+from pipeline.settings import recipes
+from pipeline.settings import config as cfg
+from pipeline.settings.config import TrainConfig, scaled_learning_rate
 from pipeline.errors import ConfigError
-from pipeline.recipes import RECIPES, parse_overrides, with_overrides
+from pipeline.settings.recipes import RECIPES, parse_overrides, with_overrides
 
 
 @pytest.mark.parametrize("depth, n", [(8, 1), (20, 3), (32, 5), (44, 7), (56, 9), (110, 18)])
@@ -111,7 +113,7 @@ def test_the_keras_schedule_drops_after_the_examples_epochs_81_121_161_181():
 
 
 def test_every_recipe_says_where_it_comes_from_and_every_recipe_is_in_the_help():
-    from pipeline.recipes import recipes_help
+    from pipeline.settings.recipes import recipes_help
 
     help_text = recipes_help()
     for recipe in recipes.RECIPES.values():

@@ -3,7 +3,7 @@
 import logging
 
 from pipeline.cpu import CpuInfo
-from pipeline.optimizers import mixed_precision_policy
+from pipeline.train.optimizers import mixed_precision_policy
 
 CPUINFO = """processor\t: {index}
 vendor_id\t: AuthenticAMD
@@ -30,7 +30,7 @@ def test_native_bfloat16_is_avx512_bf16_or_amx(tmp_path):
 
 
 def test_mixed_precision_warns_where_bfloat16_is_emulated(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.optimizers"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.optimizers"):
         assert mixed_precision_policy(True, cpu(tmp_path, "avx512f avx512_bf16")) == "mixed_bfloat16"
         assert not caplog.records
         assert mixed_precision_policy(False, cpu(tmp_path, "")) == "float32"

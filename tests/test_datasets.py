@@ -6,9 +6,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from pipeline import datasets, synthetic
-from pipeline.config import DataConfig
-from pipeline.datasets import DatasetError
+from pipeline.data import datasets, synthetic
+from pipeline.data.specs import DataConfig
+from pipeline.data.splits import DatasetError
 
 # Real CIFAR-10 photographs as JPEG folders, where the machine has them (never needed).
 SUBSET = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-subset"
@@ -262,7 +262,7 @@ def test_folder_reads_a_file_whose_name_is_not_utf8_and_refuses_such_a_class_fol
     import hashlib
     import os
 
-    from pipeline.provenance import file_sha256
+    from pipeline.digests import file_sha256
 
     _class_tree(tmp_path, None)
     odd = pathlib.Path(os.fsdecode(bytes(tmp_path / "cats") + b"/caf\xe9.png"))

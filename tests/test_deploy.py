@@ -13,7 +13,7 @@ import sys
 import kubernetes_validate
 import pytest
 
-from pipeline.distribute import tf_config_from_environment
+from pipeline.train.distribute import tf_config_from_environment
 
 from manifests import (BUILT_IN_GROUPS, CUSTOM_KINDS, KUBERNETES_VERSION, OVERLAYS, ROOT, objects, one, pod_specs,
                        rendered)
@@ -55,7 +55,7 @@ def test_training_is_an_indexed_job_whose_pods_find_each_other(overlay, workers)
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == workers
     # A failed or preempted worker is replaced and resumes from the checkpoint; preemptions and
     # their agreed save-and-stop (143) do not count against backoffLimit, bad flags (2) end the job.
-    from pipeline.preemption import EXIT_PREEMPTED
+    from pipeline.train.preemption import EXIT_PREEMPTED
 
     assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 60
     rules = {(rule["action"], tuple(rule["onExitCodes"]["values"]) if "onExitCodes" in rule else
@@ -158,7 +158,7 @@ def test_overlays_change_what_they_promise():
     assert worker["replicas"] >= 2 and worker["template"]["spec"]["containers"][0]["name"] == "tensorflow"
     assert worker["template"]["spec"]["containers"][0]["image"] == "accresnet-trainer:0.1.0"
     # The operator's ExitCode policy restarts 128-255: the save-and-stop (143) and a lost peer (144).
-    from pipeline.preemption import EXIT_PEER_LOST, EXIT_PREEMPTED
+    from pipeline.train.preemption import EXIT_PEER_LOST, EXIT_PREEMPTED
 
     assert worker["restartPolicy"] == "ExitCode" and min(EXIT_PREEMPTED, EXIT_PEER_LOST) >= 128
     assert worker["template"]["spec"]["terminationGracePeriodSeconds"] >= 60

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pipeline.distribute import Cluster, ClusterConfigError, tf_config_from_environment
+from pipeline.train.distribute import Cluster, ClusterConfigError, tf_config_from_environment
 
 
 def tf_config(cluster, task_type="worker", index=0):

@@ -10,8 +10,8 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 from hostile_files import (gif_hiding_a_frame, gif_of_frames, gif_of_sub_blocks, jpeg_declaring, jpeg_with_repeated_scan,
                            png_declaring)
-from pipeline import export
-from pipeline.synthetic import CLASS_NAMES
+from pipeline.export import saved_model
+from pipeline.data.synthetic import CLASS_NAMES
 
 
 def images(count=5, seed=0):
@@ -114,12 +114,12 @@ def test_classify_signature_answers_classes_and_scores_for_examples(exported_mod
 
 
 def test_top_k_is_capped_at_the_class_count(trained_run, tmp_path):
-    model, class_names = export.restore_trained_model(trained_run)
-    path = export.export_saved_model(model, class_names, tmp_path, top_k=50)
+    model, class_names = saved_model.restore_trained_model(trained_run)
+    path = saved_model.export_saved_model(model, class_names, tmp_path, top_k=50)
     served = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(images(2)))
     assert served["top_k_class_names"].shape == (2, len(class_names))
-    with pytest.raises(export.ExportError, match="at least 1"):
-        export.export_saved_model(model, class_names, tmp_path, top_k=0)
+    with pytest.raises(saved_model.ExportError, match="at least 1"):
+        saved_model.export_saved_model(model, class_names, tmp_path, top_k=0)
 
 
 def test_signatures_take_raw_pixels_or_encoded_images(exported_model):
@@ -135,7 +135,7 @@ def test_signatures_take_raw_pixels_or_encoded_images(exported_model):
 
 def test_no_training_serving_skew(trained_run, exported_model):
     """The served graph gives the trained Keras model's outputs on the same raw pixels."""
-    model, class_names = export.restore_trained_model(trained_run)
+    model, class_names = saved_model.restore_trained_model(trained_run)
     loaded = tf.saved_model.load(str(exported_model))
     batch = images()
     served = loaded.signatures["serving_default"](images=tf.constant(batch))
@@ -161,7 +161,7 @@ def test_bytes_signature_decodes_any_format_size_and_mode(exported_model):
 
 
 def test_serving_bytes_refuses_what_would_decode_too_large_or_is_no_known_format(exported_model):
-    from pipeline.image_headers import DEFAULT_BOUNDS
+    from pipeline.data.image_headers import DEFAULT_BOUNDS
 
     serve = tf.saved_model.load(str(exported_model)).signatures["serving_bytes"]
     side = int(DEFAULT_BOUNDS.decoded_pixels ** 0.5)
@@ -180,7 +180,7 @@ def test_serving_bytes_refuses_what_would_decode_too_large_or_is_no_known_format
 
 
 def test_every_frame_of_a_gif_counts(exported_model):
-    from pipeline.image_headers import DEFAULT_BOUNDS
+    from pipeline.data.image_headers import DEFAULT_BOUNDS
 
     serve = tf.saved_model.load(str(exported_model)).signatures["serving_bytes"]
     blocks, size = DEFAULT_BOUNDS.gif_blocks, DEFAULT_BOUNDS.gif_bytes
@@ -204,7 +204,7 @@ def test_every_frame_of_a_gif_counts(exported_model):
 def test_decode_work_is_bounded_per_file_and_per_request(exported_model):
     """A progressive JPEG's scans each walk its full size: a few hundred KB of repeated scans
     cost seconds of CPU while declaring few pixels. Work is counted and bounded."""
-    from pipeline.image_headers import DEFAULT_BOUNDS, file_costs
+    from pipeline.data.image_headers import DEFAULT_BOUNDS, file_costs
 
     serve = tf.saved_model.load(str(exported_model)).signatures["serving_bytes"]
     repeated = jpeg_with_repeated_scan(1024, 300)
@@ -240,29 +240,29 @@ def test_every_signature_checks_the_shape_it_declares(exported_model, signature,
 
 
 def test_versions_count_up_and_concurrent_exports_never_collide(trained_run, tmp_path):
-    model, class_names = export.restore_trained_model(trained_run)
-    first = pathlib.Path(export.export_saved_model(model, class_names, tmp_path))
+    model, class_names = saved_model.restore_trained_model(trained_run)
+    first = pathlib.Path(saved_model.export_saved_model(model, class_names, tmp_path))
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        paths = [pathlib.Path(p) for p in pool.map(lambda _: export.export_saved_model(model, class_names, tmp_path),
+        paths = [pathlib.Path(p) for p in pool.map(lambda _: saved_model.export_saved_model(model, class_names, tmp_path),
                                                     range(3))]
     assert first.name == "1" and sorted(p.name for p in paths) == ["2", "3", "4"]
-    assert export.existing_versions(tmp_path) == [1, 2, 3, 4]
+    assert saved_model.existing_versions(tmp_path) == [1, 2, 3, 4]
     assert all((p / "saved_model.pb").is_file() for p in paths)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_nothing_to_export(tmp_path):
-    with pytest.raises(export.ExportError, match="no finished epoch"):
-        export.export_run(tmp_path, tmp_path / "models")
+    with pytest.raises(saved_model.ExportError, match="no finished epoch"):
+        saved_model.export_run(tmp_path, tmp_path / "models")
 
 
 def test_export_to_an_object_store_path(trained_run):
     """gs:// and s3:// go through TensorFlow's file systems; ram:// stands in for them here."""
-    model, class_names = export.restore_trained_model(trained_run)
+    model, class_names = saved_model.restore_trained_model(trained_run)
     base = "ram://bucket/models/accresnet"
-    assert export.export_saved_model(model, class_names, base) == base + "/1"
-    assert export.export_saved_model(model, class_names, base) == base + "/2"
-    assert export.existing_versions(base) == [1, 2]
+    assert saved_model.export_saved_model(model, class_names, base) == base + "/1"
+    assert saved_model.export_saved_model(model, class_names, base) == base + "/2"
+    assert saved_model.existing_versions(base) == [1, 2]
     for name in ("saved_model.pb", "assets/labels.txt", "assets.extra/tf_serving_warmup_requests"):
         assert tf.io.gfile.exists(f"{base}/2/{name}"), name
     loaded = tf.saved_model.load(base + "/2")
@@ -272,14 +272,14 @@ def test_export_to_an_object_store_path(trained_run):
 @pytest.mark.slow
 def test_a_wide_accumulated_net_exports_like_the_others(tmp_path):
     from pipeline import flags
-    from pipeline.config import TrainConfig
-    from pipeline.train import train
+    from pipeline.settings.config import TrainConfig
+    from pipeline.train.loop import train
 
     train(flags.build(TrainConfig, dict(model_dir=str(tmp_path / "run"), arch="accumulated-wrn", depth=10, width=2,
                                         dataset="synthetic:200", recipe="quick", epochs=1, batch_size=32,
                                         progress=False)))
-    path = export.export_run(tmp_path / "run", tmp_path / "models")
-    model, _ = export.restore_trained_model(tmp_path / "run")
+    path = saved_model.export_run(tmp_path / "run", tmp_path / "models")
+    model, _ = saved_model.restore_trained_model(tmp_path / "run")
     assert model.name == "accumulated-wrn-10-2"
     loaded = tf.saved_model.load(path)
     batch = images(3)

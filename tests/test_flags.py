@@ -7,11 +7,12 @@ import pathlib
 import pytest
 
 from pipeline import flags
-from pipeline.config import DATASET_SPECS, DataConfig, NetConfig, TrainConfig
+from pipeline.settings.config import NetConfig, TrainConfig
+from pipeline.data.specs import DATASET_SPECS, DataConfig
 from pipeline.errors import ConfigError
-from pipeline.recipes import get_recipe
-from pipeline.experiment import ExperimentConfig
-from pipeline.rundir import HistoryRow, ResumeMismatch, RunDir, RunSettings, RunSummary
+from pipeline.settings.recipes import get_recipe
+from pipeline.research.experiment import ExperimentConfig
+from pipeline.train.rundir import HistoryRow, ResumeMismatch, RunDir, RunSettings, RunSummary
 
 
 def parse(config_class, argv, **options):

@@ -11,11 +11,13 @@ import pytest
 from PIL import Image
 
 from helpers import deployed_server
-from pipeline import datasets, flags
-from pipeline.config import DataConfig, TrainConfig
-from pipeline.export import export_run
-from pipeline.train import train
-from pipeline.validate import declared_image_size
+from pipeline.data import datasets
+from pipeline import flags
+from pipeline.settings.config import TrainConfig
+from pipeline.data.specs import DataConfig
+from pipeline.export.saved_model import export_run
+from pipeline.train.loop import train
+from pipeline.release.validate import declared_image_size
 from serving.client import Classifier, RestClassifier
 
 pytestmark = pytest.mark.slow
@@ -51,17 +53,17 @@ def models(folder, tmp_path_factory):
 
 
 def test_a_folder_of_another_size_is_resized_with_one_message(folder, caplog):
-    with caplog.at_level(logging.INFO, logger="pipeline.datasets"):
+    with caplog.at_level(logging.INFO, logger="pipeline.data"):
         data = datasets.load(DataConfig(f"folder:{folder}"))
     assert data.image_size == 32 and data.train.images.shape[1:] == (32, 32, 3)
     lines = [r.getMessage() for r in caplog.records if "resized" in r.getMessage()]
     assert len(lines) == 1 and "120 of 120 images are not 32x32 (64x64): resized to 32x32 (--image-size 32)" \
         in lines[0], lines
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.datasets"):
+    with caplog.at_level(logging.INFO, logger="pipeline.data"):
         data = datasets.load(DataConfig(f"folder:{folder}", image_size=64))
     assert data.train.images.shape[1:] == (64, 64, 3) and "resized" not in caplog.text
-    with caplog.at_level(logging.INFO, logger="pipeline.datasets"):
+    with caplog.at_level(logging.INFO, logger="pipeline.data"):
         data = datasets.load(DataConfig("synthetic:40", image_size=48))
     assert data.train.images.shape[1:] == (48, 48, 3) and "images of 32x32 resized to 48x48" in caplog.text
 

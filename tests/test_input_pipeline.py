@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import input_pipeline
+from pipeline.data import input_pipeline
 
 
 def take(dataset, count):

@@ -11,9 +11,10 @@ bfloat16 rounds every activation, so its losses must stay near the float32 ones.
 
 import pytest
 
-from pipeline import flags, train as training
-from pipeline.config import TrainConfig
-from pipeline.trainer import Trainer
+from pipeline import flags
+from pipeline.train import loop as training
+from pipeline.settings.config import TrainConfig
+from pipeline.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow  # trains
 

@@ -2,9 +2,9 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.architecture import ModelConfig
+from pipeline.model.architecture import ModelConfig
 from pipeline.errors import ConfigError
-from pipeline.model import build_model, set_pixel_mean
+from pipeline.model.network import build_model, set_pixel_mean
 
 
 def count_batch_norms(model: keras.Model) -> int:
@@ -124,7 +124,7 @@ def test_saved_model_file_round_trips_through_get_config(arch, tmp_path):
 
 
 def test_fused_batch_norm_matches_keras_batch_norm():
-    from pipeline.model import FusedBatchNormalization
+    from pipeline.model.network import FusedBatchNormalization
 
     x = np.random.default_rng(0).normal(2.0, 3.0, (8, 6, 6, 5)).astype(np.float32)
     fused = FusedBatchNormalization(momentum=0.9, epsilon=1e-5)
@@ -195,7 +195,7 @@ def test_wider_variants_train_a_step_and_round_trip(arch, depth, tmp_path):
 
 
 def test_padding_shortcut_is_the_subsampled_identity_with_zero_channels():
-    from pipeline.model import PaddingShortcut
+    from pipeline.model.network import PaddingShortcut
 
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 16)).astype(np.float32)
     layer = PaddingShortcut(32, strides=2)

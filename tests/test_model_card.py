@@ -5,13 +5,13 @@ import json
 import numpy as np
 from PIL import Image
 
-from pipeline import datasets
-from pipeline.config import DataConfig
-from pipeline.model_card import CARD_FILE, add_validation, read
+from pipeline.data import datasets
+from pipeline.data.specs import DataConfig
+from pipeline.export.model_card import CARD_FILE, add_validation, read
 
 
 def test_an_export_carries_its_model_card(exported_model, trained_run):
-    from pipeline.rundir import RunDir
+    from pipeline.train.rundir import RunDir
 
     card = json.loads((exported_model / CARD_FILE).read_text())
     settings = RunDir(trained_run).read_settings()

@@ -12,7 +12,7 @@ import time
 import pytest
 from tensorflow_serving.apis import get_model_status_pb2
 
-from pipeline.export import existing_versions
+from pipeline.export.saved_model import existing_versions
 from serving.server.main import build_parser
 from serving.server.options import OptionsError, options_from_args
 from helpers import wait_until

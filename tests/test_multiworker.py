@@ -5,7 +5,7 @@ import time
 import pytest
 
 from helpers import accresnet, free_ports, worker_records
-from pipeline.rundir import RunDir
+from pipeline.train.rundir import RunDir
 
 pytestmark = pytest.mark.slow  # every test here trains or starts processes
 

@@ -9,10 +9,10 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 import hostile_savers
-from pipeline import export
-from pipeline.architecture import ARCHES, SHORTCUTS, ModelConfig
-from pipeline.model import build_model
-from pipeline.op_gate import MODEL_OPS, SAVER_OPS, GraphOps, graph_ops, refusal, refused_ops
+from pipeline.export import saved_model
+from pipeline.model.architecture import ARCHES, SHORTCUTS, ModelConfig
+from pipeline.model.network import build_model
+from pipeline.release.op_gate import MODEL_OPS, SAVER_OPS, GraphOps, graph_ops, refusal, refused_ops
 
 # The smallest depth of each family, and every shortcut on the paper's two nets.
 VARIANTS = [(arch, {"resnet": 8, "wrn": 10, "resnext": 11}[arch.removeprefix("accumulated-").replace(
@@ -24,7 +24,7 @@ VARIANTS = [(arch, {"resnet": 8, "wrn": 10, "resnext": 11}[arch.removeprefix("ac
 @pytest.mark.parametrize("arch,depth,shortcut", VARIANTS)
 def test_every_export_of_the_project_passes(arch, depth, shortcut, tmp_path):
     model = build_model(ModelConfig(arch, depth, 3, shortcut=shortcut))
-    path = export.export_saved_model(model, ["a", "b", "c"], tmp_path / "base", top_k=2)
+    path = saved_model.export_saved_model(model, ["a", "b", "c"], tmp_path / "base", top_k=2)
     ops = graph_ops(path)
     assert refused_ops(ops) == [], (arch, shortcut)
     # The saver's checkpoint ops are the saver's alone: no signature runs them.
@@ -44,7 +44,7 @@ def test_checkpoint_and_file_ops_outside_the_saver_are_refused():
 @pytest.fixture(scope="module")
 def clean_export(tmp_path_factory):
     model = build_model(ModelConfig("resnet", 8, 3))
-    return export.export_saved_model(model, ["a", "b", "c"], tmp_path_factory.mktemp("clean") / "base", top_k=2)
+    return saved_model.export_saved_model(model, ["a", "b", "c"], tmp_path_factory.mktemp("clean") / "base", top_k=2)
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 
 from helpers import accresnet, free_ports, worker_records
-from pipeline.rundir import RunDir
-from pipeline.preemption import EXIT_PEER_LOST, EXIT_PREEMPTED
+from pipeline.train.rundir import RunDir
+from pipeline.train.preemption import EXIT_PEER_LOST, EXIT_PREEMPTED
 
 pytestmark = pytest.mark.slow  # every test here trains or starts processes
 

@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from helpers import run_accresnet
-from pipeline import datasets
-from pipeline.config import DataConfig
-from pipeline.prepare import write_held_out
+from pipeline.data import datasets
+from pipeline.data.specs import DataConfig
+from pipeline.data.prepare import write_held_out
 
 pytestmark = pytest.mark.slow  # every test here trains or starts processes
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from pipeline import cli
-from pipeline.push import PushConfig, ReleaseError, push
+from pipeline.release.push import PushConfig, ReleaseError, push
 from serving import atomic, availability, labels
 from serving.availability import NotAStatus, NotAvailable, Servers, wait_until_available
 from candidate_files import bless, candidate
@@ -271,7 +271,7 @@ def test_where_the_version_cannot_be_taken_back_push_says_what_is_left(released,
 
 
 def test_a_full_disk_during_the_copy_or_the_first_config_publishes_nothing(tmp_path, monkeypatch, capsys):
-    from pipeline import blessing
+    from pipeline.release import blessing
 
     folder = candidate(tmp_path)
     bless(folder)

@@ -15,7 +15,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from helpers import accresnet, free_ports, run_accresnet
-from pipeline.synthetic import CLASS_NAMES
+from pipeline.data.synthetic import CLASS_NAMES
 from serving.client import Classifier
 from serving.deployment import local_deployed_server
 

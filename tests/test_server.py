@@ -390,7 +390,7 @@ def _count(clients, labels: str) -> float:
 
 @pytest.mark.slow
 def test_a_new_version_goes_live_under_load_with_no_failed_request(trained_run, tmp_path):
-    from pipeline.export import export_run
+    from pipeline.export.saved_model import export_run
 
     base = tmp_path / "models" / "acc"
     export_run(trained_run, base)

@@ -16,13 +16,13 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from helpers import deployed_server
-from pipeline import datasets
-from pipeline.architecture import ModelConfig
-from pipeline.config import DataConfig
-from pipeline.export import export_saved_model
-from pipeline.image_decoding import apply_orientation, decode_image, exif_orientation
-from pipeline.image_headers import DecodeBounds
-from pipeline.model import build_model, set_pixel_mean
+from pipeline.data import datasets
+from pipeline.model.architecture import ModelConfig
+from pipeline.data.specs import DataConfig
+from pipeline.export.saved_model import export_saved_model
+from pipeline.data.image_decoding import apply_orientation, decode_image, exif_orientation
+from pipeline.data.image_headers import DecodeBounds
+from pipeline.model.network import build_model, set_pixel_mean
 from serving.client import Classifier
 from serving.images import read_pixels
 

@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import export, flags, hooks, model_card, optimizers, preemption, train as training
-from pipeline.architecture import ModelConfig
-from pipeline.config import RunLength, TrainConfig
-from pipeline.distribute import Cluster, make_strategy
+from pipeline.export import saved_model, model_card
+from pipeline import flags
+from pipeline.train import hooks, optimizers, preemption, loop as training
+from pipeline.model.architecture import ModelConfig
+from pipeline.settings.config import RunLength, TrainConfig
+from pipeline.train.distribute import Cluster, make_strategy
 from pipeline.errors import ConfigError
-from pipeline.model import build_model
-from pipeline.rundir import HISTORY_FIELDS, HistoryRow, ResumeMismatch, RunDir, RunSettings
-from pipeline.trainer import Trainer
+from pipeline.model.network import build_model
+from pipeline.train.rundir import HISTORY_FIELDS, HistoryRow, ResumeMismatch, RunDir, RunSettings
+from pipeline.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow  # every test here trains or starts processes
 
@@ -163,7 +165,7 @@ def test_distributed_evaluation_counts_every_image_once(split_factory):
 
 
 def test_schedules_follow_the_recipes():
-    from pipeline.recipes import get_recipe
+    from pipeline.settings.recipes import get_recipe
 
     he = optimizers.learning_rate_schedule(get_recipe("he2016"), 0.1, total_steps=1000)
     assert [round(float(he(s)), 6) for s in (0, 499, 501, 749, 751, 999)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
@@ -175,7 +177,7 @@ def test_schedules_follow_the_recipes():
 
 
 def test_batch_norm_statistics_agree_across_replicas_after_a_sync(split_factory):
-    from pipeline import input_pipeline
+    from pipeline.data import input_pipeline
 
     trainer = two_replica_trainer("accumulated", global_batch=32)
     model = trainer.model
@@ -194,8 +196,8 @@ def test_batch_norm_statistics_agree_across_replicas_after_a_sync(split_factory)
 
 
 def test_the_recipes_shortcut_is_trained_recorded_and_exported(tmp_path):
-    from pipeline.export import restore_trained_model
-    from pipeline.model import PaddingShortcut
+    from pipeline.export.saved_model import restore_trained_model
+    from pipeline.model.network import PaddingShortcut
 
     model_dir = tmp_path / "run"
     summary = training.train(tiny_config(model_dir, arch="resnet", recipe="he2016-subset", epochs=1, devices=1,
@@ -444,11 +446,11 @@ def test_a_watched_run_keeps_and_exports_its_best_epoch_across_a_resume(tmp_path
     assert summary.settings.export_best and summary.settings.early_stopping == 3
     assert tf.train.latest_checkpoint(tmp_path / "checkpoints" / "best").endswith(f"ckpt-{best.epoch}")
     # The export takes the best epoch's weights and says so.
-    base = export.export_run(tmp_path, tmp_path / "export")
+    base = saved_model.export_run(tmp_path, tmp_path / "export")
     card = json.loads((pathlib.Path(base) / "model_card.json").read_text())["training"]
     assert card["exported_epoch"] == best.epoch and card["export_best"] is True
     assert card["exported_epoch_metrics"]["val_accuracy"] == best.val_accuracy
-    exported, _ = export.restore_trained_model(tmp_path)
+    exported, _ = saved_model.restore_trained_model(tmp_path)
     reference = build_model(RunDir(tmp_path).read_settings().model_config())
     tf.train.Checkpoint(model=reference).restore(
         tf.train.latest_checkpoint(tmp_path / "checkpoints" / "best")).expect_partial()

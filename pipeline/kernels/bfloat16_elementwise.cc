@@ -17,7 +17,7 @@
 // compiled into this library.
 //
 // The vector loops are compiled for AVX-512 through function attributes, the
-// rest for the wheel's AVX; the Python side (pipeline/bfloat16_kernels.py)
+// rest for the wheel's AVX; the Python side (pipeline/kernels/bfloat16.py)
 // loads the library only on a CPU with AVX-512.
 
 #define EIGEN_USE_THREADS

@@ -144,12 +144,12 @@ class ServerFlags:
                   "Classify and Regress examples with their context merged in), checked before any is built; "
                   "gRPC messages may be 4 MiB larger once decompressed, unless grpc.max_receive_message_length "
                   "says otherwise", own=True, default_text=_MIB)
-    # What an exported model's signatures take (pipeline/input_contract.py).
+    # What an exported model's signatures take (pipeline/export/input_contract.py).
     max_request_rows: int = _flag(1024, "rows (first dimension) of a Predict request's inputs, or examples of a "
                                         "Classify or Regress request, with or without batching", own=True)
     # Off by default: TF Serving feeds a request's tensors as they come (its quickstart feeds
     # half_plus_two a [3] where it declares [?,1]); the project's models check their inputs in
-    # their own graphs (pipeline/input_contract.py), which protects TF Serving too.
+    # their own graphs (pipeline/export/input_contract.py), which protects TF Serving too.
     check_input_shapes: bool = _flag(False, "refuse an input whose shape the signature does not declare, before "
                                             "the model runs; TF Serving feeds it as it is", own=True)
 

@@ -1,0 +1,1 @@
+"""Release: validating a candidate, the operations gate, its blessing, and pushing and labelling versions."""
