@@ -23,6 +23,7 @@ import http.client
 import io
 import json
 import socket
+import subprocess
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -177,9 +178,10 @@ def version_state(address: str, model: str, version: int, timeout: float = REQUE
 
 
 def wait_until_available(servers: Servers, model: str, versions: Iterable[int],
-                         announce: Callable[[str], None] = print) -> None:
+                         announce: Callable[[str], None] = print, process: subprocess.Popen | None = None) -> None:
     """Return once every server reports every version AVAILABLE; NotAvailable after the
-    timeout, or at once when a version failed to load (END with an error)."""
+    timeout, at once when a version failed to load (END with an error), or when `process`,
+    the server this process started, has exited."""
     pending = {(address, version) for address in servers.addresses for version in versions}
     streak = dict.fromkeys(pending, 0)
     last: dict[tuple[str, int], str] = {}
@@ -187,6 +189,8 @@ def wait_until_available(servers: Servers, model: str, versions: Iterable[int],
     announce(f"waiting until {', '.join(servers.addresses)} report {model} version(s) "
              f"{', '.join(map(str, sorted(set(versions))))} {AVAILABLE}")
     while pending:
+        if process is not None and process.poll() is not None:
+            raise NotAvailable(f"the model server exited with status {process.returncode}")
         for address, version in sorted(pending):
             state, error = version_state(address, model, version, deadline=deadline)
             if state == "END" and error:

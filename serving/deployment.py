@@ -28,11 +28,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping as MappingType, Sequence
 
 from serving.atomic import write_atomically
-from serving.contract import MODEL_NAME
+from serving.availability import Servers, wait_until_available
+from serving.contract import MODEL_NAME, version_number
 
 # serving/config/ is what the serving image copies to /config.
 SHIPPED_CONFIG_DIR = pathlib.Path(__file__).parent / "config"
@@ -209,12 +209,20 @@ def free_ports(count: int) -> list[int]:
             probe.close()
 
 
+def latest_version(base_path: pathlib.Path) -> int:
+    """The highest version in a model's base path: the one the shipped policy (latest 1) serves."""
+    versions = [number for path in base_path.iterdir() if (number := version_number(path.name)) is not None]
+    if not versions:
+        raise FileNotFoundError(f"{base_path} holds no numbered version to serve")
+    return max(versions)
+
+
 @contextlib.contextmanager
 def serving_locally(models_dir: pathlib.Path, scratch: pathlib.Path, log_path: pathlib.Path,
                     timeout: float = 180) -> Iterator[RunningLocally]:
     """The deployed server (DEPLOYED_FLAGS, shipped configs, `models_dir` as the model
-    volume) started as a process on free ports, once a version of MODEL_NAME is
-    available; stopped with SIGTERM on leaving."""
+    volume) started as a process on free ports, once the latest version of MODEL_NAME is
+    AVAILABLE (asked over REST, as a release asks); stopped with SIGTERM on leaving."""
     local = local_deployed_server(models_dir.resolve(), scratch.resolve(), *free_ports(2))
     command, stand_in = server_command(local.flags)
     repository = str(pathlib.Path(__file__).resolve().parents[1])
@@ -224,7 +232,11 @@ def serving_locally(models_dir: pathlib.Path, scratch: pathlib.Path, log_path: p
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment)
         try:
             running = RunningLocally(local, command, [*local.mappings, *filter(None, [stand_in])], process)
-            wait_until_available(running.grpc_address, MODEL_NAME, timeout, process)
+            # The model folder is complete before the server starts: a version whose load failed
+            # fails the wait at once, as does a server that exits.
+            wait_until_available(Servers((f"127.0.0.1:{local.rest_port}",), timeout, confirmations=1,
+                                         interval_seconds=0.5),
+                                 MODEL_NAME, [latest_version(models_dir / MODEL_NAME)], lambda line: None, process)
             yield running
         finally:
             process.send_signal(signal.SIGTERM)
@@ -233,33 +245,3 @@ def serving_locally(models_dir: pathlib.Path, scratch: pathlib.Path, log_path: p
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def wait_until_available(address: str, model: str, timeout: float, process: subprocess.Popen) -> None:
-    """Until a version of `model` is AVAILABLE. The model folder is complete before the server
-    starts, so a version whose load failed (END with an error) fails the wait at once: a retry
-    of the same files, minutes later, cannot do better."""
-    import grpc
-    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
-
-    states = get_model_status_pb2.ModelVersionStatus
-    request = get_model_status_pb2.GetModelStatusRequest()
-    request.model_spec.name = model
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = model_service_pb2_grpc.ModelServiceStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the model server exited with status {process.returncode}")
-            try:
-                statuses = stub.GetModelStatus(request, timeout=2).model_version_status
-            except grpc.RpcError:
-                statuses = []
-            if any(s.state == states.AVAILABLE for s in statuses):
-                return
-            failed = [s for s in statuses if s.state == states.END and s.status.error_code != 0]
-            if failed and len(failed) == len(statuses):
-                raise RuntimeError(f"model {model} version {failed[0].version} failed to load: "
-                                   f"{failed[0].status.error_message}")
-            time.sleep(0.5)
-    raise RuntimeError(f"model {model} did not become available at {address} within {timeout:.0f}s")
