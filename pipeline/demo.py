@@ -18,35 +18,18 @@ import pathlib
 import sys
 import time
 
-from pipeline.settings.config import TrainConfig
-from pipeline.flags import nested, setting
-from serving.deployment import MODEL_NAME
+from pipeline.data import datasets
+from pipeline.data.prepare import write_held_out
+from pipeline.export import saved_model
+from pipeline.settings.config import DemoConfig
+from pipeline.train import loop
+from serving.client import Classifier
+from serving.deployment import MODEL_NAME, serving_locally
 
 log = logging.getLogger(__name__)
 
 
-# The demo's settings of its training run, taken as flags.
-RUN_FLAGS = ("dataset", "data_dir", "arch", "depth", "width", "cardinality", "epochs", "batch_size", "devices")
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    output_dir: str = setting("demo-output", help="where everything goes")
-    # Sized for a 2-core CPU: 3000 built-in images, 3 epochs of batch 64 with
-    # the quick recipe, about two minutes of training.
-    run: TrainConfig = nested(TrainConfig, dataset="synthetic:3000", batch_size=64, recipe="quick")
-    held_out: int = setting(200, help="test images to classify")
-    examples: int = 8
-
-
 def run_demo(config: DemoConfig) -> int:
-    from pipeline.data import datasets
-    from pipeline.export import saved_model
-    from pipeline.train import loop
-    from pipeline.data.prepare import write_held_out
-    from serving.client import Classifier
-    from serving.deployment import serving_locally
-
     started = time.monotonic()
     out = pathlib.Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import sys
 
@@ -97,8 +98,6 @@ class _OutputFile:
     CSV_COLUMNS = ("path", "class_name", "class_id", "probability", "version", "label", "top_k")
 
     def __init__(self, path: str):
-        import os
-
         self.path, self.partial = path, path + ".partial"
         self.format = OUTPUT_FORMATS[os.path.splitext(path)[1].lower()]
         self.file = open(self.partial, "w", newline="", encoding="utf-8")
@@ -115,8 +114,6 @@ class _OutputFile:
             self.file.write(json.dumps(prediction.to_json(), allow_nan=False) + "\n")
 
     def close(self, complete: bool) -> None:
-        import os
-
         self.file.close()
         if complete:
             os.replace(self.partial, self.path)
@@ -124,8 +121,6 @@ class _OutputFile:
 
 def _check(args: argparse.Namespace) -> str | None:
     """The flags' own mistakes, named; None when there are none."""
-    import os
-
     for name in ("top_k", "batch_size", "concurrency"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}"
@@ -138,6 +133,7 @@ def _check(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Here, not at the top: the client brings gRPC and numpy, which `accresnet classify --help` does not need.
     from serving.client import Classifier, ClientError, RestClassifier, image_files
 
     problem = _check(args)

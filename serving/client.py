@@ -26,17 +26,25 @@ array is built from it, and anything else is refused as a ClientError.
 
 from __future__ import annotations
 
+import base64
 import collections
 import concurrent.futures
 import dataclasses
+import importlib
+import importlib.machinery
+import importlib.util
 import itertools
+import json
 import logging
 import os
 import pathlib
+import ssl
 import sys
 import threading
 import time
 import types
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 
 import grpc
@@ -53,6 +61,7 @@ from serving.contract import (
     TOP_K_NAMES,
     TOP_K_PROBABILITIES,
 )
+from serving.images import image_extensions, read_pixels
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 256 * 1024 * 1024  # a request the client sends (64 images' own bytes)
@@ -114,10 +123,6 @@ def _serving_apis() -> types.SimpleNamespace:
 
 
 def _load_serving_apis() -> types.SimpleNamespace:
-    import importlib
-    import importlib.machinery
-    import importlib.util
-
     def load() -> types.SimpleNamespace:
         return types.SimpleNamespace(**{name.rsplit(".", 1)[1]: importlib.import_module(name)
                                         for name in _API_MODULES})
@@ -505,8 +510,6 @@ class Classifier:
     def _classify_batch(self, paths: list[str], takes_bytes: bool, top_k: int, report_errors: bool,
                         size: int = IMAGE_SIZE) -> list[tuple[str, Prediction | Exception]]:
         """Read and send one batch of files: (path, prediction or the error that stopped it), in order."""
-        from serving.images import read_pixels
-
         outcomes: dict[str, Prediction | Exception] = {}
         items: list[tuple[str, object]] = []
         for path in paths:
@@ -566,8 +569,6 @@ def _prediction(path: str, answer: Answer, row: int, top_k: int) -> Prediction:
 def image_files(arguments: Iterable[str]) -> list[str]:
     """Files named on the command line, and the image files under named folders (sorted).
     A folder with no image file in it is a ClientError that names it."""
-    from serving.images import image_extensions
-
     extensions = image_extensions()
     files = []
     for argument in arguments:
@@ -593,8 +594,6 @@ class RestClassifier(Classifier):
     def __init__(self, server: str, model: str = MODEL_NAME, signature: str = SERVING_DEFAULT,
                  version: int | None = None, label: str | None = None, timeout: float = 30.0,
                  retries: int = 3, tls_ca: str | None = None):
-        import ssl
-
         self._remember(server, model, signature, version, label, timeout, retries)
         self._context = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
         path = f"/v1/models/{model}" + (f"/versions/{version}" if version is not None else
@@ -607,10 +606,6 @@ class RestClassifier(Classifier):
     def _request(self, suffix: str, body: dict | None = None) -> dict:
         """GET (or POST `body`) with retries while the server is unreachable; errors as ClientError.
         The answer must be a JSON object of at most MAX_ANSWER_BYTES, read within --timeout."""
-        import json
-        import urllib.error
-        import urllib.request
-
         data = json.dumps(body).encode() if body is not None else None
         delay = 0.5
         for attempt in range(self.retries + 1):
@@ -703,8 +698,6 @@ class RestClassifier(Classifier):
         return self._input
 
     def answer(self, batch) -> Answer:
-        import base64
-
         signature_input = self.signature_input()
         if signature_input.takes_bytes:
             values = [{"b64": base64.b64encode(item).decode("ascii")} for item in batch]

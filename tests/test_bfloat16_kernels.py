@@ -203,7 +203,7 @@ def test_a_library_built_ahead_runs_where_no_compiler_is(tmp_path):
     library = built.stdout.strip().splitlines()[-1]
     environment = {**os.environ, bfloat16.PREBUILT: str(tmp_path / "lib"), "CXX": "/nonexistent/g++",
                    "XDG_CACHE_HOME": str(tmp_path / "empty-cache"), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    script = ("import json\nimport tensorflow as tf\nfrom pipeline import bfloat16_kernels\n"
+    script = ("import json\nimport tensorflow as tf\nfrom pipeline.kernels import bfloat16\n"
               "print(bfloat16.load('mixed_bfloat16'))\n"
               "x = tf.cast(tf.range(100.0), tf.bfloat16)\n"
               "print(float(tf.reduce_sum(tf.cast(tf.nn.relu(x + x), tf.float32))))\n"

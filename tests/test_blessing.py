@@ -16,8 +16,10 @@ from helpers import deployed_server, free_ports, run_accresnet
 from pipeline.release import blessing
 from pipeline.export import saved_model
 from pipeline.release.blessing import BLESSING_FILE, BlessingError
-from pipeline.release.push import PushConfig, push
-from pipeline.release.validate import CONFUSION_FILE, ValidateConfig, validate
+from pipeline.release.push import push
+from pipeline.release.configs import PushConfig
+from pipeline.release.validate import CONFUSION_FILE, validate
+from pipeline.release.configs import ValidateConfig
 from serving import labels
 from serving.deployment import MODEL_NAME
 from server_clients import Clients, images, predict_request

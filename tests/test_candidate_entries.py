@@ -13,7 +13,8 @@ import pytest
 from pipeline.release import blessing
 from pipeline import cli
 from pipeline.release.blessing import BLESSING_FILE, BlessingError, EntryError
-from pipeline.release.push import PushConfig, push
+from pipeline.release.push import push
+from pipeline.release.configs import PushConfig
 from candidate_files import bless, candidate
 
 REFUSED = 3

@@ -8,9 +8,10 @@ import pytest
 from scipy import stats
 
 from pipeline import cli
-from pipeline.research.compare import MAY_DIFFER, MUST_AGREE, NOT_COMPARED, CompareConfig, compare
+from pipeline.research.compare import MAY_DIFFER, MUST_AGREE, NOT_COMPARED, compare
+from pipeline.research.configs import CompareConfig
 from pipeline.errors import ConfigError
-from pipeline.research.experiment import parse_seeds
+from pipeline.research.configs import parse_seeds
 from pipeline.research.records import RecordError
 from pipeline.train.rundir import RunSettings
 

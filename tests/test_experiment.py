@@ -12,9 +12,11 @@ from scipy import stats
 
 from pipeline import cli, flags
 from pipeline.errors import ConfigError
-from pipeline.research.experiment import ExperimentConfig, parse_seeds, run_experiment
+from pipeline.research.experiment import run_experiment
+from pipeline.research.configs import ExperimentConfig, parse_seeds
 from pipeline.research.records import RecordError, cpu_model, portable, read_records
-from pipeline.research.report import FIGURES, ReportConfig, paired_difference, pooled_difference, report
+from pipeline.research.report import FIGURES, paired_difference, pooled_difference, report
+from pipeline.research.configs import ReportConfig
 
 
 def tiny(out, **overrides):
@@ -202,7 +204,7 @@ def test_seeds_flag():
 
 
 def test_shortcut_and_zero_init_go_to_every_run_and_are_fixed_settings(tmp_path):
-    from pipeline.research.experiment import FIXED_SETTINGS
+    from pipeline.research.configs import FIXED_SETTINGS
 
     config = tiny(tmp_path, zero_init_residual=True, recipe="he2016-subset")
     assert {config.train_config(arch, 0).net.zero_init_residual for arch in config.arches} == {True}

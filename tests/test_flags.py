@@ -11,7 +11,7 @@ from pipeline.settings.config import NetConfig, TrainConfig
 from pipeline.data.specs import DATASET_SPECS, DataConfig
 from pipeline.errors import ConfigError
 from pipeline.settings.recipes import get_recipe
-from pipeline.research.experiment import ExperimentConfig
+from pipeline.research.configs import ExperimentConfig
 from pipeline.train.rundir import HistoryRow, ResumeMismatch, RunDir, RunSettings, RunSummary
 
 

@@ -71,3 +71,20 @@ def test_no_stage_and_no_module_is_too_long():
     assert not {str(p.relative_to(ROOT)): n for p, n in lengths.items() if n > MAX_MODULE_LINES}
     for stage in STAGES:
         assert sum(n for p, n in lengths.items() if p.is_relative_to(PIPELINE / stage)) <= MAX_PACKAGE_LINES, stage
+
+
+# Where an import waits inside a function, and why: the verbs' work modules load TensorFlow, which
+# no --help needs; `accresnet tf-config` reads TF_CONFIG in every training pod without it.
+LATE_IMPORTS = {"pipeline/cli.py", "pipeline/train/distribute.py"}
+
+
+def test_pipeline_modules_import_at_the_top():
+    late = {}
+    for path in PIPELINE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = {id(node) for node in tree.body}
+        inner = [node.lineno for node in ast.walk(tree)
+                 if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top]
+        if inner and str(path.relative_to(ROOT)) not in LATE_IMPORTS:
+            late[str(path.relative_to(ROOT))] = inner
+    assert not late

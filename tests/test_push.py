@@ -9,7 +9,8 @@ import grpc
 import pytest
 
 from helpers import free_ports, wait_until
-from pipeline.release.push import LabelConfig, PushConfig, ReleaseError, promote, push
+from pipeline.release.push import ReleaseError, promote, push
+from pipeline.release.configs import LabelConfig, PushConfig
 from serving import labels
 from serving.deployment import MODEL_CONFIG_TEMPLATE, MODEL_NAME, local_deployed_server
 from server_clients import Clients, images, predict_request

@@ -16,7 +16,8 @@ import time
 import pytest
 
 from pipeline import cli
-from pipeline.release.push import PushConfig, ReleaseError, push
+from pipeline.release.push import ReleaseError, push
+from pipeline.release.configs import PushConfig
 from serving import atomic, availability, labels
 from serving.availability import NotAStatus, NotAvailable, Servers, wait_until_available
 from candidate_files import bless, candidate

@@ -16,6 +16,8 @@ import tarfile
 import tempfile
 
 import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from pipeline.cache import project_cache
@@ -68,8 +70,6 @@ def files_digest(config: DataConfig) -> str | None:
     records a model carries; None for generated data, which has no files."""
     kind, _, argument = config.spec.partition(":")
     if kind in ("cifar10", "cifar100", "tfds"):
-        import tensorflow_datasets as tfds
-
         root = pathlib.Path(tfds.builder(argument if kind == "tfds" else kind, data_dir=config.data_dir).data_dir)
     elif kind in ("folder", "cifar-bin"):
         root = pathlib.Path(argument).expanduser()
@@ -194,8 +194,6 @@ def _extract_archive(archive: pathlib.Path) -> pathlib.Path:
 
 
 def _read_binary_layout(folder: pathlib.Path, layout: _BinaryLayout) -> Source:
-    import tensorflow as tf
-
     record_bytes = layout.label_bytes + _PIXEL_BYTES
 
     def read(names: tuple[str, ...]) -> Split:
@@ -232,9 +230,6 @@ def _read_binary_layout(folder: pathlib.Path, layout: _BinaryLayout) -> Source:
 
 
 def _read_tfds(name: str, data_dir: str | None, size: int = IMAGE_SIZE) -> Source:
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
-
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as error:  # tfds raises DatasetNotFoundError and friends

@@ -14,8 +14,10 @@ import logging
 import pathlib
 import shutil
 
-from pipeline.data.specs import DataConfig
+from PIL import Image
 
+from pipeline.data import datasets
+from pipeline.data.specs import DataConfig
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -36,8 +38,6 @@ class PrepareConfig:
 def write_held_out(data, folder: pathlib.Path, count: int) -> list[tuple[str, str]]:
     """PNG files of the first `count` test (or validation) images, one folder per
     class; returns (path, class name) pairs. The folder is replaced whole."""
-    from PIL import Image
-
     split = data.test if data.test is not None else data.validation
     if split is None:
         raise ConfigError(f"{data.spec} has no test or validation images to hold out")
@@ -59,8 +59,6 @@ def write_held_out(data, folder: pathlib.Path, count: int) -> list[tuple[str, st
 
 def prepare(config: PrepareConfig) -> str:
     """Prepare the dataset (and the images); returns a one-line report."""
-    from pipeline.data import datasets
-
     data = datasets.load(config.data)
     report = data.describe()
     if config.images_dir:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import functools
 import pathlib
 import subprocess
+from importlib import metadata
+
+import tensorflow as tf
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 
@@ -17,8 +20,6 @@ REPOSITORY = pathlib.Path(__file__).resolve().parents[2]
 @functools.cache
 def project() -> dict:
     """{"version": "0.1.0", "commit": "abc...", "dirty": false}; commit and dirty null outside git."""
-    from importlib import metadata
-
     try:
         version = metadata.version("accresnet")
     except metadata.PackageNotFoundError:
@@ -39,6 +40,4 @@ def _git(*args: str) -> str:
 
 
 def tensorflow_version() -> str:
-    import tensorflow as tf
-
     return tf.__version__

@@ -50,6 +50,10 @@ from collections.abc import Callable
 import keras
 import numpy as np
 import tensorflow as tf
+from PIL import Image
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.python.saved_model import fingerprinting_utils
+from tensorflow_serving.apis import classification_pb2, model_pb2, predict_pb2, prediction_log_pb2
 
 from pipeline.export import model_card
 from pipeline.errors import UserError
@@ -135,8 +139,6 @@ def _mark_classify_signature(saved_model_dir: pathlib.Path) -> None:
     and TF Serving's Classify API accepts only the classify method, so the
     SignatureDef is rewritten in place before the version is published.
     """
-    from tensorflow.core.protobuf import saved_model_pb2
-
     path = saved_model_dir / "saved_model.pb"
     saved_model = saved_model_pb2.SavedModel.FromString(path.read_bytes())
     for meta_graph in saved_model.meta_graphs:
@@ -144,7 +146,6 @@ def _mark_classify_signature(saved_model_dir: pathlib.Path) -> None:
     path.write_bytes(saved_model.SerializeToString(deterministic=True))
     if (saved_model_dir / "fingerprint.pb").exists():
         # The fingerprint checksums saved_model.pb; write it again for the new bytes.
-        from tensorflow.python.saved_model import fingerprinting_utils
 
         fingerprinting_utils.write_fingerprint(str(saved_model_dir))
 
@@ -251,9 +252,6 @@ def model_image_size(model: keras.Model) -> int:
 
 def _write_warmup_requests(path: pathlib.Path, size: int) -> None:
     """A small request per signature, in TF Serving's warmup format (PredictionLog records)."""
-    from PIL import Image
-    from tensorflow_serving.apis import classification_pb2, model_pb2, predict_pb2, prediction_log_pb2
-
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.full((1, *image_shape(size)), 128, np.uint8)
     png = io.BytesIO()

@@ -28,6 +28,7 @@ if its name says it was built from this source for this TensorFlow build.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -35,6 +36,8 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
+
+import tensorflow as tf
 
 from pipeline.cache import project_cache
 from pipeline.cpu import CpuInfo
@@ -63,8 +66,6 @@ def missing_flags(cpu: CpuInfo | None) -> list[str]:
 
 
 def _key(*parts: str | bytes) -> str:
-    import tensorflow as tf
-
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), tf.__version__, tf.version.GIT_VERSION, *parts):
         key.update(part if isinstance(part, bytes) else part.encode())
@@ -85,8 +86,6 @@ def prebuilt_path(directory: pathlib.Path) -> pathlib.Path:
 
 def prebuild(directory: pathlib.Path) -> pathlib.Path:
     """Compile the library into `directory` under its prebuilt name and check that TensorFlow loads it."""
-    import tensorflow as tf
-
     path = build(prebuilt_path(directory))
     tf.load_op_library(str(path))
     return path
@@ -105,8 +104,6 @@ def _compiler_version() -> str:
 
 
 def _compile_command(source: str, output: str) -> list[str]:
-    import tensorflow as tf
-
     # -mavx: what TensorFlow's wheel is built for, so that the stock code compiled in (AddV2's
     # broadcasting) is the wheel's; the AVX-512 loops carry their own target attributes.
     return [_compiler(), "-O2", "-mavx", "-shared", "-fPIC", "-w", *tf.sysconfig.get_compile_flags(), source,
@@ -143,7 +140,6 @@ def load(policy: str, cpu: CpuInfo | None = None, cache: pathlib.Path | None = N
     if policy != "mixed_bfloat16":
         log.info("--project-bfloat16-kernels: not loaded, they serve --mixed-precision on a CPU only")
         return None
-    import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):
         log.info("bfloat16 elementwise ops: TensorFlow's kernels (a GPU machine)")
@@ -184,8 +180,6 @@ def kernel_calls() -> dict[str, int] | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(description="Compile the bfloat16 kernels ahead, for an installation "
                                                  "that will have no compiler (the trainer image).")
     parser.add_argument("--prebuild", type=pathlib.Path, required=True, metavar="DIR",

@@ -31,14 +31,13 @@ import os
 import pathlib
 import shutil
 import stat
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pipeline.errors import UserError
+import numpy as np
+
 from pipeline.digests import CHUNK, combined_digest
+from pipeline.errors import UserError
 from serving.atomic import write_atomically
-
-if TYPE_CHECKING:
-    import numpy as np
 
 BLESSING_FILE = "blessing.json"
 FORMAT = 2  # 1: files only; 2: folders too, and every entry's type checked
@@ -173,8 +172,6 @@ class Metrics:
 
     @classmethod
     def of(cls, probabilities: np.ndarray, labels: np.ndarray) -> Metrics:
-        import numpy as np
-
         classes = probabilities.shape[1]
         predicted = probabilities.argmax(axis=1)
         confusion = np.zeros((classes, classes), np.int64)

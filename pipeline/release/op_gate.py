@@ -34,6 +34,8 @@ import dataclasses
 import functools
 import pathlib
 
+from tensorflow.core.protobuf import saved_model_pb2
+
 # The op types of this project's exports (serving_default, serving_bytes, classify, the init op),
 # TensorFlow 2.21: the network, image decoding and checks in the graph, and the call machinery
 # (Round: exports made before the resize rounded half up with Floor).
@@ -86,8 +88,6 @@ class GraphOps:
 def graph_ops(saved_model_dir: str | pathlib.Path) -> GraphOps:
     """The op types of a SavedModel's graph and function library, split by who runs them, and
     how its saver departs from a saver's structure."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
     saved_model = saved_model_pb2.SavedModel.FromString((pathlib.Path(saved_model_dir) / "saved_model.pb").read_bytes())
     model, restore, save, problems = set(), set(), set(), []
     for meta_graph in saved_model.meta_graphs:

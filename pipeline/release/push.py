@@ -32,67 +32,19 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 
-from pipeline.release import blessing
 from pipeline.errors import UserError
-from pipeline.flags import setting
+from pipeline.export.saved_model import existing_versions, is_remote, publish_as_next_version
+from pipeline.release import blessing
+from pipeline.release.configs import LabelConfig, PushConfig
 from pipeline.release.validate import candidate_folder
 from serving import labels
 from serving.atomic import LockTimeout, LockWait
 from serving.availability import NotAvailable, Servers, parse_addresses, wait_until_available
-from serving.contract import MODEL_NAME
+from serving.deployment import MODEL_CONFIG_TEMPLATE
 
 
 class ReleaseError(UserError, ValueError):
     """A model config, or servers, that the release cannot use as asked (exit status 2)."""
-
-
-def _rest_servers_setting():
-    return setting(None, metavar="HOST:PORT[,HOST:PORT...]",
-                   help="REST addresses of the model servers, or of their Service: a label that exists moves to a "
-                        "version only once they report it AVAILABLE, as TF Serving refuses the whole config "
-                        "otherwise", unset="no label that exists may move")
-
-
-def _available_timeout_setting():
-    return setting(600.0, help="seconds to wait for the servers to report a version AVAILABLE, every request "
-                               "to them included")
-
-
-def _lock_timeout_setting():
-    return setting(60.0, help="seconds to wait for the model config's lock while another push, promote or "
-                              "rollback holds it (then nothing is written)")
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelConfig:
-    """Where the labels are and which servers must have a version before a label moves to it."""
-
-    model_config_file: str = setting(help="the servers' model config file")
-    model: str = setting(MODEL_NAME, help="the model's name in the model config file")
-    rest_servers: str | None = _rest_servers_setting()
-    available_timeout: float = _available_timeout_setting()
-    lock_timeout: float = _lock_timeout_setting()
-
-
-@dataclasses.dataclass(frozen=True)
-class PushConfig:
-    candidate: str = setting(help="the candidate SavedModel folder that `accresnet validate` blessed, or its "
-                                  "staging base path (the latest version)")
-    export_base: str = setting(help="the model's served base path (numbered versions), as the servers read it",
-                               aliases=("--served-base",))
-    model_config_file: str | None = setting(
-        None, help="the servers' model config file: label the new version canary there (stable stays); written "
-                   "from the shipped one with --export-base as the model's base path if there is none",
-        unset="no labels")
-    model: str = setting(MODEL_NAME, help="the model's name in the model config file")
-    rest_servers: str | None = _rest_servers_setting()
-    available_timeout: float = _available_timeout_setting()
-    lock_timeout: float = _lock_timeout_setting()
-    force: bool = setting(False, help="push even what validate did not bless")
-
-    def labels(self) -> LabelConfig:
-        return LabelConfig(self.model_config_file, self.model, self.rest_servers, self.available_timeout,
-                           self.lock_timeout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,15 +55,10 @@ class Pushed:
 
 def served_base_path(path: str) -> str:
     """The base path as the model config must name it: absolute (servers start anywhere)."""
-    from pipeline.export.saved_model import is_remote
-
     return path if is_remote(path) else os.path.abspath(path)
 
 
 def push(config: PushConfig, announce: Callable[[str], None] = print) -> Pushed:
-    from pipeline.export.saved_model import existing_versions, publish_as_next_version
-    from serving.deployment import MODEL_CONFIG_TEMPLATE
-
     candidate = candidate_folder(config.candidate)
     blessing.entries(candidate)  # regular files and folders only, blessed or forced
     if not config.force:

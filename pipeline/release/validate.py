@@ -35,6 +35,7 @@ push` publishes only what that record blesses, unchanged.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import logging
 import pathlib
@@ -42,17 +43,26 @@ import shutil
 import statistics
 import tempfile
 import time
-from typing import TYPE_CHECKING
+import uuid
 
+import grpc
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+from tensorflow.core.protobuf import saved_model_pb2
+
+from pipeline.data import datasets
+from pipeline.export import model_card
+from pipeline.export.provenance import project, tensorflow_version
+from pipeline.export.saved_model import existing_versions
+from pipeline.release import blessing
 from pipeline.release.blessing import BLESSING_FILE, Blessing, Metrics, copy_candidate
-from pipeline.data.specs import DataConfig
-from pipeline.errors import UserError
-from pipeline.flags import nested, setting
-from serving.contract import (IMAGE_SIZE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MODEL_NAME, SERVING_BYTES, SERVING_DEFAULT,
-                              version_number)
-
-if TYPE_CHECKING:
-    import numpy as np  # imported where used: `accresnet --help` stays light
+from pipeline.release.configs import ValidateConfig, ValidationError
+from pipeline.release.op_gate import graph_ops, refusal
+from serving.availability import NotAvailable, Servers, wait_until_available
+from serving.client import Classifier, ClientError, RestClassifier
+from serving.contract import IMAGE_SIZE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, SERVING_BYTES, SERVING_DEFAULT, version_number
+from serving.deployment import serving_locally
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +72,8 @@ SERVING_TIMEOUT = 300  # seconds for the candidate to load and warm up
 SAMPLE_IMAGES = 8
 
 
-class ValidationError(UserError, ValueError):
-    """The candidate cannot be validated at all (no SavedModel, no evaluation data)."""
-
-
 def candidate_folder(path: str | pathlib.Path) -> pathlib.Path:
     """The SavedModel folder `path` names: itself, or the latest version under a staging base path."""
-    from pipeline.export.saved_model import existing_versions
-
     path = pathlib.Path(path)
     if (path / "saved_model.pb").exists():
         return path
@@ -80,51 +84,9 @@ def candidate_folder(path: str | pathlib.Path) -> pathlib.Path:
                           "latest numbered version is one")
 
 
-@dataclasses.dataclass(frozen=True)
-class ValidateConfig:
-    candidate: str = setting(help="the candidate SavedModel folder, written outside the served base path")
-    data: DataConfig = nested(DataConfig, dataset="synthetic")
-    eval_images: int = setting(1000, help="images of the evaluation set's test split (else its validation split)")
-    current_server: str | None = setting(
-        None, help="gRPC address HOST:PORT of the server now serving the model, to compare with",
-        unset="no comparison")
-    current_label: str | None = setting(None, help="the served version to compare with, by label (e.g. stable)",
-                                        unset="the latest available")
-    export_base: str | None = setting(
-        None, help="the model's served base path, as push publishes to it: while it holds no version, an "
-                   "unreachable --current-server is no reason to refuse (the first release)",
-        unset="an unreachable server refuses", aliases=("--served-base",))
-    candidate_server: str | None = setting(
-        None, help="gRPC HOST:PORT of a model server that already serves the candidate's base path (in the "
-                   "release pod, TF Serving started with the deployed flags, as a sidecar): the checks run there, "
-                   "on the candidate's version", unset="a server of its own, as deployed")
-    candidate_rest_server: str | None = setting(None, help="that server's REST HOST:PORT",
-                                                unset="needed with --candidate-server")
-    candidate_server_base: str | None = setting(
-        None, help="the base path that server polls (empty at first): validate puts the candidate there as its "
-                   "version only once its graph has passed the operations check, so the server never loads a "
-                   "graph the check refuses", unset="the server already serves the candidate")
-    model: str = setting(MODEL_NAME, help="the model's name on the servers")
-    min_accuracy: float | None = setting(None, help="refuse a candidate whose accuracy is below this",
-                                         unset="better than chance")
-    max_accuracy_drop: float = setting(
-        0.01, help="refuse a candidate whose accuracy is below the served version's by more than this")
-    latency_budget_ms: float = setting(1000.0, help="refuse a candidate whose median batch-1 gRPC latency is "
-                                                    "above this, in milliseconds")
-
-    def __post_init__(self):
-        if bool(self.candidate_server) != bool(self.candidate_rest_server):
-            raise ValidationError("--candidate-server and --candidate-rest-server go together: the checks ask the "
-                                  "same server over gRPC and REST")
-
-
 def evaluate_over_grpc(address: str, model: str, images: np.ndarray, labels: np.ndarray,
                        label: str | None = None, batch_size: int = 64, version: int | None = None) -> Metrics:
     """The metrics of a served model (any TF Serving) on the images, through gRPC Predict."""
-    import numpy as np
-
-    from serving.client import Classifier
-
     with Classifier(address, model, version=version, label=label) as classifier:
         probabilities = np.concatenate([classifier.predict(images[i:i + batch_size])
                                         for i in range(0, len(images), batch_size)])
@@ -132,10 +94,6 @@ def evaluate_over_grpc(address: str, model: str, images: np.ndarray, labels: np.
 
 
 def evaluation_set(config: ValidateConfig) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    import numpy as np
-
-    from pipeline.data import datasets
-
     data = datasets.load(config.data)
     split = data.test if data.test is not None else data.validation
     if split is None:
@@ -148,8 +106,6 @@ def evaluation_set(config: ValidateConfig) -> tuple[np.ndarray, np.ndarray, tupl
 
 
 def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -158,10 +114,6 @@ def _png(image: np.ndarray) -> bytes:
 def check_answers(address: str, rest_address: str, model: str, images: np.ndarray,
                   version: int | None = None) -> dict:
     """gRPC and REST answer, alike; and the median batch-1 gRPC latency."""
-    import numpy as np
-
-    from serving.client import Classifier, RestClassifier
-
     with Classifier(address, model, version=version) as classifier:
         over_grpc = classifier.predict(images)
         latencies = []
@@ -211,8 +163,6 @@ def declared_image_size(candidate_dir: pathlib.Path) -> int:
     """The side S of the [-1, S, S, 3] pixels the candidate's serving_default takes, read from
     its graph's bytes without loading it; IMAGE_SIZE where it declares none (the serving
     checks then refuse it)."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
     saved_model = saved_model_pb2.SavedModel.FromString((candidate_dir / "saved_model.pb").read_bytes())
     for meta_graph in saved_model.meta_graphs:
         signature = meta_graph.signature_def.get(SERVING_DEFAULT)
@@ -227,18 +177,12 @@ def declared_image_size(candidate_dir: pathlib.Path) -> int:
 def operations_check(candidate_dir: pathlib.Path) -> tuple[list[str], str | None]:
     """The graph's op types, and why they refuse the candidate (None: all are an export's, and
     its saver is a SavedModel's)."""
-    from pipeline.release.op_gate import graph_ops, refusal
-
     ops = graph_ops(candidate_dir)
     return sorted(ops.all), refusal(ops)
 
 
 def validate(config: ValidateConfig, announce=print) -> Blessing:
     """Check the candidate, write confusion.png and blessing.json into it; returns the record."""
-    from pipeline.release import blessing
-    from pipeline.export import model_card
-    from pipeline.export.provenance import project, tensorflow_version
-
     candidate_dir = candidate_folder(config.candidate)
     # Regular files and folders only, before anything reads or copies it: a link to /dev/zero,
     # a FIFO or a name that is not UTF-8 is refused in one line (exit status 3).
@@ -293,8 +237,6 @@ def _serve_and_evaluate(config: ValidateConfig, candidate_dir: pathlib.Path, ima
     infra holds the error when it does not load or answer."""
     if config.candidate_server:
         return _evaluate_on_candidate_server(config, candidate_dir, images, labels, announce)
-    from serving.deployment import serving_locally
-
     with tempfile.TemporaryDirectory(prefix="accresnet-validate-") as scratch:
         scratch = pathlib.Path(scratch)
         # The candidate as version 1 of the model on a volume of its own.
@@ -318,8 +260,6 @@ def _evaluate_on_candidate_server(config: ValidateConfig, candidate_dir: pathlib
     """The same checks on a server that already serves the candidate's base path (the release
     pod's TF Serving sidecar, started with the deployed flags): every request names the
     candidate's version, once the server reports it AVAILABLE."""
-    from serving.availability import NotAvailable, Servers, wait_until_available
-
     version = version_number(candidate_dir.name)
     if version is None:
         return {"error": f"{candidate_dir.name} is not a version folder the server at {config.candidate_server} "
@@ -342,8 +282,6 @@ def _evaluate_on_candidate_server(config: ValidateConfig, candidate_dir: pathlib
 
 def _hand_over(candidate_dir: pathlib.Path, target: pathlib.Path) -> None:
     """Copy the candidate to `target` whole (a hidden copy renamed into place), as exports appear."""
-    import uuid
-
     scratch = target.with_name(f".{target.name}-{uuid.uuid4().hex}")
     copy_candidate(candidate_dir, scratch, ignore=shutil.ignore_patterns(BLESSING_FILE, CONFUSION_FILE))
     if target.exists():
@@ -353,10 +291,6 @@ def _hand_over(candidate_dir: pathlib.Path, target: pathlib.Path) -> None:
 
 def _arrays_digest(images: np.ndarray, labels: np.ndarray) -> str:
     """SHA-256 of the evaluation images and labels, as evaluated."""
-    import hashlib
-
-    import numpy as np
-
     digest = hashlib.sha256()
     for array in (images, labels):
         digest.update(np.ascontiguousarray(array).tobytes())
@@ -366,10 +300,6 @@ def _arrays_digest(images: np.ndarray, labels: np.ndarray) -> str:
 def _served_metrics(config: ValidateConfig, images: np.ndarray, labels: np.ndarray, announce
                     ) -> tuple[Metrics | None, str | None]:
     """The served version's metrics, or None; and why the candidate cannot be compared, if it cannot."""
-    import grpc
-
-    from serving.client import ClientError
-
     try:
         return evaluate_over_grpc(config.current_server, config.model, images, labels, config.current_label), None
     except ClientError as error:
@@ -379,8 +309,6 @@ def _served_metrics(config: ValidateConfig, images: np.ndarray, labels: np.ndarr
     if status == grpc.StatusCode.NOT_FOUND:
         announce(f"no served version to compare with ({details})")
         return None, None
-    from pipeline.export.saved_model import existing_versions  # gs:// and s3:// too
-
     if config.export_base is not None and not existing_versions(config.export_base):
         announce(f"no answer ({details}), and {config.export_base} holds no version yet: the first release, "
                  "nothing to compare with")
@@ -390,15 +318,9 @@ def _served_metrics(config: ValidateConfig, images: np.ndarray, labels: np.ndarr
 
 def plot_confusion(path: pathlib.Path, class_names: tuple[str, ...], candidate: Metrics,
                    current: Metrics | None) -> None:
-    import numpy as np
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [("candidate", candidate)] + ([("served", current)] if current else [])
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5), squeeze=False)
+    figure = Figure(figsize=(5.5 * len(panels), 5))  # not pyplot's: no backend or global state involved
+    axes = figure.subplots(1, len(panels), squeeze=False)
     for axis, (title, metrics) in zip(axes[0], panels):
         confusion = np.array(metrics.confusion)
         axis.imshow(confusion, cmap="Blues")
@@ -414,4 +336,3 @@ def plot_confusion(path: pathlib.Path, class_names: tuple[str, ...], candidate: 
                           color="white" if count > confusion.max() / 2 else "black")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)

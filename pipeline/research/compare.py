@@ -15,12 +15,10 @@ the result.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 
-from pipeline.research.experiment import parse_seeds, show_list
-from pipeline.flags import setting
+from pipeline.research.configs import CompareConfig
 from pipeline.research.records import RecordError, RunRecord, read_records
 from pipeline.research.report import METRICS, PRIMARY_METRIC, context_of, paired_difference, run_metrics
 from serving.atomic import write_atomically
@@ -36,21 +34,6 @@ MAY_DIFFER = ("arch", "zero_init_residual", "shortcut", "weight_decay", "batch_n
               "recipe_settings", "overrides", "export_best", "early_stopping")
 # Every other field of RunSettings, and why it is not compared.
 NOT_COMPARED = {"seed": "the pairing itself"}
-
-
-@dataclasses.dataclass(frozen=True)
-class CompareConfig:
-    """`accresnet compare`: an arch of one records folder minus an arch of another, paired by seed."""
-
-    records_dir: str = setting(flag="--records", help="the records folder of the side compared")
-    baseline_records_dir: str = setting(flag="--baseline-records", help="the records folder of the baseline")
-    arch: str = setting("accumulated", help="the architecture compared")
-    baseline_arch: str = setting("resnet", help="the baseline's architecture")
-    seeds: tuple[int, ...] | None = setting(
-        None, parse=parse_seeds, show=show_list,
-        help="the seeds to pair, as `accresnet experiment` takes them: a count (3: seeds 0, 1, 2) or a list "
-             "(3,4,5)", unset="every seed both sides have")
-    out: str | None = setting(None, help="write the comparison as JSON here", unset="print it only")
 
 
 def _side(folder: str, arch: str) -> dict[int, RunRecord]:

@@ -35,7 +35,7 @@ class RecordError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunRecord:
-    # The experiment's settings that every run of it shares (experiment.FIXED_SETTINGS), by name.
+    # The experiment's settings that every run of it shares (configs.FIXED_SETTINGS), by name.
     experiment: dict[str, Any]
     # The recipe's fields as the run used them, its description included.
     recipe: dict[str, Any]

@@ -24,8 +24,13 @@ import math
 import pathlib
 import statistics
 
+import matplotlib.ticker
+import numpy as np
+from matplotlib.figure import Figure
+from scipy import stats
+
 from pipeline.model.architecture import is_accumulated, plain_counterpart
-from pipeline.flags import setting
+from pipeline.research.configs import ReportConfig
 from pipeline.research.records import RecordError, RunRecord, read_records
 
 # Saraiya 2018, Table 1: CIFAR-10, depth 32, 50 epochs, one run each.
@@ -50,19 +55,6 @@ FIGURES = (
 )
 DISPLAY_NAMES = {"resnet": "ResNet", "accumulated": "Accumulated", "wrn": "WRN", "accumulated-wrn": "Accumulated WRN",
                  "resnext": "ResNeXt", "accumulated-resnext": "Accumulated ResNeXt"}
-
-
-@dataclasses.dataclass(frozen=True)
-class ReportConfig:
-    """`accresnet report`: the report of an experiment, from its records alone."""
-
-    records_dir: str = setting(flag="--records", help="the experiment's records folder (<arch>-seed<N>.json)")
-    out_dir: str | None = setting(None, flag="--out", help="where results.json, table.md and the figures go",
-                                  unset="the folder that holds the records folder")
-
-    @property
-    def report_dir(self) -> pathlib.Path:
-        return pathlib.Path(self.out_dir) if self.out_dir else pathlib.Path(self.records_dir).resolve().parent
 
 
 def report(config: ReportConfig) -> dict:
@@ -119,8 +111,6 @@ def paired_difference(differences: list[float]) -> dict:
     """Mean of per-seed differences with its t-based 95% CI and two-sided p-value (n >= 2),
     and the signs: how many seeds have the difference above, below and at zero, with the
     two-sided sign test's p-value (ties left out)."""
-    from scipy import stats
-
     n = len(differences)
     higher, lower = sum(d > 0 for d in differences), sum(d < 0 for d in differences)
     signs = {"higher": higher, "lower": lower, "equal": n - higher - lower,
@@ -142,8 +132,6 @@ def paired_difference(differences: list[float]) -> dict:
 def pooled_difference(values: list[float], baseline: list[float]) -> dict | None:
     """The difference of two groups' means without pairing (Welch's t: unequal variances),
     with its 95% confidence interval and two-sided p-value; None under two runs a group."""
-    from scipy import stats
-
     if len(values) < 2 or len(baseline) < 2:
         return None
     mean = statistics.fmean(values) - statistics.fmean(baseline)
@@ -294,17 +282,12 @@ def table_markdown(results: dict) -> str:
 
 def write_figures(runs: list[RunRecord], out_dir: pathlib.Path) -> list[pathlib.Path]:
     """Figures 3-6: per epoch, each architecture's mean over seeds with a ±1 std band."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     paths = []
     arches = sorted({r.arch for r in runs}, key=list(DISPLAY_NAMES).index)
     for filename, key, label in FIGURES:
-        figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+        # A Figure of its own, not pyplot's: no backend or global state is involved.
+        figure = Figure(figsize=(6, 4), dpi=100)
+        axes = figure.subplots()
         for arch in arches:
             curves = [[getattr(row, key) for row in r.history] for r in runs if r.arch == arch]
             epochs = min(len(c) for c in curves)
@@ -324,7 +307,6 @@ def write_figures(runs: list[RunRecord], out_dir: pathlib.Path) -> list[pathlib.
         figure.tight_layout()
         path = out_dir / filename
         figure.savefig(path)
-        plt.close(figure)
         paths.append(path)
     return paths
 

@@ -1,8 +1,9 @@
 """The run spec: what `accresnet train` (and the verbs that nest a training run) are told.
 
-DataConfig, NetConfig and TrainConfig are the settings users type, with the
-flags derived from them (pipeline/flags.py); the network's own rules are in
-pipeline/model/architecture.py, the recipes in pipeline/settings/recipes.py. Nothing here
+NetConfig and TrainConfig (with DataConfig, pipeline/data/specs.py) are the
+settings users type, with the flags derived from them (pipeline/flags.py);
+DemoConfig nests a TrainConfig for `accresnet demo`. The network's own rules
+are in pipeline/model/architecture.py, the recipes in recipes.py. Nothing here
 imports TensorFlow, so the command line can parse and validate flags (and
 answer `--help`) without paying for the TensorFlow import.
 """
@@ -15,7 +16,7 @@ import math
 from pipeline.data.specs import DataConfig
 from pipeline.model.architecture import ARCHES, SHORTCUTS, ModelConfig, check_architecture, check_shortcut
 from pipeline.errors import ConfigError
-from pipeline.flags import setting
+from pipeline.flags import nested, setting
 from pipeline.settings.recipes import (OPTIMIZERS, OVERRIDABLE, RECIPES, Recipe, get_recipe, model_settings, parse_overrides,
                               recipes_help, recipes_with, with_overrides)
 from serving.contract import IMAGE_SIZE
@@ -231,3 +232,19 @@ def run_length(recipe: Recipe, num_train: int, global_batch: int,
 def scaled_learning_rate(recipe: Recipe, global_batch: int) -> float:
     """The linear scaling rule: the recipe's rate times global_batch / recipe batch."""
     return recipe.learning_rate * global_batch / recipe.batch_size
+
+
+# `accresnet demo`'s settings of its training run, taken as flags.
+DEMO_RUN_FLAGS = ("dataset", "data_dir", "arch", "depth", "width", "cardinality", "epochs", "batch_size", "devices")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """`accresnet demo`: train, export, serve and classify on embedded defaults."""
+
+    output_dir: str = setting("demo-output", help="where everything goes")
+    # Sized for a 2-core CPU: 3000 built-in images, 3 epochs of batch 64 with
+    # the quick recipe, about two minutes of training.
+    run: TrainConfig = nested(TrainConfig, dataset="synthetic:3000", batch_size=64, recipe="quick")
+    held_out: int = setting(200, help="test images to classify")
+    examples: int = 8

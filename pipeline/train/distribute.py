@@ -21,6 +21,9 @@ from collections.abc import Mapping
 
 from pipeline.errors import UserError
 
+# TensorFlow is imported only where a strategy is made or a worker leaves: `accresnet tf-config`
+# reads and checks TF_CONFIG here, in every training pod, without it.
+
 log = logging.getLogger(__name__)
 
 

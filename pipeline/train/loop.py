@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from pipeline.kernels import bfloat16
 from pipeline.data import datasets, input_pipeline
-from pipeline.data.splits import ImageData, Split
+from pipeline.data.splits import Split
 from pipeline.settings.config import run_length, RunLength, scaled_learning_rate, TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.train.distribute import Cluster, make_strategy
