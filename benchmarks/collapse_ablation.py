@@ -144,7 +144,7 @@ def trace(name: str, seed: int, steps: int, args: argparse.Namespace, images: in
         set_pixel_mean(model, data.pixel_mean())
         steps_per_epoch = len(data.train) // recipe.batch_size
         schedule = learning_rate_schedule(recipe, recipe.learning_rate, steps_per_epoch * args.epochs)
-        optimizer = make_optimizer(recipe, schedule, loss_scaling=False)
+        optimizer = make_optimizer(recipe, schedule)
     trainer = Trainer(strategy, model, optimizer, recipe.batch_size)
     batches = iter(strategy.distribute_datasets_from_function(lambda context: input_pipeline.train_dataset(
         data.train, batch_size=recipe.batch_size, seed=seed, start_epoch=0, steps_per_epoch=steps_per_epoch,

@@ -47,13 +47,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import tensorflow as tf  # noqa: E402
 
 from flops import forward_flops, layer_key  # noqa: E402
-from pipeline.kernels import bfloat16  # noqa: E402
-from pipeline.data import datasets
-from pipeline import flags
+from pipeline.data import datasets  # noqa: E402
+from pipeline import flags  # noqa: E402
 from pipeline.settings.config import TrainConfig  # noqa: E402
 from pipeline.train.distribute import Cluster, make_strategy  # noqa: E402
-from pipeline.model.network import precision_policy  # noqa: E402
-from pipeline.train.optimizers import mixed_precision_policy  # noqa: E402
+from pipeline.train.precision import MIXED_BFLOAT16, Machine, kernels_for  # noqa: E402
+from pipeline.train.precision import choose as choose_precision  # noqa: E402
 from pipeline.train.loop import build_trainer, resolve, train_batches  # noqa: E402
 
 # Op classes, first match wins: (class, pattern on "type" or "name:type").
@@ -145,11 +144,9 @@ def profile(arch: str, mixed_precision: bool, devices: int | None, batch: int, s
         data = datasets.load(config.resolved_data)
         settings, length = resolve(config, data.class_names, len(data.train), datasets.files_digest(config.data),
                                    strategy.num_replicas_in_sync, cluster.num_workers)
-        policy = mixed_precision_policy(mixed_precision)
-        if project_kernels:
-            bfloat16.load(policy)
-        with precision_policy(policy):
-            trainer, _, _ = build_trainer(config, settings, length, data.pixel_mean(), strategy, cluster, policy)
+        precision = choose_precision(mixed_precision, project_kernels)
+        with precision.scope():
+            trainer, _, _ = build_trainer(config, settings, length, data.pixel_mean(), strategy, cluster, precision)
             flops = forward_flops(trainer.model, batch // replicas)
             batches = iter(train_batches(trainer, data.train, config, length, 0))
             vote = tf.constant(0.0)
@@ -351,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the project's opt-in bfloat16 kernels where they load, as the trainer's flag")
     args = parser.parse_args(argv)
     if args.memory_ops:
-        library = bfloat16.load("mixed_bfloat16") if args.project_bfloat16_kernels else None
+        library = kernels_for(MIXED_BFLOAT16, Machine.read()) if args.project_bfloat16_kernels else None
         print(f"bfloat16 AddV2, AddN, Relu, ReluGrad: {'the project' if library else 'TensorFlow'}'s kernels\n")
         print(memory_ops_table(args.batch))
         return

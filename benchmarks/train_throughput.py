@@ -47,16 +47,17 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from flops import training_flops_per_image  # noqa: E402
-from pipeline.kernels import bfloat16  # noqa: E402
-from pipeline.data import datasets, input_pipeline
-from pipeline.data.splits import Split
-from pipeline import flags
-from pipeline.model.architecture import ModelConfig  # noqa: E402
-from pipeline.settings.config import TrainConfig  # noqa: E402
-from pipeline.data.specs import DataConfig
+from pipeline import flags  # noqa: E402
 from pipeline.cpu import CpuInfo  # noqa: E402
-from pipeline.settings.recipes import get_recipe  # noqa: E402
+from pipeline.data import datasets, input_pipeline  # noqa: E402
+from pipeline.data.specs import DataConfig  # noqa: E402
+from pipeline.data.splits import Split  # noqa: E402
+from pipeline.kernels import bfloat16  # noqa: E402
+from pipeline.model.architecture import ModelConfig  # noqa: E402
 from pipeline.model.network import build_model  # noqa: E402
+from pipeline.settings.config import TrainConfig  # noqa: E402
+from pipeline.settings.recipes import get_recipe  # noqa: E402
+from pipeline.train.precision import MIXED_BFLOAT16, Machine, kernels_for  # noqa: E402
 from pipeline.train.loop import train  # noqa: E402
 
 BATCH = 128
@@ -307,7 +308,7 @@ def main() -> None:
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores: {cpu_name()}; "
           f"ResNet-{args.depth}, batch {BATCH}, {args.steps} timed steps, best of {args.rounds} round(s), on {spec}")
     # Built (once) before anything is timed, as the first run with --project-bfloat16-kernels would.
-    library = bfloat16.load("mixed_bfloat16")
+    library = kernels_for(MIXED_BFLOAT16, Machine.read())
     kernels = f"built, {library}" if library else "not available here, TensorFlow's run in their row too"
     print(f"the project's opt-in bfloat16 kernels: {kernels}\n")
 

@@ -20,6 +20,7 @@ import tensorflow as tf  # noqa: E402
 from tensorflow.python.framework import kernels  # noqa: E402
 
 from pipeline.kernels import bfloat16  # noqa: E402
+from pipeline.train.precision import MIXED_BFLOAT16, Machine, kernels_for  # noqa: E402
 
 # Zeros of both signs, infinities, a NaN, subnormals of both signs, the largest values.
 SPECIAL = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-39, -1e-39, -3e-39, 3.38e38, -3.38e38], np.float32)
@@ -111,7 +112,7 @@ def train_losses(model_dir: str, project_kernels: bool) -> list[float]:
 
 def main() -> None:
     mode, out, kernels_wanted = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
-    library = bfloat16.load("mixed_bfloat16") if kernels_wanted == "project" else None
+    library = kernels_for(MIXED_BFLOAT16, Machine.read()) if kernels_wanted == "project" else None
     print(f"library: {library or 'stock'}")
     for op in bfloat16.OPS:
         priorities = [kernel.priority for kernel in kernels.get_registered_kernels_for_op(op).kernel

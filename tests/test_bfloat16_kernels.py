@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 
 from helpers import REPO
-from pipeline.kernels import bfloat16
 from pipeline import flags
-from pipeline.train import loop as training
-from pipeline.settings.config import TrainConfig
 from pipeline.cpu import CpuInfo
+from pipeline.kernels import bfloat16
+from pipeline.settings.config import TrainConfig
+from pipeline.train import loop as training
+from pipeline.train import precision
+from pipeline.train.precision import Machine
 
 THIS_CPU = CpuInfo.read()
 needs_avx512 = pytest.mark.skipif(bool(bfloat16.missing_flags(THIS_CPU)),
@@ -96,19 +98,21 @@ def test_mixed_precision_training_is_the_same_with_either_kernels(tmp_path):
 
 
 def test_only_a_bfloat16_policy_on_an_avx512_cpu_loads_them(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="pipeline.kernels.bfloat16"):
-        assert bfloat16.load("float32", AVX512, tmp_path) is None
+    with caplog.at_level(logging.INFO, logger="pipeline.train.precision"):
+        assert precision.kernels_for("float32", Machine(gpu=False, cpu=AVX512), tmp_path) is None
         assert "not loaded, they serve --mixed-precision on a CPU only" in caplog.text
         avx2 = CpuInfo(flags=frozenset({"avx2", "fma"}))
-        assert bfloat16.load("mixed_bfloat16", avx2, tmp_path) is None
-    assert "lacks avx512f, avx512bw, avx512vl, avx512dq" in caplog.text
+        assert precision.kernels_for("mixed_bfloat16", Machine(gpu=False, cpu=avx2), tmp_path) is None
+        assert precision.kernels_for("mixed_bfloat16", Machine(gpu=True, cpu=AVX512), tmp_path) is None
+    assert "lacks avx512f, avx512bw, avx512vl, avx512dq" in caplog.text and "a GPU machine" in caplog.text
     assert bfloat16.missing_flags(None) == list(bfloat16.REQUIRED_FLAGS)
     assert not list(tmp_path.iterdir())  # nothing was compiled
 
 
 def test_a_run_loads_the_kernels_only_when_asked(tmp_path, monkeypatch):
     asked = []
-    monkeypatch.setattr(bfloat16, "load", lambda policy, *args: asked.append(policy))
+    monkeypatch.setattr(bfloat16, "load", lambda *args: asked.append("loaded"))
+    monkeypatch.setattr(precision.Machine, "read", classmethod(lambda cls: Machine(gpu=False, cpu=AVX512)))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     settings = dict(arch="resnet", depth=8, dataset="synthetic:64", recipe="quick", steps=1, batch_size=16,
                     mixed_precision=True, progress=False)
@@ -116,13 +120,13 @@ def test_a_run_loads_the_kernels_only_when_asked(tmp_path, monkeypatch):
     assert asked == [] and not (tmp_path / "cache").exists()
     training.train(flags.build(TrainConfig, {**settings, "model_dir": str(tmp_path / "asked"),
                                              "project_bfloat16_kernels": True}))
-    assert asked == ["mixed_bfloat16"]
+    assert asked == ["loaded"]
 
 
 def test_without_a_compiler_training_goes_on_with_the_stock_kernels(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with caplog.at_level(logging.WARNING, logger="pipeline.kernels.bfloat16"):
-        assert bfloat16.load("mixed_bfloat16", AVX512, tmp_path / "cache") is None
+        assert bfloat16.load(tmp_path / "cache") is None
     assert "no C++ compiler" in caplog.text and "TensorFlow's kernels" in caplog.text
 
 
@@ -135,7 +139,7 @@ def test_a_failed_build_leaves_nothing_under_the_librarys_name(tmp_path, monkeyp
     monkeypatch.setenv("CXX", str(compiler))
     cache = tmp_path / "cache"
     with caplog.at_level(logging.WARNING, logger="pipeline.kernels.bfloat16"):
-        assert bfloat16.load("mixed_bfloat16", AVX512, cache) is None
+        assert bfloat16.load(cache) is None
     assert "compiling bfloat16_elementwise.cc failed: bfloat16_elementwise.cc:1: error: out of disk" in caplog.text
     assert list(cache.iterdir()) == []  # neither the library nor the build folder
 
@@ -166,7 +170,7 @@ def test_a_build_keeps_the_libraries_of_other_installations(tmp_path, monkeypatc
     other = cache / "bfloat16_elementwise-0000000000000000.so"
     other.write_text("another installation's")
     with caplog.at_level(logging.WARNING, logger="pipeline.kernels.bfloat16"):
-        assert bfloat16.load("mixed_bfloat16", AVX512, cache) is None  # TensorFlow refuses the file
+        assert bfloat16.load(cache) is None  # TensorFlow refuses the file
     assert "TensorFlow's kernels" in caplog.text
     assert sorted(path.name for path in cache.iterdir()) == sorted([bfloat16.library_path(cache).name,
                                                                     other.name])
@@ -180,14 +184,14 @@ def test_a_prebuilt_library_is_taken_before_any_compiler_is_asked(tmp_path, monk
     # Another source's or TensorFlow's library: not taken, and the cache build is tried (no compiler here).
     (prebuilt / "bfloat16_elementwise-0000000000000000.so").write_text("another installation's")
     with caplog.at_level(logging.INFO, logger="pipeline.kernels.bfloat16"):
-        assert bfloat16.load("mixed_bfloat16", AVX512, tmp_path / "cache") is None
+        assert bfloat16.load(tmp_path / "cache") is None
     assert "has no library for this TensorFlow" in caplog.text and "no C++ compiler" in caplog.text
     caplog.clear()
     # This installation's name: taken without a compiler (here TensorFlow refuses the file, which is no library).
     ours = bfloat16.prebuilt_path(prebuilt)
     ours.write_text("not a library")
     with caplog.at_level(logging.INFO, logger="pipeline.kernels.bfloat16"):
-        assert bfloat16.load("mixed_bfloat16", AVX512, tmp_path / "cache") is None
+        assert bfloat16.load(tmp_path / "cache") is None
     assert "no C++ compiler" not in caplog.text and "TensorFlow's kernels" in caplog.text
     assert not (tmp_path / "cache").exists()
     assert ours.name != bfloat16.library_path(tmp_path).name  # the cache's key has the compiler too
@@ -204,7 +208,7 @@ def test_a_library_built_ahead_runs_where_no_compiler_is(tmp_path):
     environment = {**os.environ, bfloat16.PREBUILT: str(tmp_path / "lib"), "CXX": "/nonexistent/g++",
                    "XDG_CACHE_HOME": str(tmp_path / "empty-cache"), "TF_CPP_MIN_LOG_LEVEL": "3"}
     script = ("import json\nimport tensorflow as tf\nfrom pipeline.kernels import bfloat16\n"
-              "print(bfloat16.load('mixed_bfloat16'))\n"
+              "print(bfloat16.load())\n"
               "x = tf.cast(tf.range(100.0), tf.bfloat16)\n"
               "print(float(tf.reduce_sum(tf.cast(tf.nn.relu(x + x), tf.float32))))\n"
               "print(json.dumps(bfloat16.kernel_calls()))\n")

@@ -1,9 +1,9 @@
-"""Native bfloat16 told from /proc/cpuinfo, and --mixed-precision's warning where it is not."""
+"""Native bfloat16 told from /proc/cpuinfo, --mixed-precision's warning where it is not, and its policy."""
 
 import logging
 
 from pipeline.cpu import CpuInfo
-from pipeline.train.optimizers import mixed_precision_policy
+from pipeline.train.precision import Machine, Precision, policy_for
 
 CPUINFO = """processor\t: {index}
 vendor_id\t: AuthenticAMD
@@ -30,10 +30,16 @@ def test_native_bfloat16_is_avx512_bf16_or_amx(tmp_path):
 
 
 def test_mixed_precision_warns_where_bfloat16_is_emulated(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.train.optimizers"):
-        assert mixed_precision_policy(True, cpu(tmp_path, "avx512f avx512_bf16")) == "mixed_bfloat16"
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.precision"):
+        assert policy_for(True, Machine(gpu=False, cpu=cpu(tmp_path, "avx512f avx512_bf16"))) == "mixed_bfloat16"
         assert not caplog.records
-        assert mixed_precision_policy(False, cpu(tmp_path, "")) == "float32"
+        assert policy_for(False, Machine(gpu=False, cpu=cpu(tmp_path, ""))) == "float32"
         assert not caplog.records
-        assert mixed_precision_policy(True, cpu(tmp_path, "avx2")) == "mixed_bfloat16"
+        assert policy_for(True, Machine(gpu=False, cpu=cpu(tmp_path, "avx2"))) == "mixed_bfloat16"
     assert "no native bfloat16" in caplog.text and "slower than float32" in caplog.text
+
+
+def test_a_gpu_computes_in_float16_with_its_loss_scaled(tmp_path):
+    gpu = policy_for(True, Machine(gpu=True, cpu=cpu(tmp_path, "avx2")))
+    assert gpu == "mixed_float16" and Precision(gpu).loss_scaling
+    assert not Precision(policy_for(True, Machine(gpu=False, cpu=None))).loss_scaling

@@ -60,7 +60,8 @@ from pipeline.errors import UserError
 from pipeline.data.image_decoding import decode_images
 from pipeline.data.image_headers import DecodeBounds
 from pipeline.export.input_contract import checked_batch
-from pipeline.model.network import build_model, precision_policy
+from pipeline.model.network import build_model
+from pipeline.train.precision import FLOAT32, policy_scope
 from pipeline.train.rundir import RunDir
 from serving.contract import (BYTES_INPUT, CLASSIFY, CLASSIFY_METHOD, DEFAULT_TOP_K, EXAMPLES_INPUT, IMAGE_FEATURE,
                               IMAGES_INPUT, LABELS_FILE, MODEL_NAME, SERVING_BYTES, SERVING_DEFAULT, WARMUP_FILE,
@@ -300,7 +301,7 @@ def restore_trained_model(model_dir: str | os.PathLike) -> tuple[keras.Model, li
     checkpoint_path, _ = run_checkpoint(run)
     settings = run.read_settings()
     # Serve in float32 whatever the training precision: the weights are float32 anyway.
-    with precision_policy("float32"):
+    with policy_scope(FLOAT32):
         model = build_model(settings.model_config())
     status = tf.train.Checkpoint(model=model).restore(checkpoint_path)
     status.expect_partial().assert_existing_objects_matched()

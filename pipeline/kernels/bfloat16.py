@@ -15,7 +15,8 @@ TensorFlow upgrade may break them) and replace kernels process-wide; TF
 Serving never loads them. Asked for, the library is compiled once per
 source, TensorFlow installation and compiler into the user's cache (a C++
 compiler and TensorFlow's headers are needed, as for any custom op), and
-loaded only where it can help: a bfloat16 policy on a CPU with AVX-512.
+loaded only where it can help: a bfloat16 policy on a CPU with AVX-512
+(pipeline/train/precision.py decides).
 Where it cannot be built or loaded, training goes on with TensorFlow's
 kernels and says why.
 
@@ -133,21 +134,11 @@ def build(target: pathlib.Path) -> pathlib.Path:
     return target
 
 
-def load(policy: str, cpu: CpuInfo | None = None, cache: pathlib.Path | None = None) -> pathlib.Path | None:
-    """Build if needed and load the kernels for a bfloat16 `policy` on a CPU (`cpu`: this
-    machine's) with AVX-512; returns the library loaded, or None where TensorFlow's own
-    kernels stay, with the reason logged. Loading is for the whole process and once."""
-    if policy != "mixed_bfloat16":
-        log.info("--project-bfloat16-kernels: not loaded, they serve --mixed-precision on a CPU only")
-        return None
-
-    if tf.config.list_physical_devices("GPU"):
-        log.info("bfloat16 elementwise ops: TensorFlow's kernels (a GPU machine)")
-        return None
-    lacking = missing_flags(cpu or CpuInfo.read())
-    if lacking:
-        log.info("bfloat16 elementwise ops: TensorFlow's kernels (this CPU lacks %s)", ", ".join(lacking))
-        return None
+def load(cache: pathlib.Path | None = None) -> pathlib.Path | None:
+    """Build if needed and load the kernels; returns the library loaded, or None where TensorFlow's
+    own kernels stay, with the reason logged. Loading is for the whole process and once. Whether
+    they can serve a run (a bfloat16 policy on a CPU with AVX-512) is pipeline/train/precision.py's
+    to decide."""
     if _loaded:
         return _loaded[0][0]
     try:

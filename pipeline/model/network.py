@@ -27,7 +27,6 @@ accumulated-* twins.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import keras
@@ -378,18 +377,6 @@ def build_model(config: ModelConfig) -> keras.Model:
                                  kernel_initializer=INITIALIZERS[config.classifier_initializer],
                                  dtype="float32", name="probabilities")(x)
     return keras.Model(images, probabilities, name=name)
-
-
-@contextlib.contextmanager
-def precision_policy(name: str):
-    """Build layers under the dtype policy `name` ("float32", "mixed_bfloat16", ...);
-    Keras reads it from a global, which is restored afterwards."""
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(name)
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
 def set_pixel_mean(model: keras.Model, mean) -> None:

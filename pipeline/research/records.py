@@ -20,6 +20,7 @@ import os
 import pathlib
 from typing import Any
 
+from pipeline.cpu import CpuInfo
 from pipeline.errors import UserError
 
 from pipeline.settings.recipes import Recipe
@@ -125,14 +126,8 @@ def read_records(folder: str | os.PathLike) -> list[RunRecord]:
 
 def cpu_model() -> str:
     """The CPU's model name as /proc/cpuinfo gives it, or "unknown" where there is none."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return value.strip()
-    except OSError:
-        pass
-    return "unknown"
+    cpu = CpuInfo.read()
+    return cpu.model_name if cpu is not None else "unknown"
 
 
 def _usable_cpus() -> int | None:

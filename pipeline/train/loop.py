@@ -21,7 +21,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.kernels import bfloat16
 from pipeline.data import datasets, input_pipeline
 from pipeline.data.splits import Split
 from pipeline.settings.config import run_length, RunLength, scaled_learning_rate, TrainConfig
@@ -29,8 +28,9 @@ from pipeline.errors import ConfigError
 from pipeline.train.distribute import Cluster, make_strategy
 from pipeline.train.hooks import (Checkpoints, EarlyStopping, EpochLog, History, Hook, KeepBest, Progress, StepTimer,
                             StopOnDivergence, TensorBoard, validation, write_run_overview)
-from pipeline.model.network import build_model, precision_policy, set_pixel_mean
-from pipeline.train.optimizers import learning_rate_schedule, make_optimizer, mixed_precision_policy
+from pipeline.model.network import build_model, set_pixel_mean
+from pipeline.train.optimizers import learning_rate_schedule, make_optimizer
+from pipeline.train.precision import Precision, choose as choose_precision
 from pipeline.train.preemption import PEER_ERRORS, PeerLost, Preempted, StopRequest, peer_error_summary
 from pipeline.settings.recipes import recipe_settings
 from pipeline.train.rundir import HistoryRow, RunDir, RunSettings, RunSummary, WorkerRecord, best_row
@@ -120,12 +120,10 @@ def _train(config: TrainConfig, cluster: Cluster, strategy: tf.distribute.Strate
              "%d steps (%d epochs of %d)", settings.arch, settings.depth, data.describe(), settings.replicas,
              settings.workers, settings.global_batch, settings.learning_rate, length.total_steps, length.epochs,
              length.steps_per_epoch)
-    policy = mixed_precision_policy(config.mixed_precision)
-    if config.project_bfloat16_kernels:
-        bfloat16.load(policy)
-    with precision_policy(policy):
+    precision = choose_precision(config.mixed_precision, config.project_bfloat16_kernels)
+    with precision.scope():
         trainer, checkpoint, epoch = build_trainer(config, settings, length, data.pixel_mean(), strategy, cluster,
-                                                         policy)
+                                                   precision)
         history = restore(run, checkpoint, epoch, settings, cluster)
         start, initial_epoch = int(trainer.optimizer.iterations.numpy()), int(epoch.numpy())
         timer = StepTimer(config.untimed_steps, settings.global_batch)
@@ -188,7 +186,7 @@ def resolve(config: TrainConfig, class_names: tuple[str, ...], train_images: int
 
 
 def build_trainer(config: TrainConfig, settings: RunSettings, length: RunLength, pixel_mean: np.ndarray,
-                  strategy: tf.distribute.Strategy, cluster: Cluster, policy: str
+                  strategy: tf.distribute.Strategy, cluster: Cluster, precision: Precision
                   ) -> tuple[Trainer, tf.train.Checkpoint, tf.Variable]:
     """The model (the training images' per-pixel mean in it), its optimizer and the epoch
     counter, seeded, and the checkpoint that holds them."""
@@ -198,7 +196,7 @@ def build_trainer(config: TrainConfig, settings: RunSettings, length: RunLength,
         model = build_model(settings.model_config())
         set_pixel_mean(model, pixel_mean)
         schedule = learning_rate_schedule(recipe, settings.learning_rate, length.total_steps)
-        optimizer = make_optimizer(recipe, schedule, loss_scaling=policy == "mixed_float16")
+        optimizer = precision.optimizer(make_optimizer(recipe, schedule))
     trainer = Trainer(strategy, model, optimizer, settings.global_batch, jit=config.jit, cluster=cluster)
     with strategy.scope():
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
