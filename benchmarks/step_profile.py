@@ -1,8 +1,8 @@
 """Where one training step's time goes: TensorFlow's profiler trace of the trainer's
 steps, summed per class of op, with the FLOPs of each class.
 
-The trainer is built as `accresnet train` builds it (pipeline/train/loop.py's
-resolve, build_trainer and train_batches) on synthetic data; after warm-up
+The run is built as `accresnet train` builds it (pipeline/train/run.py's
+build_run) on synthetic data; after warm-up
 steps, `--steps` steps are timed, then `--traced-steps` more run under
 `tf.profiler.experimental`. The trace's op events (the executor threads'
 `name:type` events) are classified and summed per step:
@@ -47,13 +47,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import tensorflow as tf  # noqa: E402
 
 from flops import forward_flops, layer_key  # noqa: E402
-from pipeline.data import datasets  # noqa: E402
 from pipeline import flags  # noqa: E402
 from pipeline.settings.config import TrainConfig  # noqa: E402
-from pipeline.train.distribute import Cluster, make_strategy  # noqa: E402
+from pipeline.train.distribute import Cluster  # noqa: E402
 from pipeline.train.precision import MIXED_BFLOAT16, Machine, kernels_for  # noqa: E402
-from pipeline.train.precision import choose as choose_precision  # noqa: E402
-from pipeline.train.loop import build_trainer, resolve, train_batches  # noqa: E402
+from pipeline.train.run import build_run  # noqa: E402
 
 # Op classes, first match wins: (class, pattern on "type" or "name:type").
 OP_CLASSES = (
@@ -138,28 +136,21 @@ def profile(arch: str, mixed_precision: bool, devices: int | None, batch: int, s
         config = flags.build(TrainConfig, dict(
             model_dir=model_dir, arch=arch, depth=32, dataset="synthetic:10000", val_split=0.0, recipe="quick",
             steps=10_000, batch_size=batch // replicas, progress=False, mixed_precision=mixed_precision,
-            devices=devices))
-        cluster = Cluster()
-        strategy = make_strategy(cluster, config.devices)
-        data = datasets.load(config.resolved_data)
-        settings, length = resolve(config, data.class_names, len(data.train), datasets.files_digest(config.data),
-                                   strategy.num_replicas_in_sync, cluster.num_workers)
-        precision = choose_precision(mixed_precision, project_kernels)
-        with precision.scope():
-            trainer, _, _ = build_trainer(config, settings, length, data.pixel_mean(), strategy, cluster, precision)
-            flops = forward_flops(trainer.model, batch // replicas)
-            batches = iter(train_batches(trainer, data.train, config, length, 0))
-            vote = tf.constant(0.0)
+            project_bfloat16_kernels=project_kernels, devices=devices))
+        run = build_run(config, Cluster())
+        with run.precision.scope():
+            flops = forward_flops(run.trainer.model, batch // replicas)
+            batches = run.batches()
             for _ in range(5):
-                trainer.train_step(batches, vote).numpy()
+                run.step(batches)
             started = time.perf_counter()
             for _ in range(steps):
-                trainer.train_step(batches, vote).numpy()
+                run.step(batches)
             rate = steps * batch / (time.perf_counter() - started)
             tf.profiler.experimental.start(trace_dir)
             try:
                 for _ in range(traced_steps):
-                    trainer.train_step(batches, vote).numpy()
+                    run.step(batches)
             finally:
                 tf.profiler.experimental.stop()
     per_image = 3 * sum(flops.values()) / (batch // replicas)

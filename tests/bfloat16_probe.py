@@ -91,23 +91,17 @@ def op_results() -> dict[str, np.ndarray]:
 
 
 def train_losses(model_dir: str, project_kernels: bool) -> list[float]:
+    """The losses of a mixed-precision run's first 4 steps, built as `accresnet train` builds it."""
     from pipeline import flags
-    from pipeline.train import loop as training
     from pipeline.settings.config import TrainConfig
-    from pipeline.train.trainer import Trainer
+    from pipeline.train.run import build_run
 
-    losses, original = [], Trainer.train_step
-
-    def step(self, iterator, stop_vote):
-        result = original(self, iterator, stop_vote)
-        losses.append(float(result[0]))
-        return result
-
-    Trainer.train_step = step
-    training.train(flags.build(TrainConfig, dict(
+    run = build_run(flags.build(TrainConfig, dict(
         model_dir=model_dir, arch="accumulated", depth=8, dataset="synthetic:256", recipe="quick", steps=4,
         batch_size=32, mixed_precision=True, project_bfloat16_kernels=project_kernels, progress=False)))
-    return losses
+    with run.precision.scope():
+        batches = run.batches()
+        return [run.step(batches)[0] for _ in range(4)]
 
 
 def main() -> None:

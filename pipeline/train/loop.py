@@ -1,19 +1,15 @@
 """`accresnet train`: one custom loop for every distribution strategy.
 
-The run's settings are resolved from the config, the data and the devices;
-the model, optimizer and checkpoint are built (pipeline/train/trainer.py,
-pipeline/train/optimizers.py) and restored; then the epoch loop steps and calls its
-hooks (pipeline/train/hooks.py) at its seams, stopping cleanly on SIGTERM or a lost
-peer (pipeline/train/preemption.py). What a run writes, and where, is
-pipeline/train/rundir.py's.
+The run is built and restored by run.py's build_run (settings, precision,
+model, optimizer, checkpoint); then the epoch loop steps and calls its hooks
+(hooks.py) at its seams, stopping cleanly on SIGTERM or a lost peer
+(preemption.py). What a run writes, and where, is rundir.py's.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import pathlib
 import time
 from collections.abc import Callable
 
@@ -21,19 +17,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.data import datasets, input_pipeline
+from pipeline.data import input_pipeline
 from pipeline.data.splits import Split
-from pipeline.settings.config import run_length, RunLength, scaled_learning_rate, TrainConfig
-from pipeline.errors import ConfigError
+from pipeline.settings.config import RunLength, TrainConfig
 from pipeline.train.distribute import Cluster, make_strategy
 from pipeline.train.hooks import (Checkpoints, EarlyStopping, EpochLog, History, Hook, KeepBest, Progress, StepTimer,
-                            StopOnDivergence, TensorBoard, validation, write_run_overview)
-from pipeline.model.network import build_model, set_pixel_mean
-from pipeline.train.optimizers import learning_rate_schedule, make_optimizer
-from pipeline.train.precision import Precision, choose as choose_precision
+                                  StopOnDivergence, TensorBoard, validation, write_run_overview)
 from pipeline.train.preemption import PEER_ERRORS, PeerLost, Preempted, StopRequest, peer_error_summary
-from pipeline.settings.recipes import recipe_settings
-from pipeline.train.rundir import HistoryRow, RunDir, RunSettings, RunSummary, WorkerRecord, best_row
+from pipeline.train.run import build_run
+from pipeline.train.rundir import HistoryRow, RunDir, RunSummary, WorkerRecord, best_row
 from pipeline.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -102,30 +94,11 @@ def train(config: TrainConfig) -> RunSummary:
 
 def _train(config: TrainConfig, cluster: Cluster, strategy: tf.distribute.Strategy, stop: StopRequest,
            started: float) -> RunSummary:
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    if not config.model_dir:
-        raise ConfigError("a training run needs a --model-dir")
-    run = RunDir(pathlib.Path(config.model_dir))
-    if cluster.is_chief:
-        run.path.mkdir(parents=True, exist_ok=True)
-    data = datasets.load(config.resolved_data)
-    if (config.export_best or config.early_stopping) and data.validation is None:
-        raise ConfigError(f"--export-best and --early-stopping read the validation accuracy, and "
-                          f"{config.data.spec} gives no validation split here")
-    settings, length = resolve(config, data.class_names, len(data.train), datasets.files_digest(config.data),
-                               strategy.num_replicas_in_sync, cluster.num_workers)
-    run.check_resumable(settings)
-    log.info("training %s-%d on %s: %d replica(s) on %d worker(s), global batch %d, lr %.4g, "
-             "%d steps (%d epochs of %d)", settings.arch, settings.depth, data.describe(), settings.replicas,
-             settings.workers, settings.global_batch, settings.learning_rate, length.total_steps, length.epochs,
-             length.steps_per_epoch)
-    precision = choose_precision(config.mixed_precision, config.project_bfloat16_kernels)
-    with precision.scope():
-        trainer, checkpoint, epoch = build_trainer(config, settings, length, data.pixel_mean(), strategy, cluster,
-                                                   precision)
-        history = restore(run, checkpoint, epoch, settings, cluster)
-        start, initial_epoch = int(trainer.optimizer.iterations.numpy()), int(epoch.numpy())
+    built = build_run(config, cluster, strategy)
+    run, data, settings, length = built.directory, built.data, built.settings, built.length
+    trainer, checkpoint, epoch, history = built.trainer, built.checkpoint, built.epoch, built.history
+    with built.precision.scope():
+        start, initial_epoch = built.global_step, int(epoch.numpy())
         timer = StepTimer(config.untimed_steps, settings.global_batch)
         manager = tf.train.CheckpointManager(checkpoint, run.checkpoints_of(cluster.is_chief, cluster.task_id),
                                              max_to_keep=3)
@@ -146,7 +119,7 @@ def _train(config: TrainConfig, cluster: Cluster, strategy: tf.distribute.Strate
         if cluster.is_chief and start == 0:
             write_run_overview(run.logs, settings.to_json(), run.path.name,
                                sample_images(data.train, config, length))
-        batches = iter(train_batches(trainer, data.train, config, length, start))
+        batches = built.batches()
         last = run_epochs(trainer, batches, length, start, validation(trainer, data.validation), hooks, stop)
         best_so_far = best_row(history)
         summary = RunSummary(
@@ -162,62 +135,6 @@ def _train(config: TrainConfig, cluster: Cluster, strategy: tf.distribute.Strate
             best_val_accuracy=best_so_far.val_accuracy if best_so_far else None)
     record(run, summary, trainer.model, cluster)
     return summary
-
-
-def resolve(config: TrainConfig, class_names: tuple[str, ...], train_images: int, data_digest: str | None,
-            replicas: int, workers: int) -> tuple[RunSettings, RunLength]:
-    """The run's settings once the data (its classes, training images and digest) and the
-    devices are known: batch, learning rate, length."""
-    recipe, net = config.recipe, config.net
-    global_batch = config.per_replica_batch * replicas
-    length = run_length(recipe, train_images, global_batch, config.epochs, config.steps)
-    model = net.model_config(len(class_names), recipe, config.data.image_size)
-    settings = RunSettings(
-        **RunSettings.model_settings(model), augmentation=config.augmentation,
-        dataset=config.data.spec, data_digest=data_digest, class_names=tuple(class_names),
-        seed=config.seed, recipe=recipe.name, replicas=replicas, workers=workers,
-        per_replica_batch=config.per_replica_batch, global_batch=global_batch,
-        learning_rate=scaled_learning_rate(recipe, global_batch), total_steps=length.total_steps,
-        steps_per_epoch=length.steps_per_epoch, epochs=length.epochs, mixed_precision=config.mixed_precision,
-        jit=config.jit, recipe_settings=recipe_settings(recipe),
-        overrides=json.loads(json.dumps(config.recipe_overrides)), export_best=config.export_best,
-        early_stopping=config.early_stopping)
-    return settings, length
-
-
-def build_trainer(config: TrainConfig, settings: RunSettings, length: RunLength, pixel_mean: np.ndarray,
-                  strategy: tf.distribute.Strategy, cluster: Cluster, precision: Precision
-                  ) -> tuple[Trainer, tf.train.Checkpoint, tf.Variable]:
-    """The model (the training images' per-pixel mean in it), its optimizer and the epoch
-    counter, seeded, and the checkpoint that holds them."""
-    recipe = config.recipe
-    with strategy.scope():
-        keras.utils.set_random_seed(config.seed)
-        model = build_model(settings.model_config())
-        set_pixel_mean(model, pixel_mean)
-        schedule = learning_rate_schedule(recipe, settings.learning_rate, length.total_steps)
-        optimizer = precision.optimizer(make_optimizer(recipe, schedule))
-    trainer = Trainer(strategy, model, optimizer, settings.global_batch, jit=config.jit, cluster=cluster)
-    with strategy.scope():
-        epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch, **trainer.checkpointed_state())
-    return trainer, checkpoint, epoch
-
-
-def restore(run: RunDir, checkpoint: tf.train.Checkpoint, epoch: tf.Variable, settings: RunSettings,
-            cluster: Cluster) -> list[HistoryRow]:
-    """Resume from the last checkpoint, if any; returns the history up to it.
-    The chief records the settings and cuts the history back to the checkpoint."""
-    latest = tf.train.latest_checkpoint(run.checkpoints)
-    if latest:
-        checkpoint.restore(latest).assert_existing_objects_matched()
-        log.info("resuming from %s", latest)
-    # Rows past the checkpoint belong to an epoch that is about to be redone.
-    history = [row for row in run.read_history() if row.epoch <= int(epoch.numpy())]
-    if cluster.is_chief:
-        run.write_settings(settings)
-        run.write_history(history)
-    return history
 
 
 def sample_images(split: Split, config: TrainConfig, length: RunLength, count: int = 8) -> np.ndarray:
@@ -238,18 +155,6 @@ def final_metrics(trainer: Trainer, test: Split | None, last: HistoryRow | None)
     if test is not None:
         final.update({f"test_{k}": v for k, v in trainer.evaluate(test).items()})
     return final
-
-
-def train_batches(trainer: Trainer, split: Split, config: TrainConfig, length: RunLength, start: int):
-    """The training batches from global step `start` on, as the strategy's steps take them."""
-    global_batch = trainer.global_batch
-    start_epoch, start_step = divmod(start, length.steps_per_epoch)
-    return trainer.distribute(
-        lambda context: input_pipeline.train_dataset(
-            split, batch_size=context.get_per_replica_batch_size(global_batch), seed=config.seed,
-            start_epoch=start_epoch, start_step=start_step, steps_per_epoch=length.steps_per_epoch,
-            end_epoch=length.epochs, augmentation=config.augmentation, global_batch=global_batch,
-            input_context=context))
 
 
 def record(run: RunDir, summary: RunSummary, model: keras.Model, cluster: Cluster) -> None:
