@@ -14,6 +14,7 @@ import pytest
 
 from pipeline import flags
 from pipeline.research.records import read_records
+from pipeline.research.report import context_of
 from pipeline.settings.config import TrainConfig
 from pipeline.train.rundir import ResumeMismatch, RunDir
 
@@ -38,6 +39,14 @@ def test_there_are_committed_records_to_read():
 def test_every_committed_record_reads_back(folder):
     records = read_records(folder)
     assert records and all(record.history and record.summary.is_finished for record in records)
+
+
+@pytest.mark.parametrize("folder", records_folders(), ids=lambda folder: str(folder.relative_to(DOCS)))
+def test_each_records_folder_is_one_experiment_to_report(folder):
+    # Records written before a setting existed (paper50's resnet seed 0 has no "set") and after it
+    # still make one experiment.
+    context = context_of(read_records(folder))
+    assert context["arches"] and context["seeds"]
 
 
 def test_an_earlier_run_directory_reads_back():

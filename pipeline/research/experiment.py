@@ -42,7 +42,7 @@ def _check_folders(config: ExperimentConfig) -> None:
     recorded_form = portable_settings(fixed)  # records keep no paths: compared as they keep them
     for path in sorted(config.records.glob("*-seed*.json")):
         recorded = portable_settings(read_record(path).experiment)
-        differing = [k for k in FIXED_SETTINGS if recorded.get(k, ADDED_SETTINGS.get(k)) != recorded_form[k]]
+        differing = [k for k in FIXED_SETTINGS if recorded.get(k) != recorded_form[k]]
         if differing:
             raise ConfigError(f"{path} records a run with other settings ({', '.join(differing)}); "
                               "use the same flags or other --records")
