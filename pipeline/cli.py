@@ -269,7 +269,7 @@ VERBS = (
          "(settings, per-epoch history, final and test metrics) into --records, then write from the records "
          "results.json (min and mean validation error over epochs, final validation and test error, mean ± std "
          "over seeds, paired accumulated - plain differences with 95% confidence intervals and sign counts; the "
-         "primary metric is the final test error), table.md (the paper's Table 1 layout) and figures 3-6 as PNG. "
+         "primary metric, --primary-metric, is listed first), table.md (the paper's Table 1 layout) and figures 3-6 as PNG. "
          "Run it again, here or on another machine with the records, to go on: recorded runs are skipped, "
          "interrupted ones resume from their checkpoints in --out.",
          add_experiment_flags, run_experiment),
@@ -279,8 +279,8 @@ VERBS = (
          add_report_flags, run_report),
     Verb("compare", "one experiment's architecture against another's, paired by seed, from the records",
          "Pair the runs of --arch in --records with those of --baseline-arch in --baseline-records by seed and "
-         "print the differences (compared - baseline) of the final test error (the primary metric) and the "
-         "validation errors, with Student-t 95% intervals, p-values and sign counts. The two sides must agree "
+         "print the differences (compared - baseline) of the test and validation errors, the primary metric "
+         "(--primary-metric) first, with Student-t 95% intervals, p-values and sign counts. The two sides must agree "
          "in data, depth, recipe and length; the settings they differ in are printed with the result.",
          add_compare_flags, run_compare),
     Verb("validate", "check that a candidate export loads, answers and is at least as good as the served one",

