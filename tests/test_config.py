@@ -9,6 +9,7 @@ from pipeline.settings import config as cfg
 from pipeline.settings.config import TrainConfig, scaled_learning_rate
 from pipeline.errors import ConfigError
 from pipeline.settings.recipes import RECIPES, parse_overrides, with_overrides
+from pipeline.train.rundir import RunSettings
 
 
 @pytest.mark.parametrize("depth, n", [(8, 1), (20, 3), (32, 5), (44, 7), (56, 9), (110, 18)])
@@ -136,8 +137,11 @@ def test_every_network_setting_of_a_recipe_reaches_the_model():
                                  classifier_initializer="torch-linear", projection_initializer="torch-conv",
                                  batch_norm_weight_decay=2e-5, fused_batch_norm=False)
     model = cfg.NetConfig().model_config(10, recipe)
-    shared = recipes.model_settings(recipe)
-    assert len(shared) == 9 and {name: getattr(model, name) for name in shared} == shared
+    shared = architecture.network_settings(recipe)
+    assert len(shared) == 9 and architecture.network_settings(model) == shared
+    # Declared once: the recipe, the model config and the run record take them from NetworkSettings.
+    for kind in (recipes.Recipe, architecture.ModelConfig, RunSettings):
+        assert issubclass(kind, architecture.NetworkSettings)
 
 
 def test_unknown_augmentation_is_a_clear_error():

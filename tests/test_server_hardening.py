@@ -132,12 +132,17 @@ def test_one_clients_undecodable_file_fails_only_its_own_request(model_root, tmp
         server.stop(grace=2)
 
 
-def test_a_request_past_its_deadline_is_dropped_before_it_runs(model_root, tmp_path):
+def _server_batching_for_seconds(model_root, tmp_path, *flags):
+    """A server whose batches wait 1.5 s for company: requests stay in it long enough to watch."""
     parameters = tmp_path / "batching.config"
     parameters.write_text("max_batch_size { value: 16 }\nbatch_timeout_micros { value: 1500000 }\n"
                           "num_batch_threads { value: 1 }\n")
-    server = start_server(tmp_path, {"m": model_root / "m"}, f"--batching_parameters_file={parameters}",
-                          "--enable_model_warmup=false")
+    return start_server(tmp_path, {"m": model_root / "m"}, f"--batching_parameters_file={parameters}",
+                        "--enable_model_warmup=false", *flags)
+
+
+def test_a_request_past_its_deadline_is_dropped_before_it_runs(model_root, tmp_path):
+    server = _server_batching_for_seconds(model_root, tmp_path)
     try:
         clients = Clients(server)
         before = server.batcher.batches_run
@@ -155,11 +160,7 @@ def test_a_request_past_its_deadline_is_dropped_before_it_runs(model_root, tmp_p
 def test_a_call_that_finds_every_grpc_thread_busy_is_refused_not_queued(model_root, tmp_path):
     # TF Serving's --grpc_max_threads is a gRPC ResourceQuota: its sync server answers RESOURCE_EXHAUSTED
     # when no thread is free. Two requests held in a 1.5 s batching window take both threads here.
-    parameters = tmp_path / "batching.config"
-    parameters.write_text("max_batch_size { value: 16 }\nbatch_timeout_micros { value: 1500000 }\n"
-                          "num_batch_threads { value: 1 }\n")
-    server = start_server(tmp_path, {"m": model_root / "m"}, f"--batching_parameters_file={parameters}",
-                          "--enable_model_warmup=false", "--grpc_max_threads=2")
+    server = _server_batching_for_seconds(model_root, tmp_path, "--grpc_max_threads=2")
     try:
         clients = Clients(server)
         held = [clients.predictions.Predict.future(predict_request(model="m", batch=images(1)), timeout=30)

@@ -90,24 +90,18 @@ def check_initializer(name: str) -> None:
         raise ConfigError(f"unknown initializer {name!r}; choose one of {', '.join(INITIALIZERS)}")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    arch: str = "accumulated"
-    depth: int = 32
-    num_classes: int = 10
-    # The L2 factor of the convolution kernels (Keras' L2: l * sum(w^2)).
-    weight_decay: float = KERAS_L2
-    # TensorFlow's fused BN kernel; False gives Keras' own layer (a baseline).
-    fused_batch_norm: bool = True
-    # WRN: the widening factor k. ResNeXt: the width d of each group. None: the family's default.
-    width: int | None = None
-    # ResNeXt: the number of groups C. None: the default.
-    cardinality: int | None = None
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NetworkSettings:
+    """How a network is built beyond its family and size: the settings a recipe fixes, a
+    ModelConfig builds with and a run's record keeps, declared once for the three."""
+
     # The shortcut where a block changes shape (SHORTCUTS).
     shortcut: str = "projection"
     # Start the last BN of every residual branch at gamma 0 (Goyal et al. 2017),
     # so that each block starts as its shortcut; see docs/collapse.md.
     zero_init_residual: bool = False
+    # The L2 factor of the convolution kernels (Keras' L2: l * sum(w^2), half an SGD weight decay).
+    weight_decay: float = KERAS_L2
     batch_norm_momentum: float = BN_MOMENTUM
     batch_norm_epsilon: float = BN_EPSILON
     # The classifier's and the projection shortcut's kernel initialisers (INITIALIZERS; the
@@ -116,16 +110,37 @@ class ModelConfig:
     classifier_initializer: str = "he_normal"
     projection_initializer: str = "he_normal"
     batch_norm_weight_decay: float = 0.0
+    # TensorFlow's fused BN kernel; False gives Keras' own layer (a baseline).
+    fused_batch_norm: bool = True
+
+    def __post_init__(self):
+        check_shortcut(self.shortcut)
+        check_initializer(self.classifier_initializer)
+        check_initializer(self.projection_initializer)
+
+
+def network_settings(settings: NetworkSettings) -> dict:
+    """The NetworkSettings fields of a recipe, model config or run record, by name."""
+    return {field.name: getattr(settings, field.name) for field in dataclasses.fields(NetworkSettings)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(NetworkSettings):
+    arch: str = "accumulated"
+    depth: int = 32
+    num_classes: int = 10
+    # WRN: the widening factor k. ResNeXt: the width d of each group. None: the family's default.
+    width: int | None = None
+    # ResNeXt: the number of groups C. None: the default.
+    cardinality: int | None = None
     # The side of the square RGB images the network takes (convolutional with a global pool,
     # it takes any; the export declares this one).
     image_size: int = IMAGE_SIZE
 
     def __post_init__(self):
+        super().__post_init__()
         check_architecture(self.arch, self.depth, self.width, self.cardinality)
         check_image_size(self.image_size)
-        check_shortcut(self.shortcut)
-        check_initializer(self.classifier_initializer)
-        check_initializer(self.projection_initializer)
         if self.num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2; got {self.num_classes}")
 

@@ -14,10 +14,11 @@ import dataclasses
 import math
 
 from pipeline.data.specs import DataConfig
-from pipeline.model.architecture import ARCHES, SHORTCUTS, ModelConfig, check_architecture, check_shortcut
+from pipeline.model.architecture import (ARCHES, SHORTCUTS, ModelConfig, check_architecture, check_shortcut,
+                                         network_settings)
 from pipeline.errors import ConfigError
 from pipeline.flags import nested, setting
-from pipeline.settings.recipes import (OPTIMIZERS, OVERRIDABLE, RECIPES, Recipe, get_recipe, model_settings, parse_overrides,
+from pipeline.settings.recipes import (OPTIMIZERS, OVERRIDABLE, RECIPES, Recipe, get_recipe, parse_overrides,
                               recipes_help, recipes_with, with_overrides)
 from serving.contract import IMAGE_SIZE
 
@@ -56,7 +57,7 @@ class NetConfig:
     def model_config(self, num_classes: int, recipe: Recipe, image_size: int = IMAGE_SIZE) -> ModelConfig:
         zero_init = recipe.zero_init_residual if self.zero_init_residual is None else self.zero_init_residual
         # The recipe's network settings, of which the flags override the shortcut and zero-init.
-        settings = {**model_settings(recipe), "shortcut": self.shortcut or recipe.shortcut,
+        settings = {**network_settings(recipe), "shortcut": self.shortcut or recipe.shortcut,
                     "zero_init_residual": zero_init}
         return ModelConfig(self.arch, self.depth, num_classes, width=self.width, cardinality=self.cardinality,
                            image_size=image_size, **settings)

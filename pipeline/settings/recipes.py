@@ -14,7 +14,7 @@ import typing
 from typing import Any, Literal
 
 from pipeline.model.architecture import (BN_EPSILON, BN_MOMENTUM, HE2016_L2, KERAS_BN_EPSILON, KERAS_BN_MOMENTUM,
-                                   KERAS_L2, ModelConfig, check_initializer, check_shortcut)
+                                         KERAS_L2, NetworkSettings)
 from pipeline.errors import ConfigError
 
 
@@ -28,10 +28,12 @@ AUGMENTATIONS = ("pad-crop", "shift")
 
 
 @dataclasses.dataclass(frozen=True)
-class Recipe:
+class Recipe(NetworkSettings):
     """A training protocol as its source sets it: the optimizer, its
     learning-rate schedule and run length, and the model and data settings the
-    source fixes (shortcut, weight decay, BN, initialisation, augmentation).
+    source fixes (the network settings: shortcut, zero-init, weight decay, BN and
+    initialisation; --shortcut and --zero-init-residual override the first two;
+    and the augmentation).
 
     The learning rate is given for `batch_size` images per step and follows
     the linear scaling rule: the trainer multiplies it by
@@ -59,25 +61,10 @@ class Recipe:
     epochs: int | None = None
     # Where the recipe comes from and where it departs from its source.
     description: str = ""
-    # The shortcut where a block changes shape (SHORTCUTS), as the source builds it.
-    shortcut: str = "projection"
-    # ModelConfig.zero_init_residual for the runs of this recipe (--zero-init-residual overrides it).
-    zero_init_residual: bool = False
-    # Keras' L2 factor of the convolution kernels: half an SGD weight decay (HE2016_L2).
-    weight_decay: float = KERAS_L2
-    batch_norm_momentum: float = BN_MOMENTUM
-    batch_norm_epsilon: float = BN_EPSILON
-    # ModelConfig's initialisers, BN decay and BN kernel for the runs of this recipe.
-    classifier_initializer: str = "he_normal"
-    projection_initializer: str = "he_normal"
-    batch_norm_weight_decay: float = 0.0
-    fused_batch_norm: bool = True
     augmentation: str = "pad-crop"
 
     def __post_init__(self):
-        check_shortcut(self.shortcut)
-        check_initializer(self.classifier_initializer)
-        check_initializer(self.projection_initializer)
+        super().__post_init__()
         if self.augmentation not in AUGMENTATIONS:
             raise ConfigError(f"unknown augmentation {self.augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -338,13 +325,6 @@ RECIPES: dict[str, Recipe] = {
         "10% linear warm-up and cosine decay, 3 epochs, L2 1e-4, projection shortcuts, pad-crop-flip",
     ),
 }
-
-
-def model_settings(recipe: Recipe) -> dict:
-    """The network settings a recipe fixes: its fields that ModelConfig has too, by name."""
-    model_fields = {field.name for field in dataclasses.fields(ModelConfig)}
-    return {field.name: getattr(recipe, field.name) for field in dataclasses.fields(recipe)
-            if field.name in model_fields}
 
 
 def get_recipe(name: str) -> Recipe:

@@ -24,7 +24,7 @@ import json
 import pathlib
 from typing import Any
 
-from pipeline.model.architecture import BN_EPSILON, BN_MOMENTUM, KERAS_L2, ModelConfig
+from pipeline.model.architecture import ModelConfig, NetworkSettings
 
 from pipeline.errors import UserError
 from serving.contract import IMAGE_SIZE
@@ -47,23 +47,14 @@ class ResumeMismatch(UserError, ValueError):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RunSettings:
-    """run.json: the run as it was resolved, model, data, recipe and devices."""
+class RunSettings(NetworkSettings):
+    """run.json: the run as it was resolved, model, data, recipe and devices. Runs recorded
+    before the network settings or the next ones existed had the defaults given."""
 
     arch: str
     depth: int
     width: int | None
     cardinality: int | None
-    # Runs recorded before these settings existed had the values given here.
-    shortcut: str = "projection"
-    zero_init_residual: bool = False
-    weight_decay: float = KERAS_L2
-    batch_norm_momentum: float = BN_MOMENTUM
-    batch_norm_epsilon: float = BN_EPSILON
-    classifier_initializer: str = "he_normal"
-    projection_initializer: str = "he_normal"
-    batch_norm_weight_decay: float = 0.0
-    fused_batch_norm: bool = True
     image_size: int = IMAGE_SIZE
     augmentation: str | None = "pad-crop"  # None: --no-augment (runs from before: not recorded)
     dataset: str
