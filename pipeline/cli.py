@@ -133,7 +133,8 @@ def _announce(line: str) -> None:
 
 
 def add_experiment_flags(parser: argparse.ArgumentParser) -> None:
-    flags.add_flags(parser, ExperimentConfig, ("out", "records", "arches", "seeds", *EXPERIMENT_RUN_FLAGS))
+    flags.add_flags(parser, ExperimentConfig,
+                    ("out", "records", "arches", "seeds", "primary_metric", *EXPERIMENT_RUN_FLAGS))
 
 
 def run_experiment(args: argparse.Namespace) -> int:

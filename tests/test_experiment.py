@@ -267,3 +267,5 @@ def test_a_report_states_the_plans_primary_metric_and_knows_cifar10_as_jpeg_file
     assert "Primary metric: the minimum validation error" in table
     assert "minimum validation error per seed:" in table and "final test error per seed" not in table
     assert "all 60,000 CIFAR-10 images as JPEG files" in table and "not for comparison" not in table
+    args = cli.build_parser().parse_args(["experiment", "--out", str(tmp_path), "--primary-metric", "min_val_error"])
+    assert flags.from_args(ExperimentConfig, args).primary_metric == "min_val_error"
