@@ -119,7 +119,9 @@ def test_the_command_prints_the_primary_metric_first_and_writes_json(tmp_path, c
     lines = capsys.readouterr().out.splitlines()
     assert status == 0
     assert "zero_init_residual False vs True" in lines[1]
-    assert lines[2].startswith("final_test_error (primary): -2.42 [")
+    # The powered accumulated runs of seeds 0 and 2 began above chance; the zero-init plain ones did not.
+    assert lines[2].startswith("start-up gate: fails for accumulated seed 0, accumulated seed 2: ")
+    assert lines[3].startswith("final_test_error (primary): -2.42 [")
     assert json.loads(out.read_text())["differences"]["final_test_error"]["n"] == 3
 
 
@@ -127,5 +129,5 @@ def test_the_plans_primary_metric_is_the_one_stated_and_listed_first(capsys):
     assert cli.main(["compare", "--records", str(POWERED), "--baseline-records", str(ZERO_INIT),
                      "--seeds", "3", "--primary-metric", "min_val_error"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2].startswith("min_val_error (primary): ")
+    assert lines[3].startswith("min_val_error (primary): ")
     assert not any(line.startswith("final_test_error (primary)") for line in lines)

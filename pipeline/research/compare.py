@@ -19,8 +19,10 @@ import json
 import pathlib
 
 from pipeline.research.configs import CompareConfig
+from pipeline.research.health import gate_statement
 from pipeline.research.records import RecordError, RunRecord, read_records
 from pipeline.research.report import METRICS, context_of, paired_difference, run_metrics
+from pipeline.train import rundir
 from serving.atomic import write_atomically
 
 # Run settings that must agree for the errors to be comparable at all (data_digest where both
@@ -32,6 +34,8 @@ MAY_DIFFER = ("arch", "zero_init_residual", "shortcut", "weight_decay", "batch_n
               "batch_norm_weight_decay", "fused_batch_norm", "classifier_initializer", "projection_initializer",
               "augmentation", "learning_rate", "replicas", "workers", "mixed_precision", "jit", "image_size",
               "recipe_settings", "overrides", "export_best", "early_stopping")
+# Settings runs recorded before them lack (None): not compared with a side that has them.
+RECORDED_LATER = (*rundir.RECORDED_LATER, "overrides")
 # Every other field of RunSettings, and why it is not compared.
 NOT_COMPARED = {"seed": "the pairing itself"}
 
@@ -51,7 +55,7 @@ def _differences(mine: RunRecord, theirs: RunRecord) -> dict[str, list]:
     seed = mine.seed
     for name in MUST_AGREE:
         a, b = getattr(mine.summary.settings, name), getattr(theirs.summary.settings, name)
-        if a != b and not (name == "data_digest" and None in (a, b)):
+        if a != b and not (name in RECORDED_LATER and None in (a, b)):
             raise RecordError(f"seed {seed}: the two sides differ in {name} ({a!r} vs {b!r}), "
                               "so their errors are not comparable")
     recipe_fields = sorted(k for k in set(mine.recipe) | set(theirs.recipe)
@@ -61,7 +65,8 @@ def _differences(mine: RunRecord, theirs: RunRecord) -> dict[str, list]:
                           "so their errors are not comparable")
     pairs = {name: [getattr(mine.summary.settings, name), getattr(theirs.summary.settings, name)]
              for name in MAY_DIFFER}
-    return {name: pair for name, pair in pairs.items() if pair[0] != pair[1]}
+    return {name: pair for name, pair in pairs.items()
+            if pair[0] != pair[1] and not (name in RECORDED_LATER and None in pair)}
 
 
 def compare(config: CompareConfig) -> dict:
@@ -91,6 +96,11 @@ def compare(config: CompareConfig) -> dict:
         "differing": first,
         "seeds": seeds,
         "primary_metric": config.primary_metric,
+        # Did each run start? A pair with a run that did not measures that, not the settings.
+        "start_gate": {"statement": gate_statement(first_record.summary.settings.num_classes),
+                       "failing": [[side_name, seed] for seed in seeds
+                                   for side_name, m in zip(("compared", "baseline"), metrics[seed])
+                                   if not m["start_health"]["passed"]]},
         "values": {metric: {"compared": [metrics[s][0][metric] for s in seeds],
                             "baseline": [metrics[s][1][metric] for s in seeds]} for metric in METRICS},
         "differences": {metric: paired_difference([metrics[s][0][metric] - metrics[s][1][metric] for s in seeds])
@@ -107,6 +117,11 @@ def summary_lines(result: dict) -> list[str]:
     lines = [f"{compared} ({result['compared']['records']}) − {baseline} ({result['baseline']['records']}), "
              f"paired over seeds {', '.join(map(str, result['seeds']))}",
              f"differing settings: {differing or 'none'}"]
+    failing = result["start_gate"]["failing"]
+    names = {"compared": compared, "baseline": baseline}
+    lines.append("start-up gate: " + ("every run passes" if not failing else "fails for " + ", ".join(
+        f"{names[side]} seed {seed}" for side, seed in failing) + ": the pairs with them measure a net that did "
+        "not start"))
     # The primary metric first.
     ordered = sorted(result["differences"].items(), key=lambda item: item[0] != result["primary_metric"])
     if result["primary_metric"] not in result["differences"]:

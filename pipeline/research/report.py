@@ -33,6 +33,7 @@ from scipy import stats
 
 from pipeline.model.architecture import is_accumulated, plain_counterpart
 from pipeline.research.configs import METRIC_NAMES, ReportConfig
+from pipeline.research.health import gate_statement, start_health
 from pipeline.research.records import RecordError, RunRecord, read_records
 
 # Saraiya 2018, Table 1: CIFAR-10, depth 32, 50 epochs, one run each.
@@ -72,7 +73,8 @@ def context_of(records: list[RunRecord]) -> dict:
     first = records[0]
     for record in records[1:]:
         differing = [k for k in first.experiment if record.experiment.get(k) != first.experiment[k]]
-        differing += [k for k in SHARED_RUN_SETTINGS
+        # The data digest too: one folder name may hold other files on another machine.
+        differing += [k for k in (*SHARED_RUN_SETTINGS, "data_digest")
                       if getattr(record.summary.settings, k) != getattr(first.summary.settings, k)]
         if differing:
             raise RecordError(f"the records of {first.arch} seed {first.seed} and {record.arch} seed {record.seed} "
@@ -101,6 +103,7 @@ def run_metrics(run: RunRecord) -> dict:
         "wall_time_sec": run.summary.wall_time_sec,
         "train_images_per_sec": run.summary.train_images_per_sec,
         "cpu": run.cpu, "initial_epoch": run.summary.initial_epoch,
+        "start_health": start_health(run.history, run.summary.settings.num_classes).to_json(),
         "history": [dataclasses.asdict(row) for row in run.history],
     }
 
@@ -179,8 +182,11 @@ def summarize(runs: list[RunRecord], context: dict, primary_metric: str = "final
             "pooled": {metric: pooled_difference(per_arch[arch][metric]["values"], per_arch[plain][metric]["values"])
                        for metric in METRICS if metric in per_arch[arch] and metric in per_arch[plain]},
         }
+    num_classes = runs[0].summary.settings.num_classes
     return {"context": context,
             "primary_metric": {"name": primary_metric, "statement": primary_statement(primary_metric)},
+            "start_gate": {"statement": gate_statement(num_classes),
+                           "failing": [[m["arch"], m["seed"]] for m in per_run if not m["start_health"]["passed"]]},
             "runs": per_run, "per_arch": per_arch, "paired": paired, "timing": TIMING_NOTE,
             "paper_table1": PAPER_TABLE1, "units": "top-1 error in percent"}
 
@@ -249,6 +255,19 @@ def _primary_lines(results: dict) -> list[str]:
     return lines
 
 
+def _gate_lines(results: dict) -> list[str]:
+    """The baseline-health gate over every run: did both nets start?"""
+    gate = results["start_gate"]
+    failing = [m for m in results["runs"] if not m["start_health"]["passed"]]
+    if not failing:
+        return [f"Start-up gate: every run passes. The gate: {gate['statement']}.", ""]
+    lines = [f"Start-up gate: {len(failing)} of {len(results['runs'])} runs fail; a difference that involves them "
+             f"measures a net that did not start, not the architectures. The gate: {gate['statement']}.", ""]
+    for m in failing:
+        lines.append(f"- {DISPLAY_NAMES[m['arch']]} seed {m['seed']}: {'; '.join(m['start_health']['reasons'])}")
+    return lines + [""]
+
+
 def table_markdown(results: dict) -> str:
     context = results["context"]
     seeds = sorted({m["seed"] for m in results["runs"]})
@@ -280,6 +299,7 @@ def table_markdown(results: dict) -> str:
         lines.append(f"| Paper: {DISPLAY_NAMES[arch]} (CIFAR-10, ResNet-32, 50 epochs, 1 run) | "
                      f"{paper['min_val_error']:.2f} | {paper['mean_val_error']:.1f} | – |")
     lines.append("")
+    lines += _gate_lines(results)
     lines += _primary_lines(results)
     copy = CIFAR10_COPIES.get(context.get("data_digest"))
     if copy:
