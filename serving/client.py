@@ -604,7 +604,8 @@ class RestClassifier(Classifier):
         pass
 
     def _request(self, suffix: str, body: dict | None = None) -> dict:
-        """GET (or POST `body`) with retries while the server is unreachable; errors as ClientError.
+        """GET (or POST `body`) with retries while the server is unreachable or answers 503; errors as
+        ClientError.
         The answer must be a JSON object of at most MAX_ANSWER_BYTES, read within --timeout."""
         data = json.dumps(body).encode() if body is not None else None
         delay = 0.5
@@ -621,13 +622,17 @@ class RestClassifier(Classifier):
                 except (ValueError, RecursionError, AttributeError, ClientError):
                     message = error.reason
                 code = _GRPC_CODE_OF_HTTP.get(error.code, grpc.StatusCode.UNKNOWN)
-                raise ClientError(f"{self.server}: HTTP {error.code}: {message}", code) from None
+                # 503 is UNAVAILABLE (a full batch queue, the connection limit, a restart): retried as the
+                # gRPC client retries it.
+                if code != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise ClientError(f"{self.server}: HTTP {error.code}: {message}", code) from None
+                log.info("%s: HTTP %d (%s); retrying in %.1fs", self.server, error.code, message, delay)
             except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
                 if attempt == self.retries:
                     raise ClientError(f"{self.server}: UNAVAILABLE: {error}", grpc.StatusCode.UNAVAILABLE) from None
                 log.info("%s unavailable (%s); retrying in %.1fs", self.server, error, delay)
-                time.sleep(delay)
-                delay *= 2
+            time.sleep(delay)
+            delay *= 2
         try:
             answer = json.loads(text)
         except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack

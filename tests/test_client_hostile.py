@@ -497,6 +497,39 @@ def test_rest_bodies_are_read_up_to_a_bound(rest, monkeypatch):
         rest_answer(address)
 
 
+def test_rest_a_busy_server_is_asked_again_other_refusals_are_not(rest, monkeypatch):
+    """503 is TF Serving's UNAVAILABLE (a full batch queue, the connection limit): retried with backoff,
+    as the gRPC client retries it. 429 (RESOURCE_EXHAUSTED) and 400 are answers about the request."""
+    server, address = rest
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    statuses = []
+
+    def busy_then(status, times):
+        def answer(handler, rows):
+            statuses.append(status if len(statuses) < times else 200)
+            if statuses[-1] == 200:
+                handler._send(json.dumps(rest_outputs(rows)).encode())
+            else:
+                handler._send(json.dumps({"error": "the batch queue is full"}).encode(), status=status)
+        return answer
+
+    server.body = busy_then(503, 2)
+    with RestClassifier(address, retries=3) as classifier:
+        assert classifier.answer(np.zeros((2, 32, 32, 3), np.uint8)).probabilities.shape == (2, CLASSES)
+    assert statuses == [503, 503, 200]
+    statuses.clear()
+    with pytest.raises(ClientError, match="HTTP 503: the batch queue is full") as refused:
+        rest_answer(address)  # retries=0: the first 503 is the answer
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE and statuses == [503]
+    for status in (429, 400):
+        statuses.clear()
+        server.body = busy_then(status, 5)
+        with pytest.raises(ClientError, match=f"HTTP {status}"):
+            with RestClassifier(address, retries=3) as classifier:
+                classifier.answer(np.zeros((2, 32, 32, 3), np.uint8))
+        assert statuses == [status]
+
+
 def test_rest_a_trickled_answer_ends_at_the_timeout(rest):
     server, address = rest
 
