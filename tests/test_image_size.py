@@ -17,6 +17,7 @@ from pipeline.settings.config import TrainConfig
 from pipeline.data.specs import DataConfig
 from pipeline.export.saved_model import export_run
 from pipeline.train.loop import train
+from pipeline.release.op_gate import read_saved_model
 from pipeline.release.validate import declared_image_size
 from serving.client import Classifier, RestClassifier
 
@@ -73,7 +74,7 @@ def test_the_run_records_and_the_export_declares_its_size(models):
         assert summary.settings.image_size == size
         card = json.loads((exported / "model_card.json").read_text())
         assert card["model"]["image_size"] == size
-        assert declared_image_size(exported) == size
+        assert declared_image_size(read_saved_model(exported)) == size
 
 
 def test_one_client_classifies_for_either_size(models, folder, tmp_path):

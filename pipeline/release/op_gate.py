@@ -85,10 +85,18 @@ class GraphOps:
         return self.model | self.restore | self.save
 
 
+def read_saved_model(saved_model_dir: str | pathlib.Path) -> saved_model_pb2.SavedModel:
+    """A SavedModel's graph, parsed without loading it: what every check reads, from one read."""
+    return saved_model_pb2.SavedModel.FromString((pathlib.Path(saved_model_dir) / "saved_model.pb").read_bytes())
+
+
 def graph_ops(saved_model_dir: str | pathlib.Path) -> GraphOps:
+    return saved_model_ops(read_saved_model(saved_model_dir))
+
+
+def saved_model_ops(saved_model: saved_model_pb2.SavedModel) -> GraphOps:
     """The op types of a SavedModel's graph and function library, split by who runs them, and
     how its saver departs from a saver's structure."""
-    saved_model = saved_model_pb2.SavedModel.FromString((pathlib.Path(saved_model_dir) / "saved_model.pb").read_bytes())
     model, restore, save, problems = set(), set(), set(), []
     for meta_graph in saved_model.meta_graphs:
         parts = _Parts(meta_graph)

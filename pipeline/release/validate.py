@@ -58,7 +58,7 @@ from pipeline.export.saved_model import existing_versions
 from pipeline.release import blessing
 from pipeline.release.blessing import BLESSING_FILE, Blessing, Metrics, copy_candidate
 from pipeline.release.configs import ValidateConfig, ValidationError
-from pipeline.release.op_gate import graph_ops, refusal
+from pipeline.release.op_gate import read_saved_model, refusal, saved_model_ops
 from serving.availability import NotAvailable, Servers, wait_until_available
 from serving.client import Classifier, ClientError, RestClassifier
 from serving.contract import IMAGE_SIZE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, SERVING_BYTES, SERVING_DEFAULT, version_number
@@ -159,11 +159,10 @@ def verdict(config: ValidateConfig, infra: dict, candidate: Metrics | None, curr
     return checks
 
 
-def declared_image_size(candidate_dir: pathlib.Path) -> int:
+def declared_image_size(saved_model: saved_model_pb2.SavedModel) -> int:
     """The side S of the [-1, S, S, 3] pixels the candidate's serving_default takes, read from
-    its graph's bytes without loading it; IMAGE_SIZE where it declares none (the serving
-    checks then refuse it)."""
-    saved_model = saved_model_pb2.SavedModel.FromString((candidate_dir / "saved_model.pb").read_bytes())
+    its graph without loading it; IMAGE_SIZE where it declares none (the serving checks then
+    refuse it)."""
     for meta_graph in saved_model.meta_graphs:
         signature = meta_graph.signature_def.get(SERVING_DEFAULT)
         inputs = list(signature.inputs.values()) if signature is not None else []
@@ -174,10 +173,10 @@ def declared_image_size(candidate_dir: pathlib.Path) -> int:
     return IMAGE_SIZE
 
 
-def operations_check(candidate_dir: pathlib.Path) -> tuple[list[str], str | None]:
+def operations_check(saved_model: saved_model_pb2.SavedModel) -> tuple[list[str], str | None]:
     """The graph's op types, and why they refuse the candidate (None: all are an export's, and
     its saver is a SavedModel's)."""
-    ops = graph_ops(candidate_dir)
+    ops = saved_model_ops(saved_model)
     return sorted(ops.all), refusal(ops)
 
 
@@ -188,13 +187,15 @@ def validate(config: ValidateConfig, announce=print) -> Blessing:
     # a FIFO or a name that is not UTF-8 is refused in one line (exit status 3).
     blessing.entries(candidate_dir)
     announce(f"candidate: {candidate_dir}")
+    # One parse of its graph for the size and the operations: both checks read the same bytes.
+    saved_model = read_saved_model(candidate_dir)
     # The evaluation images at the size the candidate takes.
     config = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, image_size=declared_image_size(candidate_dir)))
+        config.data, image_size=declared_image_size(saved_model)))
     images, labels, class_names = evaluation_set(config)
     chance = 1 / len(class_names)
     candidate = current = None
-    ops, ops_refusal = operations_check(candidate_dir)
+    ops, ops_refusal = operations_check(saved_model)
     if ops_refusal:  # never served, not even for the check: it would run
         announce(f"refused before serving it: {ops_refusal}")
         checks = {"operations": ops_refusal}
