@@ -269,3 +269,21 @@ def test_a_report_states_the_plans_primary_metric_and_knows_cifar10_as_jpeg_file
     assert "all 60,000 CIFAR-10 images as JPEG files" in table and "not for comparison" not in table
     args = cli.build_parser().parse_args(["experiment", "--out", str(tmp_path), "--primary-metric", "min_val_error"])
     assert flags.from_args(ExperimentConfig, args).primary_metric == "min_val_error"
+
+
+def test_an_output_folder_from_before_a_setting_existed_goes_on(experiment, tmp_path):
+    # experiment.json written before --set and --learning-rate: read with the values every run had then.
+    out, _, _ = experiment
+    marker = json.loads((out / "experiment.json").read_text())
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "experiment.json").write_text(json.dumps({k: v for k, v in marker.items()
+                                                       if k not in ("set", "learning_rate")}))
+    lines = []
+    run_experiment(tiny(older, records=str(out / "records")), announce=lines.append)
+    assert sum("recorded earlier" in line for line in lines) == 4
+    assert json.loads((older / "experiment.json").read_text()) == {**marker, "out": str(older),
+                                                                   "records": str(out / "records")}
+    (older / "experiment.json").write_text(json.dumps({**marker, "set": "epochs=3"}))
+    with pytest.raises(ConfigError, match="other settings \\(set\\)"):
+        run_experiment(tiny(older, records=str(out / "records")), announce=lines.append)

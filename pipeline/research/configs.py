@@ -22,6 +22,13 @@ FIXED_SETTINGS = ("depth", "recipe", "dataset", "data_dir", "epochs", "batch_siz
                   "weight_decay", "optimizer", "set")
 # Of those, the ones records written before them lack, with the value they had then.
 ADDED_SETTINGS = {"learning_rate": None, "momentum": None, "weight_decay": None, "optimizer": None, "set": ""}
+
+
+def with_added_settings(experiment: dict) -> dict:
+    """An experiment's settings as written, with each setting added since at the value it had then."""
+    return {**ADDED_SETTINGS, **experiment}
+
+
 # The errors (top-1, %) a report and a comparison compute per run, by name and as a reader says them.
 METRIC_NAMES = {"min_val_error": "minimum validation error", "mean_val_error": "average validation error",
                 "final_val_error": "final validation error", "final_test_error": "final test error"}

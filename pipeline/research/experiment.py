@@ -20,13 +20,15 @@ import time
 
 from pipeline import flags
 from pipeline.errors import ConfigError
-from pipeline.research.configs import ADDED_SETTINGS, FIXED_SETTINGS, ExperimentConfig, ReportConfig
+from pipeline.research.configs import FIXED_SETTINGS, ExperimentConfig, ReportConfig, with_added_settings
 from pipeline.research.records import portable_settings, read_record, record_path, record_run, write_record
 from pipeline.research.report import report
 from pipeline.train import loop
 from pipeline.train.rundir import RunDir
+from serving.atomic import write_atomically
 
 log = logging.getLogger(__name__)
+
 
 def _check_folders(config: ExperimentConfig) -> None:
     """Refuse to mix runs of other settings into the output folder or the records."""
@@ -34,8 +36,8 @@ def _check_folders(config: ExperimentConfig) -> None:
     out = pathlib.Path(config.out_dir)
     marker = out / "experiment.json"
     if marker.exists():
-        previous = json.loads(marker.read_text())
-        differing = [k for k in FIXED_SETTINGS if previous.get(k, ADDED_SETTINGS.get(k)) != fixed[k]]
+        previous = with_added_settings(json.loads(marker.read_text()))
+        differing = [k for k in FIXED_SETTINGS if previous.get(k) != fixed[k]]
         if differing:
             raise ConfigError(f"{out} holds an experiment with other settings ({', '.join(differing)}); "
                               "use the same flags or another --out")
@@ -47,7 +49,7 @@ def _check_folders(config: ExperimentConfig) -> None:
             raise ConfigError(f"{path} records a run with other settings ({', '.join(differing)}); "
                               "use the same flags or other --records")
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(flags.values(config), indent=2) + "\n")
+    write_atomically(marker, json.dumps(flags.values(config), indent=2) + "\n")
 
 
 def run_experiment(config: ExperimentConfig, announce=print) -> dict:

@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.cpu import CpuInfo
 from pipeline.errors import UserError
-from pipeline.research.configs import ADDED_SETTINGS
+from pipeline.research.configs import with_added_settings
 
 from pipeline.settings.recipes import Recipe
 from pipeline.train.rundir import HistoryRow, RunDir, RunSummary
@@ -63,7 +63,7 @@ class RunRecord:
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> RunRecord:
         # Settings added after a record was written take the value every run had before them.
-        return cls(experiment={**ADDED_SETTINGS, **record["experiment"]}, recipe=record["recipe"],
+        return cls(experiment=with_added_settings(record["experiment"]), recipe=record["recipe"],
                    summary=RunSummary.from_json(record["summary"]),
                    history=tuple(HistoryRow(**row) for row in record["history"]),
                    cpu=record["cpu"], cpus=record.get("cpus"))
