@@ -134,7 +134,8 @@ def _check(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     # Here, not at the top: the client brings gRPC and numpy, which `accresnet classify --help` does not need.
-    from serving.client import Classifier, ClientError, RestClassifier, image_files
+    from serving.client import Classifier, ClientError, image_files
+    from serving.rest_client import RestClassifier
 
     problem = _check(args)
     if problem:

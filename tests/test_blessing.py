@@ -366,7 +366,8 @@ def check_labels_reach_the_same_versions_over_grpc_and_rest(server, tmp_path):
     """stable is version 1 and canary version 2, by gRPC and by REST, through the client."""
     from PIL import Image
 
-    from serving.client import Classifier, RestClassifier
+    from serving.client import Classifier
+    from serving.rest_client import RestClassifier
 
     pixels = images(4, seed=3)
     grpc_address, rest_address = f"localhost:{server.port}", f"localhost:{server.rest_port}"

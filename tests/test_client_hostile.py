@@ -20,7 +20,8 @@ from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, predict
 
 from helpers import REPO
 from serving import client as client_module
-from serving.client import Classifier, ClientError, RestClassifier
+from serving.client import Classifier, ClientError
+from serving.rest_client import RestClassifier
 
 NAMES = ["cat", "dog", "ship"]
 CLASSES = 10
@@ -350,9 +351,9 @@ def test_tensorflow_imports_as_usual_after_the_client():
     """The client's protos loaded first, TensorFlow afterwards reads and writes the same messages."""
     code = """
 import numpy as np
-from serving.client import _request_tensor, _serving_apis
-apis = _serving_apis()
-proto = _request_tensor(np.arange(24, dtype=np.uint8).reshape(2, 2, 2, 3), takes_bytes=False)
+from serving.serving_apis import request_tensor, serving_apis
+apis = serving_apis()
+proto = request_tensor(np.arange(24, dtype=np.uint8).reshape(2, 2, 2, 3), takes_bytes=False)
 import tensorflow as tf
 assert (tf.make_ndarray(proto) == np.arange(24).reshape(2, 2, 2, 3)).all()
 request = apis.predict_pb2.PredictRequest()

@@ -19,7 +19,8 @@ from pipeline.export.saved_model import export_run
 from pipeline.train.loop import train
 from pipeline.release.op_gate import read_saved_model
 from pipeline.release.validate import declared_image_size
-from serving.client import Classifier, RestClassifier
+from serving.client import Classifier
+from serving.rest_client import RestClassifier
 
 pytestmark = pytest.mark.slow
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}

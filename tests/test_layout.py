@@ -1,5 +1,6 @@
 """The house's rooms: pipeline/ is packages by stage, each importing only the ones before it;
-serving/ never imports pipeline/; no room and no module grows past what a reader takes in."""
+serving/ never imports pipeline/; no room and no module (in pipeline/ or serving/) grows past
+what a reader takes in."""
 
 import ast
 import pathlib
@@ -68,7 +69,8 @@ def test_stages_import_only_earlier_stages_and_the_ground_floor():
 
 def test_no_stage_and_no_module_is_too_long():
     lengths = {path: len(path.read_text().splitlines()) for path in PIPELINE.rglob("*.py")}
-    assert not {str(p.relative_to(ROOT)): n for p, n in lengths.items() if n > MAX_MODULE_LINES}
+    serving = {path: len(path.read_text().splitlines()) for path in (ROOT / "serving").rglob("*.py")}
+    assert not {str(p.relative_to(ROOT)): n for p, n in {**lengths, **serving}.items() if n > MAX_MODULE_LINES}
     for stage in STAGES:
         assert sum(n for p, n in lengths.items() if p.is_relative_to(PIPELINE / stage)) <= MAX_PACKAGE_LINES, stage
 

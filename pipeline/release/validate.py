@@ -60,7 +60,8 @@ from pipeline.release.blessing import BLESSING_FILE, Blessing, Metrics, copy_can
 from pipeline.release.configs import ValidateConfig, ValidationError
 from pipeline.release.op_gate import read_saved_model, refusal, saved_model_ops
 from serving.availability import NotAvailable, Servers, wait_until_available
-from serving.client import Classifier, ClientError, RestClassifier
+from serving.client import Classifier, ClientError
+from serving.rest_client import RestClassifier
 from serving.contract import IMAGE_SIZE, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, SERVING_BYTES, SERVING_DEFAULT, version_number
 from serving.deployment import serving_locally
 
