@@ -43,6 +43,11 @@ def history(out, arch, seed):
 def test_writes_a_record_per_run_then_results_table_and_four_figures(experiment):
     out, results, lines = experiment
     assert sum("training in" in line for line in lines) == 4
+    # Each record announces whether its run started, as the report's gate reads it.
+    gates = [line.split("start-up gate ")[1] for line in lines if "recorded in" in line]
+    by_run = {(m["arch"], m["seed"]): m["start_health"]["passed"] for m in results["runs"]}
+    assert len(gates) == 4 and [gate == "passes" for gate in gates] == [
+        by_run[(arch, seed)] for seed in (0, 1) for arch in ("resnet", "accumulated")]
     assert sorted(p.name for p in (out / "records").iterdir()) == [
         "accumulated-seed0.json", "accumulated-seed1.json", "resnet-seed0.json", "resnet-seed1.json"]
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))

@@ -21,6 +21,7 @@ import time
 from pipeline import flags
 from pipeline.errors import ConfigError
 from pipeline.research.configs import FIXED_SETTINGS, ExperimentConfig, ReportConfig, with_added_settings
+from pipeline.research.health import start_health
 from pipeline.research.records import portable_settings, read_record, record_path, record_run, write_record
 from pipeline.research.report import report
 from pipeline.train import loop
@@ -82,5 +83,8 @@ def _run_and_record(config: ExperimentConfig, arch: str, seed: int, prefix: str,
         announce(f"{prefix}: {summary.epochs_completed} epochs in {time.monotonic() - started:.0f}s, "
                  f"val error {100 * (1 - summary.final.get('val_accuracy', float('nan'))):.2f}%, "
                  f"{summary.train_images_per_sec or 0:.0f} images/s")
-    write_record(record, record_run(run, config.fixed_settings(), config.run.recipe))
-    announce(f"{prefix}: recorded in {record}")
+    made = record_run(run, config.fixed_settings(), config.run.recipe)
+    write_record(record, made)
+    health = start_health(made.history, made.summary.settings.num_classes)
+    gate = "passes" if health.passed else "fails: " + "; ".join(health.reasons())
+    announce(f"{prefix}: recorded in {record}; start-up gate {gate}")
