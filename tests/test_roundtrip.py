@@ -1,7 +1,9 @@
 """The chain as users run it, each stage its own `accresnet` process:
 train -> export -> serve -> classify over gRPC and REST; graceful SIGTERM; the demo."""
 
+import ctypes
 import json
+import pathlib
 import re
 import signal
 import threading
@@ -125,6 +127,41 @@ def test_sigterm_lets_requests_in_flight_finish(exported, tmp_path):
     assert outcome["response"].model_spec.version.value == 1
     assert server.returncode == 0
     assert "finishing requests in flight" in output and "server stopped" in output
+
+
+def _signal_thread(pid: int, tid: int, number: int) -> None:
+    """tgkill(2): a signal to one thread of another process (glibc 2.30 and later)."""
+    if ctypes.CDLL(None, use_errno=True).tgkill(pid, tid, number) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill {pid} {tid}")
+
+
+def _threads_taking(pid: int, number: int) -> list[int]:
+    """The threads of `pid` other than its main one that do not block signal `number`."""
+    threads = []
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
+        if int(task.name) != pid and not int(status["SigBlk"].strip(), 16) & (1 << (number - 1)):
+            threads.append(int(task.name))
+    return threads
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not pathlib.Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_sigterm_that_lands_on_another_thread_stops_the_server(exported):
+    # The kernel may hand a process's SIGTERM to any thread that does not block it: one of gRPC's or
+    # TensorFlow's. Python runs its handler in the main thread, which must then still wake up.
+    grpc_port, = free_ports(1)
+    server = accresnet("serve", f"--port={grpc_port}", "--model_name=accresnet",
+                       f"--model_base_path={exported / 'models' / 'accresnet'}", "--enable_model_warmup=false")
+    try:
+        wait_for_server(server, grpc_port)
+        _signal_thread(server.pid, _threads_taking(server.pid, signal.SIGTERM)[0], signal.SIGTERM)
+        output, _ = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == 0 and "server stopped" in output
 
 
 @pytest.mark.slow

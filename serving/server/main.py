@@ -243,7 +243,10 @@ def serve(args: argparse.Namespace) -> int:
     except (OSError, RuntimeError) as error:
         print(f"accresnet serve: error: {error}", file=sys.stderr)
         return 1
-    stop.wait()
+    # The kernel may hand SIGTERM to any thread (gRPC's, TensorFlow's); Python then runs the handler
+    # only when the main thread next runs bytecode, so the main thread must not sleep untimed.
+    while not stop.wait(timeout=0.5):
+        pass
     log.info("shutting down: finishing requests in flight")
     server.stop()
     return 0
