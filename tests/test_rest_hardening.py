@@ -131,13 +131,13 @@ def test_a_large_body_does_not_stall_other_requests(served):
     row = json.dumps(np.random.default_rng(0).integers(0, 256, (32, 32, 3)).tolist())
     body = ('{"inputs": {"no_such_input": [' + ",".join([row] * 1000) + "]}}").encode()
     assert 8 << 20 < len(body) < BODY_LIMIT
-    latencies, done = [], threading.Event()
+    polls, done = [], threading.Event()  # (start, end) of each status GET
 
     def poll():
         while not done.is_set():
             started = time.perf_counter()
             assert served.http("/v1/models/accresnet")[0] == 200
-            latencies.append(time.perf_counter() - started)
+            polls.append((started, time.perf_counter()))
             time.sleep(0.01)
 
     poller = threading.Thread(target=poll)
@@ -145,14 +145,19 @@ def test_a_large_body_does_not_stall_other_requests(served):
     time.sleep(0.2)
     started = time.perf_counter()
     status, answer = served.json("/v1/models/accresnet:predict", raw=body)
-    parse = time.perf_counter() - started
+    ended = time.perf_counter()
+    parse = ended - started
     done.set()
     poller.join()
     assert status == 400 and "alias not found" in answer["error"]
     assert parse > 0.5, "the body was too quick to parse to tell"
-    # Held up for the whole parse, a status GET would wait about as long as the parse itself;
-    # decoded in pieces, the worst wait is a fraction of it (a shared 2-core machine adds noise).
-    assert len(latencies) > 5 and max(latencies) < max(0.5, parse / 2), (max(latencies), parse)
+    # Held up for the whole parse, one status GET would wait about as long as the parse itself and
+    # none would be answered meanwhile; decoded in pieces, GETs keep being answered throughout. A
+    # shared 2-core machine can stall one GET for a while, so the worst wait only has to stay well
+    # short of the parse, and answers must keep coming during it.
+    answered_during = sum(started < end < ended for _, end in polls)
+    worst = max(end - start for start, end in polls)
+    assert answered_during >= 5 and worst < max(0.5, 0.75 * parse), (answered_during, worst, parse)
 
 
 # --- point 10: statuses, with JSON bodies -------------------------------------------------------------------
