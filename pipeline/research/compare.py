@@ -34,8 +34,6 @@ MAY_DIFFER = ("arch", "zero_init_residual", "shortcut", "weight_decay", "batch_n
               "batch_norm_weight_decay", "fused_batch_norm", "classifier_initializer", "projection_initializer",
               "augmentation", "learning_rate", "replicas", "workers", "mixed_precision", "jit", "image_size",
               "recipe_settings", "overrides", "export_best", "early_stopping")
-# Settings runs recorded before them lack (None): not compared with a side that has them.
-RECORDED_LATER = (*rundir.RECORDED_LATER, "overrides")
 # Every other field of RunSettings, and why it is not compared.
 NOT_COMPARED = {"seed": "the pairing itself"}
 
@@ -55,7 +53,7 @@ def _differences(mine: RunRecord, theirs: RunRecord) -> dict[str, list]:
     seed = mine.seed
     for name in MUST_AGREE:
         a, b = getattr(mine.summary.settings, name), getattr(theirs.summary.settings, name)
-        if a != b and not (name in RECORDED_LATER and None in (a, b)):
+        if a != b and not (name in rundir.RECORDED_LATER and None in (a, b)):
             raise RecordError(f"seed {seed}: the two sides differ in {name} ({a!r} vs {b!r}), "
                               "so their errors are not comparable")
     recipe_fields = sorted(k for k in set(mine.recipe) | set(theirs.recipe)
@@ -66,7 +64,7 @@ def _differences(mine: RunRecord, theirs: RunRecord) -> dict[str, list]:
     pairs = {name: [getattr(mine.summary.settings, name), getattr(theirs.summary.settings, name)]
              for name in MAY_DIFFER}
     return {name: pair for name, pair in pairs.items()
-            if pair[0] != pair[1] and not (name in RECORDED_LATER and None in pair)}
+            if pair[0] != pair[1] and not (name in rundir.RECORDED_LATER and None in pair)}
 
 
 def compare(config: CompareConfig) -> dict:

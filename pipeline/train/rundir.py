@@ -38,8 +38,8 @@ RESUME_KEYS = ("arch", "depth", "width", "cardinality", "dataset", "num_classes"
                "classifier_initializer", "projection_initializer", "batch_norm_weight_decay", "fused_batch_norm",
                "augmentation", "global_batch", "learning_rate", "total_steps", "steps_per_epoch", "mixed_precision",
                "data_digest", "recipe_settings", "export_best", "early_stopping", "image_size")
-# Of those, the ones runs recorded before they existed lack (None there: not compared).
-RECORDED_LATER = ("data_digest", "recipe_settings")
+# Settings runs recorded before they existed lack (None there): a resume and a comparison skip them.
+RECORDED_LATER = ("data_digest", "recipe_settings", "overrides")
 
 
 class ResumeMismatch(UserError, ValueError):
