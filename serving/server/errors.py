@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+# TF Serving's ToHTTPStatusCode (tensorflow_serving/model_servers/http_server.cc), code for code;
+# serving/rest_client.py reads 503 back as UNAVAILABLE (retried) and 429 as RESOURCE_EXHAUSTED.
 _HTTP_STATUS = {
     grpc.StatusCode.CANCELLED: 499,
     grpc.StatusCode.UNKNOWN: 500,
