@@ -1,5 +1,5 @@
 """Helpers shared by tests: the `accresnet` command in subprocesses, deployed servers, waiting,
-this process's memory."""
+a process's memory."""
 
 import os
 import subprocess
@@ -59,7 +59,7 @@ def wait_until(condition, timeout=60.0):
     return False
 
 
-def rss_mib() -> float:
-    """This process's resident set size in MiB (Linux /proc)."""
-    with open("/proc/self/status") as status:
+def rss_mib(pid: int | str = "self") -> float:
+    """A process's resident set size in MiB (Linux /proc); this process's by default."""
+    with open(f"/proc/{pid}/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024

@@ -1,7 +1,12 @@
 """Starting the project's server as deployed, and talking to it as TF Serving's clients do:
 what the server tests share."""
 
+import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -11,26 +16,71 @@ import tensorflow as tf
 from tensorflow_serving.apis import (get_model_status_pb2, model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from helpers import free_ports
+from helpers import REPO, free_ports, rss_mib, wait_until
 from serving.contract import IMAGE_SHAPE, IMAGES_INPUT, MODEL_NAME
 from serving.deployment import local_deployed_server
 from serving.server.main import RunningServer, build_parser
 from serving.server.options import options_from_args
 
 
-def start_server(tmp_path, models: dict, *flags):
-    """An in-process server for {name: base_path}, on free ports: the deployed flags and
-    shipped configs (batching and metrics on), with this test's model config and a
-    1-second version poll; `flags` are added last, so they may override."""
+def server_args(tmp_path, models: dict, *flags) -> list[str]:
+    """The deployed flags and shipped configs (batching and metrics on) on free ports, with a
+    model config for {name: base_path} and a 1-second version poll; `flags` are added last,
+    so they may override."""
     config = tmp_path / "models.config"
     config.write_text("model_config_list {\n" + "".join(
         f'  config {{ name: "{name}" base_path: "{path}" model_platform: "tensorflow" }}\n'
         for name, path in models.items()) + "}\n")
     grpc_port, rest_port = free_ports(2)
     local = local_deployed_server(tmp_path, tmp_path / "deployed-config", grpc_port, rest_port)
-    args = build_parser().parse_args([*local.flags, f"--model_config_file={config}",
-                                      "--file_system_poll_wait_seconds=1", *flags])
-    return RunningServer(options_from_args(args))
+    return [*local.flags, f"--model_config_file={config}", "--file_system_poll_wait_seconds=1", *flags]
+
+
+def start_server(tmp_path, models: dict, *flags):
+    """An in-process server started with server_args(tmp_path, models, *flags)."""
+    return RunningServer(options_from_args(build_parser().parse_args(server_args(tmp_path, models, *flags))))
+
+
+@dataclasses.dataclass
+class ServerProcess:
+    """The server as a process of its own, so that its memory is its own: neither a test's
+    client-side buffers nor other tests' threads count in its resident set."""
+    process: subprocess.Popen
+    port: int
+    rest_port: int
+    batching: bool
+
+    def rss_mib(self) -> float:
+        return rss_mib(self.process.pid)
+
+    def stop(self, grace: float = 2) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace + 60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_server_process(tmp_path, models: dict, *flags) -> ServerProcess:
+    """`python -m serving.server` with server_args(tmp_path, models, *flags), returned once
+    every model in `models` has a version AVAILABLE."""
+    args = server_args(tmp_path, models, *flags)
+    parsed = build_parser().parse_args(args)
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+    with open(tmp_path / "server.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "serving.server", *args], stdout=log,
+                                   stderr=subprocess.STDOUT, env=environment)
+    server = ServerProcess(process, parsed.port, parsed.rest_api_port, parsed.enable_batching)
+    clients = Clients(server)
+    ready = wait_until(lambda: process.poll() is not None or all(
+        get_model_status_pb2.ModelVersionStatus.AVAILABLE in versions(clients, name).values() for name in models),
+        timeout=180)
+    if not ready or process.poll() is not None:
+        server.stop()
+        raise RuntimeError(f"the server did not start: {(tmp_path / 'server.log').read_text()[-3000:]}")
+    return server
 
 
 class Clients:

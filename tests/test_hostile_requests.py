@@ -1,8 +1,8 @@
 """What a hostile client sends, case by case, through gRPC and REST: each gets a clean
 status, the server keeps serving, and its memory stays within 300 MB of where it began.
 
-The server runs in this process with the deployed flags (batching on), so RSS is
-this process's; a second server without batching covers the unbatched path."""
+The server runs as its own process with the deployed flags (batching on), so the RSS
+measured is the server's alone; a second server without batching covers the unbatched path."""
 
 import base64
 import io
@@ -18,9 +18,8 @@ from PIL import Image
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import classification_pb2, predict_pb2
 
-from helpers import rss_mib
 from hostile_files import gif_hiding_a_frame
-from server_clients import Clients, images, predict_request, start_server
+from server_clients import Clients, images, predict_request, start_server, start_server_process
 
 RSS_BUDGET_MIB = 300
 WRONG_SHAPES = [(), (1,), (3,), (1, 3), (32, 32, 3), (1, 1, 1, 3), (1, 32, 32, 3, 1)]
@@ -39,17 +38,17 @@ def served(model_root, request):
     flags = ["--enable_batching=false", "--batching_parameters_file="] if request.param == "unbatched" else []
     # The server feeds what arrives, as TF Serving does: only the model's own checks stand
     # between a wrong shape and the kernels.
-    server = start_server(model_root, {"m": model_root / "m"}, *flags)
+    server = start_server_process(model_root, {"m": model_root / "m"}, *flags)
     clients = Clients(server)
     clients.predictions.Predict(predict_request(model="m", batch=images(2)), timeout=60)
-    yield clients, rss_mib()
+    yield clients, server.rss_mib()
     server.stop(grace=2)
 
 
 def still_serving(clients, start_rss):
     assert clients.predictions.Predict(predict_request(model="m", batch=images(2)), timeout=60).outputs
     assert clients.json("/v1/models/m:predict", {"instances": images(1).tolist()})[0] == 200
-    assert rss_mib() - start_rss < RSS_BUDGET_MIB
+    assert clients.server.rss_mib() - start_rss < RSS_BUDGET_MIB
 
 
 def grpc_status(call, request, timeout=60):
@@ -215,7 +214,7 @@ def test_a_tiny_request_declaring_thousands_of_images_is_refused(served):
 
 def test_a_request_past_its_deadline_gets_deadline_exceeded(served):
     clients, start = served
-    rows = 1024 if clients.server.batcher is None else 64  # the batching config's max_batch_size
+    rows = 64 if clients.server.batching else 1024  # the batching config's max_batch_size
     code, _ = grpc_status(clients.predictions.Predict, predict_request(model="m", batch=images(rows)), timeout=0.002)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     still_serving(clients, start)
