@@ -32,7 +32,7 @@ def test_the_committed_table_is_the_one_the_records_rebuild(folder, tmp_path):
 def test_the_documents_quote_the_paper50_primary_difference_the_records_give():
     results = json.loads((DOCS / "cifar10" / "paper50" / "results.json").read_text())
     primary = results["paired"]["accumulated - resnet"][results["primary_metric"]["name"]]
-    numbers = [f"{abs(primary['mean']):.2f}", *(f"{bound:+.2f}".lstrip("+") for bound in primary["ci95"])]
+    numbers = [f"{abs(primary['mean']):.2f}", *(f"{bound:.2f}" for bound in primary["ci95"])]
     for document in ("README.md", "docs/results.md", "docs/cifar10/paper50/result.md"):
         text = (DOCS.parent / document).read_text()
         assert all(number in text for number in numbers), f"{document} does not quote {numbers}"

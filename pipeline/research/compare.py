@@ -53,7 +53,7 @@ def _differences(mine: RunRecord, theirs: RunRecord) -> dict[str, list]:
     seed = mine.seed
     for name in MUST_AGREE:
         a, b = getattr(mine.summary.settings, name), getattr(theirs.summary.settings, name)
-        if a != b and not (name in rundir.RECORDED_LATER and None in (a, b)):
+        if rundir.settings_differ(name, a, b):
             raise RecordError(f"seed {seed}: the two sides differ in {name} ({a!r} vs {b!r}), "
                               "so their errors are not comparable")
     recipe_fields = sorted(k for k in set(mine.recipe) | set(theirs.recipe)
@@ -64,7 +64,7 @@ def _differences(mine: RunRecord, theirs: RunRecord) -> dict[str, list]:
     pairs = {name: [getattr(mine.summary.settings, name), getattr(theirs.summary.settings, name)]
              for name in MAY_DIFFER}
     return {name: pair for name, pair in pairs.items()
-            if pair[0] != pair[1] and not (name in rundir.RECORDED_LATER and None in pair)}
+            if rundir.settings_differ(name, *pair)}
 
 
 def compare(config: CompareConfig) -> dict:

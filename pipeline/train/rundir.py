@@ -42,6 +42,12 @@ RESUME_KEYS = ("arch", "depth", "width", "cardinality", "dataset", "num_classes"
 RECORDED_LATER = ("data_digest", "recipe_settings", "overrides")
 
 
+def settings_differ(name: str, a: Any, b: Any) -> bool:
+    """Whether two runs' values of setting `name` differ: a RECORDED_LATER setting that one
+    of them lacks (None) does not count as a difference."""
+    return a != b and not (name in RECORDED_LATER and None in (a, b))
+
+
 class ResumeMismatch(UserError, ValueError):
     """The model directory holds a run with other settings."""
 
@@ -220,8 +226,7 @@ class RunDir:
         if previous is None:
             return
         differing = {k: (getattr(previous, k), getattr(settings, k)) for k in RESUME_KEYS
-                     if getattr(previous, k) != getattr(settings, k)
-                     and not (k in RECORDED_LATER and getattr(previous, k) is None)}
+                     if settings_differ(k, getattr(previous, k), getattr(settings, k))}
         if "recipe_settings" in differing:  # name the recipe's fields that differ, not the whole dict
             old, new = differing.pop("recipe_settings")
             differing.update({k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
