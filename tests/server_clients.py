@@ -64,7 +64,8 @@ class ServerProcess:
 
 def start_server_process(tmp_path, models: dict, *flags) -> ServerProcess:
     """`python -m serving.server` with server_args(tmp_path, models, *flags), returned once
-    every model in `models` has a version AVAILABLE."""
+    every model in `models` has a version AVAILABLE over gRPC and REST alike (the REST
+    port opens after the gRPC one)."""
     args = server_args(tmp_path, models, *flags)
     parsed = build_parser().parse_args(args)
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -75,8 +76,8 @@ def start_server_process(tmp_path, models: dict, *flags) -> ServerProcess:
     server = ServerProcess(process, parsed.port, parsed.rest_api_port, parsed.enable_batching)
     clients = Clients(server)
     ready = wait_until(lambda: process.poll() is not None or all(
-        get_model_status_pb2.ModelVersionStatus.AVAILABLE in versions(clients, name).values() for name in models),
-        timeout=180)
+        get_model_status_pb2.ModelVersionStatus.AVAILABLE in versions(clients, name).values()
+        and rest_reports_available(clients, name) for name in models), timeout=180)
     if not ready or process.poll() is not None:
         server.stop()
         raise RuntimeError(f"the server did not start: {(tmp_path / 'server.log').read_text()[-3000:]}")
@@ -103,6 +104,14 @@ class Clients:
     def json(self, path, body=None, raw=None):
         status, content = self.http(path, body, raw)
         return status, json.loads(content)
+
+
+def rest_reports_available(clients, name) -> bool:
+    try:
+        status, content = clients.json(f"/v1/models/{name}")
+    except OSError:  # not listening yet
+        return False
+    return status == 200 and any(entry["state"] == "AVAILABLE" for entry in content["model_version_status"])
 
 
 def images(count=4, seed=0):
