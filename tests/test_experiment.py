@@ -15,7 +15,7 @@ from pipeline import cli, flags
 from pipeline.errors import ConfigError
 from pipeline.research.experiment import run_experiment
 from pipeline.research.configs import ExperimentConfig, parse_seeds
-from pipeline.research.records import RecordError, cpu_model, portable, read_records
+from pipeline.research.records import RecordError, cpu_description, portable, read_records
 from pipeline.research.report import FIGURES, paired_difference, pooled_difference, report
 from pipeline.research.configs import ReportConfig
 
@@ -75,7 +75,7 @@ def test_a_record_holds_the_settings_history_and_final_metrics_of_its_run(experi
     assert [row["epoch"] for row in record["history"]] == [int(row["epoch"]) for row in rows] == [1, 2]
     assert [row["val_accuracy"] for row in record["history"]] == [float(row["val_accuracy"]) for row in rows]
     assert "test_accuracy" in record["summary"]["final"] and record["summary"]["wall_time_sec"] > 0
-    assert record["cpu"] == cpu_model() != "" and record["cpus"] >= 1
+    assert record["cpu"] == cpu_description() != "" and record["cpus"] >= 1
     assert record["experiment"]["recipe"] == "quick" and record["experiment"]["depth"] == 8
     assert record["recipe"]["name"] == "quick" and "demos and tests" in record["recipe"]["description"]
 

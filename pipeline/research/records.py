@@ -100,7 +100,7 @@ def record_run(run: RunDir, experiment: dict[str, Any], recipe: Recipe) -> RunRe
         summary, model_dir=portable("model_dir", summary.model_dir),
         settings=dataclasses.replace(summary.settings, dataset=portable("dataset", summary.settings.dataset)))
     return RunRecord(experiment=portable_settings(experiment), recipe=dataclasses.asdict(recipe), summary=summary,
-                     history=tuple(run.read_history()), cpu=cpu_model(), cpus=_usable_cpus())
+                     history=tuple(run.read_history()), cpu=cpu_description(), cpus=_usable_cpus())
 
 
 def write_record(path: pathlib.Path, record: RunRecord) -> None:
@@ -126,10 +126,11 @@ def read_records(folder: str | os.PathLike) -> list[RunRecord]:
     return sorted((read_record(path) for path in paths), key=lambda r: (r.arch, r.seed))
 
 
-def cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it, or "unknown" where there is none."""
+def cpu_description() -> str:
+    """The CPU as CpuInfo.describe() names it (model name, family and model, its AVX-512 and
+    bfloat16 features), or "unknown" where there is no /proc/cpuinfo."""
     cpu = CpuInfo.read()
-    return cpu.model_name if cpu is not None else "unknown"
+    return cpu.describe() if cpu is not None else "unknown"
 
 
 def _usable_cpus() -> int | None:

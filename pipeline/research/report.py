@@ -310,7 +310,7 @@ def table_markdown(results: dict) -> str:
                      "reference, not for comparison.")
     else:
         lines.append("The paper's rows are one run each, with He et al.'s 45k/5k split of CIFAR-10.")
-    lines += ["", f"{TIMING_NOTE} CPUs: {', '.join(context['cpus'])}."]
+    lines += ["", f"{TIMING_NOTE} CPUs: {'; '.join(context['cpus'])}."]
     return "\n".join(lines) + "\n"
 
 

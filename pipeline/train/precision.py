@@ -42,6 +42,10 @@ class Machine:
     def read(cls) -> Machine:
         return cls(gpu=bool(tf.config.list_physical_devices("GPU")), cpu=CpuInfo.read())
 
+    def describe(self) -> str:
+        cpu = self.cpu.describe() if self.cpu is not None else "an unknown CPU"
+        return f"{cpu} and a GPU" if self.gpu else cpu
+
 
 @dataclasses.dataclass(frozen=True)
 class Precision:
@@ -66,6 +70,7 @@ def choose(mixed_precision: bool, project_kernels: bool = False, machine: Machin
     """The precision of a run on `machine` (this one by default), its kernels loaded."""
     machine = machine or Machine.read()
     policy = policy_for(mixed_precision, machine)
+    log.info("dtype policy %s on %s", policy, machine.describe())
     return Precision(policy, kernels_for(policy, machine, cache) if project_kernels else None)
 
 
