@@ -292,3 +292,19 @@ def test_an_output_folder_from_before_a_setting_existed_goes_on(experiment, tmp_
     (older / "experiment.json").write_text(json.dumps({**marker, "set": "epochs=3"}))
     with pytest.raises(ConfigError, match="other settings \\(set\\)"):
         run_experiment(tiny(older, records=str(out / "records")), announce=lines.append)
+
+
+def test_a_he2016_report_stands_beside_he_et_als_test_error_not_the_50_epoch_table(experiment, tmp_path):
+    # He et al.'s full schedule is read against their Table 6 (ResNet-32: 7.51 % test error);
+    # Saraiya's 50-epoch rows belong to the other recipes.
+    out, _, _ = experiment
+    records = tmp_path / "records"
+    records.mkdir()
+    record = json.loads((out / "records" / "resnet-seed0.json").read_text())
+    record["summary"]["recipe"] = record["experiment"]["recipe"] = record["recipe"]["name"] = "he2016"
+    (records / "resnet-seed0.json").write_text(json.dumps(record))
+    results = report(ReportConfig(str(records), out_dir=str(tmp_path)))
+    assert results["he2016_table6"] == {"resnet": {"final_test_error": 7.51}} and "paper_table1" not in results
+    table = (tmp_path / "table.md").read_text()
+    assert "| He et al. 2016, Table 6: ResNet (CIFAR-10, ResNet-32, 64k iterations) | – | – | 7.51 |" in table
+    assert "13.92" not in table and "He et al.'s row is one run" in table
