@@ -36,3 +36,13 @@ def test_the_documents_quote_the_paper50_primary_difference_the_records_give():
     for document in ("README.md", "docs/results.md", "docs/cifar10/paper50/result.md"):
         text = (DOCS.parent / document).read_text()
         assert all(number in text for number in numbers), f"{document} does not quote {numbers}"
+
+
+def test_the_documents_quote_the_he2016_test_error_the_records_give():
+    results = json.loads((DOCS / "cifar10" / "he2016" / "results.json").read_text())
+    plain = f"{results['per_arch']['resnet']['final_test_error']['mean']:.2f}"
+    gap = f"{results['per_arch']['resnet']['final_test_error']['mean'] - 7.51:.2f}"
+    assert results["he2016_table6"]["resnet"]["final_test_error"] == 7.51
+    for document in ("README.md", "docs/results.md", "docs/cifar10/he2016/result.md"):
+        text = (DOCS.parent / document).read_text()
+        assert plain in text and gap in text, f"{document} does not quote {plain} and {gap}"
